@@ -1,0 +1,120 @@
+"""Small shared helpers: user-facing errors, atomic writes, device and dtype choice, distributed setup."""
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad flag value, bad data): shown as one line, no traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it.
+
+    The rename is atomic on POSIX, so readers see the old file or the whole new one, never a
+    partial write, even if the process is killed mid-way.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def pick_device(device=None):
+    """'auto'/None -> cuda if present, else mps, else cpu."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(dtype, device):
+    """'auto'/None -> bf16 on CUDA GPUs that support it, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class DistInfo:
+    enabled: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=None):
+    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU).
+
+    Returns DistInfo; a plain `python script.py` gives a one-process DistInfo.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(False, 0, 0, 1, pick_device(device))
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    wanted = pick_device(device)
+    if wanted.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistInfo(world > 1, rank, local_rank, world, dev)
+
+
+def teardown_distributed(info):
+    if info.enabled or "RANK" in os.environ:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

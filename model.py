@@ -1,0 +1,388 @@
+"""
+GPT-2, written from scratch, with a preallocated KV-cache for fast decoding.
+
+Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT.
+Parameter names match Hugging Face's GPT-2 (transformer.wte / wpe / h.N.attn.c_attn / ...,
+lm_head), so OpenAI's weights map one to one (HF stores Conv1D weights transposed; see
+from_pretrained and export_hf). Attention goes through F.scaled_dot_product_attention, which
+picks the flash / cuDNN / memory-efficient kernels on GPU.
+
+Shapes in comments: B batch, T query length, L key length (cache), C n_embd, H n_head,
+D head size (C // H), V vocab.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# OpenAI GPT-2 sizes, as published on the HF hub.
+PRETRAINED_CONFIGS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+# HF's GPT-2 uses Conv1D for these, which stores weights as (in, out): transpose for Linear.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_VOCAB = 50257  # the real tokenizer size; our embedding may be padded past it
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (positions)
+    vocab_size: int = 50304  # 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a plain dict, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, attn_mask=None):
+        """x: (B, T, C). cache: (k_cache, v_cache, input_pos, kv_len) or None."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:
+            k_cache, v_cache, input_pos, kv_len = cache  # caches: (B, H, L_max, D)
+            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))  # write in place, no re-allocation
+            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, H, L, D)
+        is_causal = attn_mask is None and T > 1 and k.size(2) == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once: (n_layer, B, H, max_len, D).
+
+    Two ways to drive it:
+    - eager: call model(idx, kv_cache=cache) repeatedly; `pos` (a Python int) advances by T
+      each call and attention reads only the filled part of the cache.
+    - static: pass input_pos (a LongTensor of cache slots) yourself; nothing on the host
+      changes, attention reads the whole cache under a mask, and every shape stays fixed,
+      so the step can be captured in a CUDA graph or compiled once.
+    `pad` (B,) holds, per row, how many left-padding slots to ignore, for batches of prompts
+    of different lengths; positions of a row count from its first real token.
+    """
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, pad=None):
+        if max_len > config.block_size:
+            raise ValueError(f"KV-cache length {max_len} exceeds the model's block_size {config.block_size}")
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2: N(0, 0.02) everywhere; residual projections scaled by 1/sqrt(2 * n_layer)
+        # because each block adds two of them to the residual stream.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, reduction="mean"):
+        """idx: (B, T) token ids. Returns (logits, loss).
+
+        targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
+        counted tokens (reduction="mean") or their sum ("sum").
+        kv_cache / input_pos: see KVCache. Without a cache this is plain causal attention.
+        """
+        B, T = idx.size()
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+            caches, attn_mask = [None] * self.config.n_layer, None
+        else:
+            x, caches, attn_mask = self._embed_with_cache(idx, kv_cache, input_pos)
+        x = self.transformer.drop(x)
+        for block, cache in zip(self.transformer.h, caches):
+            x = block(x, cache, attn_mask)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+            ignore_index=-1, reduction=reduction,
+        )
+        return logits, loss
+
+    def _embed_with_cache(self, idx, kv_cache, input_pos):
+        """Token + position embeddings for a cached step, the per-layer cache views and the mask."""
+        B, T = idx.size()
+        static = input_pos is not None
+        if static:
+            kv_len = kv_cache.max_len
+        else:
+            start = kv_cache.pos
+            if start + T > kv_cache.max_len:
+                raise ValueError(
+                    f"position {start + T - 1} is past the end of the KV-cache ({kv_cache.max_len} slots; "
+                    f"block_size {self.config.block_size})"
+                )
+            input_pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            kv_len = start + T
+            kv_cache.pos = kv_len
+        pad = kv_cache.pad
+        if pad is None:
+            positions = input_pos.unsqueeze(0)  # (1, T)
+        else:
+            positions = (input_pos.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)  # (B, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+
+        attn_mask = None
+        needs_mask = static or pad is not None or (T > 1 and kv_len != T)
+        if needs_mask:
+            key_pos = torch.arange(kv_len, device=idx.device)  # (L,)
+            attn_mask = key_pos.unsqueeze(0) <= input_pos.unsqueeze(1)  # (T, L) causal over slots
+            if pad is not None:
+                real = key_pos.unsqueeze(0) >= pad.unsqueeze(1)  # (B, L) not padding
+                self_slot = key_pos.unsqueeze(0) == input_pos.unsqueeze(1)  # (T, L)
+                # padded queries attend to themselves only, so no row of the softmax is empty
+                attn_mask = (attn_mask.unsqueeze(0) & real.unsqueeze(1)) | self_slot.unsqueeze(0)  # (B, T, L)
+                attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, L)
+        caches = [(kv_cache.k[i], kv_cache.v[i], input_pos, kv_len) for i in range(self.config.n_layer)]
+        return x, caches, attn_mask
+
+    # ------------------------------------------------------------------ sizes and costs
+
+    def num_params(self, exclude_positions=False):
+        """Parameter count (tied weights once). exclude_positions drops wpe, as in MFU estimates."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_positions:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward): 6N plus attention's 12 * L * C * T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params(exclude_positions=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+        """AdamW with weight decay on >= 2-D weights (matmuls, embeddings) only; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    # ------------------------------------------------------------------ HF weights in and out
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """OpenAI GPT-2 weights: a local HF folder (always), or a hub name (when online)."""
+        folder = _resolve_hf_folder(name_or_dir)
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{folder} holds a {hf.get('model_type')!r} model, not GPT-2")
+        config = GPTConfig(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf.get("vocab_size", GPT2_VOCAB),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            dropout=dropout, bias=True,
+        )
+        model = cls(config)
+        model.load_state_dict(hf_to_ours(_read_hf_weights(folder)))
+        return model
+
+    def export_hf(self, out_dir):
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads (and vLLM / TGI serve)."""
+        from safetensors.torch import save_file
+
+        cfg = self.config
+        vocab = min(cfg.vocab_size, GPT2_VOCAB)  # padding rows are never produced: drop them
+        state = ours_to_hf(self.state_dict(), vocab)
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": vocab, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "initializer_range": 0.02, "bos_token_id": GPT2_VOCAB - 1, "eos_token_id": GPT2_VOCAB - 1,
+            "tie_word_embeddings": True, "torch_dtype": "float32",
+        }
+        if not cfg.bias:
+            raise ValueError("HF GPT-2 has biases everywhere: a bias=False model cannot be exported")
+        os.makedirs(out_dir, exist_ok=True)
+        from common import atomic_path
+
+        with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        with atomic_path(os.path.join(out_dir, "config.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(hf_config, f, indent=2)
+        return out_dir
+
+
+def hf_to_ours(hf_state):
+    """HF GPT-2 state dict -> ours: drop buffers, add the `transformer.` prefix, transpose Conv1D."""
+    out = {}
+    for key, tensor in hf_state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older versions
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # GPT2Model checkpoints have no prefix
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        out[key] = tensor.contiguous()
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])  # tied: often stored once
+    return out
+
+
+def ours_to_hf(state, vocab_size):
+    """Our state dict -> HF GPT-2 tensors (Conv1D layout, vocab cut to vocab_size, lm_head tied)."""
+    out = {}
+    for key, tensor in state.items():
+        if key == "lm_head.weight":
+            continue  # tied to wte; safetensors refuses shared storage
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if key == "transformer.wte.weight":
+            tensor = tensor[:vocab_size]
+        out[key] = tensor.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _resolve_hf_folder(name_or_dir):
+    if os.path.isdir(name_or_dir):
+        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+            raise FileNotFoundError(f"{name_or_dir} is not an HF model folder: it has no config.json")
+        return name_or_dir
+    if name_or_dir not in PRETRAINED_CONFIGS:
+        raise ValueError(
+            f"{name_or_dir!r} is neither a local HF model folder nor one of {', '.join(PRETRAINED_CONFIGS)}"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            f"openai-community/{name_or_dir}",
+            allow_patterns=["config.json", "model.safetensors"],
+        )
+    except Exception as e:  # offline, hub down, missing package: one clear message
+        raise RuntimeError(
+            f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
+            f"Offline? Pass a local HF folder holding config.json and model.safetensors instead."
+        ) from None
+
+
+def _read_hf_weights(folder):
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    pt = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")

@@ -1,0 +1,194 @@
+import pytest
+import torch
+from conftest import tiny_config
+
+from model import GPT, GPTConfig, KVCache
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(cfg: GPTConfig, seed=0):
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # HF inits biases and LayerNorms to constants: randomise them to test mapping
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("shape", [
+    dict(block_size=64, vocab_size=1000, n_layer=2, n_head=4, n_embd=64),
+    dict(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768),  # the real 124M shapes
+], ids=["tiny", "124M"])
+def test_logits_match_transformers_both_ways(tmp_path, shape):
+    cfg = GPTConfig(**shape)
+    ref = hf_model(cfg)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert ours.config.vocab_size == cfg.vocab_size and ours.config.n_layer == cfg.n_layer
+
+    idx = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        got, _ = ours(idx)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+    ours.export_hf(tmp_path / "export")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        again = back(idx).logits
+    assert (again - expected).abs().max().item() <= 1e-4
+
+
+def test_export_drops_vocab_padding(tmp_path, tiny_model):
+    tiny_model.export_hf(tmp_path / "export")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert back.config.vocab_size == 50257
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        ours, _ = tiny_model(idx)
+        theirs = back(idx).logits
+    assert (ours[..., :50257] - theirs).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_reads_pytorch_model_bin(tmp_path):
+    cfg = GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=32)
+    ref = hf_model(cfg)
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")  # the older HF weight format
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        assert (ours(idx)[0] - ref(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_unknown_name_is_clear():
+    with pytest.raises(ValueError, match="neither a local HF model folder"):
+        GPT.from_pretrained("not-a-model")
+
+
+def test_param_count_124M():
+    model = GPT(GPTConfig(vocab_size=50257))
+    assert model.num_params() == 124_439_808
+    assert model.num_params(exclude_positions=True) == 124_439_808 - 1024 * 768
+
+
+def test_weights_tied_and_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=12, n_embd=256, n_head=4, block_size=64, vocab_size=512))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    std_proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.002
+    assert abs(std_proj - 0.02 / (24 ** 0.5)) < 0.0005
+
+
+def test_kv_cache_greedy_equals_full_recompute(tiny_model):
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 50257, (1, 7))
+    n_new = 64
+    # without cache: recompute the whole sequence each step
+    seq = prompt.clone()
+    ref_logits = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits, _ = tiny_model(seq)
+            ref_logits.append(logits[:, -1])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        # with cache: prefill, then one token per step
+        cache = KVCache(tiny_model.config, 1, prompt.size(1) + n_new)
+        k_ptr = cache.k.data_ptr()
+        logits, _ = tiny_model(prompt, kv_cache=cache)
+        out = prompt.clone()
+        for i in range(n_new):
+            step_logits = logits[:, -1]
+            assert (step_logits - ref_logits[i]).abs().max().item() <= 1e-4
+            nxt = step_logits.argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+            logits, _ = tiny_model(nxt, kv_cache=cache) if i < n_new - 1 else (None, None)
+    assert torch.equal(out, seq)
+    assert cache.k.data_ptr() == k_ptr  # preallocated: never re-allocated
+
+
+def test_static_cache_with_padding_matches_unpadded(tiny_model):
+    """Left-padded batch with explicit input_pos (the graph-capturable path) equals each row alone."""
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 50257, (n,)) for n in (5, 9, 3)]
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts])
+    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    max_len = width + 6
+    with torch.no_grad():
+        cache = KVCache(tiny_model.config, 3, max_len, pad=pad)
+        logits, _ = tiny_model(batch, kv_cache=cache, input_pos=torch.arange(width))
+        last = logits[:, -1]
+        nxt = last.argmax(-1)
+        steps = [last]
+        for t in range(width, max_len - 1):
+            logits, _ = tiny_model(nxt[:, None], kv_cache=cache, input_pos=torch.tensor([t]))
+            steps.append(logits[:, -1])
+            nxt = logits[:, -1].argmax(-1)
+        for row, p in enumerate(prompts):
+            seq = p[None]
+            for step in steps:
+                ref, _ = tiny_model(seq)
+                assert (ref[0, -1] - step[row]).abs().max().item() <= 1e-4
+                seq = torch.cat([seq, ref[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+
+def test_chunked_prefill_equals_one_shot(tiny_model):
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        full, _ = tiny_model(idx)
+        cache = KVCache(tiny_model.config, 2, 20)
+        a, _ = tiny_model(idx[:, :12], kv_cache=cache)
+        b, _ = tiny_model(idx[:, 12:], kv_cache=cache)
+    assert (torch.cat([a, b], 1) - full).abs().max().item() <= 1e-4
+
+
+def test_positions_past_block_size_raise(tiny_model):
+    cfg = tiny_model.config
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        KVCache(cfg, 1, cfg.block_size + 1)
+    cache = KVCache(cfg, 1, 8)
+    with torch.no_grad():
+        tiny_model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="past the end"):
+            tiny_model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_loss_ignores_minus_one_and_sum_reduction(tiny_model):
+    idx = torch.randint(0, 50257, (2, 10))
+    targets = torch.randint(0, 50257, (2, 10))
+    targets[:, :4] = -1
+    _, mean = tiny_model(idx, targets)
+    _, total = tiny_model(idx, targets, reduction="sum")
+    assert torch.allclose(mean * 12, total, rtol=1e-5)
+
+
+def test_configure_optimizers_decay_groups(tiny_model):
+    opt = tiny_model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == tiny_model.num_params()
+
+
+def test_flops_per_token():
+    model = GPT(tiny_config())
+    cfg = model.config
+    n = model.num_params(exclude_positions=True)
+    assert model.flops_per_token(128) == 6 * n + 12 * cfg.n_layer * cfg.n_embd * 128
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)

@@ -1,0 +1,38 @@
+"""The GPT-2 tokenizer (BPE via tiktoken), built offline from the bundled assets/gpt2.tiktoken.
+
+tiktoken.get_encoding("gpt2") downloads its ranks file; this builds the identical encoding
+(same ranks, pattern and special token, so the same ids) from the copy in this repository.
+"""
+
+import functools
+import os
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+BPE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2.tiktoken")
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256  # <|endoftext|>: separates documents, ends every instruction response
+N_VOCAB = 50257
+# tiktoken's r50k_base / gpt2 pre-tokenizer pattern
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """The GPT-2 encoding (cached). encode_ordinary(text) -> ids; decode(ids) -> text."""
+    ranks = load_tiktoken_bpe(BPE_FILE)
+    enc = tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TOKEN: EOT_ID}
+    )
+    assert enc.n_vocab == N_VOCAB, enc.n_vocab
+    return enc
+
+
+def encode(text):
+    """Text -> token ids. '<|endoftext|>' in user text is treated as plain text, never as the special id."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids):
+    return get_tokenizer().decode(list(ids))
