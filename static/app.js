@@ -1,0 +1,980 @@
+/*
+ * gpt2-instruct chat page. Vanilla JS, no framework, no network besides this server.
+ *
+ * How a conversation reaches the model
+ * ------------------------------------
+ * Chat mode posts the whole conversation to POST /v1/chat/completions with "stream": true
+ * (OpenAI's chat format: `messages` plus temperature, top_p, max_tokens, and top_k, which the
+ * server accepts as a vLLM-style extension). Why not /generate with the last message only:
+ * the model was tuned on single-turn instructions, but follow-ups ("make it shorter") need the
+ * earlier turns, and the server already folds them into the one template (prompt.py): the last
+ * user message becomes the instruction, earlier turns a transcript in the Input block, oldest
+ * turns dropped first when the context is full. So the template and the context budget stay in
+ * one place, the server, and the page never re-implements either. The reply streams as OpenAI
+ * chunks, `data: {"choices":[{"delta":{"content":…}}]}`, then a usage chunk, then `data: [DONE]`.
+ *
+ * Raw completion mode (for base models, which know no template) posts only the last message
+ * to POST /generate with "raw": true and "stream": true: the model continues that text as is.
+ * Its events are `data: {"token": …}` then `data: {"done": true, "finish_reason": …, "usage": …}`.
+ *
+ * The stream is read with fetch + ReadableStream (so the Authorization header can be sent and
+ * the request aborted); the SSE parser below survives any chunk boundary, even inside a UTF-8
+ * character or between "\r" and "\n". Stop aborts the fetch; the server notices the closed
+ * connection and stops generating.
+ *
+ * Model output is only ever inserted with textContent, never as HTML.
+ */
+"use strict";
+
+(() => {
+  const KEYS = {
+    settings: "gpt2i.settings.v1",
+    chats: "gpt2i.chats.v1",
+    current: "gpt2i.current.v1",
+    panel: "gpt2i.settingsPanel.v1",
+  };
+
+  const ENDPOINTS = { chat: "/v1/chat/completions", raw: "/generate", health: "/health", params: "/params" };
+
+  /* Parameter ranges used until (or unless) the server publishes its own at GET /params.
+   * They match inference.py's validation. `step` is the slider step only. */
+  const FALLBACK_RANGES = {
+    temperature: { min: 0, max: 2, step: 0.05 },
+    top_k: { min: 0, max: 200, step: 1 },
+    top_p: { min: 0.01, max: 1, step: 0.01 },
+    max_new_tokens: { min: 1, max: 1024, step: 1 },
+  };
+  const DEFAULTS = { temperature: 0.8, top_k: 50, top_p: 1.0, max_new_tokens: 128, raw: false, api_key: "" };
+  const PARAMS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+  const UI_MAX_TOP_K = 200;  // the top-k slider's end; the server accepts up to the vocabulary size
+  const PROMPT_ROOM = 256;   // context tokens the max-new-tokens slider leaves for the prompt
+  const HEALTH_EVERY_MS = { ready: 10000, loading: 2000, busy: 4000, down: 4000 };
+  const NARROW_SETTINGS = window.matchMedia("(max-width: 1099px)");
+  const NARROW_SIDEBAR = window.matchMedia("(max-width: 759px)");
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    app: $("app"), sidebar: $("sidebar"), settings: $("settings"), scrim: $("scrim"),
+    openSidebar: $("open-sidebar"), closeSidebar: $("close-sidebar"),
+    openSettings: $("open-settings"), closeSettings: $("close-settings"),
+    newChat: $("new-chat"), chatList: $("chat-list"), chatListEmpty: $("chat-list-empty"),
+    health: $("health"), healthLabel: $("health-label"), modelInfo: $("model-info"),
+    title: $("chat-title"), modeTag: $("mode-tag"),
+    banner: $("banner"), bannerText: $("banner-text"), bannerClose: $("banner-close"),
+    scroller: $("scroller"), empty: $("empty"), messages: $("messages"), jump: $("jump"),
+    suggestions: $("suggestions"),
+    composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
+    form: $("settings-form"), reset: $("reset-settings"),
+    raw: $("raw"), apiKey: $("api_key"), template: $("message-template"),
+  };
+
+  const state = {
+    ranges: structuredClone(FALLBACK_RANGES),
+    settings: { ...DEFAULTS },
+    chats: [],           // [{id, title, created, updated, messages: [{id, role, content, meta}]}]
+    currentId: null,
+    busy: null,          // {controller, chatId, messageId} while a reply streams
+    stick: true,         // keep the view pinned to the newest text
+    health: "loading",
+    healthTimer: null,
+    paramsLoaded: false,
+    serverDefaults: {},  // defaults from /params, used by "Reset to defaults"
+    userSettings: false, // the user has saved settings (else the server's defaults apply)
+    bannerTimer: null,
+    saveTimer: null,
+  };
+
+  /* ---------- storage ---------- */
+
+  function readJSON(key, fallback) {
+    try {
+      const text = localStorage.getItem(key);
+      return text == null ? fallback : JSON.parse(text);
+    } catch {
+      return fallback;
+    }
+  }
+
+  function writeJSON(key, value) {
+    try {
+      localStorage.setItem(key, JSON.stringify(value));
+      return true;
+    } catch {
+      showBanner("This browser would not save the conversation (storage full or disabled).", "warn");
+      return false;
+    }
+  }
+
+  function saveChats() {
+    clearTimeout(state.saveTimer);
+    state.saveTimer = null;
+    writeJSON(KEYS.chats, state.chats);
+    writeJSON(KEYS.current, state.currentId);
+  }
+
+  /** Save at most about once a second while tokens stream in. */
+  function saveChatsSoon() {
+    if (!state.saveTimer) state.saveTimer = setTimeout(saveChats, 800);
+  }
+
+  function loadChats() {
+    const chats = readJSON(KEYS.chats, []);
+    state.chats = Array.isArray(chats)
+      ? chats.filter((c) => c && typeof c.id === "string" && Array.isArray(c.messages))
+      : [];
+    for (const chat of state.chats) {
+      chat.messages = chat.messages.filter((m) => m && (m.role === "user" || m.role === "assistant"));
+      for (const m of chat.messages) {
+        m.content = String(m.content ?? "");
+        if (m.meta && m.meta.streaming) { m.meta.streaming = false; m.meta.stopped = true; }
+      }
+    }
+    const current = readJSON(KEYS.current, null);
+    state.currentId = state.chats.some((c) => c.id === current) ? current : null;
+  }
+
+  const newId = () => Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
+  const currentChat = () => state.chats.find((c) => c.id === state.currentId) || null;
+
+  /* ---------- settings ---------- */
+
+  function clamp(value, range) {
+    const n = Number(value);
+    if (!Number.isFinite(n)) return null;
+    return Math.min(range.max, Math.max(range.min, n));
+  }
+
+  function formatParam(name, value) {
+    if (name === "temperature") return Number(value).toFixed(2);
+    if (name === "top_p") return Number(value).toFixed(2);
+    if (name === "top_k") return Number(value) === 0 ? "off" : String(value);
+    return String(value);
+  }
+
+  function loadSettings() {
+    const saved = readJSON(KEYS.settings, null);
+    state.userSettings = !!saved;
+    state.settings = { ...DEFAULTS, ...(saved && typeof saved === "object" ? saved : {}) };
+    applyRanges();
+    el.raw.checked = !!state.settings.raw;
+    el.apiKey.value = String(state.settings.api_key || "");
+    updateMode();
+  }
+
+  /** Put the current ranges on the sliders and clamp the settings into them. */
+  function applyRanges() {
+    for (const name of PARAMS) {
+      const range = state.ranges[name];
+      const input = $(name);
+      input.min = String(range.min);
+      input.max = String(range.max);
+      input.step = String(range.step);
+      const value = clamp(state.settings[name], range);
+      state.settings[name] = value == null ? clamp(DEFAULTS[name], range) : value;
+      input.value = String(state.settings[name]);
+      input.setAttribute("aria-valuetext", formatParam(name, state.settings[name]));
+      $(`${name}-value`).textContent = formatParam(name, state.settings[name]);
+    }
+  }
+
+  function saveSettings() {
+    state.userSettings = true;
+    writeJSON(KEYS.settings, state.settings);
+  }
+
+  function onSettingInput(event) {
+    const input = event.target;
+    if (PARAMS.includes(input.name)) {
+      const value = clamp(input.value, state.ranges[input.name]);
+      if (value == null) return;
+      state.settings[input.name] = value;
+      $(`${input.name}-value`).textContent = formatParam(input.name, value);
+      input.setAttribute("aria-valuetext", formatParam(input.name, value));
+    } else if (input === el.raw) {
+      state.settings.raw = el.raw.checked;
+      updateMode();
+    } else if (input === el.apiKey) {
+      state.settings.api_key = el.apiKey.value.trim();
+    }
+    saveSettings();
+  }
+
+  function updateMode() {
+    el.modeTag.hidden = !state.settings.raw;
+    el.prompt.placeholder = state.settings.raw ? "Text for the model to continue…" : "Message gpt2-instruct…";
+  }
+
+  /**
+   * Adopt the server's ranges and defaults from GET /params:
+   *   {"params": {"temperature": {"type", "min", "max", "default"}, ...}, "context_length": N, ...}
+   * Until it answers (or if it fails) FALLBACK_RANGES apply; the server validates every request
+   * anyway (422). Two limits are the page's own, for usable sliders: top_k stops at UI_MAX_TOP_K
+   * (the server allows the whole vocabulary), and max_new_tokens leaves room for the prompt in
+   * the context (an explicit max_tokens that does not fit is a 422 from the server).
+   */
+  async function loadServerParams() {
+    let body;
+    try {
+      const res = await fetch(ENDPOINTS.params, { cache: "no-store", signal: AbortSignal.timeout(5000) });
+      if (!res.ok) return false;
+      body = await res.json();
+    } catch {
+      return false;
+    }
+    const table = body && body.params;
+    if (!table || typeof table !== "object") return false;
+    const ctx = Number(body.context_length);
+    for (const name of PARAMS) {
+      const spec = table[name];
+      if (!spec || typeof spec !== "object") continue;
+      let min = Number(spec.min);
+      let max = Number(spec.max);
+      if (!Number.isFinite(min) || !Number.isFinite(max) || max < min) continue;
+      const range = state.ranges[name];
+      // top_p's range is (0, 1]: a slider can not offer an open end, so it starts one step up.
+      if (name === "top_p" && min <= 0) min = range.step;
+      if (name === "top_k") max = Math.min(max, UI_MAX_TOP_K);
+      if (name === "max_new_tokens" && ctx > 1) max = Math.min(max, ctx - Math.min(PROMPT_ROOM, Math.floor(ctx / 2)));
+      range.min = min;
+      range.max = Math.max(min, max);
+      const def = Number(spec.default);
+      if (spec.default != null && Number.isFinite(def)) state.serverDefaults[name] = def;
+    }
+    // Until the user changes a setting, the server's defaults are the settings.
+    if (!state.userSettings) Object.assign(state.settings, state.serverDefaults);
+    applyRanges();
+    return true;
+  }
+
+  /* ---------- banner ---------- */
+
+  function showBanner(text, kind = "error", countdownTo = null) {
+    clearInterval(state.bannerTimer);
+    el.banner.dataset.kind = kind;
+    el.banner.hidden = false;
+    if (countdownTo == null) {
+      el.bannerText.textContent = text;
+      return;
+    }
+    const tick = () => {
+      const left = Math.ceil((countdownTo - Date.now()) / 1000);
+      if (left > 0) {
+        el.bannerText.textContent = text.replace("{s}", `${left} s`);
+      } else {
+        clearInterval(state.bannerTimer);
+        el.banner.dataset.kind = "info";
+        el.bannerText.textContent = "You can send again now.";
+      }
+    };
+    tick();
+    state.bannerTimer = setInterval(tick, 1000);
+  }
+
+  function hideBanner() {
+    clearInterval(state.bannerTimer);
+    el.banner.hidden = true;
+  }
+
+  /* ---------- HTTP ---------- */
+
+  class HttpError extends Error {
+    constructor(status, type, message, retryAfterS) {
+      super(message || `HTTP ${status}`);
+      this.status = status;
+      this.type = type || "";
+      this.retryAfterS = retryAfterS;
+    }
+  }
+
+  function authHeaders() {
+    const headers = {};
+    if (state.settings.api_key) headers.Authorization = `Bearer ${state.settings.api_key}`;
+    return headers;
+  }
+
+  /** Retry-After is either seconds or an HTTP date. */
+  function parseRetryAfter(value) {
+    if (!value) return null;
+    const seconds = Number(value);
+    if (Number.isFinite(seconds)) return Math.max(0, seconds);
+    const when = Date.parse(value);
+    return Number.isFinite(when) ? Math.max(0, (when - Date.now()) / 1000) : null;
+  }
+
+  async function httpErrorFrom(res) {
+    let type = "", message = "";
+    try {
+      const body = await res.json();
+      const err = body && (body.error ?? body);
+      if (typeof err === "string") message = err;
+      else if (err) {
+        type = String(err.type || "");
+        message = String(err.message || "");
+      }
+    } catch { /* not JSON: keep the status line */ }
+    return new HttpError(res.status, type, message || res.statusText, parseRetryAfter(res.headers.get("Retry-After")));
+  }
+
+  /** What the user reads for a failed request. Returns [text, kind, countdownTo]. */
+  function describeError(err) {
+    if (!(err instanceof HttpError)) {
+      return ["Can't reach the server. Check that it is running, then try again.", "error", null];
+    }
+    const msg = err.message && err.message !== `HTTP ${err.status}` ? err.message : "";
+    const until = err.retryAfterS != null ? Date.now() + err.retryAfterS * 1000 : null;
+    switch (err.status) {
+      case 429:
+        return until != null
+          ? ["Too many requests. You can try again in {s}.", "warn", until]
+          : ["Too many requests. Wait a little, then try again.", "warn", null];
+      case 503: {
+        const loading = /load/i.test(err.type + " " + msg);
+        const head = loading ? "The model is still loading." : "The server is busy with other requests.";
+        if (until != null) return [`${head} Try again in {s}.`, "warn", until];
+        return [`${head} Try again in a moment.`, "warn", null];
+      }
+      case 422:
+        return [msg ? `The server refused a setting: ${msg}` : "The server refused a setting.", "error", null];
+      case 401:
+        return ["This server needs an API key. Enter it in Settings → API key." + (msg ? ` (${msg})` : ""), "error", null];
+      case 413:
+        return ["The message is too long for the server. Shorten it or start a new chat.", "error", null];
+      case 404:
+        return [`This server has no ${msg || "such endpoint"}; is it gpt2-instruct's serve.py?`, "error", null];
+      default:
+        return [msg ? `Error ${err.status}: ${msg}` : `The server answered with error ${err.status}.`, "error", null];
+    }
+  }
+
+  /**
+   * A Server-Sent Events parser fed with decoded text in arbitrary pieces.
+   * Calls onEvent(data, eventName) for each complete event that has data lines.
+   */
+  function createSSEParser(onEvent) {
+    let buffer = "";
+    function dispatch(block) {
+      const data = [];
+      let name = "message";
+      for (const line of block.split("\n")) {
+        if (line === "" || line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let value = colon < 0 ? "" : line.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "data") data.push(value);
+        else if (field === "event") name = value;
+      }
+      if (data.length) onEvent(data.join("\n"), name);
+    }
+    return {
+      push(text) {
+        buffer += text;
+        // A trailing "\r" may be half of "\r\n": keep it until the next piece arrives.
+        const cut = buffer.endsWith("\r") ? buffer.length - 1 : buffer.length;
+        let body = buffer.slice(0, cut).replace(/\r\n?/g, "\n");
+        const rest = buffer.slice(cut);
+        let end;
+        while ((end = body.indexOf("\n\n")) >= 0) {
+          dispatch(body.slice(0, end));
+          body = body.slice(end + 2);
+        }
+        buffer = body + rest;
+      },
+      end() {
+        const last = buffer.replace(/\r\n?/g, "\n");
+        buffer = "";
+        if (last.trim()) dispatch(last);
+      },
+    };
+  }
+
+  /** Turn one SSE data payload (either API's) into {token}|{done, finish_reason, usage}|{error}. */
+  function normalizeEvent(data) {
+    if (data.trim() === "[DONE]") return { done: true };
+    let obj;
+    try {
+      obj = JSON.parse(data);
+    } catch {
+      return null; // not ours; ignore
+    }
+    if (!obj || typeof obj !== "object") return null;
+    if (obj.error) return { error: obj.error };
+    if (typeof obj.token === "string") return { token: obj.token };
+    if (obj.done) return { done: true, finish_reason: obj.finish_reason, usage: obj.usage };
+    if (Array.isArray(obj.choices) && obj.choices.length) {
+      const choice = obj.choices[0];
+      const piece = choice.delta ? choice.delta.content : choice.text;
+      const out = {};
+      if (typeof piece === "string" && piece) out.token = piece;
+      if (choice.finish_reason) out.finish_reason = choice.finish_reason;
+      if (obj.usage) out.usage = obj.usage;
+      return out;
+    }
+    if (obj.usage) return { usage: obj.usage };
+    return null;
+  }
+
+  /**
+   * POST `body` to `url` and feed each normalized event to onEvent until the stream ends.
+   * Throws HttpError for an error status, or the fetch's AbortError after Stop.
+   */
+  async function streamRequest(url, body, signal, onEvent) {
+    const res = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
+      body: JSON.stringify(body),
+      signal,
+      cache: "no-store",
+    });
+    if (!res.ok) throw await httpErrorFrom(res);
+    const type = res.headers.get("Content-Type") || "";
+    if (!type.includes("text/event-stream") || !res.body) {
+      // A server that ignored "stream": one JSON answer.
+      const obj = await res.json();
+      const choice = obj.choices && obj.choices[0];
+      const text = obj.text ?? (choice && (choice.message ? choice.message.content : choice.text)) ?? "";
+      onEvent({ token: String(text) });
+      onEvent({ done: true, finish_reason: obj.finish_reason ?? (choice && choice.finish_reason), usage: obj.usage });
+      return;
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    const parser = createSSEParser((data) => {
+      const event = normalizeEvent(data);
+      if (event) onEvent(event);
+    });
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(decoder.decode(value, { stream: true }));
+    }
+    parser.push(decoder.decode());
+    parser.end();
+  }
+
+  /** The request for the reply that follows `messages` (the conversation so far). */
+  function buildRequest(messages) {
+    const s = state.settings;
+    const sampling = { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p, stream: true };
+    if (s.raw) {
+      const last = messages[messages.length - 1];
+      return { url: ENDPOINTS.raw, body: { prompt: last.content, raw: true, max_new_tokens: s.max_new_tokens, ...sampling } };
+    }
+    const history = messages
+      .filter((m) => m.content && !(m.meta && m.meta.error))
+      .map((m) => ({ role: m.role, content: m.content }));
+    return {
+      url: ENDPOINTS.chat,
+      body: {
+        model: state.modelName || "gpt2-instruct",
+        messages: history,
+        max_tokens: s.max_new_tokens,
+        stream_options: { include_usage: true },
+        ...sampling,
+      },
+    };
+  }
+
+  /* ---------- health ---------- */
+
+  function setHealth(status, label) {
+    state.health = status;
+    el.health.dataset.state = status;
+    el.healthLabel.textContent = label;
+  }
+
+  async function pollHealth() {
+    clearTimeout(state.healthTimer);
+    try {
+      const res = await fetch(ENDPOINTS.health, { headers: authHeaders(), cache: "no-store", signal: AbortSignal.timeout(5000) });
+      let body = null;
+      try { body = await res.json(); } catch { /* empty */ }
+      if (res.ok) {
+        if (!state.paramsLoaded) state.paramsLoaded = await loadServerParams(); // before "ready" shows
+        state.modelName = body && body.model ? String(body.model) : state.modelName;
+        const waiting = body && body.queue ? Number(body.queue.waiting) || 0 : 0;
+        setHealth("ready", `Ready · ${state.modelName || "model loaded"}${waiting ? ` · ${waiting} waiting` : ""}`);
+        el.modelInfo.textContent = body && body.device
+          ? `Model ${state.modelName || "?"} on ${body.device}${body.dtype ? ` (${body.dtype})` : ""}` : "";
+      } else if (res.status === 503) {
+        if (body && body.status === "error") setHealth("down", "Model failed to load");
+        else setHealth("loading", "Loading model…");
+      } else {
+        setHealth("down", `Server error ${res.status}`);
+      }
+    } catch {
+      setHealth("down", "Server unreachable");
+    }
+    state.healthTimer = setTimeout(pollHealth, HEALTH_EVERY_MS[state.health] || 5000);
+  }
+
+  /* ---------- rendering ---------- */
+
+  function renderChatList() {
+    el.chatList.replaceChildren();
+    const chats = [...state.chats].sort((a, b) => b.updated - a.updated);
+    el.chatListEmpty.hidden = chats.length > 0;
+    el.chatList.hidden = chats.length === 0;
+    for (const chat of chats) {
+      const li = document.createElement("li");
+      li.className = "chat-item";
+      li.dataset.id = chat.id;
+      const open = document.createElement("button");
+      open.type = "button";
+      open.className = "chat-open";
+      open.textContent = chat.title || "New chat";
+      open.title = chat.title || "New chat";
+      if (chat.id === state.currentId) open.setAttribute("aria-current", "true");
+      open.addEventListener("click", () => {
+        openChat(chat.id);
+        closeDrawers();
+        el.prompt.focus();
+      });
+      const del = document.createElement("button");
+      del.type = "button";
+      del.className = "chat-delete";
+      del.setAttribute("aria-label", `Delete chat: ${chat.title || "New chat"}`);
+      del.append(icon("M5 7h14M10 7V5h4v2M7 7l1 12h8l1-12"));
+      del.addEventListener("click", () => confirmDelete(del, chat));
+      li.append(open, del);
+      el.chatList.append(li);
+    }
+  }
+
+  /** First click arms the button, a second click within 3 s deletes. */
+  function confirmDelete(button, chat) {
+    if (button.dataset.armed) {
+      deleteChat(chat.id);
+      return;
+    }
+    button.dataset.armed = "1";
+    button.classList.add("armed");
+    const label = document.createElement("span");
+    label.textContent = "Delete?";
+    button.replaceChildren(label);
+    button.setAttribute("aria-label", `Confirm: delete chat ${chat.title || ""}`);
+    setTimeout(() => {
+      if (!button.isConnected) return;
+      delete button.dataset.armed;
+      button.classList.remove("armed");
+      button.replaceChildren(icon("M5 7h14M10 7V5h4v2M7 7l1 12h8l1-12"));
+      button.setAttribute("aria-label", `Delete chat: ${chat.title || "New chat"}`);
+    }, 3000);
+  }
+
+  function icon(path) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    const p = document.createElementNS(ns, "path");
+    p.setAttribute("d", path);
+    svg.append(p);
+    return svg;
+  }
+
+  function renderMessages() {
+    const chat = currentChat();
+    const messages = chat ? chat.messages : [];
+    el.title.textContent = chat && chat.title ? chat.title : "New chat";
+    document.title = chat && chat.title ? `${chat.title} · gpt2-instruct` : "gpt2-instruct · chat";
+    el.empty.hidden = messages.length > 0;
+    el.messages.replaceChildren(...messages.map((m, i) => messageNode(m, i === messages.length - 1)));
+    state.stick = true;
+    scrollToBottom();
+  }
+
+  function messageNode(message, isLast) {
+    const node = el.template.content.firstElementChild.cloneNode(true);
+    node.dataset.id = message.id;
+    node.classList.add(message.role);
+    node.querySelector(".msg-role").textContent = message.role === "user" ? "You" : "gpt2-instruct";
+    fillMessage(node, message, isLast);
+    return node;
+  }
+
+  /** Put a message's text, status and actions into its node (text as text only). */
+  function fillMessage(node, message, isLast) {
+    const meta = message.meta || {};
+    const content = node.querySelector(".content");
+    content.textContent = message.content;
+    const bubble = node.querySelector(".bubble");
+    bubble.classList.toggle("streaming", !!meta.streaming);
+    bubble.classList.toggle("waiting", !!meta.streaming && !message.content);
+    node.setAttribute("aria-busy", meta.streaming ? "true" : "false");
+    node.querySelector(".msg-meta").textContent = metaText(message);
+    const actions = node.querySelector(".msg-actions");
+    actions.replaceChildren();
+    if (message.role === "assistant" && !meta.streaming) {
+      if (message.content) actions.append(actionButton("Copy", "copy", () => copyText(message.content, actions)));
+      if (isLast) actions.append(actionButton("Regenerate", "regenerate", regenerate));
+    }
+    if (message.role === "user" && isLast && !state.busy) {
+      actions.append(actionButton("Retry", "retry", regenerate));
+    }
+    node.querySelector(".msg-foot").hidden = !actions.childElementCount && !node.querySelector(".msg-meta").textContent;
+  }
+
+  function metaText(message) {
+    const meta = message.meta || {};
+    if (message.role !== "assistant" || meta.streaming) return "";
+    const parts = [];
+    if (meta.stopped) parts.push("stopped");
+    else if (meta.finish_reason === "length") parts.push("hit the token limit");
+    if (meta.error) parts.push("failed");
+    const tokens = meta.completion_tokens;
+    if (tokens) {
+      parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
+      if (meta.ms > 0) parts.push(`${(tokens / (meta.ms / 1000)).toFixed(1)} tok/s`);
+    }
+    if (meta.raw) parts.push("raw");
+    return parts.join(" · ");
+  }
+
+  const ACTION_ICONS = {
+    copy: "M9 9h10v10H9zM5 15V5h10",
+    regenerate: "M20 11a8 8 0 1 0-2.3 5.7M20 5v6h-6",
+    retry: "M20 11a8 8 0 1 0-2.3 5.7M20 5v6h-6",
+  };
+
+  function actionButton(label, kind, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = `action action-${kind}`;
+    b.append(icon(ACTION_ICONS[kind]));
+    const text = document.createElement("span");
+    text.textContent = label;
+    b.append(text);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  async function copyText(text, actions) {
+    let ok = false;
+    try {
+      await navigator.clipboard.writeText(text);
+      ok = true;
+    } catch {
+      const area = document.createElement("textarea");
+      area.value = text;
+      area.setAttribute("readonly", "");
+      area.className = "visually-hidden";
+      document.body.append(area);
+      area.select();
+      try { ok = document.execCommand("copy"); } catch { ok = false; }
+      area.remove();
+    }
+    const label = actions.querySelector(".action-copy span");
+    if (label) {
+      label.textContent = ok ? "Copied" : "Copy failed";
+      setTimeout(() => { if (label.isConnected) label.textContent = "Copy"; }, 1500);
+    }
+  }
+
+  function updateStreamingNode(chat, message) {
+    if (chat.id !== state.currentId) return;
+    const node = el.messages.querySelector(`li[data-id="${message.id}"]`);
+    if (!node) return;
+    fillMessage(node, message, chat.messages[chat.messages.length - 1] === message);
+    if (state.stick) scrollToBottom();
+  }
+
+  /* ---------- scrolling ---------- */
+
+  function scrollToBottom() {
+    el.scroller.scrollTop = el.scroller.scrollHeight;
+    el.jump.hidden = true;
+  }
+
+  function onScroll() {
+    const gap = el.scroller.scrollHeight - el.scroller.scrollTop - el.scroller.clientHeight;
+    state.stick = gap < 48;
+    el.jump.hidden = state.stick;
+  }
+
+  /* ---------- chats ---------- */
+
+  function openChat(id) {
+    state.currentId = id;
+    writeJSON(KEYS.current, id);
+    renderChatList();
+    renderMessages();
+  }
+
+  function newChat() {
+    state.currentId = null;
+    writeJSON(KEYS.current, null);
+    hideBanner();
+    renderChatList();
+    renderMessages();
+    closeDrawers();
+    el.prompt.focus();
+  }
+
+  function deleteChat(id) {
+    if (state.busy && state.busy.chatId === id) state.busy.controller.abort();
+    state.chats = state.chats.filter((c) => c.id !== id);
+    if (state.currentId === id) state.currentId = null;
+    saveChats();
+    renderChatList();
+    renderMessages();
+  }
+
+  function ensureChat(firstText) {
+    let chat = currentChat();
+    if (!chat) {
+      chat = { id: newId(), title: "", created: Date.now(), updated: Date.now(), messages: [] };
+      state.chats.push(chat);
+      state.currentId = chat.id;
+    }
+    if (!chat.title) chat.title = titleFrom(firstText);
+    return chat;
+  }
+
+  function titleFrom(text) {
+    const line = text.replace(/\s+/g, " ").trim();
+    return line.length > 48 ? `${line.slice(0, 47)}…` : line;
+  }
+
+  /* ---------- sending ---------- */
+
+  function setBusy(busy) {
+    state.busy = busy;
+    el.send.hidden = !!busy;
+    el.stop.hidden = !busy;
+    el.composer.classList.toggle("busy", !!busy);
+    el.app.dataset.busy = busy ? "true" : "false";
+    updateSendEnabled();
+  }
+
+  function updateSendEnabled() {
+    el.send.disabled = !el.prompt.value.trim() || !!state.busy;
+  }
+
+  function sendPrompt(text) {
+    if (state.busy) return;
+    const value = text.replace(/\s+$/, "");
+    if (!value.trim()) return;
+    const chat = ensureChat(value);
+    chat.messages.push({ id: newId(), role: "user", content: value, meta: {} });
+    chat.updated = Date.now();
+    el.prompt.value = "";
+    autosize();
+    renderChatList();
+    renderMessages();
+    generateReply(chat);
+  }
+
+  /** Drop the last answer (if any) and ask again for the last user message. */
+  function regenerate() {
+    if (state.busy) return;
+    const chat = currentChat();
+    if (!chat || !chat.messages.length) return;
+    if (chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
+    if (!chat.messages.length) return;
+    renderMessages();
+    generateReply(chat);
+  }
+
+  async function generateReply(chat) {
+    hideBanner();
+    const { url, body } = buildRequest(chat.messages);
+    const message = { id: newId(), role: "assistant", content: "", meta: { streaming: true, raw: !!body.raw } };
+    const controller = new AbortController();
+    setBusy({ controller, chatId: chat.id, messageId: message.id });
+    chat.messages.push(message);
+    chat.updated = Date.now();
+    renderMessages();
+    let firstTokenAt = null;
+    let pieces = 0;
+    try {
+      await streamRequest(url, body, controller.signal, (event) => {
+        if (event.error) {
+          const e = event.error;
+          throw new HttpError(Number(e.code || e.status) || 500, e.type, e.message || String(e));
+        }
+        if (event.token) {
+          if (firstTokenAt == null) firstTokenAt = performance.now();
+          message.content += event.token;
+          pieces += 1;
+          updateStreamingNode(chat, message);
+          saveChatsSoon();
+        }
+        if (event.finish_reason) message.meta.finish_reason = event.finish_reason;
+        if (event.usage && event.usage.completion_tokens != null) {
+          message.meta.completion_tokens = event.usage.completion_tokens;
+        }
+      });
+    } catch (err) {
+      if (err && err.name === "AbortError") {
+        message.meta.stopped = true;
+      } else {
+        controller.abort(); // close the connection so the server stops too
+        const [text, kind, until] = describeError(err);
+        showBanner(text, kind, until);
+        message.meta.error = true;
+      }
+    } finally {
+      message.meta.streaming = false;
+      if (message.meta.completion_tokens == null && pieces) message.meta.completion_tokens = pieces;
+      if (firstTokenAt != null) message.meta.ms = Math.max(1, performance.now() - firstTokenAt);
+      if (!message.content && (message.meta.error || message.meta.stopped)) {
+        chat.messages = chat.messages.filter((m) => m !== message); // nothing to keep
+      }
+      chat.updated = Date.now();
+      setBusy(null);
+      saveChats();
+      if (chat.id === state.currentId) {
+        const stick = state.stick;
+        renderMessages();
+        if (!stick) state.stick = false;
+      }
+    }
+  }
+
+  function stopGenerating() {
+    if (state.busy) state.busy.controller.abort();
+  }
+
+  /* ---------- composer ---------- */
+
+  function autosize() {
+    el.prompt.style.height = "auto";
+    el.prompt.style.height = `${Math.min(el.prompt.scrollHeight, 220)}px`;
+    updateSendEnabled();
+  }
+
+  function onPromptKey(event) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
+      event.preventDefault();
+      if (!state.busy) sendPrompt(el.prompt.value);
+    }
+  }
+
+  /* ---------- drawers ---------- */
+
+  function settingsVisible() {
+    return !el.app.classList.contains("settings-closed");
+  }
+
+  function setSettingsOpen(open, { remember = true, focus = true } = {}) {
+    el.app.classList.toggle("settings-closed", !open);
+    el.openSettings.setAttribute("aria-expanded", String(open));
+    if (remember && !NARROW_SETTINGS.matches) writeJSON(KEYS.panel, open);
+    syncInert();
+    if (open && focus) $("temperature").focus();
+    if (!open && focus) el.openSettings.focus();
+  }
+
+  function setSidebarOpen(open, { focus = true } = {}) {
+    el.app.classList.toggle("sidebar-open", open);
+    el.openSidebar.setAttribute("aria-expanded", String(open));
+    syncInert();
+    if (open && focus) el.newChat.focus();
+    if (!open && focus && NARROW_SIDEBAR.matches) el.openSidebar.focus();
+  }
+
+  function closeDrawers() {
+    if (NARROW_SIDEBAR.matches && el.app.classList.contains("sidebar-open")) setSidebarOpen(false, { focus: false });
+    if (NARROW_SETTINGS.matches && settingsVisible()) setSettingsOpen(false, { focus: false });
+  }
+
+  /** Hidden drawers leave the tab order; an open drawer on a narrow screen shows a scrim. */
+  function syncInert() {
+    const sidebarHidden = NARROW_SIDEBAR.matches && !el.app.classList.contains("sidebar-open");
+    const settingsHidden = !settingsVisible();
+    el.sidebar.inert = sidebarHidden;
+    el.settings.inert = settingsHidden;
+    const overlay = (NARROW_SIDEBAR.matches && !sidebarHidden) || (NARROW_SETTINGS.matches && !settingsHidden);
+    el.scrim.hidden = !overlay;
+  }
+
+  function onLayoutChange() {
+    if (NARROW_SETTINGS.matches) setSettingsOpen(false, { remember: false, focus: false });
+    else setSettingsOpen(readJSON(KEYS.panel, true) !== false, { remember: false, focus: false });
+    if (!NARROW_SIDEBAR.matches) el.app.classList.remove("sidebar-open");
+    syncInert();
+  }
+
+  /* ---------- wiring ---------- */
+
+  function wire() {
+    el.composer.addEventListener("submit", (e) => {
+      e.preventDefault();
+      sendPrompt(el.prompt.value);
+    });
+    el.prompt.addEventListener("keydown", onPromptKey);
+    el.prompt.addEventListener("input", autosize);
+    el.stop.addEventListener("click", () => {
+      stopGenerating();
+      el.prompt.focus();
+    });
+    el.newChat.addEventListener("click", newChat);
+    el.scroller.addEventListener("scroll", onScroll, { passive: true });
+    // Keep the newest text in view when the window or the composer changes size.
+    new ResizeObserver(() => { if (state.stick) scrollToBottom(); }).observe(el.scroller);
+    el.jump.addEventListener("click", () => {
+      state.stick = true;
+      scrollToBottom();
+    });
+    el.bannerClose.addEventListener("click", hideBanner);
+    el.suggestions.addEventListener("click", (e) => {
+      const b = e.target.closest(".suggestion");
+      if (b) sendPrompt(b.textContent);
+    });
+    el.form.addEventListener("input", onSettingInput);
+    el.form.addEventListener("change", onSettingInput);
+    el.form.addEventListener("submit", (e) => e.preventDefault());
+    el.reset.addEventListener("click", () => {
+      const key = state.settings.api_key;
+      state.settings = { ...DEFAULTS, ...state.serverDefaults, api_key: key };
+      el.raw.checked = false;
+      applyRanges();
+      updateMode();
+      saveSettings();
+    });
+    el.openSettings.addEventListener("click", () => setSettingsOpen(!settingsVisible()));
+    el.closeSettings.addEventListener("click", () => setSettingsOpen(false));
+    el.openSidebar.addEventListener("click", () => setSidebarOpen(true));
+    el.closeSidebar.addEventListener("click", () => setSidebarOpen(false));
+    el.scrim.addEventListener("click", closeDrawers);
+    document.addEventListener("keydown", (e) => {
+      if (e.key !== "Escape") return;
+      if (NARROW_SIDEBAR.matches && el.app.classList.contains("sidebar-open")) setSidebarOpen(false);
+      else if (NARROW_SETTINGS.matches && settingsVisible()) setSettingsOpen(false);
+      else if (state.busy) stopGenerating();
+    });
+    NARROW_SETTINGS.addEventListener("change", onLayoutChange);
+    NARROW_SIDEBAR.addEventListener("change", onLayoutChange);
+    window.addEventListener("storage", (e) => {
+      // Another tab changed the chats: show its version unless we are mid-reply.
+      if (e.key === KEYS.chats && !state.busy) {
+        loadChats();
+        renderChatList();
+        renderMessages();
+      }
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) pollHealth();
+    });
+    window.addEventListener("pagehide", () => { if (state.saveTimer) saveChats(); });
+  }
+
+  function start() {
+    loadSettings();
+    loadChats();
+    wire();
+    onLayoutChange();
+    renderChatList();
+    renderMessages();
+    setBusy(null);
+    autosize();
+    loadServerParams(); // early ranges; asked again once the model is ready (its context is known then)
+    pollHealth();
+    el.prompt.focus();
+  }
+
+  // Exposed for the browser tests and for debugging in the console.
+  window.gpt2i = { createSSEParser, normalizeEvent, state };
+  start();
+})();
