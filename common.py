@@ -37,6 +37,9 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)  # mkstemp makes 0600 files: give the result the usual mode (0666 minus umask)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible

@@ -374,13 +374,6 @@ def load_split(path):
     return {key: data[key] for key in SPLIT_DTYPES}
 
 
-def _set_default_mode(path):
-    """mkstemp (inside atomic_path) creates 0600 files; give outputs the usual 0666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_outputs(out_dir, splits, meta):
     """Write {out_dir}/train.npz, val.npz, meta.json: all to temp files first, renamed only when all
     are written (meta.json last), so a failure leaves no partial or mismatched file."""
@@ -392,11 +385,9 @@ def write_outputs(out_dir, splits, meta):
         for name, tmp in tmps.items():
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
                 np.savez(f, **splits[name])
-            _set_default_mode(tmp)
         with open(tmp_meta, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False)
             f.write("\n")
-        _set_default_mode(tmp_meta)
 
 
 # ---------------------------------------------------------------------------------------------
