@@ -75,15 +75,7 @@ def write_shard(path, tokens):
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
             _write_tokens(f, tokens)
-        _chmod_like_new_file(tmp)
     return path
-
-
-def _chmod_like_new_file(path):
-    """Temp files are created 0600; give the shard the mode a plain open() would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def read_shard(path):

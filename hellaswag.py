@@ -1,0 +1,191 @@
+"""
+HellaSwag: load the validation set and score a GPT on it (acc and acc_norm), on one process or
+spread over the ranks of a torchrun job.
+
+Each example is a context and 4 candidate endings. A candidate is scored by the model's
+cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + encode(" " + ending)).
+- acc: the ending with the lowest summed loss;
+- acc_norm: the ending with the lowest mean loss per ending token (length-normalised; the figure
+  build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
+
+API:
+    examples = load_examples(path, limit=None)       # .jsonl / .jsonl.gz / .jsonl.xz rows
+    result = evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, autocast_dtype=None)
+    # result: {"acc_norm": float, "acc": float, "n": int}; with world_size > 1 and torch.distributed
+    # initialised, rank r scores examples r, r + W, ... and the counts are summed over ranks.
+    scores = score_examples(model, examples, device)  # per-example mean and summed ending losses
+
+CLI:
+    python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file ../shared/data/hellaswag_val.jsonl.xz [--limit N]
+"""
+
+import argparse
+import contextlib
+import gzip
+import json
+import lzma
+import os
+
+import torch
+from torch.nn import functional as F
+
+from common import UserError, pick_device, pick_dtype, run_cli
+from model import GPT2_VOCAB
+from tokenizer import encode
+
+N_ENDINGS = 4
+
+
+def _open_text(path):
+    if path.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def load_examples(path, limit=None):
+    """Rows with `ctx` (or `ctx_a` + `ctx_b`), 4 `endings` and an int `label` in 0..3."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"HellaSwag file not found: {path}")
+    examples = []
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                examples.append(_parse_row(row, f"{path}:{lineno}"))
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read HellaSwag file {path}: {type(e).__name__}: {e}") from None
+    if not examples:
+        raise UserError(f"HellaSwag file {path} holds no examples")
+    return examples
+
+
+def _parse_row(row, where):
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    ctx = row.get("ctx")
+    if ctx is None and "ctx_a" in row:
+        ctx = (row["ctx_a"] + " " + row.get("ctx_b", "").capitalize()).strip()
+    endings, label = row.get("endings"), row.get("label")
+    if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
+            or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: `label` must be an integer 0..3, got {label!r}") from None
+    if not 0 <= label < N_ENDINGS:
+        raise UserError(f"{where}: `label` must be 0..3, got {label}")
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+def render_example(example, max_len=None):
+    """-> (rows, starts): 4 token lists ctx + ending, and where each ending starts in its row.
+
+    Rows longer than max_len lose tokens from the left of the context.
+    """
+    ctx = encode(example["ctx"])
+    rows, starts = [], []
+    for ending in example["endings"]:
+        end = encode(" " + ending)
+        row = ctx + end
+        start = len(ctx)
+        if max_len is not None and len(row) > max_len:
+            cut = len(row) - max_len
+            row, start = row[cut:], max(1, start - cut)
+        rows.append(row)
+        starts.append(start)
+    return rows, starts
+
+
+@torch.no_grad()
+def score_examples(model, examples, device, batch_examples=8, autocast_dtype=None):
+    """Ending losses for each example: list of (mean_losses[4], sum_losses[4]) as float lists."""
+    model_was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    max_len = model.config.block_size
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype not in (None, torch.float32) else contextlib.nullcontext())
+    out = []
+    try:
+        for i in range(0, len(examples), batch_examples):
+            group = examples[i:i + batch_examples]
+            rows, starts = [], []
+            for ex in group:
+                r, s = render_example(ex, max_len)
+                rows += r
+                starts += s
+            length = max(len(r) for r in rows)
+            tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
+            mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens
+            for j, (r, s) in enumerate(zip(rows, starts)):
+                tokens[j, :len(r)] = torch.tensor(r)
+                mask[j, s:len(r)] = True
+            tokens, mask = tokens.to(device), mask.to(device)
+            with autocast:
+                logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
+            logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
+            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                     reduction="none").view(len(rows), length - 1)  # (N, L-1)
+            target_mask = mask[:, 1:].float()
+            summed = (losses * target_mask).sum(1)  # (N,)
+            mean = summed / target_mask.sum(1).clamp_min(1)
+            summed = summed.view(-1, N_ENDINGS).cpu()
+            mean = mean.view(-1, N_ENDINGS).cpu()
+            out += [(mean[k].tolist(), summed[k].tolist()) for k in range(len(group))]
+    finally:
+        model.train(model_was_training)
+    return out
+
+
+def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, autocast_dtype=None):
+    """acc_norm and acc of `model`; rank r scores examples r::world_size; totals summed over ranks."""
+    mine = examples[rank::world_size]
+    correct_norm = correct = 0
+    for ex, (mean, summed) in zip(mine, score_examples(model, mine, device, batch_examples, autocast_dtype)):
+        correct_norm += int(min(range(N_ENDINGS), key=mean.__getitem__) == ex["label"])
+        correct += int(min(range(N_ENDINGS), key=summed.__getitem__) == ex["label"])
+    counts = torch.tensor([correct_norm, correct, len(mine)], dtype=torch.float64, device=device)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    correct_norm, correct, n = (int(v) for v in counts.tolist())
+    return {"acc_norm": correct_norm / max(n, 1), "acc": correct / max(n, 1), "n": n}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Score a GPT on HellaSwag (acc_norm and acc).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="checkpoint file or folder, OpenAI GPT-2 name (gpt2, gpt2-medium, ...) or HF folder")
+    p.add_argument("--file", default=os.path.join("..", "shared", "data", "hellaswag_val.jsonl.xz"),
+                   help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA), float32, bfloat16")
+    args = p.parse_args(argv)
+    from train_gpt2 import load_model  # the one place that knows checkpoints, GPT-2 names and HF folders
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    examples = load_examples(args.file, args.limit)
+    model, _ = load_model(args.model)
+    model.to(device)
+    result = evaluate(model, examples, device, batch_examples=args.batch_examples, autocast_dtype=dtype)
+    print(f"HellaSwag {result['n']} examples: acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
