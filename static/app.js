@@ -58,7 +58,7 @@
     openSidebar: $("open-sidebar"), closeSidebar: $("close-sidebar"),
     openSettings: $("open-settings"), closeSettings: $("close-settings"),
     newChat: $("new-chat"), chatList: $("chat-list"), chatListEmpty: $("chat-list-empty"),
-    health: $("health"), healthLabel: $("health-label"), modelInfo: $("model-info"),
+    health: $("health"), healthLabel: $("health-label"), healthMini: $("health-mini"), modelInfo: $("model-info"),
     title: $("chat-title"), modeTag: $("mode-tag"),
     banner: $("banner"), bannerText: $("banner-text"), bannerClose: $("banner-close"),
     scroller: $("scroller"), empty: $("empty"), messages: $("messages"), jump: $("jump"),
@@ -231,8 +231,8 @@
       let max = Number(spec.max);
       if (!Number.isFinite(min) || !Number.isFinite(max) || max < min) continue;
       const range = state.ranges[name];
-      // top_p's range is (0, 1]: a slider can not offer an open end, so it starts one step up.
-      if (name === "top_p" && min <= 0) min = range.step;
+      // An open end ("min_exclusive", top_p's (0, 1]) starts the slider one step up.
+      if (spec.min_exclusive) min += range.step;
       if (name === "top_k") max = Math.min(max, UI_MAX_TOP_K);
       if (name === "max_new_tokens" && ctx > 1) max = Math.min(max, ctx - Math.min(PROMPT_ROOM, Math.floor(ctx / 2)));
       range.min = min;
@@ -328,7 +328,8 @@
           ? ["Too many requests. You can try again in {s}.", "warn", until]
           : ["Too many requests. Wait a little, then try again.", "warn", null];
       case 503: {
-        const loading = /load/i.test(err.type + " " + msg);
+        if (err.type === "model_error") return [`The model failed to load on the server${msg ? `: ${msg}` : "."}`, "error", null];
+        const loading = err.type === "model_loading" || /\bloading\b/i.test(msg);
         const head = loading ? "The model is still loading." : "The server is busy with other requests.";
         if (until != null) return [`${head} Try again in {s}.`, "warn", until];
         return [`${head} Try again in a moment.`, "warn", null];
@@ -481,6 +482,9 @@
     state.health = status;
     el.health.dataset.state = status;
     el.healthLabel.textContent = label;
+    el.healthMini.dataset.state = status; // the phone layout's dot in the top bar
+    el.healthMini.setAttribute("aria-label", `Server: ${label}`);
+    el.healthMini.title = label;
   }
 
   async function pollHealth() {
@@ -625,7 +629,8 @@
     const tokens = meta.completion_tokens;
     if (tokens) {
       parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
-      if (meta.ms > 0) parts.push(`${(tokens / (meta.ms / 1000)).toFixed(1)} tok/s`);
+      // A rate over a blink (one token, or a cached answer) means nothing: show it past 0.25 s.
+      if (meta.ms >= 250 && tokens > 1) parts.push(`${(tokens / (meta.ms / 1000)).toFixed(1)} tok/s`);
     }
     if (meta.raw) parts.push("raw");
     return parts.join(" · ");
@@ -744,6 +749,8 @@
     el.stop.hidden = !busy;
     el.composer.classList.toggle("busy", !!busy);
     el.app.dataset.busy = busy ? "true" : "false";
+    // Screen readers hear the answer once it is complete, not token by token.
+    el.messages.setAttribute("aria-busy", busy ? "true" : "false");
     updateSendEnabled();
   }
 
