@@ -54,7 +54,7 @@
 
   const $ = (id) => document.getElementById(id);
   const el = {
-    app: $("app"), sidebar: $("sidebar"), settings: $("settings"), scrim: $("scrim"),
+    app: $("app"), main: $("main"), sidebar: $("sidebar"), settings: $("settings"), scrim: $("scrim"),
     openSidebar: $("open-sidebar"), closeSidebar: $("close-sidebar"),
     openSettings: $("open-settings"), closeSettings: $("close-settings"),
     newChat: $("new-chat"), chatList: $("chat-list"), chatListEmpty: $("chat-list-empty"),
@@ -774,7 +774,10 @@
 
   /** Drop the last answer (if any) and ask again for the last user message. */
   function regenerate() {
-    if (state.busy) return;
+    if (state.busy) {
+      showBanner("An answer is still being written (maybe in another chat): stop it first.", "info");
+      return;
+    }
     const chat = currentChat();
     if (!chat || !chat.messages.length) return;
     if (chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
@@ -890,10 +893,13 @@
   function syncInert() {
     const sidebarHidden = NARROW_SIDEBAR.matches && !el.app.classList.contains("sidebar-open");
     const settingsHidden = !settingsVisible();
-    el.sidebar.inert = sidebarHidden;
+    const sidebarOverlay = NARROW_SIDEBAR.matches && !sidebarHidden;
+    const settingsOverlay = NARROW_SETTINGS.matches && !settingsHidden;
+    // An open drawer is modal: Tab stays inside it, the rest waits behind the scrim.
+    el.sidebar.inert = sidebarHidden || settingsOverlay;
     el.settings.inert = settingsHidden;
-    const overlay = (NARROW_SIDEBAR.matches && !sidebarHidden) || (NARROW_SETTINGS.matches && !settingsHidden);
-    el.scrim.hidden = !overlay;
+    el.main.inert = sidebarOverlay || settingsOverlay;
+    el.scrim.hidden = !(sidebarOverlay || settingsOverlay);
   }
 
   function onLayoutChange() {
