@@ -537,7 +537,7 @@ class Trainer:
         n_local = sum(int((y != -1).sum()) for _, y in batches)  # CPU tensors: no device sync
         world = self.dist.world_size
         if self.dist.enabled:
-            count = torch.tensor([float(n_local)], device=self.device)
+            count = torch.tensor(float(n_local), device=self.device)
             torch.distributed.all_reduce(count)  # stream-ordered; the host does not wait
             scale = world / count.clamp_min(1.0)  # DDP averages gradients over ranks: undo the 1/W
         else:
@@ -553,7 +553,7 @@ class Trainer:
                     loss = self.model(x, y, reduction="sum")[1] * scale  # logits freed right here
                 loss.backward()
             loss_sum += loss.detach()
-        return loss_sum  # this rank's share: sum over ranks = the step's mean loss
+        return loss_sum  # this rank's share x W: the mean over ranks is the step's mean loss
 
     def _shrink_after_oom(self, batches):
         if self.dist.enabled or not self.cfg.auto_shrink_batch:
@@ -735,9 +735,10 @@ class Trainer:
 
     def _train_record(self, loss, norm, steps, seconds):
         """Sync point: the step's loss (averaged over ranks), grad norm, throughput."""
-        if self.dist.enabled:
+        if self.dist.enabled:  # each rank holds sum(its token losses) * W / N: sum over ranks, divide by W
             loss = loss.clone()
             torch.distributed.all_reduce(loss)
+            loss /= self.dist.world_size
         loss_v, norm_v = float(loss.item()), float(norm.item())
         if not math.isfinite(loss_v):
             raise UserError(f"training diverged: loss is {loss_v} at step {self.step}; lower --lr")

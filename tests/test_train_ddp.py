@@ -1,0 +1,101 @@
+"""DDP on CPU (gloo): `torchrun --nproc_per_node=2` equals one process with the same total batch.
+
+Run by pytest, this file launches itself under torchrun (see __main__ at the bottom): each rank
+runs train_gpt2.main (pretraining on real token shards, with val loss and HellaSwag spread over
+the ranks) and then the Trainer on masked batches (SFT-like: a different number of counted
+tokens in every micro-batch), as finetune_dolly.py will.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from conftest import SHARED_DATA, tiny_config  # noqa: E402
+
+PRETRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
+            "--total-batch-size", "256", "--device", "cpu", "--no-compile", "--log-interval", "1",
+            "--eval-steps", "3", "--eval-interval", "3", "--sample-tokens", "0", "--no-plot", "--warmup-steps", "2",
+            "--max-steps", "6", "--ckpt-interval", "0", "--lr", "3e-3", "--seed", "3",
+            "--hellaswag", os.path.join(SHARED_DATA, "hellaswag_val.jsonl.xz"), "--hellaswag-limit", "6"]
+
+
+def pretrain(data_dir, out_dir):
+    import train_gpt2
+
+    return train_gpt2.main(["--data-dir", data_dir, "--out-dir", out_dir, *PRETRAIN])
+
+
+def masked_finetune(out_dir):
+    """The Trainer API as finetune_dolly.py uses it: own data source, kind "sft", masked targets."""
+    from common import setup_distributed, teardown_distributed
+    from model import GPT
+    from test_train import MaskedBatches
+    from train_gpt2 import Trainer, TrainConfig
+
+    dist = setup_distributed("cpu")
+    try:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(vocab_size=200, block_size=16))
+        cfg = TrainConfig(out_dir=out_dir, batch_size=2, seq_len=16, total_batch_size=8 * 16, max_steps=4,
+                          warmup_steps=0, lr=1e-2, min_lr=1e-2, eval_interval=0, ckpt_interval=0, log_interval=1,
+                          device="cpu", plot=False)
+        data = MaskedBatches(2, 16, dist.rank, dist.world_size)
+        Trainer(model, cfg, data, dist=dist, kind="sft").fit()
+    finally:
+        teardown_distributed(dist)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    from checkpoint import load_checkpoint
+    from test_train import corpus_documents
+    from fineweb import write_token_shards
+
+    data = tmp_path / "shards"
+    write_token_shards(corpus_documents(60_000), str(data), prefix="b", shard_size=4000, max_tokens=14000,
+                       workers=1, progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for kind in ("pretrain", "sft"):  # one launch each: re-initialising a process group in one process is fragile
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+             kind, str(data), str(tmp_path / "ddp" / kind)],
+            capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    pretrain(str(data), str(tmp_path / "one" / "pretrain"))
+    masked_finetune(str(tmp_path / "one" / "sft"))
+
+    for kind, keys in (("pretrain", ("train_loss", "val_loss", "hellaswag_acc")), ("sft", ("train_loss",))):
+        one, two = read_log(tmp_path / "one" / kind), read_log(tmp_path / "ddp" / kind)
+        assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 4
+        for a, b in zip(one, two):
+            for key in keys:
+                if key in a or key in b:
+                    assert abs(a[key] - b[key]) <= 1e-5, (kind, a["step"], key, a[key], b[key])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        wa = load_checkpoint(tmp_path / "one" / kind / "ckpt.pt")["model"]
+        wb = load_checkpoint(tmp_path / "ddp" / kind / "ckpt.pt")["model"]
+        for name in wa:
+            a, b = wa[name], wb[name]
+            if name.endswith("attn.c_attn.bias"):  # the key bias has an exactly-zero gradient (softmax shift
+                c = a.numel() // 3  # invariance): Adam turns its rounding noise into +-lr steps. Skip it.
+                a, b = torch.cat([a[:c], a[2 * c:]]), torch.cat([b[:c], b[2 * c:]])
+            assert torch.allclose(a, b, atol=1e-5), (kind, name)
+    assert load_checkpoint(tmp_path / "ddp" / "sft" / "ckpt.pt")["kind"] == "sft"
+
+
+if __name__ == "__main__":  # a torchrun worker: argv = pretrain|sft DATA_DIR OUT_DIR
+    kind, data_dir, out = sys.argv[1:4]
+    pretrain(data_dir, out) if kind == "pretrain" else masked_finetune(out)
