@@ -201,6 +201,7 @@ class StopFilter:
     """Cuts text at the first stop string, holding back any tail that could still start one.
 
     push(text) -> (text safe to emit, hit); once hit, everything from the stop string on is dropped.
+    Of several stop strings the one that completes first wins (then the one that starts first).
     The held-back tail is always a proper prefix of some stop string, so a match can never start
     inside text already emitted.
     """
@@ -214,10 +215,11 @@ class StopFilter:
         if not self.stops:
             self.pending = ""
             return buf, False
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # the stop string that completes first (as if text came a character at a time) wins
+        hits = [(i + len(s), i) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.pending = ""
-            return buf[:min(hits)], True
+            return buf[:min(hits)[1]], True
         hold = self._held_tail(buf)
         self.pending = buf[len(buf) - hold:]
         return buf[:len(buf) - hold], False
