@@ -1,0 +1,417 @@
+"""finetune_dolly.py on CPU with a tiny model and real instruction rows (../shared/data/wiki-instructions).
+
+Masking, the prompt template, learning, exact resume (full and LoRA), the checkpoint layout,
+batching under DDP, and clear errors for bad input.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SHARED_DATA
+
+import finetune_dolly
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import UserError
+from finetune_dolly import InstructionBatches, ValBatches, example_rows, held_out_prompts, prompt_length
+from lora import apply_adapter, load_adapter
+from model import GPT, GPTConfig
+from prepare_dolly import normalize_text, prepare, read_file_rows
+from prompt import format_prompt
+from tokenizer import EOT_ID, decode, encode
+
+WIKI = os.path.join(SHARED_DATA, "wiki-instructions.jsonl.xz")
+TINY_CONFIG = dict(block_size=256, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
+
+
+def wiki_rows(n):
+    if not os.path.isfile(WIKI):
+        pytest.skip("shared instruction data not present")
+    return read_file_rows(WIKI, limit=n)
+
+
+def prepare_rows(rows, out, **kw):
+    prepare(rows, str(out), {"type": "test"}, progress=False, **kw)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def data300(tmp_path_factory):
+    """300 real rows prepared by prepare_dolly (5% val, stratified)."""
+    return prepare_rows(wiki_rows(300), tmp_path_factory.mktemp("d300"))
+
+
+@pytest.fixture(scope="module")
+def data80(tmp_path_factory):
+    """80 real rows: with --block-size 128 about 35 train examples, a few steps an epoch."""
+    return prepare_rows(wiki_rows(80), tmp_path_factory.mktemp("d80"), val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def data24(tmp_path_factory):
+    """24 real rows: with --block-size 128, 9 train examples (4 steps an epoch of 2) and 2 val."""
+    return prepare_rows(wiki_rows(24), tmp_path_factory.mktemp("d24"), val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A freshly initialised tiny GPT saved as a pretraining checkpoint (the --init-from of most tests)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_CONFIG))
+    path = tmp_path_factory.mktemp("init") / "ckpt.pt"
+    save_checkpoint(path, kind="pretrain", model_state=model.state_dict(), config=model.config.to_dict(), step=0)
+    return str(path)
+
+
+FAST = ["--device", "cpu", "--no-compile", "--no-plot", "--log-interval", "1", "--seed", "5", "--prefetch", "2"]
+
+
+def finetune(data_dir, out_dir, init_from, *extra):
+    return finetune_dolly.main(["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--init-from", str(init_from),
+                                *FAST, *extra])
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------- masking
+
+def test_targets_are_the_next_token_where_the_mask_is_on():
+    tokens = np.array([11, 12, 13, 21, 22, EOT_ID])  # prompt 11 12 13, response 21 22, EOT
+    mask = np.array([0, 0, 0, 1, 1, 1], dtype=np.uint8)
+    x, y = example_rows(tokens, mask)
+    assert x.tolist() == [11, 12, 13, 21, 22]
+    assert y.tolist() == [-1, -1, 21, 22, EOT_ID]  # the last prompt position predicts the first response token
+    assert prompt_length(mask) == 3
+
+
+def _batch_loss(model, x, y):
+    with torch.no_grad():
+        return model(x, y)[1].item()
+
+
+def test_prompt_targets_do_not_change_the_loss_response_targets_do(data300):
+    split = finetune_dolly.load_instruction_data(data300)["train"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_CONFIG)).eval()
+    batches = InstructionBatches(split, 256, 4, 4, seed=1)
+    x, y = batches.next_batch()  # (4, T)
+    rows = batches.order(0)[:4]
+    base = _batch_loss(model, x, y)
+
+    # reference: per-token cross-entropy of the logits, averaged over response positions only
+    with torch.no_grad():
+        logits = model(x)[0].float()  # (4, T, V)
+    logp = torch.log_softmax(logits, -1)
+    total, count = 0.0, 0
+    for k, i in enumerate(rows):
+        s, L = int(batches.examples.starts[i]), int(batches.examples.lengths[i])
+        toks, mask = split["tokens"][s:s + L].astype(np.int64), split["loss_mask"][s:s + L]
+        for t in range(L - 1):
+            if mask[t + 1]:
+                total -= logp[k, t, toks[t + 1]].item()
+                count += 1
+    assert base == pytest.approx(total / count, rel=1e-5)
+    assert count == int((y != -1).sum())
+
+    def targets_with(change):
+        """y rebuilt from tokens where `change` (positions where mask == 0 or == 1) hold other ids."""
+        y2 = torch.full_like(y, -1)
+        for k, i in enumerate(rows):
+            s, L = int(batches.examples.starts[i]), int(batches.examples.lengths[i])
+            toks, mask = split["tokens"][s:s + L].astype(np.int64).copy(), split["loss_mask"][s:s + L]
+            toks[change(mask)] = (toks[change(mask)] + 1000) % 50000
+            y2[k, :L - 1] = torch.from_numpy(example_rows(toks, mask)[1])
+        return y2
+
+    y_prompt = targets_with(lambda m: m == 0)
+    assert torch.equal(y_prompt, y)
+    assert _batch_loss(model, x, y_prompt) == base
+    y_resp = targets_with(lambda m: m == 1)
+    assert not torch.equal(y_resp, y)
+    assert abs(_batch_loss(model, x, y_resp) - base) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- template
+
+def test_training_prompt_is_the_inference_prompt(tmp_path):
+    rows = wiki_rows(200)
+    with_ctx = [r for r in rows if r["context"].strip()][:4]
+    without = [r for r in rows if not r["context"].strip()][:4]
+    assert with_ctx and without
+    chosen = with_ctx + without
+    data = finetune_dolly.load_instruction_data(prepare_rows(chosen, tmp_path, val_fraction=0.0))
+    split = data["train"]
+    offsets = split["offsets"]
+    assert len(offsets) - 1 == len(chosen)  # val_fraction 0: every row, in input order
+    for i, row in enumerate(chosen):
+        s, e = int(offsets[i]), int(offsets[i + 1])
+        n = prompt_length(split["loss_mask"][s:e])
+        expected = format_prompt(normalize_text(row["instruction"]), normalize_text(row["context"]))
+        assert decode(split["tokens"][s:s + n].tolist()) == expected
+        assert split["tokens"][s:s + n].tolist() == encode(expected)  # the very ids inference feeds
+        assert ("### Input:" in expected) == bool(row["context"].strip())
+        assert decode(split["tokens"][s + n:e - 1].tolist()) == normalize_text(row["response"])
+        assert split["tokens"][e - 1] == EOT_ID
+    # the answers logged during training are generated from these same prompt strings
+    prompts = held_out_prompts(split, 3, 1024)
+    assert prompts and all(p in [format_prompt(normalize_text(r["instruction"]), normalize_text(r["context"]))
+                                 for r in chosen] for p in prompts)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+def test_batches_are_whole_padded_examples_shuffled_per_epoch(data80):
+    split = finetune_dolly.load_instruction_data(data80)["train"]
+    src = InstructionBatches(split, 128, 2, 4, seed=3, pad_multiple=16)
+    n, spe = src.examples.n, src.steps_per_epoch
+    assert spe == n // 4 and src.examples.n_too_long > 0  # longer examples are left out, not cut
+    for _ in range(2 * spe):  # one epoch: 2 micro-batches a step
+        x, y = src.next_batch()
+        assert x.shape == y.shape and x.shape[1] % 16 == 0 and x.shape[1] <= 128
+        pad = y == -1
+        assert (x[:, -1] == EOT_ID).any() or (~pad[:, -1]).any()
+    assert src.state_dict()["epoch"] == 1 and src.state_dict()["position"] == 0
+    first, second = src.order(0), src.order(1)
+    assert len(set(first.tolist())) == len(first) == spe * 4  # no example twice in an epoch
+    assert first.tolist() != second.tolist()  # reshuffled
+    steps = first.reshape(spe, 4)
+    lengths = src.examples.lengths[steps]
+    assert (np.diff(lengths, axis=1) <= 0).all()  # sorted within each step (longest first)
+    again = InstructionBatches(split, 128, 2, 4, seed=3, pad_multiple=16)
+    assert again.order(1).tolist() == second.tolist()  # seeded
+
+
+def test_ranks_take_disjoint_parts_of_the_same_step(data80):
+    split = finetune_dolly.load_instruction_data(data80)["train"]
+    one = InstructionBatches(split, 128, 4, 8, seed=2)
+    ranks = [InstructionBatches(split, 128, 2, 8, rank=r, world_size=2, seed=2) for r in range(2)]
+
+    def examples(batch):  # each row's unpadded input tokens (it ends with the last counted target)
+        x, y = batch
+        return [tuple(x[k, :int(torch.nonzero(y[k] != -1).max()) + 1].tolist()) for k in range(len(x))]
+
+    for _ in range(3):  # steps
+        rows_one = [r for _ in range(2) for r in examples(one.next_batch())]
+        rows_ddp = [r for _ in range(2) for src in ranks for r in examples(src.next_batch())]
+        assert sorted(rows_one) == sorted(rows_ddp)  # same examples in the step, none twice
+        assert len(set(rows_ddp)) == len(rows_ddp)
+    assert ranks[0].state_dict()["tokens_seen"] == one.state_dict()["tokens_seen"] > 0
+    with pytest.raises(UserError, match="multiple of --batch-size"):
+        InstructionBatches(split, 128, 3, 8)
+    val = [ValBatches(split, 128, 3, rank=r, world_size=2) for r in range(2)]
+    counted = sum(int((y != -1).sum()) for v in val for _, y in v.batches())
+    assert counted == sum(int((y != -1).sum()) for _, y in ValBatches(split, 128, 5).batches())
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+def test_finetune_lowers_val_loss_and_keeps_the_best(data300, tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    metrics = finetune(data300, out, tiny_ckpt, "--block-size", "128", "--batch-size", "4", "--examples-per-step",
+                       "4", "--max-steps", "8", "--lr", "3e-2", "--eval-interval", "4", "--sample-count", "2",
+                       "--sample-tokens", "6", "--sample-prompt", "Name a colour.", "--plot")
+    log = read_log(out)
+    vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+    assert sorted(vals) == [0, 4, 8]
+    assert vals[4] < vals[0] - 0.5 and vals[8] < vals[4]  # a random-init model learns the responses' tokens
+    assert metrics["best_val_loss"] == min(vals[4], vals[8]) and metrics["initial_val_loss"] == vals[0]
+    assert all(r["tokens_per_sec"] > 0 and "epoch" in r for r in log if "train_loss" in r)
+
+    best = load_checkpoint(out / "ckpt.pt")
+    assert best["kind"] == "sft" and best["step"] == metrics["best_step"] and best["optimizer"] is None
+    assert best["metrics"]["best_val_loss"] == metrics["best_val_loss"]
+    model_from_checkpoint(best)  # what inference.py does with --ckpt OUT_DIR
+    last = load_checkpoint(out / "last.pt")
+    assert last["kind"] == "sft" and last["step"] == 8 and last["optimizer"]
+    assert last["train_state"]["data"]["position"] == 32
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [0] * 3 + [4] * 3 + [8] * 3
+    assert all(s["text"].startswith("### Instruction:\n") and "### Response:\n" in s["text"] for s in samples)
+    assert any("Name a colour." in s["text"] for s in samples)
+    assert os.path.isfile(out / "loss.png") and not os.path.exists(out / "adapter.pt")
+
+
+RESUME = ["--block-size", "128", "--batch-size", "1", "--examples-per-step", "2", "--max-steps", "6",
+          "--eval-interval", "3", "--ckpt-interval", "4", "--lr", "2e-3", "--sample-tokens", "0", "--eval-examples", "2"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
+    extra = ["--dropout", "0.1"] if mode == "full" else ["--lora-rank", "4", "--lora-dropout", "0.1",
+                                                         "--lora-targets", "c_attn,mlp.c_proj", "--lr", "1e-2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    finetune(data24, straight, tiny_ckpt, *RESUME, *extra)
+    first = finetune(data24, split, tiny_ckpt, *RESUME, *extra, "--stop-at-step", "5")
+    assert first["stopped"] and load_checkpoint(split / "last.pt")["step"] == 5
+    finetune(data24, split, "resume", "--device", "cpu", "--no-compile")  # every other flag from last.pt
+
+    la, lb = read_log(straight), read_log(split)
+    a = {r["step"]: r["train_loss"] for r in la if "train_loss" in r}
+    b = {r["step"]: r["train_loss"] for r in lb if "train_loss" in r}
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    va = {r["step"]: r["val_loss"] for r in la if "val_loss" in r}
+    vb = {r["step"]: r["val_loss"] for r in lb if "val_loss" in r}
+    assert sorted(va) == [0, 3, 6] and va == pytest.approx(vb, abs=1e-6)
+    for name in ("last.pt", "ckpt.pt"):
+        wa, wb = load_checkpoint(straight / name), load_checkpoint(split / name)
+        assert wa["step"] == wb["step"] and wa["model"].keys() == wb["model"].keys()
+        for key in wa["model"]:
+            assert torch.equal(wa["model"][key], wb["model"][key]), (name, key)
+    da, db = (load_checkpoint(d / "last.pt")["train_state"]["data"] for d in (straight, split))
+    assert da == db and da["epoch"] == 1  # 4 steps an epoch: the run crossed into the second
+
+    best = load_checkpoint(straight / "ckpt.pt")
+    plain = model_from_checkpoint(best)  # canonical names: inference needs nothing special
+    if mode == "lora":
+        # ckpt.pt = base + adapter.pt, merged; the base stayed frozen
+        base = model_from_checkpoint(load_checkpoint(tiny_ckpt))
+        last = load_checkpoint(straight / "last.pt")["model"]
+        for key, value in base.state_dict().items():
+            assert torch.equal(last[key], value), key
+        adapter = load_adapter(straight / "adapter.pt")
+        assert adapter["rank"] == 4 and adapter["targets"] == ["c_attn", "mlp.c_proj"]
+        assert adapter["base"] == os.path.abspath(tiny_ckpt) and adapter["step"] == best["step"]
+        apply_adapter(base, adapter)
+        x = torch.randint(0, 50257, (2, 20))
+        with torch.no_grad():
+            assert torch.allclose(base.eval()(x)[0], plain.eval()(x)[0], atol=1e-5)
+    else:
+        assert not os.path.exists(straight / "adapter.pt")
+
+
+def test_ddp_two_ranks_equal_one_process(data24, tiny_ckpt, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) with LoRA (frozen base under DDP) equals one process."""
+    flags = ["--data-dir", data24, "--init-from", tiny_ckpt, *FAST, "--block-size", "128", "--batch-size", "1",
+             "--examples-per-step", "4", "--max-steps", "3", "--eval-interval", "3", "--lr", "1e-2",
+             "--sample-tokens", "2", "--sample-count", "1", "--lora-rank", "2", "--lora-dropout", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "finetune_dolly.py"), *flags, "--out-dir", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finetune_dolly.main([*flags, "--out-dir", str(tmp_path / "one")])
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "ddp")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss"):
+            assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) <= 1e-5, (a, b)
+    assert one[-1]["tokens_per_sec"] > 0 and two[-1]["tokens_per_sec"] > 0
+    wa, wb = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("one", "ddp"))
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-5), key
+    assert load_adapter(tmp_path / "ddp")["step"] == 3
+    samples = [json.loads(line) for line in open(tmp_path / "ddp" / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [0, 3]  # rank 0 only
+
+
+def test_init_from_hf_folder_and_from_an_sft_checkpoint(data80, tiny_ckpt, tmp_path):
+    hf = tmp_path / "hf"
+    model_from_checkpoint(load_checkpoint(tiny_ckpt)).export_hf(str(hf))
+    short = ["--block-size", "128", "--batch-size", "4", "--examples-per-step", "4", "--max-steps", "1",
+             "--eval-interval", "0"]
+    finetune(data80, tmp_path / "a", hf, *short)
+    ckpt = load_checkpoint(tmp_path / "a" / "ckpt.pt")  # no evaluation: the final model
+    assert ckpt["kind"] == "sft" and ckpt["step"] == 1 and ckpt["config"]["vocab_size"] == 50257
+    finetune(data80, tmp_path / "b", tmp_path / "a", *short)  # continue from an sft run's folder
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["args"]["base"] == os.path.abspath(tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return str(dst)
+
+
+def _set_template_version(folder):
+    meta_path = os.path.join(folder, "meta.json")
+    meta = json.load(open(meta_path))
+    meta["template_version"] = 999
+    json.dump(meta, open(meta_path, "w"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_dir", "no such folder"),
+    ("no_npz", "val.npz: not found"),
+    ("template", "template version 999"),
+    ("rank0", "--lora-rank must be an integer >= 1"),
+    ("rank_neg", "--lora-rank must be an integer >= 1"),
+    ("target", "'q_proj' matches no Linear layer"),
+    ("lm_head", "tied to the token embedding"),
+    ("no_targets", "--lora-targets is empty"),
+    ("no_init", "no such checkpoint or folder"),
+    ("scratch", "starts from a trained model"),
+    ("resume", "nothing to resume"),
+    ("group", "multiple of --batch-size"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(data80, tiny_ckpt, tmp_path, case, message):
+    data, init, extra = data80, tiny_ckpt, []
+    if case == "no_dir":
+        data = tmp_path / "nowhere"
+    elif case == "no_npz":
+        data = _broken_copy(data80, tmp_path / "d", lambda d: os.remove(os.path.join(d, "val.npz")))
+    elif case == "template":
+        data = _broken_copy(data80, tmp_path / "d", _set_template_version)
+    elif case in ("rank0", "rank_neg"):
+        extra = ["--lora-rank", "0" if case == "rank0" else "-2"]
+    elif case in ("target", "lm_head", "no_targets"):
+        extra = ["--lora-rank", "4", "--lora-targets", {"target": "c_attn,q_proj", "lm_head": "lm_head",
+                                                        "no_targets": " , "}[case]]
+    elif case == "no_init":
+        init = tmp_path / "missing.pt"
+    elif case == "scratch":
+        init = "scratch"
+    elif case == "resume":
+        init = "resume"
+    elif case == "group":
+        extra = ["--batch-size", "3", "--examples-per-step", "8"]
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message) as err:
+        finetune(data, out, init, "--block-size", "128", "--max-steps", "2", *extra)
+    assert "\n" not in str(err.value)
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_existing_run_needs_resume_or_overwrite(data80, tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
+    short = ["--block-size", "128", "--batch-size", "4", "--examples-per-step", "4", "--max-steps", "1",
+             "--eval-interval", "0"]
+    with pytest.raises(UserError, match="holds a previous run"):
+        finetune(data80, out, tiny_ckpt, *short)
+    finetune(data80, out, tiny_ckpt, *short, "--overwrite")
+    assert [r["step"] for r in read_log(out)] == [1] and "train_loss" in read_log(out)[0]
+    assert read_log(out)[0]["train_loss"] != 9.0
+
+
+def test_offline_gpt2_is_one_clear_line(data80, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match="could not download 'gpt2'.*Offline") as err:
+        finetune(data80, tmp_path / "out", "gpt2")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_cli_exit_code_2_and_one_line(data80, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "finetune_dolly.py"), "--data-dir", data80,
+                           "--out-dir", str(tmp_path / "out"), "--init-from", str(tmp_path / "none.pt"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

@@ -1,0 +1,155 @@
+"""lora.py: frozen base, adapter-only gradients, exact merge, adapter files, target selection, memory."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from common import UserError
+from lora import (LoRAConfig, LoRALinear, apply_adapter, apply_lora, count_parameters, find_targets, load_adapter,
+                  lora_modules, lora_state_dict, measure_training_state_bytes, merge_lora, merged_state_dict,
+                  parse_targets, save_adapter, training_state_bytes)
+from model import GPT
+
+CFG = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def base_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**CFG))
+
+
+def lora_model(cfg, seed=0, randomize_b=True):
+    """A tiny GPT with adapters; B randomised (it starts at zero) so the adapters change the output."""
+    model = base_model(seed)
+    torch.manual_seed(seed + 1)
+    apply_lora(model, cfg)
+    if randomize_b:
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                m.lora_B.normal_(0, 0.05)
+    return model
+
+
+def tokens(seed=3, shape=(2, 12)):
+    return torch.randint(0, CFG["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_only_adapter_parameters_get_gradients():
+    cfg = LoRAConfig(rank=4, alpha=8, dropout=0.1, targets=("c_attn", "c_proj", "c_fc"))
+    model = lora_model(cfg).train()
+    x = tokens()
+    _, loss = model(x, x)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable and with_grad
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in with_grad)
+    assert len(with_grad) == 2 * 4 * CFG["n_layer"]  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
+    C = CFG["n_embd"]
+    per_block = 4 * (C + 3 * C) + 4 * (C + C) + 4 * (C + 4 * C) + 4 * (4 * C + C)  # r * (in + out) per layer
+    trainable_n, total = count_parameters(model)
+    assert trainable_n == CFG["n_layer"] * per_block and total == base_model().num_params() + trainable_n
+    opt = model.configure_optimizers(0.0, 1e-2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_names_stay_canonical():
+    base = base_model().eval()
+    model = lora_model(LoRAConfig(rank=2, alpha=4, dropout=0.0), randomize_b=False).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], base(x)[0])  # B = 0: exactly the base model
+    names = set(model.state_dict())
+    assert set(base.state_dict()) <= names  # base weights keep their names
+    assert {n for n in names - set(base.state_dict())} == {
+        f"{layer}.{k}" for layer, _ in lora_modules(model) for k in ("lora_A", "lora_B")}
+
+
+def test_merged_logits_equal_base_plus_adapters():
+    cfg = LoRAConfig(rank=3, alpha=6, dropout=0.2, targets=("c_attn", "mlp.c_proj"))
+    model = lora_model(cfg).eval()
+    x = tokens()
+    with torch.no_grad():
+        logits = model(x)[0]
+        # one layer by hand: y = x W^T + b + (alpha / r) x A^T B^T
+        layer = model.transformer.h[0].attn.c_attn
+        h = torch.randn(5, CFG["n_embd"])
+        manual = h @ layer.weight.T + layer.bias + (alpha_over_r := 6 / 3) * (h @ layer.lora_A.T @ layer.lora_B.T)
+        assert alpha_over_r == layer.scale
+        assert torch.allclose(layer(h), manual, atol=1e-6)
+
+    plain = GPT(tiny_config(**CFG)).eval()
+    plain.load_state_dict(merged_state_dict(model))  # strict: canonical names only
+    with torch.no_grad():
+        assert torch.allclose(plain(x)[0], logits, atol=1e-5)
+        assert not torch.allclose(plain(x)[0], base_model().eval()(x)[0], atol=1e-3)  # the adapters matter
+
+    merge_lora(model)
+    assert not lora_modules(model) and set(model.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], logits, atol=1e-5)
+
+
+def test_adapter_file_round_trip(tmp_path):
+    cfg = LoRAConfig(rank=2, alpha=5, dropout=0.1, targets=("c_proj",))
+    model = lora_model(cfg).eval()
+    path = save_adapter(tmp_path / "adapter.pt", model, cfg, base="/models/base", step=7, metrics={"val_loss": 1.5})
+    raw = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert raw["rank"] == 2 and raw["targets"] == ["c_proj"] and raw["base"] == "/models/base"
+    adapter = load_adapter(tmp_path)  # a folder holding adapter.pt works too
+    assert adapter["lora_config"] == cfg and adapter["step"] == 7 and adapter["metrics"] == {"val_loss": 1.5}
+    assert set(adapter["adapter"]) == set(lora_state_dict(model))
+
+    fresh = base_model()  # the same base weights, no adapters
+    names = apply_adapter(fresh, adapter)
+    assert names == [n for n, _ in lora_modules(model)] and len(names) == 2 * CFG["n_layer"]  # attn + mlp c_proj
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x)[0], model(x)[0])
+
+    other = GPT(tiny_config(**dict(CFG, n_embd=64)))
+    with pytest.raises(UserError, match="different model shape"):
+        apply_adapter(other, adapter)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable adapter"):
+        load_adapter(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="adapter not found"):
+        load_adapter(tmp_path / "missing.pt")
+
+
+def test_target_selection_and_bad_settings():
+    model = base_model()
+    assert find_targets(model, ("c_attn",)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    both = find_targets(model, ("c_proj",))
+    assert both == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    assert find_targets(model, ("attn.c_proj",)) == [n for n in both if ".attn." in n]
+    assert find_targets(model, ("mlp.c_fc",)) == find_targets(model, ("c_fc",))
+    assert parse_targets(" c_attn, mlp.c_proj ,c_attn,") == ("c_attn", "mlp.c_proj")
+    for bad, msg in ((("q_proj",), "matches no Linear"), (("lm_head",), "tied to the token embedding"),
+                     (("transformer.wte",), "tied to the token embedding"), (("c attn",), "not a layer name"),
+                     ((), "is empty")):
+        with pytest.raises(UserError, match=msg) as err:
+            apply_lora(base_model(), LoRAConfig(rank=2, alpha=2, dropout=0.0, targets=bad)) if bad != () \
+                else LoRAConfig(targets=bad)
+        assert "\n" not in str(err.value)
+    for kw, msg in ((dict(rank=0), "--lora-rank"), (dict(rank=-1), "--lora-rank"), (dict(rank=2.5), "--lora-rank"),
+                    (dict(alpha=0), "--lora-alpha"), (dict(dropout=1.0), "--lora-dropout")):
+        with pytest.raises(UserError, match=msg):
+            LoRAConfig(**kw)
+    wrapped = lora_model(LoRAConfig(rank=2, alpha=2, dropout=0.0))
+    with pytest.raises(UserError, match="already has LoRA"):
+        apply_lora(wrapped, LoRAConfig(rank=2, alpha=2, dropout=0.0))
+    assert isinstance(wrapped.transformer.h[0].mlp.c_fc, LoRALinear)
+
+
+def test_training_memory_counts_match_a_real_step():
+    full = base_model()
+    computed, measured = training_state_bytes(full), measure_training_state_bytes(full)
+    assert computed["grad_bytes"] == measured["grad_bytes"] and computed["optimizer_bytes"] == measured["optimizer_bytes"]
+    lora = lora_model(LoRAConfig(rank=2, alpha=4, dropout=0.0))
+    computed_l, measured_l = training_state_bytes(lora), measure_training_state_bytes(lora)
+    assert computed_l["bytes"] == measured_l["bytes"]
+    assert measured_l["bytes"] * 10 < measured["bytes"]  # grads + AdamW moments only for the adapters
