@@ -1,0 +1,202 @@
+"""Production setup: `gunicorn -c gunicorn.conf.py "serve:create_app()"` with two gthread workers
+sharing one rate limit through a real redis-server, and a client hanging up mid-stream under gunicorn.
+
+redis-server is a Debian package (`apt-get install redis-server`; .ci/run installs it). Without it
+the shared-limit test is skipped, unless CI_REQUIRE_ALL is set (CI), where it fails instead.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import ROOT
+from test_serve_config import free_port, make_checkpoint
+
+REDIS_SERVER = shutil.which("redis-server")
+LIMIT = 5  # requests per minute per client
+
+
+def wait_until(predicate, timeout=90.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def http(port, method, path, body=None, headers=None):
+    """One request on a fresh connection (so gunicorn may hand it to either worker) -> (status, headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        data = json.dumps(body) if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def redis_port():
+    if REDIS_SERVER is None:
+        if os.environ.get("CI_REQUIRE_ALL"):
+            pytest.fail("redis-server is not installed but CI_REQUIRE_ALL is set (apt-get install redis-server)")
+        yield None
+        return
+    port = free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+
+        def up():
+            try:
+                return client.ping()
+            except redis.exceptions.ConnectionError:
+                return False
+
+        assert wait_until(up, 30), "redis-server did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def gunicorn(tmp_path_factory, redis_port):
+    """Two gthread workers; rate limit storage in redis when available (else memory://)."""
+    folder = tmp_path_factory.mktemp("serve_gunicorn")
+    ckpt = make_checkpoint(folder, block_size=1024)
+    port = free_port()
+    log_path = folder / "gunicorn.log"
+    env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_BIND": f"127.0.0.1:{port}", "GPT2I_WORKERS": "2",
+           "GPT2I_THREADS": "8", "GPT2I_RATE_LIMIT": f"{LIMIT}/minute", "GPT2I_TRUST_PROXY": "1",
+           "GPT2I_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{redis_port}" if redis_port else "memory://",
+           "GPT2I_LOG_LEVEL": "info"}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "serve:create_app()"],
+                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        def healthy():
+            try:
+                return http(port, "GET", "/health")[0] == 200
+            except OSError:
+                return False
+
+        # each worker loads its own model (until then it answers 503 model_loading): wait for both
+        def loaded_pids():
+            return {json.loads(line)["pid"] for line in log_path.read_text().splitlines()
+                    if line.startswith('{"event": "model_loaded"')}
+
+        assert wait_until(lambda: len(loaded_pids()) == 2, 120), log_path.read_text()[-3000:]
+        assert healthy()
+        yield port, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def request_log(log_path):
+    """request_id -> the serve.py JSON log line of that request."""
+    out = {}
+    for line in log_path.read_text().splitlines():
+        if line.startswith('{"event": "request"'):
+            entry = json.loads(line)
+            out[entry["request_id"]] = entry
+    return out
+
+
+def test_two_workers_share_one_rate_limit_through_redis(gunicorn, redis_port):
+    if redis_port is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI sets CI_REQUIRE_ALL")
+    port, log_path = gunicorn
+    client = {"X-Forwarded-For": "7.7.7.7"}  # gunicorn trusts one proxy hop here (GPT2I_TRUST_PROXY=1)
+    body = {"prompt": "hi", "max_new_tokens": 1}
+    results = {}
+
+    def one(rid):
+        results[rid] = http(port, "POST", "/generate", body, {**client, "X-Request-ID": rid})
+
+    first = [f"ok-{uuid.uuid4().hex[:8]}" for _ in range(LIMIT)]
+    threads = [threading.Thread(target=one, args=(rid,)) for rid in first]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[rid][0] for rid in first] == [200] * LIMIT, [results[rid][2] for rid in first]
+
+    # Every later request is refused, whichever worker takes it. The limit is shared when a worker
+    # that itself let fewer than LIMIT requests through refuses one: send waves of requests on fresh
+    # connections until that is seen in the log (each line names the worker's pid).
+    def ok_per_worker(log):
+        pids = [log[rid]["pid"] for rid in first]
+        return {pid: pids.count(pid) for pid in set(pids)}
+
+    assert wait_until(lambda: all(rid in request_log(log_path) for rid in first), 10)
+    refused, proven = [], False
+    for _ in range(30):
+        wave = [f"no-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+        threads = [threading.Thread(target=one, args=(rid,)) for rid in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for rid in wave:
+            status, headers, text = results[rid]
+            assert status == 429, text
+            assert json.loads(text)["error"]["type"] == "rate_limit_exceeded"
+            assert 0 < int(headers["Retry-After"]) <= 60
+        refused += wave
+        assert wait_until(lambda: all(rid in request_log(log_path) for rid in refused), 10)
+        log = request_log(log_path)
+        allowed = ok_per_worker(log)
+        if any(allowed.get(log[rid]["pid"], 0) < LIMIT for rid in refused):
+            proven = True
+            break
+    assert proven, f"only a worker that had allowed {LIMIT} requests itself refused ({allowed})"
+    import redis
+
+    assert redis.Redis(port=redis_port).keys("*gpt2i*"), "no rate-limit counters in redis"
+
+
+def test_disconnect_stops_generation_under_gunicorn(gunicorn):
+    port, log_path = gunicorn
+    rid = f"disc-{uuid.uuid4().hex[:8]}"
+    max_new = 900
+    body = json.dumps({"prompt": "Tell a long story.", "max_new_tokens": max_new, "ignore_eos": True,
+                       "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"X-Forwarded-For: 8.8.8.8\r\nX-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (rid.encode(), len(body), body))
+    stream = sock.makefile("rb")
+    assert stream.readline().split()[1] == b"200"
+    events = 0
+    while events < 3:
+        line = stream.readline()
+        assert line, "stream ended early"
+        if line.startswith(b"data: "):
+            events += 1
+    stream.close()
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    assert wait_until(lambda: rid in request_log(log_path), 60), log_path.read_text()[-3000:]
+    entry = request_log(log_path)[rid]
+    assert entry["finish_reason"] == "cancelled" and entry["stream"] is True
+    assert 3 <= entry["completion_tokens"] < max_new // 2, entry
