@@ -389,12 +389,12 @@ class _Batch:
     Every tensor is allocated once and only written in place, so CUDA graphs can read them.
     tok (B, 1) next input ids; pos (1,) its cache slot (static mode); pad (B,) left padding;
     seen (B, N_VOCAB); sampling parameters (B, 1); u (K, B) uniforms of this chunk; j (1,) step
-    within the chunk; out (K, B) sampled ids of this chunk.
+    within the chunk; out (K, B) sampled ids of this chunk; on CUDA, host_out (2, K, B) pinned
+    host copies of `out` (two, so one chunk can be read while the next runs).
     KV-cache: eager mode, `cache`, a KVCache of cache_len slots. Static mode, `view(length)`: a
-    KVCache whose k / v are *contiguous* (n_layer, B, H, length, D) tensors laid over one of two
-    flat buffers (ping-pong by bucket parity, so moving to the next bucket is one copy between
-    buffers). Contiguous matters: torch.compile writes into a contiguous cache in place, but copies
-    a strided view in and out on every step.
+    KVCache whose k / v are lists of per-layer contiguous (B, H, length, D) tensors laid over one
+    of two flat buffers (ping-pong by bucket parity, so moving to the next bucket is one copy
+    between buffers).
     """
 
     def __init__(self, model_config, B, cache_len, device, dtype, kmax, static=False):
@@ -415,6 +415,8 @@ class _Batch:
         self.u = torch.zeros(kmax, B, **f32)
         self.j = torch.zeros(1, **long)
         self.out = torch.zeros(kmax, B, **long)
+        self.host_out = torch.zeros(2, kmax, B, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
+        self._next_host = 0
         cfg = model_config
         self._shape = (cfg.n_layer, B, cfg.n_head, cfg.n_embd // cfg.n_head)  # (n_layer, B, H, D)
         if static:
@@ -452,6 +454,7 @@ class _Batch:
     def relayout(self, src_len, dst_len, filled):
         """Copy the first `filled` slots of every row from the src_len layout to the dst_len one."""
         src, dst = self.view(src_len), self.view(dst_len)
+        assert src.k[0].data_ptr() != dst.k[0].data_ptr(), "relayout needs buckets of different parity"
         for s, d in zip(src.k + src.v, dst.k + dst.v):  # (B, H, L, D) each
             d[:, :, :filled].copy_(s[:, :, :filled])
 
@@ -474,14 +477,44 @@ class _Batch:
         self.top_p.copy_(torch.tensor(top_p).view(-1, 1))
         self.penalty.copy_(torch.tensor(pen).view(-1, 1))
 
-    def set_uniforms(self, requests, k):
-        """Draw k uniforms per running row from its private RNG (idle rows get 0) into u[:k]."""
-        u = torch.zeros(k, self.B)
-        for row, r in enumerate(requests):
-            if r is not None and not r.done:
-                u[:, row] = torch.tensor([r.rng.random() for _ in range(k)])
-        self.u[:k].copy_(u)
+    def set_uniforms(self, requests, k, draw=True):
+        """Draw k uniforms per running row from its private RNG (idle rows get 0) into u[:k]; reset j.
+
+        draw=False (every row greedy): nothing is drawn, u is not read.
+        """
+        if draw:
+            zeros = [0.0] * k
+            u = [[r.rng.random() for _ in range(k)] if r is not None and not r.done else zeros for r in requests]
+            u += [zeros] * (self.B - len(u))
+            self.u[:k].copy_(torch.tensor(u, dtype=torch.float32).t())  # (k, B)
         self.j.zero_()
+
+    def fetch(self, k):
+        """The ids sampled by the last k steps: a _Fetched whose tokens() is a (k, B) list.
+
+        On CUDA the copy to pinned host memory is queued behind those steps (no wait here), so the
+        host can queue more steps before it reads these.
+        """
+        if self.host_out is None:
+            return _Fetched(self.out[:k].clone())
+        host = self.host_out[self._next_host, :k]
+        self._next_host ^= 1
+        host.copy_(self.out[:k], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Fetched(host, event)
+
+
+class _Fetched:
+    """Sampled ids on their way to the host; tokens() waits for them (the one sync of a chunk)."""
+
+    def __init__(self, ids, event=None):
+        self.ids, self.event = ids, event
+
+    def tokens(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.ids.tolist()
 
 
 def _record(batch, logits, n_cand):
@@ -527,9 +560,11 @@ class Engine:
     chunk: decode steps between host reads (default 8 on CUDA, 1 elsewhere).
     bucket: static cache lengths are multiples of this (capped at block_size).
     max_batch: rows decoded together at most; larger lists run in several groups.
+    pipeline: static / graphs modes queue the next chunk before reading the current one
+    (default: on CUDA, where it keeps the device busy while the host makes text).
     """
 
-    def __init__(self, model, mode=None, compile=False, chunk=None, bucket=128, max_batch=64):
+    def __init__(self, model, mode=None, compile=False, chunk=None, bucket=128, max_batch=64, pipeline=None):
         self.model = model
         self.config = model.config
         self.device, self.dtype = _model_device_dtype(model)
@@ -542,6 +577,7 @@ class Engine:
         self.chunk = chunk or (8 if on_cuda else 1)
         self.bucket = bucket
         self.max_batch = max_batch
+        self.pipeline = on_cuda if pipeline is None else bool(pipeline)
         self.compile = bool(compile) and self.mode != "eager"
         self.forward = torch.compile(model) if self.compile else model
         self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
@@ -551,7 +587,7 @@ class Engine:
         self.notes = []  # fallbacks taken (shown by describe())
 
     def describe(self):
-        return {"decode_mode": self.mode, "compile": self.compile, "chunk": self.chunk,
+        return {"decode_mode": self.mode, "compile": self.compile, "chunk": self.chunk, "pipeline": self.pipeline,
                 "cache_bucket": self.bucket, "graphs_captured": len(self._graphs), "notes": list(self.notes)}
 
     # -------------------------------------------------------------- grouping and the host loop
@@ -578,29 +614,44 @@ class Engine:
         return groups + ([cur] if cur else [])
 
     def _run_group(self, group, runner):
-        """Prefill, then decode chunk by chunk until every row has finished."""
+        """Prefill, then decode chunk by chunk until every row has finished.
+
+        With a pipelined runner (CUDA) the next chunk is queued before the current one is read,
+        so the device keeps decoding while the host turns ids into text. Rows that end inside a
+        chunk cost the rest of it; finished rows are compacted out only with nothing in flight.
+        """
         try:
             for r in group:
                 r.t_start = time.perf_counter()
-                if r.should_stop is not None and r.should_stop():
-                    yield r, r.finish("cancelled")
-                    yield r, None
+            yield from self._cancel_requested(group)
             if all(r.done for r in group):
                 return
             yield from self._consume(runner, runner.prefill(), group)
-            while any(not r.done for r in group):
-                for r in group:
-                    if not r.done and r.should_stop is not None and r.should_stop():
-                        yield r, r.finish("cancelled")
-                        yield r, None
+            inflight, ahead = None, 0  # the queued chunk and how many steps it holds
+            while True:
+                yield from self._cancel_requested(group)
                 live = [r for r in group if not r.done]
                 if not live:
                     break
-                runner.maybe_compact()
-                k = min(self.chunk, max(r.remaining() for r in live))
-                yield from self._consume(runner, runner.decode(k), group)
+                if inflight is None:
+                    runner.maybe_compact()
+                    ahead = min(self.chunk, max(r.remaining() for r in live))
+                    inflight = runner.decode(ahead)
+                left = max(r.remaining() for r in live) - ahead
+                queued = None
+                if runner.pipelined and left > 0 and not runner.wants_compaction():
+                    queued_k = min(self.chunk, left)
+                    queued = runner.decode(queued_k)
+                yield from self._consume(runner, inflight.tokens(), group)
+                inflight, ahead = (queued, queued_k) if queued is not None else (None, 0)
         finally:
             runner.close()
+
+    def _cancel_requested(self, group):
+        for r in group:
+            if not r.done and r.should_stop is not None and r.should_stop():
+                yield r, r.finish("cancelled")
+                yield r, None
 
     def _consume(self, runner, tokens, group):
         """Feed a chunk of sampled ids (K, B) row by row, token by token; yield text and finishes."""
@@ -697,7 +748,7 @@ class Engine:
         torch.cuda.synchronize(self.device)
         return graph
 
-    def warmup(self, batch_sizes=(1,), max_len=None, n_cands=(0, TOPK_CANDIDATES)):
+    def warmup(self, batch_sizes=(1,), max_len=None, n_cands=(0, -1, TOPK_CANDIDATES)):
         """Capture the CUDA graphs a server will need up front (no-op unless mode is graphs)."""
         if self.mode != "graphs":
             return 0
@@ -712,6 +763,8 @@ class Engine:
 
 class _EagerRunner:
     """A group decoded with the KVCache eager mode: exact batch size, cache of W + max_new - 1 slots."""
+
+    pipelined = False
 
     def __init__(self, engine, group):
         self.engine = engine
@@ -731,30 +784,37 @@ class _EagerRunner:
         b = self.batch
         b.seen.zero_()
         b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1)
-        logits, _ = self.engine.forward(idx, kv_cache=b.cache)
+        b.set_uniforms(self.rows, 1, draw=self.n_cand != 0)
+        logits, _ = self.engine.forward(idx, kv_cache=b.cache)  # (B, W, V')
         _record(b, logits[:, -1], self.n_cand)
         return b.out[:1].tolist()
 
     @torch.no_grad()
     def decode(self, k):
+        """Run k steps; returns their ids (a _Fetched)."""
         b = self.batch
-        b.set_uniforms(self.rows, k)
+        b.set_uniforms(self.rows, k, draw=self.n_cand != 0)
         for _ in range(k):
             _decode_step(self.engine.forward, b, b.cache, False, self.n_cand)
-        return b.out[:k].tolist()
+        return b.fetch(k)
+
+    def wants_compaction(self):
+        live = sum(not r.done for r in self.rows)
+        return 0 < live <= self.batch.B // 2
 
     @torch.no_grad()
     def maybe_compact(self):
         """Drop finished rows once at most half the batch is still running."""
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        if not keep or len(keep) > self.batch.B // 2:
+        if not self.wants_compaction():
             return
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
         old, idx = self.batch, torch.tensor(keep, device=self.engine.device)
         new = copy.copy(old)
         for name in ("tok", "pad", "seen", "temperature", "greedy", "top_k", "top_p", "penalty"):
             setattr(new, name, getattr(old, name).index_select(0, idx))
         new.u, new.out = old.u[:, :len(keep)].clone(), old.out[:, :len(keep)].clone()
+        if old.host_out is not None:
+            new.host_out = old.host_out[:, :, :len(keep)].clone().pin_memory()
         new.B = len(keep)
         new.cache = copy.copy(old.cache)
         new.cache.k = old.cache.k.index_select(1, idx)  # (n_layer, B', H, L, D)
@@ -796,18 +856,25 @@ class _StaticRunner:
         idx = _left_padded([r for r in self.rows if r is not None], self.width, b.B, e.device)  # (B, W)
         b.seen.zero_()
         b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1)
+        b.set_uniforms(self.rows, 1, draw=self.n_cand != 0)
         input_pos = torch.arange(self.width, device=e.device)
         logits, _ = e.model(idx, kv_cache=b.view(self.length), input_pos=input_pos)  # (B, W, V')
         b.pos.fill_(self.width)
         _record(b, logits[:, -1], self.n_cand)
         return b.out[:1].tolist()
 
+    @property
+    def pipelined(self):
+        return self.engine.pipeline
+
     @torch.no_grad()
     def decode(self, k):
-        """k steps; a step writes slot self.pos, so it needs a cache of at least self.pos + 1 slots."""
+        """Queue k steps (no host sync); returns their ids as a _Fetched.
+
+        A step writes slot self.pos, so it needs a cache of at least self.pos + 1 slots.
+        """
         e, b = self.engine, self.batch
-        b.set_uniforms(self.rows, k)
+        b.set_uniforms(self.rows, k, draw=self.n_cand != 0)
         for _ in range(k):
             length = e.cache_len(self.pos + 1)
             if length != self.length:  # next bucket: move the filled slots to its layout
@@ -815,14 +882,18 @@ class _StaticRunner:
                 self.length = length
             e.step(b, length, self.n_cand)
             self.pos += 1
-        return b.out[:k].tolist()  # the one host sync of the chunk
+        return b.fetch(k)
+
+    def wants_compaction(self):
+        live = sum(r is not None and not r.done for r in self.rows)
+        return live > 0 and _pow2_at_least(live) < self.batch.B
 
     @torch.no_grad()
     def maybe_compact(self):
         """Move running rows to a smaller slot once at most half of this one is busy."""
-        keep = [i for i, r in enumerate(self.rows) if r is not None and not r.done]
-        if not keep or _pow2_at_least(len(keep)) >= self.batch.B:
+        if not self.wants_compaction():
             return
+        keep = [i for i, r in enumerate(self.rows) if r is not None and not r.done]
         old = self.batch
         new = self._take_slot(len(keep), self.pos)
         idx = torch.tensor(keep, device=self.engine.device)

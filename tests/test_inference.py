@@ -163,7 +163,7 @@ def test_seed_reproducible_in_batch_and_static_mode(model):
     kw = dict(max_new_tokens=25, temperature=0.9, top_p=0.9, repetition_penalty=1.2, seed=7, raw=True)
     alone = [inf.generate_text(model, p, **kw)["token_ids"] for p in PROMPTS]
     batch = [r["token_ids"] for r in inf.generate_batch(model, PROMPTS, **kw)]
-    inf.configure_engine(model, mode="static", chunk=3, bucket=16)
+    inf.configure_engine(model, mode="static", chunk=3, bucket=16, pipeline=True)
     static = [r["token_ids"] for r in inf.generate_batch(model, PROMPTS, **kw)]
     assert batch == alone and static == alone
 
@@ -171,9 +171,14 @@ def test_seed_reproducible_in_batch_and_static_mode(model):
 # ---------------------------------------------------------------- batching
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_batch_equals_single_greedy(model, mode):
-    inf.configure_engine(model, mode=mode, chunk=4, bucket=16)
+ENGINES = pytest.mark.parametrize("engine", [dict(mode="eager"), dict(mode="static", chunk=4, bucket=16),
+                                             dict(mode="static", chunk=3, bucket=16, pipeline=True)],
+                                    ids=["eager", "static", "static-pipelined"])
+
+
+@ENGINES
+def test_batch_equals_single_greedy(model, engine):
+    inf.configure_engine(model, **engine)
     single = [inf.generate_text(model, p, max_new_tokens=30, temperature=0, raw=True) for p in PROMPTS]
     batch = inf.generate_batch(model, PROMPTS, max_new_tokens=30, temperature=0, raw=True)
     for s, b in zip(single, batch):
@@ -181,10 +186,10 @@ def test_batch_equals_single_greedy(model, mode):
         assert b["prompt_tokens"] == s["prompt_tokens"] and b["finish_reason"] == s["finish_reason"]
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_batch_per_row_params_and_early_finish(model, mode):
+@ENGINES
+def test_batch_per_row_params_and_early_finish(model, engine):
     """Rows end at different steps (the batch shrinks); each still equals its own single run."""
-    inf.configure_engine(model, mode=mode, chunk=4, bucket=16)
+    inf.configure_engine(model, **engine)
     max_new = [24, 3, 11, 6]
     temps = [0, 0.8, 0, 1.1]
     batch = inf.generate_batch(model, PROMPTS, max_new_tokens=max_new, temperature=temps, seed=3, raw=True)

@@ -46,6 +46,8 @@ class ScriptedLM(nn.Module):
 
 def scripted(text, prompt="Q", mode="eager", **engine):
     model = ScriptedLM(len(encode(prompt)), encode(text))
+    if mode == "pipelined":  # static mode, next chunk queued before the current one is read
+        mode, engine = "static", dict(engine, pipeline=True)
     inf.configure_engine(model, mode=mode, **engine)
     return model
 
@@ -64,7 +66,7 @@ def token_texts(text):
     return [enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in encode(text)]
 
 
-MODES = pytest.mark.parametrize("mode", ["eager", "static"])
+MODES = pytest.mark.parametrize("mode", ["eager", "static", "pipelined"])
 
 
 # ---------------------------------------------------------------- StopFilter and the UTF-8 decoder

@@ -1,0 +1,271 @@
+"""
+Generation speed: inference.py (ours) against transformers' GPT2LMHeadModel.generate on the same
+weights, device and prompts, in one run. Greedy, a --prompt-len token prompt per row (32 by
+default), --n-new tokens per row (end-of-text ignored, so every row decodes all of them).
+
+    python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32
+    python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
+    python bench/generate.py --device cpu --batch-sizes 1,8 --n-new 32             # CPU, a few minutes
+    python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
+
+Ours is run once per decode mode in --modes (CUDA default: "graphs" = CUDA-graph decode steps and
+"graphs+compile" = the same with torch.compile; elsewhere "eager"), each after a warm-up run of
+the same shape (graph capture and compilation happen there). Numbers are the best of --repeats.
+prefill tok/s = rows x prompt tokens / time to the first token; decode tok/s = rows x (n_new - 1)
+/ time from the first token to the last, i.e. aggregate over the batch. transformers: prefill
+from generate(max_new_tokens=1), decode from the difference to the full run.
+Also checks that ours and transformers produce the same greedy tokens (row 0).
+Prints a table; the last line is JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import inference  # noqa: E402
+from common import UserError, pick_device, pick_dtype, run_cli  # noqa: E402
+from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
+from tokenizer import encode  # noqa: E402
+
+# single-token words (a leading space each): prompts of an exact token count
+WORDS = [" the", " of", " and", " to", " in", " is", " was", " that", " for", " on", " with", " as", " by",
+         " at", " from", " his", " her", " they", " we", " you", " it", " not", " but", " or", " an", " be",
+         " this", " which", " have", " one", " all", " had", " were", " there", " been", " more", " when",
+         " time", " who", " will", " would", " said", " what", " about", " out", " up", " into", " new"]
+TARGETS = {"cuda_batch1_decode_tok_s": 2000, "cuda_batch32_decode_tok_s": 30000, "cpu_batch1_vs_hf": 2.0}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="weights to load (default: random GPT-2 124M)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--hf-dtype", default=None, help="transformers' dtype if different (e.g. float32)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    p.add_argument("--n-new", type=int, default=None, help="new tokens per row (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--modes", default=None, help="ours' decode modes, comma-separated: eager, static, graphs, "
+                                                 "graphs+compile (default: graphs,graphs+compile on CUDA, else eager)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError("--batch-sizes needs positive integers")
+    if args.prompt_len < 1 or (args.n_new is not None and args.n_new < 2):
+        raise UserError("--prompt-len must be >= 1 and --n-new >= 2")
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_models(args, device, dtype):
+    """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
+    quantize = None if args.quantize == "none" else args.quantize
+    if args.ckpt:
+        ours, info = inference.load_model_from_checkpoint(args.ckpt, device="cpu", dtype="float32")
+        name = info["model"]
+    else:
+        torch.manual_seed(args.seed)
+        ours = GPT(GPTConfig()).eval().requires_grad_(False)  # GPT-2 124M shapes, vocab padded to 50304
+        name = "random GPT-2 124M"
+    hf = None if args.no_hf else build_hf(ours, device, pick_dtype(args.hf_dtype, device) if args.hf_dtype else dtype)
+    ours.to(device=device, dtype=dtype)
+    if quantize:
+        if device.type != "cpu" or dtype != torch.float32:
+            raise UserError("--quantize int8 needs --device cpu and float32")
+        inference.quantize_int8(ours)
+    return ours, hf, name
+
+
+def build_hf(ours, device, dtype):
+    import transformers
+
+    cfg = ours.config
+    hf_cfg = transformers.GPT2Config(vocab_size=GPT2_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(ours_to_hf(ours.state_dict(), GPT2_VOCAB), strict=False)
+    assert not unexpected and all(k.endswith(("lm_head.weight", "attn.bias", "attn.masked_bias")) for k in missing)
+    hf.tie_weights()
+    return hf.eval().to(device=device, dtype=dtype)
+
+
+def make_prompts(n, length, seed):
+    rng = random.Random(seed)
+    prompts = ["".join(rng.choice(WORDS) for _ in range(length)) for _ in range(n)]
+    assert all(len(encode(p)) == length for p in prompts)
+    return prompts
+
+
+def time_ours(model, prompts, n_new, repeats):
+    """Best (prefill_s, decode_s, token ids of row 0) over `repeats` runs after one warm-up run."""
+    params = dict(max_new_tokens=n_new, temperature=0, raw=True, ignore_eos=True)
+    inference.generate_batch(model, prompts, **params)  # warm-up: graph capture / compilation
+    best = None
+    for _ in range(repeats):
+        results = inference.generate_batch(model, prompts, **params)
+        prefill = max(r["timings"]["prefill_ms"] for r in results) / 1e3
+        decode = max(r["timings"]["decode_ms"] for r in results) / 1e3
+        assert all(r["completion_tokens"] == n_new for r in results)
+        if best is None or prefill + decode < best[0] + best[1]:
+            best = (prefill, decode, results[0]["token_ids"])
+    return best
+
+
+def time_hf(hf, prompts, n_new, repeats, device):
+    ids = torch.tensor([encode(p) for p in prompts], device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=GPT2_VOCAB - 1)
+        sync(device)
+        return time.perf_counter() - t, out[0, ids.size(1):].tolist()
+
+    run(2)  # warm-up
+    first = min(run(1)[0] for _ in range(repeats))
+    full, tokens = min((run(n_new) for _ in range(repeats)), key=lambda x: x[0])
+    return first, max(full - first, 1e-9), tokens
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def run_config(impl, mode, fn, B, prompt_len, n_new):
+    try:
+        prefill, decode, tokens = fn()
+    except Exception as e:  # one configuration failing (OOM, capture) must not hide the others
+        if not is_oom(e) and not isinstance(e, RuntimeError):
+            raise
+        return {"impl": impl, "mode": mode, "batch": B, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}, None
+    return {"impl": impl, "mode": mode, "batch": B,
+            "prefill_tok_s": round(B * prompt_len / prefill, 1), "decode_tok_s": round(B * (n_new - 1) / decode, 1),
+            "prefill_ms": round(prefill * 1e3, 2), "decode_ms_per_step": round(decode / (n_new - 1) * 1e3, 3)}, tokens
+
+
+def print_table(rows):
+    head = f"{'impl':<13}{'mode':<16}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>10}{'vs hf':>8}"
+    print(head)
+    print("-" * len(head))
+    hf = {r["batch"]: r.get("decode_tok_s") for r in rows if r["impl"] == "transformers"}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:<13}{r['mode']:<16}{r['batch']:>6}  {r['error']}")
+            continue
+        ratio = r["decode_tok_s"] / hf[r["batch"]] if hf.get(r["batch"]) else None
+        r["decode_vs_hf"] = round(ratio, 2) if ratio else None
+        print(f"{r['impl']:<13}{r['mode']:<16}{r['batch']:>6}{r['prefill_tok_s']:>15,.0f}{r['decode_tok_s']:>14,.1f}"
+              f"{r['decode_ms_per_step']:>10.2f}{(f'{ratio:.1f}x' if ratio else ''):>8}")
+
+
+def check_targets(rows, device):
+    ours = [r for r in rows if r["impl"] == "ours" and "error" not in r]
+    best = {}
+    for r in ours:
+        best[r["batch"]] = max(best.get(r["batch"], 0), r["decode_tok_s"])
+    out = {}
+    if device.type == "cuda":
+        if 1 in best:
+            out["cuda_batch1_decode"] = {"got": best[1], "target": TARGETS["cuda_batch1_decode_tok_s"],
+                                         "met": best[1] >= TARGETS["cuda_batch1_decode_tok_s"]}
+        if 32 in best:
+            out["cuda_batch32_decode"] = {"got": best[32], "target": TARGETS["cuda_batch32_decode_tok_s"],
+                                          "met": best[32] >= TARGETS["cuda_batch32_decode_tok_s"]}
+    hf1 = next((r["decode_tok_s"] for r in rows if r["impl"] == "transformers" and r["batch"] == 1
+                and "error" not in r), None)
+    if device.type == "cpu" and 1 in best and hf1:
+        out["cpu_batch1_vs_hf"] = {"got": round(best[1] / hf1, 2), "target": TARGETS["cpu_batch1_vs_hf"],
+                                   "met": best[1] / hf1 >= TARGETS["cpu_batch1_vs_hf"]}
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    n_new = args.n_new or (256 if device.type == "cuda" else 32)
+    modes = (args.modes or ("graphs,graphs+compile" if device.type == "cuda" else "eager")).split(",")
+    ours, hf, name = build_models(args, device, dtype)
+    if args.prompt_len + n_new > ours.config.block_size:
+        raise UserError(f"--prompt-len + --n-new must be <= block_size {ours.config.block_size}")
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
+                                                                           f"{torch.get_num_threads()} threads"
+    print(f"model: {name}; device: {device} ({hw}); dtype: {dtype}; quantize: {args.quantize}; "
+          f"prompt {args.prompt_len} tokens, {n_new} new, greedy; torch {torch.__version__}")
+    rows, agree = [], {}
+    for B in args.batch_sizes:
+        prompts = make_prompts(B, args.prompt_len, args.seed)
+        hf_tokens = None
+        if hf is not None:
+            row, hf_tokens = run_config("transformers", "generate", lambda: time_hf(hf, prompts, n_new, args.repeats, device),
+                                        B, args.prompt_len, n_new)
+            rows.append(row)
+        for mode in modes:
+            base, _, compiled = mode.partition("+")
+            inference.configure_engine(ours, mode=base, compile=bool(compiled))
+            row, tokens = run_config("ours", mode, lambda: time_ours(ours, prompts, n_new, args.repeats),
+                                     B, args.prompt_len, n_new)
+            row["engine_notes"] = inference.get_engine(ours).notes[:]
+            rows.append(row)
+            if tokens is not None and hf_tokens is not None:
+                agree[f"{mode}/b{B}"] = common_prefix(tokens, hf_tokens)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print_table(rows)
+    print(f"\ngreedy tokens shared with transformers (row 0, of {n_new}): {agree}")
+    targets = check_targets(rows, device)
+    for key, t in targets.items():
+        print(f"target {key}: {t['got']:,} vs {t['target']:,} -> {'met' if t['met'] else 'NOT met'}")
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    print(json.dumps({"bench": "generate", "model": name, "device": str(device), "hardware": hw,
+                      "dtype": str(dtype).replace("torch.", ""), "quantize": args.quantize, "n_new": n_new,
+                      "prompt_len": args.prompt_len, "torch": torch.__version__, "transformers": hf_version,
+                      "threads": torch.get_num_threads(), "results": rows, "greedy_prefix_match": agree,
+                      "targets": targets}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
