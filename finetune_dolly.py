@@ -24,10 +24,10 @@ Batches: padded, not packed. Each row of a micro-batch is one whole example (pro
 next token is a prompt token. Why not packing: several examples in one row would attend to each
 other (our SDPA path has no document masking), which makes the loss and the gradients depend on
 which neighbours an example happens to get; padding is exact. Padding is cheap here because
-examples are short (Dolly and the shared set: median ~135 tokens, 95% under ~240) and each
-micro-batch is padded only to its own longest row: every epoch is a seeded shuffle (generator
-(seed, epoch)) cut into steps of --examples-per-step examples, and within each step the examples
-are sorted by length, so micro-batches hold similar lengths while the set of examples in a step
+examples are short (the shared wiki-instructions set: median 134 tokens, 95% under 240, at most
+505) and each micro-batch is padded only to its own longest row: every epoch is a seeded shuffle
+(generator (seed, epoch)) cut into steps of --examples-per-step examples, and within each step the
+examples are sorted by length, so micro-batches hold similar lengths while the set of examples in a step
 stays a uniform random draw (no length bias across steps; sorting across steps would make some
 steps all-short). Rounding lengths to a multiple of 64 keeps matmul shapes tensor-core friendly
 and bounds torch.compile to a few shapes (dynamo marks the length dynamic after the second one);
@@ -80,9 +80,9 @@ import torch
 
 from checkpoint import load_checkpoint
 from checkpoint import save_checkpoint as write_checkpoint
-from common import UserError, run_cli, setup_distributed, teardown_distributed
+from common import UserError, atomic_path, run_cli, setup_distributed, teardown_distributed
 from lora import (ADAPTER_NAME, DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, has_lora,
-                  merged_state_dict, parse_targets, save_adapter, training_state_bytes)
+                  merged_state_dict, parse_targets, save_adapter)
 from model import GPT, PRETRAINED_CONFIGS, GPTConfig
 from prepare_dolly import load_split
 from prompt import PREAMBLE, TEMPLATE_VERSION, format_prompt
@@ -405,10 +405,31 @@ class SFTTrainer(Trainer):
         self._print(record)
         self._write_log(record)
 
+    def _truncate_samples(self):
+        """On resume: drop answers logged past the checkpoint's step (by the interrupted run)."""
+        path = os.path.join(self.cfg.out_dir, "samples.jsonl")
+        if not self.is_main or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+        if len(keep) != len(lines):
+            with atomic_path(path) as tmp:
+                with open(tmp, "w") as f:
+                    f.writelines(keep)
+
     def fit(self):
         self._tokens_mark = self.train_data.state_dict().get("tokens_seen")
         if self.is_main:
             os.makedirs(self.cfg.out_dir, exist_ok=True)
+        if self.step > 0:
+            self._truncate_samples()
         if self.step == 0 and self.cfg.eval_interval > 0:
             self._evaluate_initial()
         metrics = super().fit()
@@ -470,7 +491,7 @@ def build_parser():
     length.add_argument("--epochs", type=float, default=3, help="passes over the training examples")
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
     o.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warmup (default: {WARMUP_FRACTION:.0%} of the steps)")
+                   help=f"linear warmup (default: {100 * WARMUP_FRACTION:g}%% of the steps)")
     o.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: {DEFAULT_LR:g}; with LoRA {DEFAULT_LORA_LR:g})")
     o.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
@@ -604,10 +625,9 @@ def _run(args, dist, resume_ckpt, lora_cfg):
     else:
         base = args.init_from if args.init_from in PRETRAINED_CONFIGS else os.path.abspath(args.init_from)
         model = load_initial_model(args.init_from, args.dropout)
-        full_bytes = training_state_bytes(model)["bytes"]
         if lora_cfg is not None:
             apply_lora(model, lora_cfg)
-        say(describe_memory(model, full_bytes if lora_cfg is not None else None))
+    say(describe_memory(model))
     seq_len = args.block_size or model.config.block_size
     if seq_len > model.config.block_size:
         raise UserError(f"--block-size {seq_len} exceeds the model's block size {model.config.block_size}")

@@ -317,14 +317,20 @@ def count_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def training_state_bytes(model):
+def training_state_bytes(model, full=False):
     """Bytes of gradients and AdamW moments that training this model keeps (from its trainable params).
 
+    full=True: as if every parameter but the adapters were trained (full fine-tuning of the same model).
     {"trainable", "total", "grad_bytes", "optimizer_bytes", "bytes"}: grads have the params' dtype,
     AdamW keeps exp_avg and exp_avg_sq in fp32 (plus a scalar step per tensor).
     """
     trainable, total = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if full:
+        adapters = {id(m.lora_A) for _, m in lora_modules(model)} | {id(m.lora_B) for _, m in lora_modules(model)}
+        params = [p for p in model.parameters() if id(p) not in adapters]
+        trainable = sum(p.numel() for p in params)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     grad = sum(p.numel() * p.element_size() for p in params)
     opt = sum(ADAM_STATES_PER_PARAM * p.numel() * 4 + 4 for p in params)
     return {"trainable": trainable, "total": total, "grad_bytes": grad, "optimizer_bytes": opt, "bytes": grad + opt}
@@ -346,13 +352,14 @@ def measure_training_state_bytes(model, seq_len=16):
     return {"grad_bytes": grad, "optimizer_bytes": state, "bytes": grad + state}
 
 
-def describe_memory(model, full_bytes=None):
-    """One line for the start of a run: trainable parameters and the gradient + AdamW memory."""
-    s = training_state_bytes(model)
+def describe_memory(model):
+    """One line for the start of a run: trainable parameters and the gradient + AdamW memory (vs full)."""
+    s, full = training_state_bytes(model), training_state_bytes(model, full=True)["bytes"]
     line = (f"trainable parameters {s['trainable'] / 1e6:.2f}M of {s['total'] / 1e6:.2f}M "
             f"({100 * s['trainable'] / max(s['total'], 1):.2f}%); gradients + AdamW state {_mb(s['bytes'])}")
-    if full_bytes is not None and full_bytes > s["bytes"]:
-        line += f" (full fine-tuning: {_mb(full_bytes)}; saves {_mb(full_bytes - s['bytes'])})"
+    if full > s["bytes"]:
+        line += (f" instead of {_mb(full)} for full fine-tuning: LoRA saves {_mb(full - s['bytes'])} "
+                 f"(activations are not reduced)")
     return line
 
 

@@ -216,13 +216,13 @@ def test_ranks_take_disjoint_parts_of_the_same_step(data80):
 def test_finetune_lowers_val_loss_and_keeps_the_best(data300, tiny_ckpt, tmp_path):
     out = tmp_path / "run"
     metrics = finetune(data300, out, tiny_ckpt, "--block-size", "128", "--batch-size", "4", "--examples-per-step",
-                       "4", "--max-steps", "8", "--lr", "3e-2", "--eval-interval", "4", "--sample-count", "2",
+                       "4", "--max-steps", "6", "--lr", "3e-2", "--eval-interval", "3", "--sample-count", "2",
                        "--sample-tokens", "6", "--sample-prompt", "Name a colour.", "--plot")
     log = read_log(out)
     vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
-    assert sorted(vals) == [0, 4, 8]
-    assert vals[4] < vals[0] - 0.5 and vals[8] < vals[4]  # a random-init model learns the responses' tokens
-    assert metrics["best_val_loss"] == min(vals[4], vals[8]) and metrics["initial_val_loss"] == vals[0]
+    assert sorted(vals) == [0, 3, 6]
+    assert vals[3] < vals[0] - 0.5 and vals[6] < vals[3]  # a random-init model learns the responses' tokens
+    assert metrics["best_val_loss"] == min(vals[3], vals[6]) and metrics["initial_val_loss"] == vals[0]
     assert all(r["tokens_per_sec"] > 0 and "epoch" in r for r in log if "train_loss" in r)
 
     best = load_checkpoint(out / "ckpt.pt")
@@ -230,17 +230,18 @@ def test_finetune_lowers_val_loss_and_keeps_the_best(data300, tiny_ckpt, tmp_pat
     assert best["metrics"]["best_val_loss"] == metrics["best_val_loss"]
     model_from_checkpoint(best)  # what inference.py does with --ckpt OUT_DIR
     last = load_checkpoint(out / "last.pt")
-    assert last["kind"] == "sft" and last["step"] == 8 and last["optimizer"]
-    assert last["train_state"]["data"]["position"] == 32
+    assert last["kind"] == "sft" and last["step"] == 6 and last["optimizer"]
+    assert last["train_state"]["data"]["position"] == 24
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
-    assert [s["step"] for s in samples] == [0] * 3 + [4] * 3 + [8] * 3
+    assert [s["step"] for s in samples] == [0] * 3 + [3] * 3 + [6] * 3
     assert all(s["text"].startswith("### Instruction:\n") and "### Response:\n" in s["text"] for s in samples)
     assert any("Name a colour." in s["text"] for s in samples)
     assert os.path.isfile(out / "loss.png") and not os.path.exists(out / "adapter.pt")
 
 
 RESUME = ["--block-size", "128", "--batch-size", "1", "--examples-per-step", "2", "--max-steps", "6",
-          "--eval-interval", "3", "--ckpt-interval", "4", "--lr", "2e-3", "--sample-tokens", "0", "--eval-examples", "2"]
+          "--eval-interval", "3", "--ckpt-interval", "4", "--lr", "2e-3", "--sample-tokens", "2", "--sample-count", "1",
+          "--eval-examples", "2"]
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -251,6 +252,9 @@ def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
     finetune(data24, straight, tiny_ckpt, *RESUME, *extra)
     first = finetune(data24, split, tiny_ckpt, *RESUME, *extra, "--stop-at-step", "5")
     assert first["stopped"] and load_checkpoint(split / "last.pt")["step"] == 5
+    for name, line in (("log.jsonl", {"step": 6, "train_loss": 1.0}), ("samples.jsonl", {"step": 6, "text": "x"})):
+        with open(split / name, "a") as f:  # as if the run had gone on past its checkpoint, then crashed
+            f.write(json.dumps(line) + "\n")
     finetune(data24, split, "resume", "--device", "cpu", "--no-compile")  # every other flag from last.pt
 
     la, lb = read_log(straight), read_log(split)
@@ -267,6 +271,8 @@ def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
         assert wa["step"] == wb["step"] and wa["model"].keys() == wb["model"].keys()
         for key in wa["model"]:
             assert torch.equal(wa["model"][key], wb["model"][key]), (name, key)
+    sa, sb = ([json.loads(line) for line in open(d / "samples.jsonl")] for d in (straight, split))
+    assert sa == sb and [s["step"] for s in sa] == [0, 3, 6]
     da, db = (load_checkpoint(d / "last.pt")["train_state"]["data"] for d in (straight, split))
     assert da == db and da["epoch"] == 1  # 4 steps an epoch: the run crossed into the second
 

@@ -153,3 +153,4 @@ def test_training_memory_counts_match_a_real_step():
     computed_l, measured_l = training_state_bytes(lora), measure_training_state_bytes(lora)
     assert computed_l["bytes"] == measured_l["bytes"]
     assert measured_l["bytes"] * 10 < measured["bytes"]  # grads + AdamW moments only for the adapters
+    assert training_state_bytes(lora, full=True)["bytes"] == computed["bytes"]  # what full fine-tuning would keep
