@@ -350,3 +350,24 @@ def test_bad_flags_are_user_errors(shards, tmp_path):
         train(shards, tmp_path, "--max-steps", "1", "--dtype", "float16")
     with pytest.raises(UserError, match="no train shards"):
         train(str(tmp_path), tmp_path / "o", "--max-steps", "1")
+
+
+def test_compiled_training_evaluates_and_samples(shards, tmp_path):
+    """--compile: the step and val loss run compiled; HellaSwag and KV-cache sampling run on raw_model.
+
+    aot_eager keeps the test quick on CPU; it goes through dynamo and AOTAutograd like inductor does.
+    """
+    flags = ["--max-steps", "4", "--eval-interval", "2", "--ckpt-interval", "0", "--sample-tokens", "4",
+             "--hellaswag", os.path.join(SHARED_DATA, "hellaswag_val.jsonl.xz"), "--hellaswag-limit", "4"]
+    train(shards, tmp_path / "eager", *flags)
+    metrics = train(shards, tmp_path / "compiled", *flags, "--compile", "--compile-backend", "aot_eager")
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    for a, b in zip(eager, compiled):
+        for key in ("train_loss", "val_loss", "hellaswag_acc"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+    assert metrics["val_loss"] == pytest.approx(compiled[-1]["val_loss"])
+    samples = [json.loads(line) for line in open(tmp_path / "compiled" / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    ckpt = load_checkpoint(tmp_path / "compiled" / "ckpt.pt")
+    assert not any("_orig_mod" in k for k in ckpt["model"])
