@@ -973,23 +973,17 @@ def _is_per_row_stop(value, n):
 
 
 def stream_batch(model, prompts, should_stop=None, **params):
-    """Generate for several prompts at once; yields events as text becomes safe to show.
+    """Generate for several prompts at once; returns an iterator of events as text becomes safe to show.
 
     Each parameter (see PARAM_RANGES) is one value for all rows or a list with one per prompt
     (for stop: a list of per-row lists). should_stop: a callable, or one per prompt, polled every
     chunk; when it returns True that row ends with finish_reason "cancelled".
     Events: {"index": i, "text": piece} then, once per row, {"index": i, "done": True, **result}.
+    Every parameter is checked here, before any work: a ParamError (ValueError) at the call.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ParamError("prompts", "prompts must be a list of strings")
-    requests = _make_requests(model, prompts, params, should_stop)
-    if not requests:
-        return
-    for r, piece in get_engine(model).run(requests):
-        if piece is None:
-            yield {"index": r.index, "done": True, **r.result()}
-        else:
-            yield {"index": r.index, "text": piece}
+    return _events(model, _make_requests(model, prompts, params, should_stop))
 
 
 def generate_batch(model, prompts, should_stop=None, **params):
@@ -1005,24 +999,15 @@ def generate_batch(model, prompts, should_stop=None, **params):
 
 
 def stream_text(model, prompt, should_stop=None, **params):
-    """Yield the generated text in pieces, never a broken UTF-8 character nor any part of a stop string.
-
-    Parameters as generate_text. Validation happens before the first piece (ValueError / ParamError).
-    """
-    for event in _stream_one(model, prompt, should_stop, params):
-        if "text" in event and not event.get("done"):
-            yield event["text"]
-
-
-def _stream_one(model, prompt, should_stop, params):
-    # validate eagerly (before the generator's first next()), so errors surface at the call
-    requests = _make_requests(model, [prompt], params, should_stop)
-    return _events(model, requests)
+    """An iterator of the generated text in pieces: never a broken UTF-8 character, never any part
+    of a stop string. Parameters as generate_text; they are checked at the call (ParamError)."""
+    events = _events(model, _make_requests(model, [prompt], params, should_stop))
+    return (event["text"] for event in events if not event.get("done"))
 
 
 def _events(model, requests):
     for r, piece in get_engine(model).run(requests):
-        yield {"index": 0, "done": True, **r.result()} if piece is None else {"index": 0, "text": piece}
+        yield {"index": r.index, "done": True, **r.result()} if piece is None else {"index": r.index, "text": piece}
 
 
 def generate_text(model, prompt, max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0,
@@ -1036,7 +1021,7 @@ def generate_text(model, prompt, max_new_tokens=128, temperature=0.8, top_k=50, 
     params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, stop=stop, seed=seed, raw=raw, ignore_eos=ignore_eos)
     result = None
-    for event in _stream_one(model, prompt, should_stop, params):
+    for event in _events(model, _make_requests(model, [prompt], params, should_stop)):
         if event.get("done"):
             result = {k: v for k, v in event.items() if k not in ("index", "done")}
     return result
@@ -1195,9 +1180,8 @@ def main(argv=None):
                                              decode_mode=args.decode_mode)
     try:
         if args.stream:
-            events = _stream_one(model, prompt, None, params)
             result = None
-            for event in events:
+            for event in stream_batch(model, [prompt], **params):
                 if event.get("done"):
                     result = event
                 else:

@@ -312,6 +312,14 @@ def test_invalid_parameter_is_a_clear_value_error(model, name, value):
         inf.validate_params(**{name: value})
 
 
+def test_streaming_calls_validate_before_the_first_piece(model):
+    with pytest.raises(inf.ParamError, match="temperature"):
+        inf.stream_text(model, "hi", temperature=-1)  # raised at the call, not at next()
+    with pytest.raises(inf.ParamError, match="top_p"):
+        inf.stream_batch(model, ["a", "b"], top_p=[0.5, 7], max_new_tokens=5, raw=True)
+    assert list(inf.stream_batch(model, [])) == []
+
+
 def test_validate_params_normalizes_and_rejects_unknown():
     p = inf.validate_params(stop="###", max_new_tokens=64.0, temperature=0)
     assert p["stop"] == ("###",) and p["max_new_tokens"] == 64 and isinstance(p["max_new_tokens"], int)
