@@ -780,13 +780,14 @@
     }
     const chat = currentChat();
     if (!chat || !chat.messages.length) return;
-    if (chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
+    const previous = chat.messages[chat.messages.length - 1].role === "assistant" ? chat.messages.pop() : null;
     if (!chat.messages.length) return;
     renderMessages();
-    generateReply(chat);
+    generateReply(chat, previous);
   }
 
-  async function generateReply(chat) {
+  /** Stream the answer to the conversation's last message; `previous` comes back if this one fails empty. */
+  async function generateReply(chat, previous = null) {
     hideBanner();
     const { url, body } = buildRequest(chat.messages);
     const message = { id: newId(), role: "assistant", content: "", meta: { streaming: true, raw: !!body.raw } };
@@ -829,7 +830,9 @@
       if (message.meta.completion_tokens == null && pieces) message.meta.completion_tokens = pieces;
       if (firstTokenAt != null) message.meta.ms = Math.max(1, performance.now() - firstTokenAt);
       if (!message.content && (message.meta.error || message.meta.stopped)) {
-        chat.messages = chat.messages.filter((m) => m !== message); // nothing to keep
+        // Nothing to keep: drop the empty answer, and give back the one a regenerate replaced.
+        chat.messages = chat.messages.filter((m) => m !== message);
+        if (previous) chat.messages.push(previous);
       }
       chat.updated = Date.now();
       setBusy(null);

@@ -455,6 +455,15 @@ def test_error_banners_say_what_to_do(browser, server):
     assert url.endswith("/v1/chat/completions") and headers.get("authorization") == "Bearer s3cret"
     assert not page.locator("#banner").is_visible()
     assert page.locator(".msg.assistant").count() == 1
+    # A regenerate that fails gives the previous answer back.
+    answer = browser.answers()
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "5", "Content-Type": "application/json"},
+        body=json.dumps({"error": {"type": "rate_limit_exceeded", "message": "2 per 1 minute", "param": None}})))
+    page.click(".msg.assistant .action-regenerate")
+    browser.wait_idle()
+    assert "try again in" in page.text_content("#banner").lower()
+    assert browser.answers() == answer
 
 
 def test_sse_parser_survives_any_chunk_boundary(browser, server):
