@@ -25,7 +25,7 @@ def book_tokens(n_chars=60_000):
 
 @pytest.fixture(scope="module")
 def trained():
-    """(fp32 model, held-out (x, y)): 15 AdamW steps on a public-domain book (loss 10.8 -> about 7)."""
+    """(fp32 model, held-out (x, y)): 12 AdamW steps on a public-domain book (val loss 10.8 -> about 7.8)."""
     if not os.path.exists(CORPUS):
         pytest.skip("shared corpus not available")
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def trained():
     model = GPT(tiny_config(block_size=T, n_layer=2, n_head=4, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(15):
+    for _ in range(12):
         ix = torch.randint(0, len(train) - T - 1, (8,), generator=g)
         x = torch.stack([train[i:i + T] for i in ix])
         y = torch.stack([train[i + 1:i + T + 1] for i in ix])
@@ -54,7 +54,7 @@ def test_int8_logits_and_perplexity_close_to_fp32(trained):
     with torch.no_grad():
         ref, ref_loss = model(x, y)
         got, q_loss = q(x, y)
-    assert ref_loss.item() < 8.5, "the model must have learned something for the comparison to mean anything"
+    assert ref_loss.item() < 8.3, "the model must have learned something for the comparison to mean anything"
     assert abs(q_loss.item() - ref_loss.item()) < 0.02  # perplexity within 2%
     ref, got = ref[..., :N_VOCAB], got[..., :N_VOCAB]
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
@@ -68,7 +68,7 @@ def test_int8_logits_and_perplexity_close_to_fp32(trained):
 def test_int8_checkpoint_generates(tmp_path, trained):
     model, _ = trained
     path = save_checkpoint(tmp_path / "ckpt.pt", kind="pretrain", model_state=model.state_dict(),
-                           config=model.config.to_dict(), step=15)
+                           config=model.config.to_dict(), step=12)
     q, info = inf.load_model_from_checkpoint(path, device="cpu", quantize="int8")
     assert info["quantize"] == "int8" and info["dtype"] == "float32" and info["n_params"] == model.num_params()
     r = inf.generate_text(q, "It was", max_new_tokens=12, temperature=0, raw=True, ignore_eos=True)
