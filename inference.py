@@ -8,6 +8,8 @@ Python API (DESIGN.md "Python API of inference.py"):
     for piece in stream_text(model, prompt, **same): ...
     results = generate_batch(model, [prompt, ...], **same)        # a value or a list per row
     for event in stream_batch(model, [prompt, ...], **same): ...  # {"index", "text"} / {"index", "done", ...}
+    validate_params(**params), check_fits(...), count_tokens(prompt, raw), PARAM_RANGES   # for the server
+CLI: python inference.py --ckpt PATH --prompt TEXT [--stream] [--raw] [sampling flags]  (--help)
 
 How a generation runs (one code path for every device):
 1. Prompts are encoded (instruction template unless raw), left-padded to one width W and
@@ -16,17 +18,23 @@ How a generation runs (one code path for every device):
    device (repetition penalty, temperature, top-k, top-p, inverse-CDF with one uniform per row
    drawn on the host from the row's private `random.Random(seed)`, so results do not depend on
    the device, the batch or the global RNG).
-3. The host reads the sampled ids every `chunk` steps (one sync per chunk, not per token),
-   turns them into text (incremental UTF-8 decoding, stop strings held back until they cannot
-   match) and finishes rows at <|endoftext|>, a stop string, max_new_tokens or cancellation.
-   Finished rows are dropped from the batch when at most half of it is still running.
+3. The host reads the sampled ids every `chunk` steps (one sync per chunk, not per token; on
+   CUDA the next chunk is already queued then), turns them into text (incremental UTF-8
+   decoding, stop strings held back until they cannot match) and finishes rows at
+   <|endoftext|>, a stop string, max_new_tokens or cancellation. Finished rows are dropped from
+   the batch when at most half of it is still running.
 
 Decode modes (Engine.mode):
 - "eager": KVCache eager mode, attention over the filled part only. CPU / MPS default.
 - "static": KVCache static mode (input_pos tensor, fixed shapes) over a bucketed cache length
-  (multiples of `bucket` slots, views of one storage), no CUDA graphs. Used to test the graph path on CPU.
+  (multiples of `bucket` = 128 slots), no CUDA graphs. Runs on CPU too: the tests drive the
+  graph path's logic through it.
 - "graphs": "static" with each decode step (forward + sampling + bookkeeping) captured in a CUDA
-  graph per (batch bucket, cache bucket, sampler kind); optionally torch.compile'd first. CUDA default.
+  graph per (batch bucket, cache bucket, sampler kind), optionally torch.compile'd first. CUDA default.
+Static caches live in persistent per-batch-size slots: per layer, contiguous (B, H, L, D) tensors
+over two flat buffers (even / odd buckets; crossing a bucket copies the filled slots across).
+Their memory: 2 buffers x (k, v) x n_layer x B x n_embd x block_size x dtype bytes per slot
+(GPT-2 124M bf16: 75 MB per row of B; slots B = 1, 2, 4, ... up to max_batch).
 
 Shapes: B batch rows, W prompt width (after left padding), L cache slots, V vocab (logits may be
 padded past N_VOCAB; ids >= N_VOCAB are never sampled), K steps per chunk.
@@ -540,6 +548,11 @@ def _decode_step(forward, batch, cache, static, n_cand):
 # ====================================================================== engine
 
 
+def _call_model(model, idx, kv_cache, input_pos):
+    """model(...) as a function of the model, so a compiled copy holds no reference to it."""
+    return model(idx, kv_cache=kv_cache, input_pos=input_pos)
+
+
 def _model_device_dtype(model):
     """Device and compute dtype of a model (a quantized model keeps float embeddings)."""
     for p in model.parameters():
@@ -565,7 +578,7 @@ class Engine:
     """
 
     def __init__(self, model, mode=None, compile=False, chunk=None, bucket=128, max_batch=64, pipeline=None):
-        self.model = model
+        self._model = weakref.ref(model)  # engines are kept per model in a WeakKeyDictionary
         self.config = model.config
         self.device, self.dtype = _model_device_dtype(model)
         on_cuda = self.device.type == "cuda"
@@ -579,12 +592,23 @@ class Engine:
         self.max_batch = max_batch
         self.pipeline = on_cuda if pipeline is None else bool(pipeline)
         self.compile = bool(compile) and self.mode != "eager"
-        self.forward = torch.compile(model) if self.compile else model
+        self._compiled = torch.compile(_call_model) if self.compile else None
         self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
         self._slots = {}  # B -> _Batch with a block_size cache (static / graphs)
         self._graphs = {}  # (B, cache length, n_cand) -> torch.cuda.CUDAGraph
         self._pool = None
         self.notes = []  # fallbacks taken (shown by describe())
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this engine no longer exists")
+        return model
+
+    def forward(self, idx, kv_cache=None, input_pos=None):
+        """The model's forward, compiled when asked (the decode step; prefill calls the model)."""
+        return (self._compiled or _call_model)(self.model, idx, kv_cache, input_pos)
 
     def describe(self):
         return {"decode_mode": self.mode, "compile": self.compile, "chunk": self.chunk, "pipeline": self.pipeline,
@@ -708,7 +732,7 @@ class Engine:
                 if self.compile:
                     self._note(f"CUDA graph capture with torch.compile failed ({type(e).__name__}: {e}); "
                                "using the uncompiled forward")
-                    self.compile, self.forward = False, self.model
+                    self.compile, self._compiled = False, None
                     self._graphs.clear()
                     return self.prepare_graphs(batch, lengths, n_cand)
                 self._note(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")

@@ -208,6 +208,18 @@ def test_batch_split_when_width_plus_new_exceeds_block(model):
                                                    raw=True)["token_ids"]
 
 
+def test_engine_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    m = GPT(tiny_config(n_layer=1)).eval()
+    inf.generate_text(m, "x", max_new_tokens=2, temperature=0, raw=True)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
 def test_stream_batch_events(model):
     events = list(inf.stream_batch(model, ["a", "b c"], max_new_tokens=5, temperature=0, raw=True))
     done = [e for e in events if e.get("done")]
