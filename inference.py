@@ -341,7 +341,7 @@ def sample_tokens(logits, seen, temperature, greedy, top_k, top_p, penalty, u, n
 
     logits (B, V') with V' >= N_VOCAB (padding columns are cut: ids >= N_VOCAB are never returned).
     seen (B, N_VOCAB) bool: tokens in the prompt or output (repetition penalty, CTRL-style:
-    a positive logit is divided by the penalty, a negative one multiplied).
+    a positive logit is divided by the penalty, a negative one multiplied); None: no penalty.
     temperature, top_p, penalty (B, 1) float; greedy (B, 1) bool; top_k (B, 1) long, clipped to
     n_cand; u (B, 1) uniforms in [0, 1).
     n_cand (a Python int, so shapes stay fixed for CUDA graphs) says how the top-k / top-p cut-off
@@ -352,8 +352,9 @@ def sample_tokens(logits, seen, temperature, greedy, top_k, top_p, penalty, u, n
     given u picks does not depend on which of those paths a batch took.
     """
     logits = logits[:, :N_VOCAB].float()  # (B, V)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = torch.where(seen, penalized, logits)
+    if seen is not None:
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
     best = logits.argmax(dim=-1)  # (B,)
     if n_cand == 0:
         return best
@@ -378,17 +379,21 @@ def sample_tokens(logits, seen, temperature, greedy, top_k, top_p, penalty, u, n
 
 
 def sampler_kind(params_list):
-    """n_cand for a batch (see sample_tokens): 0 if every row is greedy; -1 if no sampled row
-    filters; TOPK_CANDIDATES if every filtering is a top_k within it; else N_VOCAB (full sort)."""
+    """How a batch samples: (n_cand, penalize), fixed for the batch (part of a CUDA graph's key).
+
+    n_cand (see sample_tokens): 0 if every row is greedy; -1 if no sampled row filters;
+    TOPK_CANDIDATES if every filtering is a top_k within it; else N_VOCAB (full sort).
+    penalize: some row has a repetition penalty (otherwise its ops and the seen set are skipped).
+    """
+    penalize = any(p["repetition_penalty"] != 1.0 for p in params_list)
     sampled = [p for p in params_list if p["temperature"] > 0]
     if not sampled:
-        return 0
-    unfiltered = [p["top_k"] in (0, N_VOCAB) and p["top_p"] >= 1.0 for p in sampled]
-    if all(unfiltered):
-        return -1
+        return 0, penalize
+    if all(p["top_k"] in (0, N_VOCAB) and p["top_p"] >= 1.0 for p in sampled):
+        return -1, penalize
     if all(1 <= p["top_k"] <= TOPK_CANDIDATES for p in sampled):
-        return TOPK_CANDIDATES
-    return N_VOCAB
+        return TOPK_CANDIDATES, penalize
+    return N_VOCAB, penalize
 
 
 class _Batch:
@@ -525,24 +530,29 @@ class _Fetched:
         return self.ids.tolist()
 
 
-def _record(batch, logits, n_cand):
-    """Sample from the last position's logits (B, V') and write the result into the batch state."""
+def _record(batch, logits, kind):
+    """Sample from the last position's logits (B, V') and write the result into the batch state.
+
+    kind: (n_cand, penalize) from sampler_kind.
+    """
+    n_cand, penalize = kind
     u = batch.u.index_select(0, batch.j).view(-1, 1)  # (B, 1): this step's uniforms
-    nxt = sample_tokens(logits, batch.seen, batch.temperature, batch.greedy, batch.top_k, batch.top_p,
-                        batch.penalty, u, n_cand)  # (B,)
+    nxt = sample_tokens(logits, batch.seen if penalize else None, batch.temperature, batch.greedy, batch.top_k,
+                        batch.top_p, batch.penalty, u, n_cand)  # (B,)
     batch.out.index_copy_(0, batch.j, nxt.view(1, -1))
-    batch.seen.scatter_(1, nxt.view(-1, 1), True)
+    if penalize:
+        batch.seen.scatter_(1, nxt.view(-1, 1), True)
     batch.tok.copy_(nxt.view(-1, 1))
     batch.j.add_(1)
 
 
-def _decode_step(forward, batch, cache, static, n_cand):
+def _decode_step(forward, batch, cache, static, kind):
     """One decode step for every row: the unit captured in a CUDA graph. No host sync, no allocation
     visible outside (all results land in batch's tensors)."""
     logits, _ = forward(batch.tok, kv_cache=cache, input_pos=batch.pos if static else None)  # (B, 1, V')
     if static:
         batch.pos.add_(1)
-    _record(batch, logits[:, -1], n_cand)
+    _record(batch, logits[:, -1], kind)
 
 
 # ====================================================================== engine
@@ -595,7 +605,7 @@ class Engine:
         self._compiled = torch.compile(_call_model) if self.compile else None
         self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
         self._slots = {}  # B -> _Batch with a block_size cache (static / graphs)
-        self._graphs = {}  # (B, cache length, n_cand) -> torch.cuda.CUDAGraph
+        self._graphs = {}  # (B, cache length, sampler kind) -> torch.cuda.CUDAGraph
         self._pool = None
         self.notes = []  # fallbacks taken (shown by describe())
 
@@ -707,15 +717,15 @@ class Engine:
         """Bucketed static cache length holding `slots` slots."""
         return min(self.config.block_size, -(-slots // self.bucket) * self.bucket)
 
-    def step(self, batch, length, n_cand):
+    def step(self, batch, length, kind):
         """Run one decode step over a cache view of `length` slots: graph replay or direct call."""
-        g = self._graphs.get((batch.B, length, n_cand)) if self.mode == "graphs" else None
+        g = self._graphs.get((batch.B, length, kind)) if self.mode == "graphs" else None
         if g is not None:
             g.replay()
         else:
-            _decode_step(self.forward, batch, batch.view(length), True, n_cand)
+            _decode_step(self.forward, batch, batch.view(length), True, kind)
 
-    def prepare_graphs(self, batch, lengths, n_cand):
+    def prepare_graphs(self, batch, lengths, kind):
         """Capture the decode step for each cache length not captured yet.
 
         Call only while the batch holds no live state: warm-up runs write into it.
@@ -723,18 +733,18 @@ class Engine:
         if self.mode != "graphs":
             return
         for length in lengths:
-            key = (batch.B, length, n_cand)
+            key = (batch.B, length, kind)
             if key in self._graphs:
                 continue
             try:
-                self._graphs[key] = self._capture(batch, length, n_cand)
+                self._graphs[key] = self._capture(batch, length, kind)
             except Exception as e:  # keep serving: fall back, loudly
                 if self.compile:
                     self._note(f"CUDA graph capture with torch.compile failed ({type(e).__name__}: {e}); "
                                "using the uncompiled forward")
                     self.compile, self._compiled = False, None
                     self._graphs.clear()
-                    return self.prepare_graphs(batch, lengths, n_cand)
+                    return self.prepare_graphs(batch, lengths, kind)
                 self._note(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
                 self.mode = "static"
                 self._graphs.clear()
@@ -745,7 +755,7 @@ class Engine:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
-    def _capture(self, batch, length, n_cand):
+    def _capture(self, batch, length, kind):
         """Warm up (compiles if asked) on a side stream, then record one decode step in a graph."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -761,27 +771,30 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                _decode_step(self.forward, batch, view, True, n_cand)
+                _decode_step(self.forward, batch, view, True, kind)
                 batch.j.zero_()
         torch.cuda.current_stream(self.device).wait_stream(side)
         scratch()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            _decode_step(self.forward, batch, view, True, n_cand)
+            _decode_step(self.forward, batch, view, True, kind)
         scratch()
         torch.cuda.synchronize(self.device)
         return graph
 
-    def warmup(self, batch_sizes=(1,), max_len=None, n_cands=(0, -1, TOPK_CANDIDATES)):
-        """Capture the CUDA graphs a server will need up front (no-op unless mode is graphs)."""
+    def warmup(self, batch_sizes=(1,), max_len=None, kinds=((0, False), (-1, False), (TOPK_CANDIDATES, False))):
+        """Capture the CUDA graphs a server will need up front (no-op unless mode is graphs); returns
+        how many graphs the engine holds. kinds: sampler kinds (see sampler_kind); the default covers
+        greedy, pure sampling and top-k/top-p within TOPK_CANDIDATES, without repetition penalty
+        (other kinds are captured on first use)."""
         if self.mode != "graphs":
             return 0
         max_len = max_len or self.config.block_size
         lengths = sorted({self.cache_len(n) for n in range(1, max_len + 1, self.bucket)} | {self.cache_len(max_len)})
         with self.lock:
             for B in batch_sizes:
-                for n_cand in n_cands:
-                    self.prepare_graphs(self.slot(_pow2_at_least(B)), lengths, n_cand)
+                for kind in kinds:
+                    self.prepare_graphs(self.slot(_pow2_at_least(B)), lengths, kind)
         return len(self._graphs)
 
 
@@ -795,9 +808,9 @@ class _EagerRunner:
         self.rows = list(group)
         self.width = max(len(r.ids) for r in group)
         cache_len = self.width + max(r.p["max_new_tokens"] for r in group) - 1
-        self.n_cand = sampler_kind([r.p for r in group])
+        self.kind = sampler_kind([r.p for r in group])
         self.batch = _Batch(engine.config, len(group), cache_len, engine.device, engine.dtype, engine.chunk)
-        self.batch.set_rows(group, self.n_cand)
+        self.batch.set_rows(group, self.kind[0])
         pads = [self.width - len(r.ids) for r in group]
         self.batch.pad.copy_(torch.tensor(pads))
         self.batch.cache.pad = self.batch.pad if any(pads) else None  # no mask needed without padding
@@ -806,20 +819,21 @@ class _EagerRunner:
     def prefill(self):
         idx = _left_padded(self.rows, self.width, self.batch.B, self.engine.device)  # (B, W)
         b = self.batch
-        b.seen.zero_()
-        b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1, draw=self.n_cand != 0)
+        if self.kind[1]:  # repetition penalty: the prompt's tokens count
+            b.seen.zero_()
+            b.seen.scatter_(1, idx, True)
+        b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
         logits, _ = self.engine.forward(idx, kv_cache=b.cache)  # (B, W, V')
-        _record(b, logits[:, -1], self.n_cand)
+        _record(b, logits[:, -1], self.kind)
         return b.out[:1].tolist()
 
     @torch.no_grad()
     def decode(self, k):
         """Run k steps; returns their ids (a _Fetched)."""
         b = self.batch
-        b.set_uniforms(self.rows, k, draw=self.n_cand != 0)
+        b.set_uniforms(self.rows, k, draw=self.kind[0] != 0)
         for _ in range(k):
-            _decode_step(self.engine.forward, b, b.cache, False, self.n_cand)
+            _decode_step(self.engine.forward, b, b.cache, False, self.kind)
         return b.fetch(k)
 
     def wants_compaction(self):
@@ -858,10 +872,10 @@ class _StaticRunner:
         self.engine = engine
         self.width = max(len(r.ids) for r in group)
         self.end = self.width + max(r.p["max_new_tokens"] for r in group) - 1  # slots used in all
-        self.n_cand = sampler_kind([r.p for r in group])
+        self.kind = sampler_kind([r.p for r in group])
         self.batch = self._take_slot(len(group), self.width)
         self.rows = list(group) + [None] * (self.batch.B - len(group))
-        self.batch.set_rows(group, self.n_cand)
+        self.batch.set_rows(group, self.kind[0])
         self.batch.pad.copy_(torch.tensor([self.width - len(r.ids) for r in group] + [0] * (self.batch.B - len(group))))
         self.pos = self.width  # host mirror of batch.pos after prefill: the slot the next step writes
         self.length = engine.cache_len(self.width)  # cache layout in use
@@ -871,20 +885,21 @@ class _StaticRunner:
         e = self.engine
         batch = e.slot(_pow2_at_least(n_rows))
         lengths = sorted({e.cache_len(s + 1) for s in range(first_slot, self.end)})
-        e.prepare_graphs(batch, lengths, self.n_cand)  # before any state is written into the slot
+        e.prepare_graphs(batch, lengths, self.kind)  # before any state is written into the slot
         return batch
 
     @torch.no_grad()
     def prefill(self):
         e, b = self.engine, self.batch
         idx = _left_padded([r for r in self.rows if r is not None], self.width, b.B, e.device)  # (B, W)
-        b.seen.zero_()
-        b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1, draw=self.n_cand != 0)
+        if self.kind[1]:  # repetition penalty: the prompt's tokens count
+            b.seen.zero_()
+            b.seen.scatter_(1, idx, True)
+        b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
         input_pos = torch.arange(self.width, device=e.device)
         logits, _ = e.model(idx, kv_cache=b.view(self.length), input_pos=input_pos)  # (B, W, V')
         b.pos.fill_(self.width)
-        _record(b, logits[:, -1], self.n_cand)
+        _record(b, logits[:, -1], self.kind)
         return b.out[:1].tolist()
 
     @property
@@ -898,13 +913,13 @@ class _StaticRunner:
         A step writes slot self.pos, so it needs a cache of at least self.pos + 1 slots.
         """
         e, b = self.engine, self.batch
-        b.set_uniforms(self.rows, k, draw=self.n_cand != 0)
+        b.set_uniforms(self.rows, k, draw=self.kind[0] != 0)
         for _ in range(k):
             length = e.cache_len(self.pos + 1)
             if length != self.length:  # next bucket: move the filled slots to its layout
                 b.relayout(self.length, length, self.pos)
                 self.length = length
-            e.step(b, length, self.n_cand)
+            e.step(b, length, self.kind)
             self.pos += 1
         return b.fetch(k)
 

@@ -124,9 +124,18 @@ def test_repetition_penalty_is_ctrl_style():
     seen = torch.zeros(1, N_VOCAB, dtype=torch.bool)
     seen[0, 1] = True
     args = dict(temperature=torch.ones(1, 1), greedy=torch.ones(1, 1, dtype=torch.bool), top_k=torch.ones(1, 1),
-                top_p=torch.full((1, 1), 2.0), u=torch.zeros(1, 1), n_cand=0, seen=seen)
-    assert inf.sample_tokens(logits, penalty=torch.ones(1, 1), **args).item() == 1
-    assert inf.sample_tokens(logits, penalty=torch.full((1, 1), 1.5), **args).item() == 2  # 2.0 / 1.5 < 1.5
+                top_p=torch.full((1, 1), 2.0), u=torch.zeros(1, 1), n_cand=0)
+    assert inf.sample_tokens(logits, seen=seen, penalty=torch.ones(1, 1), **args).item() == 1
+    assert inf.sample_tokens(logits, seen=seen, penalty=torch.full((1, 1), 1.5), **args).item() == 2  # 2.0/1.5 < 1.5
+    assert inf.sample_tokens(logits, seen=None, penalty=torch.full((1, 1), 1.5), **args).item() == 1  # off
+
+
+def test_sampler_kind():
+    p = inf.validate_params
+    assert inf.sampler_kind([p(temperature=0), p(temperature=0)]) == (0, False)
+    assert inf.sampler_kind([p(temperature=0), p(temperature=0.5, top_k=0)]) == (-1, False)
+    assert inf.sampler_kind([p(temperature=0.5, top_k=40, top_p=0.9), p(temperature=0.5, top_k=0)]) == (N_VOCAB, False)
+    assert inf.sampler_kind([p(temperature=0.5), p(temperature=0, repetition_penalty=1.2)]) == (256, True)
 
 
 def test_repetition_penalty_reduces_repeats(model):
@@ -192,9 +201,11 @@ def test_batch_per_row_params_and_early_finish(model, engine):
     inf.configure_engine(model, **engine)
     max_new = [18, 3, 11, 6]
     temps = [0, 0.8, 0, 1.1]
-    batch = inf.generate_batch(model, PROMPTS, max_new_tokens=max_new, temperature=temps, seed=3, raw=True)
-    for p, n, t, b in zip(PROMPTS, max_new, temps, batch):
-        s = inf.generate_text(model, p, max_new_tokens=n, temperature=t, seed=3, raw=True)
+    penalties = [1.0, 1.0, 1.5, 1.0]  # alone, rows 0, 1 and 3 skip the penalty ops; together they run
+    batch = inf.generate_batch(model, PROMPTS, max_new_tokens=max_new, temperature=temps, seed=3, raw=True,
+                               repetition_penalty=penalties)
+    for p, n, t, pen, b in zip(PROMPTS, max_new, temps, penalties, batch):
+        s = inf.generate_text(model, p, max_new_tokens=n, temperature=t, seed=3, raw=True, repetition_penalty=pen)
         assert b["token_ids"] == s["token_ids"] and b["completion_tokens"] == n
 
 
