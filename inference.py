@@ -43,7 +43,6 @@ padded past N_VOCAB; ids >= N_VOCAB are never sampled), K steps per chunk.
 import argparse
 import codecs
 import copy
-import logging
 import math
 import os
 import random
@@ -51,6 +50,7 @@ import secrets
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 
@@ -60,8 +60,6 @@ from torch import nn
 from common import UserError, pick_device, pick_dtype, run_cli
 from prompt import format_prompt
 from tokenizer import EOT_ID, N_VOCAB, encode, get_tokenizer
-
-log = logging.getLogger("inference")
 
 FINISH_REASONS = ("eos", "stop", "length", "cancelled")
 MAX_STOP_STRINGS = 4
@@ -563,6 +561,12 @@ def _call_model(model, idx, kv_cache, input_pos):
     return model(idx, kv_cache=kv_cache, input_pos=input_pos)
 
 
+def _own_copy(fn):
+    """fn with a code object of its own: dynamo keeps compiled code, and its recompile limit, per
+    code object, so each engine's compiled forward gets its own cache."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
 def _model_device_dtype(model):
     """Device and compute dtype of a model (a quantized model keeps float embeddings)."""
     for p in model.parameters():
@@ -602,7 +606,7 @@ class Engine:
         self.max_batch = max_batch
         self.pipeline = on_cuda if pipeline is None else bool(pipeline)
         self.compile = bool(compile) and self.mode != "eager"
-        self._compiled = torch.compile(_call_model) if self.compile else None
+        self._compiled = torch.compile(_own_copy(_call_model)) if self.compile else None
         self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
         self._slots = {}  # B -> _Batch with a block_size cache (static / graphs)
         self._graphs = {}  # (B, cache length, sampler kind) -> torch.cuda.CUDAGraph
