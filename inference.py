@@ -970,17 +970,25 @@ _ENGINES = weakref.WeakKeyDictionary()
 
 
 def configure_engine(model, **options):
-    """(Re)build the engine of a model with Engine options (mode, compile, chunk, bucket, max_batch)."""
+    """(Re)build the engine of a model with Engine options (mode, compile, chunk, bucket, max_batch,
+    pipeline); generate_* then use it."""
     engine = Engine(model, **options)
+    engine.options = options
     _ENGINES[model] = engine
     return engine
 
 
 def get_engine(model):
-    """The model's engine, created with defaults on first use."""
+    """The model's engine: created with defaults on first use, rebuilt (same options) if the model
+    has moved to another device or dtype since."""
     engine = _ENGINES.get(model)
     if engine is None:
-        engine = configure_engine(model)
+        return configure_engine(model)
+    if (engine.device, engine.dtype) != _model_device_dtype(model):
+        options = dict(engine.options)
+        if options.get("mode") == "graphs" and _model_device_dtype(model)[0].type != "cuda":
+            options.pop("mode")
+        return configure_engine(model, **options)
     return engine
 
 

@@ -219,6 +219,14 @@ def test_batch_split_when_width_plus_new_exceeds_block(model):
                                                    raw=True)["token_ids"]
 
 
+def test_engine_follows_the_model_to_another_dtype(model):
+    inf.configure_engine(model, mode="static", chunk=2, bucket=16)
+    model.to(torch.float64)
+    r = inf.generate_text(model, "x", max_new_tokens=3, temperature=0, raw=True)
+    engine = inf.get_engine(model)
+    assert r["completion_tokens"] == 3 and engine.dtype == torch.float64 and engine.mode == "static"
+
+
 def test_engine_does_not_keep_its_model_alive():
     import gc
     import weakref
