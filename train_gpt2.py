@@ -566,12 +566,17 @@ class Trainer:
         if self.micro_batch == 1:
             raise UserError(f"CUDA out of memory even at micro batch 1 x {self.cfg.seq_len} tokens: "
                             f"use a smaller model or --block-size") from None
-        self._set_micro_batch(self.micro_batch // 2, reason="oom")
-        half = []
-        for x, y in batches:
-            k = (x.size(0) + 1) // 2
-            half += [(x[:k], y[:k]), (x[k:], y[k:])]
-        return [b for b in half if b[0].size(0)]
+        self._set_micro_batch(self._smaller_micro_batch(self.micro_batch), reason="oom")
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])  # the step's rows, in order
+        return list(zip(x.split(self.micro_batch), y.split(self.micro_batch)))
+
+    def _smaller_micro_batch(self, b):
+        """About half of b, such that the total batch still divides evenly into micro-batches."""
+        per_rank = self.cfg.total_batch_size // (self.cfg.seq_len * self.dist.world_size)
+        smaller = max(1, b // 2)
+        while smaller > 1 and per_rank % smaller:
+            smaller -= 1
+        return smaller
 
     def _set_micro_batch(self, micro_batch, reason):
         old = self.micro_batch
@@ -611,7 +616,7 @@ class Trainer:
                 if b == 1:
                     raise UserError(f"CUDA out of memory even at micro batch 1 x {self.cfg.seq_len} tokens: "
                                     f"use a smaller model or --block-size") from None
-                b //= 2
+                b = self._smaller_micro_batch(b)
         self.optimizer.zero_grad(set_to_none=True)
         if self.dist.enabled:
             agreed = torch.tensor([b], device=self.device)
@@ -626,6 +631,8 @@ class Trainer:
     @torch.no_grad()
     def val_loss(self):
         """Mean loss over the val batches of all ranks (sum of losses / counted tokens, all-reduced)."""
+        if hasattr(self.val_data, "batch_size"):
+            self.val_data.batch_size = self.micro_batch  # smaller after an OOM; the val windows stay the same
         self.fwd_model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, counted tokens)
         try:
@@ -716,22 +723,25 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _truncate_log(self):
-        """On resume: drop log lines past the checkpoint's step (written by the interrupted run)."""
-        if not self.is_main or not os.path.isfile(self._log_path):
+        """On resume: drop log.jsonl and samples.jsonl lines past the checkpoint's step (the interrupted run's)."""
+        if not self.is_main:
             return
-        with open(self._log_path) as f:
-            lines = [line for line in f if line.strip()]
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except json.JSONDecodeError:
+        for path in (self._log_path, os.path.join(self.cfg.out_dir, "samples.jsonl")):
+            if not os.path.isfile(path):
                 continue
-        if len(keep) != len(lines):
-            with atomic_path(self._log_path) as tmp:
-                with open(tmp, "w") as f:
-                    f.writelines(keep)
+            with open(path) as f:
+                lines = [line for line in f if line.strip()]
+            keep = []
+            for line in lines:
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue
+            if len(keep) != len(lines):
+                with atomic_path(path) as tmp:
+                    with open(tmp, "w") as f:
+                        f.writelines(keep)
 
     def _train_record(self, loss, norm, steps, seconds):
         """Sync point: the step's loss (averaged over ranks), grad norm, throughput."""
@@ -818,17 +828,18 @@ class Trainer:
         if self.step >= cfg.max_steps:
             if self.is_main:
                 print(f"already at step {self.step} >= --max-steps {cfg.max_steps}: nothing to do")
+            self.metrics["stopped"] = False
             return self.metrics
-        self.fit_micro_batch()
         stopped = False
-        with self._signal_handlers():
+        with self._signal_handlers():  # from here a SIGTERM / SIGINT means: checkpoint after this step, exit
             try:
+                self.fit_micro_batch()
                 stopped = self._loop()
             finally:
                 self.train_data.close()
         if self.dist.enabled:
             torch.distributed.barrier(group=self._control_group)
-        if self.is_main and cfg.plot and not stopped:
+        if self.is_main and cfg.plot:
             plot_log(self._log_path, os.path.join(cfg.out_dir, "loss.png"))
         self.metrics["stopped"] = stopped
         return self.metrics

@@ -59,6 +59,14 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1): tiny models gain nothing from threads
+    yield
+    torch.set_num_threads(before)
+
+
 def test_two_ranks_equal_one_process(tmp_path):
     from checkpoint import load_checkpoint
     from test_train import corpus_documents
