@@ -44,6 +44,12 @@ Reusable API (finetune_dolly.py imports these instead of copying them):
     {out_dir}/samples.jsonl. make_hellaswag_hook and make_sample_hook build the standard ones.
   checkpoint_hook: hook(trainer, path, metrics) on rank 0 after each checkpoint is written
     (e.g. keep a copy of the best val loss).
+  Subclasses may override (finetune_dolly.SFTTrainer does): save_checkpoint(path, metrics),
+    evaluate(), fit(), _train_record(loss, norm, steps, seconds) -> the log record of a log step,
+    and call _print(record) / _write_log(record) / train_state(). Attributes: raw_model (eager,
+    canonical names), fwd_model (compiled or raw), model (what the step calls: DDP-wrapped under
+    torchrun), optimizer, step (completed steps), micro_batch, grad_accum, metrics, dist, device,
+    ptdtype (autocast dtype).
   Helpers: TokenWindows (shard data source), ValWindows, load_model (checkpoint / GPT-2 name / HF
   folder), build_model_for_init, sample_text, lr_at, detect_peak_flops, plot_log.
 """
@@ -59,7 +65,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -426,7 +432,6 @@ class TrainConfig:
     auto_shrink_batch: bool = True  # CUDA OOM: halve the micro batch, double accumulation
     plot: bool = True  # loss-curve PNG at the end
     log_name: str = "log.jsonl"
-    extra: dict = field(default_factory=dict)  # anything a caller wants saved in the checkpoint args
 
 
 class Trainer:
@@ -981,7 +986,7 @@ def build_parser():
     o.add_argument("--max-steps", type=int, default=19073)
     o.add_argument("--warmup-steps", type=int, default=715)
     o.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
-    o.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
+    o.add_argument("--min-lr", type=float, default=None, help="final learning rate (None: --lr / 10)")
     o.add_argument("--weight-decay", type=float, default=0.1)
     o.add_argument("--grad-clip", type=float, default=1.0)
     o.add_argument("--seed", type=int, default=1337, help="model init and data order")
