@@ -15,7 +15,6 @@ table; the last line is JSON.
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -79,7 +78,7 @@ def make_data(args, batch_size):
         from fineweb import list_shards
 
         return TokenWindows(list_shards(args.data_dir, "train"), args.block_size, batch_size, seed=0)
-    return RandomTokens(batch_size, args.block_size)
+    return RandomTokens(batch_size, args.block_size, vocab=min(args.vocab_size, GPT2_VOCAB))
 
 
 def run_config(args, device, compiled, batch_size, total, out_dir):
@@ -137,11 +136,11 @@ def profile_steps(trainer, device, n_steps):
         for _ in range(n_steps):
             trainer.train_step()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=20), file=sys.stderr)
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key.replace("_total", "_total"), 0), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1
-    return [{"name": e.key[:80], "share": round(getattr(e, key) / total, 4)} for e in events[:10]]
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    return [{"name": e.key[:80], "share": round(getattr(e, key, 0) / total, 4)} for e in events[:10]]
 
 
 def print_table(rows, data_desc):
