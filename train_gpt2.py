@@ -429,6 +429,7 @@ class TrainConfig:
     compile_fullgraph: bool = False
     compile_backend: str = "inductor"
     prefetch: int = 4  # batches loaded ahead in a thread (0: inline)
+    loss_chunk: int = 0  # >0: model.loss_chunk_size, the chunked LM-head loss (no whole logits); 0: plain
     auto_shrink_batch: bool = True  # CUDA OOM: halve the micro batch, double accumulation
     plot: bool = True  # loss-curve PNG at the end
     log_name: str = "log.jsonl"
@@ -456,6 +457,8 @@ class Trainer:
             raise UserError(f"sequence length {cfg.seq_len} exceeds the model's block_size {self.raw_model.config.block_size}")
         self.optimizer = optimizer or self.raw_model.configure_optimizers(
             cfg.weight_decay, cfg.lr, betas=(cfg.beta1, cfg.beta2), device_type=self.device.type)
+        if cfg.loss_chunk:  # model.LinearCrossEntropy: the training loss without the whole (B*T, V) logits
+            self.raw_model.loss_chunk_size = cfg.loss_chunk
         self.fwd_model = self._compile(self.raw_model) if cfg.compile else self.raw_model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1016,6 +1019,9 @@ def build_parser():
     s.add_argument("--compile-fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     s.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     s.add_argument("--prefetch", type=int, default=4, help="batches prefetched in a thread (0: none)")
+    s.add_argument("--loss-chunk", type=int, default=0,
+                   help="tokens per chunk of the LM-head loss (model.LinearCrossEntropy: the (B*T, V) logits never "
+                        "exist whole); 0: plain cross-entropy over full logits")
     s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
     return p
 
@@ -1087,6 +1093,7 @@ def _run(args, dist):
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
         stop_at_step=args.stop_at_step, device=args.device, dtype=args.dtype, compile=compile_, compile_mode=args.compile_mode,
         compile_fullgraph=args.compile_fullgraph, compile_backend=args.compile_backend, prefetch=args.prefetch,
+        loss_chunk=args.loss_chunk,
         auto_shrink_batch=not args.no_auto_shrink, plot=args.plot,
     )
     trainer = Trainer(model, cfg, train_data, val_data, dist=dist, kind="pretrain", eval_hooks=hooks,

@@ -398,3 +398,14 @@ def test_init_from_checkpoint_and_hf_folder(shards, tmp_path):
     assert load_checkpoint(tmp_path / "ft2" / "ckpt.pt")["step"] == 1
     with pytest.raises(UserError, match="no such checkpoint"):
         train(shards, tmp_path / "x", "--init-from", str(tmp_path / "missing.pt"), "--max-steps", "1")
+
+
+def test_chunked_loss_trains_like_the_plain_loss(shards, tmp_path):
+    """--loss-chunk (model.LinearCrossEntropy, no whole logits) gives the plain path's losses and val loss."""
+    flags = ["--max-steps", "3", "--eval-interval", "3", "--ckpt-interval", "0"]
+    train(shards, tmp_path / "plain", *flags)
+    train(shards, tmp_path / "chunked", *flags, "--loss-chunk", "24")  # 64 tokens per micro-batch: ragged chunks
+    for a, b in zip(read_log(tmp_path / "plain"), read_log(tmp_path / "chunked")):
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
