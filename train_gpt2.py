@@ -99,6 +99,12 @@ PEAK_BF16_FLOPS = [
 ]
 
 
+SDPA_BACKENDS = {  # --sdpa-backend name -> torch.nn.attention.SDPBackend member
+    "flash": lambda b: b.FLASH_ATTENTION, "cudnn": lambda b: b.CUDNN_ATTENTION,
+    "efficient": lambda b: b.EFFICIENT_ATTENTION, "math": lambda b: b.MATH,
+}
+
+
 def detect_peak_flops(device):
     """bf16 dense peak FLOP/s of the CUDA device, from its name; None when unknown or not CUDA."""
     device = torch.device(device)
@@ -429,6 +435,7 @@ class TrainConfig:
     compile_fullgraph: bool = False
     compile_backend: str = "inductor"
     prefetch: int = 4  # batches loaded ahead in a thread (0: inline)
+    sdpa_backend: str = "auto"  # attention kernel for training: auto | flash | cudnn | efficient | math
     loss_chunk: int = 0  # >0: model.loss_chunk_size, the chunked LM-head loss (no whole logits); 0: plain
     auto_shrink_batch: bool = True  # CUDA OOM: halve the micro batch, double accumulation
     plot: bool = True  # loss-curve PNG at the end
@@ -507,6 +514,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.ptdtype)
 
+    def attention_kernel(self):
+        """The SDPA backend forced for training steps (active while compiling too), or PyTorch's choice."""
+        if self.cfg.sdpa_backend in (None, "", "auto"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPA_BACKENDS[self.cfg.sdpa_backend](SDPBackend)])
+
     def lr(self, step=None):
         c = self.cfg
         return lr_at(self.step if step is None else step, c.max_steps, c.warmup_steps, c.lr, c.min_lr)
@@ -556,7 +571,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)  # (B, T)
             last = m == len(batches) - 1
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
-            with sync:
+            with sync, self.attention_kernel():
                 with self.autocast():
                     loss = self.model(x, y, reduction="sum")[1] * scale  # logits freed right here
                 loss.backward()
@@ -611,7 +626,7 @@ class Trainer:
                 with torch.random.fork_rng(devices=[self.device]):
                     x = torch.zeros(b, self.cfg.seq_len, dtype=torch.long, device=self.device)
                     sync = self.model.no_sync() if self.dist.enabled else contextlib.nullcontext()
-                    with sync:
+                    with sync, self.attention_kernel():
                         with self.autocast():
                             loss = self.model(x, x, reduction="sum")[1]
                         loss.backward()
@@ -1019,6 +1034,8 @@ def build_parser():
     s.add_argument("--compile-fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     s.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     s.add_argument("--prefetch", type=int, default=4, help="batches prefetched in a thread (0: none)")
+    s.add_argument("--sdpa-backend", default="auto", choices=["auto", *SDPA_BACKENDS],
+                   help="attention kernel of the training step (auto: PyTorch picks)")
     s.add_argument("--loss-chunk", type=int, default=0,
                    help="tokens per chunk of the LM-head loss (model.LinearCrossEntropy: the (B*T, V) logits never "
                         "exist whole); 0: plain cross-entropy over full logits")
@@ -1093,7 +1110,7 @@ def _run(args, dist):
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
         stop_at_step=args.stop_at_step, device=args.device, dtype=args.dtype, compile=compile_, compile_mode=args.compile_mode,
         compile_fullgraph=args.compile_fullgraph, compile_backend=args.compile_backend, prefetch=args.prefetch,
-        loss_chunk=args.loss_chunk,
+        loss_chunk=args.loss_chunk, sdpa_backend=args.sdpa_backend,
         auto_shrink_batch=not args.no_auto_shrink, plot=args.plot,
     )
     trainer = Trainer(model, cfg, train_data, val_data, dist=dist, kind="pretrain", eval_hooks=hooks,

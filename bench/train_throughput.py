@@ -94,7 +94,7 @@ def run_config(args, device, compiled, batch_size, total, out_dir):
                           max_steps=10 ** 9, warmup_steps=10, lr=6e-4, min_lr=6e-5, device=str(device),
                           dtype=args.dtype, compile=compiled, compile_mode=args.compile_mode,
                           compile_fullgraph=args.fullgraph, prefetch=args.prefetch, auto_shrink_batch=False,
-                          loss_chunk=args.loss_chunk)
+                          loss_chunk=args.loss_chunk, sdpa_backend=args.sdpa_backend)
         trainer = Trainer(GPT(config), cfg, make_data(args, batch_size))
         t0 = time.time()
         for _ in range(args.warmup):
@@ -176,6 +176,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="attention kernel (train_gpt2 --sdpa-backend)")
     p.add_argument("--loss-chunk", type=int, default=0, help="train_gpt2 --loss-chunk: chunked LM-head loss, N tokens per chunk (0: plain)")
     p.add_argument("--data-dir", default=None, help="real token shards instead of random tokens")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps per config (kernel table)")
@@ -213,6 +215,7 @@ def main(argv=None):
         "device": gpu, "torch": torch.__version__, "data": data_desc, "tokens_per_step": total,
         "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "block_size": args.block_size},
         "compile_mode": args.compile_mode, "fullgraph": args.fullgraph, "loss_chunk": args.loss_chunk,
+        "sdpa_backend": args.sdpa_backend,
         "steps": args.steps,
         "results": rows,
         "best": None if best is None else {k: best.get(k) for k in ("compile", "batch_size", "tokens_per_sec", "mfu",
