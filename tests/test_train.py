@@ -15,7 +15,7 @@ from conftest import ROOT, SHARED_DATA, tiny_config
 import train_gpt2
 from checkpoint import load_checkpoint
 from common import UserError
-from fineweb import list_shards, read_shard, write_shard, write_token_shards
+from fineweb import list_shards, write_shard, write_token_shards
 from model import GPT
 from train_gpt2 import (Prefetcher, TokenWindows, Trainer, TrainConfig, ValWindows, lr_at, peak_flops_for_name)
 
