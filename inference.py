@@ -1102,7 +1102,62 @@ def quantize_int8(model):
     return model
 
 
-def _load_weights(path):
+class InOutLinear(nn.Module):
+    """nn.Linear with its weight stored (in, out), as GPT-2's Conv1D: y = x @ W_t + b.
+
+    Single-row matmuls (decoding) read this layout about 1.8x faster than (out, in) on the CPU
+    BLAS here (the 154 MB lm_head: 7.0 ms against 12.4 ms), and decoding is bound by those reads.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        flat = x.reshape(-1, x.size(-1))
+        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
+class TiedEmbedding(nn.Module):
+    """The token embedding read from a tied InOutLinear lm_head's (C, V) weight: no second copy."""
+
+    def __init__(self, weight_t):
+        super().__init__()
+        self.weight_t = weight_t  # the lm_head's parameter, shared
+
+    def forward(self, idx):
+        return nn.functional.embedding(idx, self.weight_t.t())  # rows of the (V, C) view
+
+
+def use_in_out_layout(model):
+    """Replace every nn.Linear by an InOutLinear (in place; for CPU inference, not for training or
+    saving: parameter names change). A tied GPT embedding reads the lm_head's new weight."""
+    tied = getattr(model, "lm_head", None) is not None and \
+        model.lm_head.weight is getattr(getattr(model, "transformer", None), "wte", nn.Embedding(1, 1)).weight
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, InOutLinear(child))
+    if tied:
+        model.transformer.wte = TiedEmbedding(model.lm_head.weight_t)
+    return model
+
+
+def prepare_model(model, device, dtype, quantize=None):
+    """Ready a model for generation, in place: eval, no grads, on device in dtype; quantize="int8"
+    for dynamic int8 Linears (CPU, fp32); other CPU models get the (in, out) weight layout."""
+    model.eval().requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    if quantize == "int8":
+        quantize_int8(model)
+    elif torch.device(device).type == "cpu":
+        use_in_out_layout(model)
+    return model
+
+
+def load_weights(path):
     """-> (model on CPU in fp32, info dict) from our checkpoint, an HF folder or an OpenAI name."""
     from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
     from model import GPT, PRETRAINED_CONFIGS
@@ -1140,6 +1195,7 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None, com
     path: a ckpt.pt, the folder holding it, a local HF GPT-2 folder, or an OpenAI GPT-2 name
     (`gpt2`, ...; needs the network). device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" =
     bf16 on CUDA, fp32 elsewhere. quantize: None or "int8" (CPU, fp32: dynamic int8 Linears).
+    On CPU the Linears take the (in, out) layout (InOutLinear): the model is for inference only.
     compile: torch.compile the decode step (default: on for CUDA graphs). decode_mode: Engine mode.
     Bad input raises common.UserError with a one-line message.
     """
@@ -1155,12 +1211,9 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None, com
     quantize = None if quantize == "none" else quantize
     if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError(f"quantize=int8 runs on CPU in float32 only (asked: {device.type}, {dtype})")
-    model, info = _load_weights(path)
-    model.eval().requires_grad_(False)
-    model.to(device=device, dtype=dtype)
+    model, info = load_weights(path)
     n_params = model.num_params()
-    if quantize == "int8":
-        quantize_int8(model)
+    prepare_model(model, device, dtype, quantize)
     if decode_mode is None and device.type == "cuda":
         decode_mode = "graphs"
     if compile is None:

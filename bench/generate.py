@@ -82,18 +82,16 @@ def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
     quantize = None if args.quantize == "none" else args.quantize
     if args.ckpt:
-        ours, info = inference.load_model_from_checkpoint(args.ckpt, device="cpu", dtype="float32")
+        ours, info = inference.load_weights(args.ckpt)  # fp32 on CPU, not yet prepared
         name = info["model"]
     else:
         torch.manual_seed(args.seed)
         ours = GPT(GPTConfig()).eval().requires_grad_(False)  # GPT-2 124M shapes, vocab padded to 50304
         name = "random GPT-2 124M"
     hf = None if args.no_hf else build_hf(ours, device, pick_dtype(args.hf_dtype, device) if args.hf_dtype else dtype)
-    ours.to(device=device, dtype=dtype)
-    if quantize:
-        if device.type != "cpu" or dtype != torch.float32:
-            raise UserError("--quantize int8 needs --device cpu and float32")
-        inference.quantize_int8(ours)
+    if quantize and (device.type != "cpu" or dtype != torch.float32):
+        raise UserError("--quantize int8 needs --device cpu and float32")
+    inference.prepare_model(ours, device, dtype, quantize)  # exactly what load_model_from_checkpoint does
     return ours, hf, name
 
 
