@@ -43,6 +43,7 @@ padded past N_VOCAB; ids >= N_VOCAB are never sampled), K steps per chunk.
 import argparse
 import codecs
 import copy
+import inspect
 import math
 import os
 import random
@@ -561,6 +562,13 @@ def _call_model(model, idx, kv_cache, input_pos):
     return model(idx, kv_cache=kv_cache, input_pos=input_pos)
 
 
+def _accepts(fn, name):
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _own_copy(fn):
     """fn with a code object of its own: dynamo keeps compiled code, and its recompile limit, per
     code object, so each engine's compiled forward gets its own cache."""
@@ -607,6 +615,7 @@ class Engine:
         self.pipeline = on_cuda if pipeline is None else bool(pipeline)
         self.compile = bool(compile) and self.mode != "eager"
         self._compiled = torch.compile(_own_copy(_call_model)) if self.compile else None
+        self._prefill_kwargs = {"last_only": True} if _accepts(model.forward, "last_only") else {}
         self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
         self._slots = {}  # B -> _Batch with a block_size cache (static / graphs)
         self._graphs = {}  # (B, cache length, sampler kind) -> torch.cuda.CUDAGraph
@@ -621,8 +630,14 @@ class Engine:
         return model
 
     def forward(self, idx, kv_cache=None, input_pos=None):
-        """The model's forward, compiled when asked (the decode step; prefill calls the model)."""
+        """The model's forward, compiled when asked (the decode step)."""
         return (self._compiled or _call_model)(self.model, idx, kv_cache, input_pos)
+
+    def prefill_forward(self, idx, kv_cache, input_pos=None):
+        """The model's forward for a prompt (never compiled: its shapes vary). Only the last
+        position's logits are needed: when GPT.forward accepts last_only=True, the lm_head runs on
+        that position alone (B x V x C work instead of B x W x V x C)."""
+        return self.model(idx, kv_cache=kv_cache, input_pos=input_pos, **self._prefill_kwargs)
 
     def describe(self):
         return {"decode_mode": self.mode, "compile": self.compile, "chunk": self.chunk, "pipeline": self.pipeline,
@@ -827,7 +842,7 @@ class _EagerRunner:
             b.seen.zero_()
             b.seen.scatter_(1, idx, True)
         b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
-        logits, _ = self.engine.forward(idx, kv_cache=b.cache)  # (B, W, V')
+        logits, _ = self.engine.prefill_forward(idx, b.cache)  # (B, W or 1, V')
         _record(b, logits[:, -1], self.kind)
         return b.out[:1].tolist()
 
@@ -901,7 +916,7 @@ class _StaticRunner:
             b.seen.scatter_(1, idx, True)
         b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
         input_pos = torch.arange(self.width, device=e.device)
-        logits, _ = e.model(idx, kv_cache=b.view(self.length), input_pos=input_pos)  # (B, W, V')
+        logits, _ = e.prefill_forward(idx, b.view(self.length), input_pos)  # (B, W or 1, V')
         b.pos.fill_(self.width)
         _record(b, logits[:, -1], self.kind)
         return b.out[:1].tolist()

@@ -219,6 +219,30 @@ def test_batch_split_when_width_plus_new_exceeds_block(model):
                                                    raw=True)["token_ids"]
 
 
+class LastOnlyGPT(GPT):
+    """GPT whose forward takes last_only (the proposed model.py change): logits of the last position."""
+
+    seen = []
+
+    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, reduction="mean", last_only=False):
+        LastOnlyGPT.seen.append((idx.size(1), last_only))
+        logits, loss = super().forward(idx, targets, kv_cache, input_pos, reduction)
+        return (logits[:, -1:] if last_only else logits), loss
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_prefill_asks_for_last_position_only_when_supported(model, mode):
+    fast = LastOnlyGPT(model.config).eval().requires_grad_(False)
+    fast.load_state_dict(model.state_dict())
+    inf.configure_engine(fast, mode=mode, bucket=16)
+    LastOnlyGPT.seen.clear()
+    kw = dict(max_new_tokens=8, temperature=0, raw=True)
+    got = inf.generate_batch(fast, PROMPTS[:2], **kw)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in inf.generate_batch(model, PROMPTS[:2], **kw)]
+    width = max(inf.count_tokens(p, raw=True) for p in PROMPTS[:2])
+    assert (width, True) in LastOnlyGPT.seen and all(not last for t, last in LastOnlyGPT.seen if t == 1)
+
+
 def test_engine_follows_the_model_to_another_dtype(model):
     inf.configure_engine(model, mode="static", chunk=2, bucket=16)
     model.to(torch.float64)
