@@ -1247,6 +1247,12 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None, com
 # ====================================================================== CLI
 
 
+def _flag_help(name):
+    spec = PARAM_RANGES[name]
+    hi = "" if spec["max"] is None else f", at most {spec['max']}"
+    return f"{spec['help']} ({'above' if spec.get('min_exclusive') else 'at least'} {spec['min']}{hi})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit 2 (through UserError / run_cli)."""
 
@@ -1261,19 +1267,21 @@ def build_parser():
     p.add_argument("--prompt", required=True, help="the instruction (or raw text with --raw); '-' reads stdin")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the instruction template")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="0 = off")
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"], help="1 = off")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
-    p.add_argument("--seed", type=int, default=None, help="fixed seed for reproducible sampling")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help=_flag_help("max_new_tokens"))
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help=_flag_help("temperature"))
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help=_flag_help("top_k"))
+    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help=_flag_help("top_p"))
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+                   help=_flag_help("repetition_penalty"))
+    p.add_argument("--stop", action="append", default=None,
+                   help=f"stop string; repeat for several (at most {MAX_STOP_STRINGS}); not included in the output")
+    p.add_argument("--seed", type=int, default=None, help=_flag_help("seed"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamic int8 Linears (CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (None: torch's choice)")
     p.add_argument("--decode-mode", choices=["eager", "static", "graphs"], default=None,
-                   help="default: graphs on CUDA, eager elsewhere")
+                   help="None: graphs on CUDA, eager elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the CUDA-graph decode step (slow first call, faster decoding)")
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
