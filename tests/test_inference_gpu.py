@@ -89,7 +89,7 @@ def test_warmup_captures_up_front():
     engine = inf.configure_engine(model, mode="graphs")
     n = engine.warmup(batch_sizes=(1, 4), max_len=256)
     assert n == 2 * 3 * 2  # batch slots x sampler kinds x cache buckets (128, 256)
-    inf.generate_batch(model, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True)
+    inf.generate_batch(model, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
     assert engine.describe()["graphs_captured"] == n  # nothing new to capture
 
 
