@@ -243,8 +243,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, reduction="mean", last_only=False):
         """idx: (B, T) token ids. Returns (logits, loss).
+
+        last_only (no targets): logits of the last position only, (B, 1, V): what generation needs
+        after a prefill, without the (B, T, V) LM-head work.
 
         targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
         counted tokens (reduction="mean") or their sum ("sum").
@@ -265,7 +268,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
+            if last_only:
+                x = x[:, -1:]  # (B, 1, C)
+            return self.lm_head(x), None  # (B, T or 1, V)
         if self.loss_chunk_size:  # never builds the (B*T, V) logits; returns no logits
             loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         reduction, self.loss_chunk_size)

@@ -215,3 +215,12 @@ def test_chunked_linear_cross_entropy_equals_plain(reduction):
         assert rel <= 1e-5, (name, rel)
     with torch.no_grad():  # eval path: no gradients computed, same loss
         assert torch.allclose(chunked(idx, targets)[1], plain(idx, targets)[1], atol=1e-6)
+
+
+def test_last_only_logits(tiny_model):
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        full, _ = tiny_model(idx)
+        last, _ = tiny_model(idx, last_only=True)
+    assert last.shape == (2, 1, full.size(-1))
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
