@@ -13,7 +13,6 @@ D head size (C // H), V vocab.
 
 import inspect
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 

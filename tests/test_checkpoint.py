@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from checkpoint import (CheckpointError, capture_rng_state, clean_state_dict, load_checkpoint,
                         model_from_checkpoint, restore_rng_state, save_checkpoint)
-from model import GPT
+
 
 
 def _save(path, model, **kw):

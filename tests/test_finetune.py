@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, require
 
 import finetune_dolly
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -30,8 +30,7 @@ TINY_CONFIG = dict(block_size=256, vocab_size=50304, n_layer=2, n_head=2, n_embd
 
 
 def wiki_rows(n):
-    if not os.path.isfile(WIKI):
-        pytest.skip("shared instruction data not present")
+    require(os.path.isfile(WIKI), "shared instruction data not present")
     return read_file_rows(WIKI, limit=n)
 
 

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, require
 
 import fineweb
 from common import UserError
@@ -95,8 +95,7 @@ def test_max_tokens_and_val_tokens(tmp_path):
 
 def test_real_corpus_slice(tmp_path):
     corpus = os.path.join(SHARED_DATA, "corpus", "standard-ebooks.jsonl.xz")
-    if not os.path.isfile(corpus):
-        pytest.skip("shared corpus not present")
+    require(os.path.isfile(corpus), "shared corpus not present")
     out = tmp_path / "books"
     result = fineweb.main(["--input", corpus, "--out-dir", str(out), "--shard-size", "20000", "--max-tokens", "50000",
                            "--workers", "2", "--no-progress"])

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_config
+from conftest import SHARED_DATA, tiny_config, require
 
 import inference as inf
 from checkpoint import save_checkpoint
@@ -26,8 +26,7 @@ def book_tokens(n_chars=60_000):
 @pytest.fixture(scope="module")
 def trained():
     """(fp32 model, held-out (x, y)): 12 AdamW steps on a public-domain book (val loss 10.8 -> about 7.8)."""
-    if not os.path.exists(CORPUS):
-        pytest.skip("shared corpus not available")
+    require(os.path.exists(CORPUS), "shared corpus not available")
     torch.manual_seed(0)
     ids = book_tokens()
     split = int(len(ids) * 0.9)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, tiny_config
+from conftest import ROOT, SHARED_DATA, tiny_config, require
 
 import train_gpt2
 from checkpoint import load_checkpoint
@@ -37,8 +37,7 @@ def corpus_documents(n_chars):
     import json as _json
     import lzma
 
-    if not os.path.isfile(CORPUS):
-        pytest.skip("shared corpus not present")
+    require(os.path.isfile(CORPUS), "shared corpus not present")
     with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
         text = _json.loads(f.readline())["text"][:n_chars]
     return [text[i:i + 2000] for i in range(0, len(text), 2000)]
