@@ -10,7 +10,6 @@ from checkpoint import (CheckpointError, capture_rng_state, clean_state_dict, lo
                         model_from_checkpoint, restore_rng_state, save_checkpoint)
 
 
-
 def _save(path, model, **kw):
     opt = model.configure_optimizers(0.1, 1e-3)
     loss = model(torch.randint(0, 100, (1, 8)), torch.randint(0, 100, (1, 8)))[1]
