@@ -14,3 +14,14 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 test: setup
 	$(BIN)/python -m pytest
+
+.PHONY: demo demo-smoke
+
+# The bundled demo (demo.py): tokenize, pretrain a tiny GPT on CPU, instruction-tune, serve the chat page.
+# A second run reuses finished stages. Extra flags: make demo DEMO_ARGS="--port 8000" (python demo.py --help).
+demo: setup
+	$(BIN)/python demo.py $(DEMO_ARGS)
+
+# A few steps per stage, one POST /generate against the served model, then shut down (what CI can run).
+demo-smoke: setup
+	$(BIN)/python demo.py --smoke $(DEMO_ARGS)
