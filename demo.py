@@ -83,7 +83,7 @@ class Recipe:
     eval_steps: int = 4
     sample_tokens: int = 32
     ckpt_interval: int = 20
-    log_interval: int = 10
+    log_interval: int = 5
     loss_chunk: int = 1024
     # prepare_dolly.py
     limit: int = None
@@ -609,6 +609,9 @@ def main(argv=None):
                   "--port", str(args.port), "--device", args.device]
 
     old = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl+C raises KeyboardInterrupt here even when started with SIGINT ignored (`cmd &` in a script); the
+    # scripts then start with the default action too, so the one SIGINT forwarded to them is not lost.
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(args, recipe, stages, serve_argv, data_dir, out_dir)
     except StageFailed as e:

@@ -7,7 +7,7 @@ script a launcher runs (`python X.py`, `.venv/bin/python -u X.py`, `torchrun ...
 Every `--flag` after the script must appear in that script's --help. gunicorn lines: the config
 file exists, the app is serve's create_app, and gunicorn's own flags exist in `gunicorn --help`.
 Everywhere: each `GPT2I_*` variable is one serve.py's --help or gunicorn.conf.py documents, and
-each `make TARGET` is a Makefile target.
+each `make TARGET` is a Makefile target (and the flags in `DEMO_ARGS="..."` exist in demo.py's --help).
 """
 
 import os
@@ -158,8 +158,24 @@ def flags_in(args):
     return flags
 
 
+def inline_code(markdown):
+    """Inline code spans (`...`) outside fenced blocks."""
+    outside, fence = [], None
+    for line in markdown.splitlines():
+        m = re.match(r"^\s*(`{3,}|~{3,})", line)
+        if fence is None and m:
+            fence = m.group(1)
+        elif fence is not None:
+            if line.strip().startswith(fence) and line.strip().strip(fence[0]) == "":
+                fence = None
+        else:
+            outside.append(line)
+    return re.findall(r"(?<!`)`([^`\n]+)`(?!`)", "\n".join(outside))
+
+
 def readme_commands(markdown):
-    """[(line, tokens)] of every simple command in the shell code blocks of a Markdown text."""
+    """[(line, tokens)] of every simple command in the shell code blocks of a Markdown text, plus the
+    inline code spans that run one of SCRIPTS (`python demo.py --force` in a sentence)."""
     found = []
     for lang, block in code_blocks(markdown):
         if lang not in SHELL_LANGS:
@@ -167,6 +183,10 @@ def readme_commands(markdown):
         for line in shell_lines(block):
             for tokens in simple_commands(line):
                 found.append((line, tokens))
+    for span in inline_code(markdown):
+        for tokens in simple_commands(span):
+            if script_invocation(tokens) is not None:
+                found.append((span, tokens))
     return found
 
 
@@ -186,9 +206,14 @@ def flag_problems(markdown, help_of, gunicorn_help="", env_names=(), make_target
         words = [t for t in tokens if not ASSIGN_RE.match(t)]
         if words and os.path.basename(words[0]) == "gunicorn":
             problems += _gunicorn_problems(line, words, gunicorn_help)
-        elif words and words[0] == "make" and make_targets is not None:
-            problems += [f"no Makefile target {t!r}: {line}" for t in words[1:]
-                         if not t.startswith("-") and "=" not in t and t not in make_targets]
+        elif words and words[0] == "make":
+            if make_targets is not None:
+                problems += [f"no Makefile target {t!r}: {line}" for t in words[1:]
+                             if not t.startswith("-") and "=" not in t and t not in make_targets]
+            demo_args = [t.split("=", 1)[1] for t in tokens if t.startswith("DEMO_ARGS=")]
+            known = set(FLAG_RE.findall(help_of["demo.py"]))
+            problems += [f"demo.py has no {flag}: {line}" for value in demo_args
+                         for flag in flags_in(shlex.split(value)) if flag not in known]
     return problems
 
 
@@ -253,10 +278,11 @@ def test_readme_flags_exist(helps):
 # ====================================================================== the parser itself
 
 SAMPLE = r"""
-Intro text with `python serve.py --not-checked` inline (not a code block).
+Intro text with `python serve.py --port 8000` inline, and `--flag` or `make x` spans that are no command.
 
 ```bash
 make setup && make demo        # two commands
+make demo DEMO_ARGS="--port 8000 --smok"
 python fineweb.py --input demo_data/books.jsonl.xz \
     --out-dir data/books --shard-size 10000000   # a comment --bogus
 OMP_NUM_THREADS=8 torchrun --standalone --nproc_per_node=8 train_gpt2.py \
@@ -282,6 +308,7 @@ def test_parser_reads_continuations_prefixes_substitutions_comments():
         ("train_gpt2.py", ["--data-dir", "--compile", "--max-steps"]),
         ("finetune_dolly.py", ["--init-from", "--data-dir"]),
         ("inference.py", ["--ckpt", "--prompt", "--stream"]),
+        ("serve.py", ["--port"]),
     ]
     assert ["make", "setup"] in [t for _, t in cmds] and ["make", "demo"] in [t for _, t in cmds]
 
@@ -293,6 +320,8 @@ def test_parser_reports_unknown_flags_targets_and_variables():
         "train_gpt2.py": "--data-dir DIR  --compile, --no-compile",  # no --max-steps
         "finetune_dolly.py": "--init-from X --data-dir D",
         "inference.py": "--ckpt C --prompt P --stream",
+        "serve.py": "--host HOST --port PORT",
+        "demo.py": "--port PORT --smoke",
     })
     problems = flag_problems(SAMPLE, help_of, gunicorn_help="-c CONFIG, --config CONFIG  -b ADDRESS, --bind ADDRESS",
                              env_names={"GPT2I_CKPT"}, make_targets={"setup"})
@@ -302,6 +331,8 @@ def test_parser_reports_unknown_flags_targets_and_variables():
         "GPT2I_WORKERS is not a documented variable: GPT2I_CKPT=out/dolly/ckpt.pt GPT2I_WORKERS=2 gunicorn "
         "-c gunicorn.conf.py --bind 0.0.0.0:8000 \"serve:create_app()\"",
         "no Makefile target 'demo': make setup && make demo        # two commands",
+        "no Makefile target 'demo': make demo DEMO_ARGS=\"--port 8000 --smok\"",
+        "demo.py has no --smok: make demo DEMO_ARGS=\"--port 8000 --smok\"",
     ])
 
 
