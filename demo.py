@@ -46,6 +46,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from common import UserError, atomic_path, run_cli
 
@@ -132,10 +133,10 @@ class Stage:
     title: str
     out_dir: str        # absolute
     argv: list          # script and flags, paths as shown to the user (relative to ROOT when inside it)
-    check: callable     # check(stage) -> None when the output is complete, else the reason (str)
+    check: Callable     # check(stage) -> None when the output is complete, else the reason (str)
     expected: str = ""
-    resume_step: callable = None   # resume_step(stage) -> the step an interrupted run can continue from, or None
-    fresh: callable = None         # fresh(stage): remove an earlier run's files before starting from scratch
+    resume_step: Optional[Callable] = None  # resume_step(stage) -> the step an interrupted run continues from, or None
+    fresh: Optional[Callable] = None        # fresh(stage): remove an earlier run's files before starting from scratch
     needs: tuple = ()              # keys of the stages whose output this one reads: if one ran, this one runs
 
     def resume_argv(self):
@@ -417,7 +418,7 @@ def run_stage(index, total, stage, force, upstream_ran):
 
 
 def loss_summary(stage):
-    """': loss A -> B (val C)' from a training stage's log.jsonl, or ''."""
+    """': train loss A -> B, val loss C -> D' from a training stage's log.jsonl, or ''."""
     losses = read_losses(stage.out_dir)
     if not losses:
         return ""
@@ -636,8 +637,10 @@ def _run(args, recipe, stages, serve_argv, data_dir, out_dir):
         if did_run:
             ran.add(stage.key)
         timings[stage.key] = f"{seconds:.0f} s" if did_run else "reused"
-    say(f"\nall stages finished in {time.time() - t0:.0f} s (" + ", ".join(f"{k} {v}" for k, v in timings.items())
-        + f"). Model: {shown_path(stages[-1].out_dir)}/ckpt.pt")
+    summary = ", ".join(f"{k} {v}" for k, v in timings.items())
+    say(f"\nall stages finished in {time.time() - t0:.0f} s ({summary})." if ran else
+        "\nevery stage was finished earlier: nothing to redo.")
+    say(f"  model: {shown_path(stages[-1].out_dir)}/ckpt.pt")
     say("  try it from the shell: " + shlex.join([python_shown(), "inference.py", "--ckpt",
                                                  shown_path(stages[-1].out_dir), "--prompt", EXAMPLE_INSTRUCTION]))
     if args.no_serve:
