@@ -879,6 +879,8 @@ class Trainer:
             do_ckpt = (cfg.ckpt_interval > 0 and step % cfg.ckpt_interval == 0) or last or stop
             record = {"step": step}
             if step % cfg.log_interval == 0 or do_eval or do_ckpt or step == 1:
+                if self.device.type == "cuda":  # time the GPU's work, not the CPU's queueing of it
+                    torch.cuda.synchronize(self.device)
                 record.update(self._train_record(loss, norm, steps_since, time.time() - t_last))
                 steps_since = 0
             if do_eval:
