@@ -1,6 +1,9 @@
 """Small shared helpers: user-facing errors, atomic writes, device and dtype choice, distributed setup."""
 
+import bz2
 import contextlib
+import gzip
+import lzma
 import os
 import sys
 import tempfile
@@ -49,6 +52,12 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def open_compressed(path, mode="rt"):
+    """Open a file, decompressing .xz / .gz / .bz2 by suffix. Text modes read UTF-8."""
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
+    return opener(path, mode, encoding="utf-8") if "t" in mode else opener(path, mode)
 
 
 def pick_device(device=None):

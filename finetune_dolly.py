@@ -80,7 +80,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from checkpoint import save_checkpoint as write_checkpoint
-from common import UserError, atomic_path, run_cli, setup_distributed, teardown_distributed
+from common import UserError, run_cli, setup_distributed, teardown_distributed
 from lora import (ADAPTER_NAME, DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, has_lora,
                   merged_state_dict, parse_targets, save_adapter)
 from model import GPT, PRETRAINED_CONFIGS, GPTConfig
@@ -405,31 +405,10 @@ class SFTTrainer(Trainer):
         self._print(record)
         self._write_log(record)
 
-    def _truncate_samples(self):
-        """On resume: drop answers logged past the checkpoint's step (by the interrupted run)."""
-        path = os.path.join(self.cfg.out_dir, "samples.jsonl")
-        if not self.is_main or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue
-        if len(keep) != len(lines):
-            with atomic_path(path) as tmp:
-                with open(tmp, "w") as f:
-                    f.writelines(keep)
-
     def fit(self):
         self._tokens_mark = self.train_data.state_dict().get("tokens_seen")
         if self.is_main:
             os.makedirs(self.cfg.out_dir, exist_ok=True)
-        if self.step > 0:
-            self._truncate_samples()
         if self.step == 0 and self.cfg.eval_interval > 0:
             self._evaluate_initial()
         metrics = super().fit()

@@ -27,7 +27,6 @@ main process as one clear line and memory stays flat.
 
 import argparse
 import collections
-import gzip
 import json
 import lzma
 import multiprocessing as mp
@@ -36,7 +35,7 @@ import re
 
 import numpy as np
 
-from common import UserError, atomic_path, run_cli
+from common import UserError, atomic_path, open_compressed, run_cli
 
 MAGIC = 20240520
 VERSION = 1
@@ -124,18 +123,10 @@ def list_shards(data_dir, split, prefix=None):
 
 # ---------------------------------------------------------------------- documents in
 
-def _open_text(path):
-    if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
 def _iter_jsonl(path, field):
     lineno = 0
     try:
-        with _open_text(path) as f:
+        with open_compressed(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -21,7 +21,6 @@ CLI:
 
 import argparse
 import contextlib
-import gzip
 import json
 import lzma
 import os
@@ -29,19 +28,11 @@ import os
 import torch
 from torch.nn import functional as F
 
-from common import UserError, pick_device, pick_dtype, run_cli
+from common import UserError, open_compressed, pick_device, pick_dtype, run_cli
 from model import GPT2_VOCAB
 from tokenizer import encode
 
 N_ENDINGS = 4
-
-
-def _open_text(path):
-    if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
 
 
 def load_examples(path, limit=None):
@@ -51,7 +42,7 @@ def load_examples(path, limit=None):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
     try:
-        with _open_text(path) as f:
+        with open_compressed(path) as f:
             for lineno, line in enumerate(f, 1):
                 if limit is not None and len(examples) >= limit:
                     break

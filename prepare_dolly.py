@@ -45,9 +45,7 @@ when all are complete, meta.json last; a failure leaves no partial file behind.
 """
 
 import argparse
-import bz2
 import contextlib
-import gzip
 import hashlib
 import json
 import logging
@@ -60,7 +58,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, run_cli
+from common import UserError, atomic_path, open_compressed, run_cli
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -101,17 +99,6 @@ def validate_row(obj, where):
             raise UserError(f'{where}: field "{field}" must be a string, got {_type_name(value)}')
         row[field] = value
     return row
-
-
-def _open_binary(path):
-    """Open `path` for reading bytes, decompressing .xz/.gz/.bz2 by suffix."""
-    if path.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    return open(path, "rb")
 
 
 def _inner_suffix(path):
@@ -169,7 +156,7 @@ def read_file_rows(path, limit=None):
         raise UserError(f"input file not found: {path}")
     rows = []
     try:
-        with _open_binary(path) as f:
+        with open_compressed(path, "rb") as f:
             records = _iter_jsonl(f, path) if suffix == ".jsonl" else _iter_json_array(f, path)
             for where, obj in records:
                 if limit is not None and len(rows) >= limit:
