@@ -3,6 +3,7 @@
 import bz2
 import contextlib
 import gzip
+import json
 import lzma
 import os
 import sys
@@ -58,6 +59,21 @@ def open_compressed(path, mode="rt"):
     """Open a file, decompressing .xz / .gz / .bz2 by suffix. Text modes read UTF-8."""
     opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
     return opener(path, mode, encoding="utf-8") if "t" in mode else opener(path, mode)
+
+
+def iter_jsonl(path):
+    """Yield (line number, parsed object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+
+    Bad JSON is a UserError naming the line; read errors (OSError, lzma.LZMAError, ...) pass through.
+    """
+    with open_compressed(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def pick_device(device=None):

@@ -87,7 +87,7 @@ from model import GPT, PRETRAINED_CONFIGS, GPTConfig
 from prepare_dolly import load_split
 from prompt import PREAMBLE, TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, N_VOCAB, decode
-from train_gpt2 import Trainer, TrainConfig, load_model, make_sample_hook, warn_resume_differences
+from train_gpt2 import Trainer, TrainConfig, add_system_args, load_model, make_sample_hook, warn_resume_differences
 
 BEST_NAME = "ckpt.pt"  # checkpoint.CKPT_NAME: what inference loads from a folder
 LAST_NAME = "last.pt"
@@ -495,16 +495,7 @@ def build_parser():
     e.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and exit after this step, schedule unchanged (continue with --init-from resume)")
     e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_DIR/loss.png")
-    s = p.add_argument_group("system")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
-    s.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, else float32) | bfloat16 | float32")
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
-    s.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune, ...)")
-    s.add_argument("--compile-fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
-    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
-    s.add_argument("--prefetch", type=int, default=4, help="batches prefetched in a thread (0: none)")
-    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
+    add_system_args(p, kernels=False)
     return p
 
 

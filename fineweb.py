@@ -27,7 +27,6 @@ main process as one clear line and memory stays flat.
 
 import argparse
 import collections
-import json
 import lzma
 import multiprocessing as mp
 import os
@@ -35,7 +34,7 @@ import re
 
 import numpy as np
 
-from common import UserError, atomic_path, open_compressed, run_cli
+from common import UserError, atomic_path, iter_jsonl, run_cli
 
 MAGIC = 20240520
 VERSION = 1
@@ -126,18 +125,11 @@ def list_shards(data_dir, split, prefix=None):
 def _iter_jsonl(path, field):
     lineno = 0
     try:
-        with open_compressed(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    got = sorted(row)[:8] if isinstance(row, dict) else type(row).__name__
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a string {field!r} field, got {got}")
-                yield row[field]
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                got = sorted(row)[:8] if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a string {field!r} field, got {got}")
+            yield row[field]
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
         where = f"{path}:{lineno + 1}" if lineno else path
         raise UserError(f"cannot read {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None

@@ -28,7 +28,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from common import UserError, open_compressed, pick_device, pick_dtype, run_cli
+from common import UserError, iter_jsonl, pick_device, pick_dtype, run_cli
 from model import GPT2_VOCAB
 from tokenizer import encode
 
@@ -42,17 +42,10 @@ def load_examples(path, limit=None):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
     try:
-        with open_compressed(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(examples) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                examples.append(_parse_row(row, f"{path}:{lineno}"))
+        for lineno, row in iter_jsonl(path):
+            if limit is not None and len(examples) >= limit:
+                break
+            examples.append(_parse_row(row, f"{path}:{lineno}"))
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read HellaSwag file {path}: {type(e).__name__}: {e}") from None
     if not examples:

@@ -980,6 +980,27 @@ def plot_log(log_path, png_path):
 DEFAULT_PROMPTS = ("Hello, I'm a language model,", "The history of the city began")
 
 
+def add_system_args(parser, kernels=True):
+    """The "system" flags shared by train_gpt2.py and finetune_dolly.py (device, dtype, compile, prefetch,
+    OOM handling); kernels=False leaves out --sdpa-backend and --loss-chunk."""
+    s = parser.add_argument_group("system")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
+    s.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, else float32) | bfloat16 | float32")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    s.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune, ...)")
+    s.add_argument("--compile-fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
+    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    s.add_argument("--prefetch", type=int, default=4, help="batches prefetched in a thread (0: none)")
+    if kernels:
+        s.add_argument("--sdpa-backend", default="auto", choices=["auto", *SDPA_BACKENDS],
+                       help="attention kernel of the training step (auto: PyTorch picks)")
+        s.add_argument("--loss-chunk", type=int, default=0,
+                       help="tokens per chunk of the LM-head loss (model.LinearCrossEntropy: the (B*T, V) logits never "
+                            "exist whole); 0: plain cross-entropy over full logits")
+    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Pretrain GPT-2 on token shards (python or torchrun; DDP, bf16, exact resume).",
@@ -1027,21 +1048,7 @@ def build_parser():
                         "(job time limits; continue with --init-from resume)")
     e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="write OUT_DIR/loss.png (loss and HellaSwag curves) at the end")
-    s = p.add_argument_group("system")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
-    s.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, else float32) | bfloat16 | float32")
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
-    s.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune, ...)")
-    s.add_argument("--compile-fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
-    s.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
-    s.add_argument("--prefetch", type=int, default=4, help="batches prefetched in a thread (0: none)")
-    s.add_argument("--sdpa-backend", default="auto", choices=["auto", *SDPA_BACKENDS],
-                   help="attention kernel of the training step (auto: PyTorch picks)")
-    s.add_argument("--loss-chunk", type=int, default=0,
-                   help="tokens per chunk of the LM-head loss (model.LinearCrossEntropy: the (B*T, V) logits never "
-                        "exist whole); 0: plain cross-entropy over full logits")
-    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
+    add_system_args(p)
     return p
 
 
