@@ -3,19 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test
+.PHONY: setup test demo demo-smoke
 
 setup: $(BIN)/.installed
 
+# pip prints its progress: on Linux, torch from PyPI is the CUDA build, several GB.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
+	@echo "[setup 1/2] virtualenv in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
-	touch $@
+	@echo "[setup 2/2] pinned requirements (requirements-dev.txt includes requirements.txt)"
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+	@touch $@
+	@echo "[setup] done. Enter the environment with:  . $(VENV)/bin/activate"
 
 test: setup
 	$(BIN)/python -m pytest
-
-.PHONY: demo demo-smoke
 
 # The bundled demo (demo.py): tokenize, pretrain a tiny GPT on CPU, instruction-tune, serve the chat page.
 # A second run reuses finished stages. Extra flags: make demo DEMO_ARGS="--port 8000" (python demo.py --help).

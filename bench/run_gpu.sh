@@ -1,33 +1,33 @@
 #!/usr/bin/env bash
-# The GPU runs behind BENCHMARKS.md, as run through the device tool (one H100 / 2x H200).
-# Usage: bash bench/run_gpu.sh STAGE...   (stages below; logs go to $OUT, default out/gpu-logs)
-# Data: .carry/ holds copies of ../shared/data files (the corpus, HellaSwag, instructions).
+# The GPU runs behind BENCHMARKS.md. Usage: bash bench/run_gpu.sh STAGE...  (stages below, in order given).
+# Inputs (environment): CORPUS (jsonl[.xz] with a `text` field), HELLASWAG (HellaSwag val .jsonl[.xz]),
+# INSTRUCTIONS (Dolly-schema .jsonl[.xz]). Logs go to $OUT (default out/gpu-logs), shards to $DATA.
 set -uo pipefail
 OUT=${OUT:-out/gpu-logs}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-DATA=${DATA:-/tmp/books}
+export PYTHONUNBUFFERED=1
+DATA=${DATA:-data/books}
 NPROC=${NPROC:-1}
 
-stage_env() {
+stage_env() {  # what the figures were measured on
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
 }
-stage_tokenize() {  # the shared corpus -> llm.c shards: 2M val tokens, 10M-token train shards
+stage_tokenize() {  # the corpus -> llm.c shards: 2M val tokens, 10M-token train shards
   [ -f "$DATA/.done" ] && return 0
-  python3 fineweb.py --input .carry/standard-ebooks.jsonl.xz --out-dir "$DATA" --prefix books \
+  python3 fineweb.py --input "$CORPUS" --out-dir "$DATA" --prefix books \
     --shard-size 10000000 --val-tokens 2000000 --workers 16 --no-progress && touch "$DATA/.done"
 }
-stage_throughput() {  # issue 9: B = 16/32/64, compile off/on, random tokens
+stage_throughput() {  # training step throughput: B = 16/32/64, compile off/on, random tokens
   python3 bench/train_throughput.py --batch-sizes ${BATCHES:-16,32,64} --compile ${COMPILE:-both} \
     --warmup 3 --steps ${STEPS:-6} ${THROUGHPUT_ARGS:-} | tee "$OUT/throughput${TAG:-}.txt"
 }
-stage_generate() {  # issue 5: ours (CUDA graphs) vs transformers, batch 1/8/32
+stage_generate() {  # decoding: ours (CUDA graphs) vs transformers, batch 1/8/32
   python3 bench/generate.py --batch-sizes 1,8,32 ${GENERATE_ARGS:-} | tee "$OUT/generate${TAG:-}.txt"
 }
-stage_pretrain() {  # issue 3: GPT-2 124M on the books corpus, val loss + HellaSwag curve
+stage_pretrain() {  # GPT-2 124M on the corpus: val loss and HellaSwag curve
   local hs=""
-  [ "${HS_LIMIT:-2000}" != 0 ] && hs="--hellaswag .carry/hellaswag_val.jsonl.xz --hellaswag-limit ${HS_LIMIT:-2000}"
+  [ "${HS_LIMIT:-2000}" != 0 ] && hs="--hellaswag $HELLASWAG --hellaswag-limit ${HS_LIMIT:-2000}"
   torchrun --standalone --nproc_per_node=$NPROC train_gpt2.py --data-dir "$DATA" --out-dir ${PRETRAIN_OUT:-out/pretrain} \
     --max-steps ${STEPS:-300} --warmup-steps ${WARMUP:-30} --total-batch-size ${TOTAL:-131072} \
     --eval-interval ${EVAL:-50} --eval-steps 20 $hs --ckpt-interval ${CKPT:-0} \
@@ -36,11 +36,11 @@ stage_pretrain() {  # issue 3: GPT-2 124M on the books corpus, val loss + HellaS
   cp ${PRETRAIN_OUT:-out/pretrain}/loss.png "$OUT/pretrain${TAG:-}_loss.png" 2>/dev/null
   return 0
 }
-stage_finetune() {  # issue 4: the pretrained model on the full shared instruction set
-  python3 prepare_dolly.py --input .carry/wiki-instructions.jsonl.xz --out-dir /tmp/wiki-sft --no-progress
-  python3 finetune_dolly.py --data-dir /tmp/wiki-sft --init-from ${PRETRAIN_OUT:-out/pretrain}/ckpt.pt \
-    --out-dir out/wiki-sft --sample-count 5 --overwrite ${FINETUNE_ARGS:-} 2>&1 | tee "$OUT/finetune.txt"
-  cp out/wiki-sft/log.jsonl "$OUT/finetune_log.jsonl"; cp out/wiki-sft/samples.jsonl "$OUT/finetune_samples.jsonl"
+stage_finetune() {  # the pretrained model on the instruction set
+  python3 prepare_dolly.py --input "$INSTRUCTIONS" --out-dir data/instructions --no-progress
+  python3 finetune_dolly.py --data-dir data/instructions --init-from ${PRETRAIN_OUT:-out/pretrain}/ckpt.pt \
+    --out-dir out/instructions-sft --sample-count 5 --overwrite ${FINETUNE_ARGS:-} 2>&1 | tee "$OUT/finetune.txt"
+  cp out/instructions-sft/log.jsonl "$OUT/finetune_log.jsonl"; cp out/instructions-sft/samples.jsonl "$OUT/finetune_samples.jsonl"
   return 0
 }
 

@@ -6,18 +6,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 from model import GPT, GPTConfig  # noqa: E402
-
-
-def require(condition, reason):
-    """Skip when `condition` is false (e.g. ../shared/data is absent), but fail in CI (CI_REQUIRE_ALL=1)."""
-    if condition:
-        return
-    if os.environ.get("CI_REQUIRE_ALL"):
-        pytest.fail(f"{reason} (CI_REQUIRE_ALL is set, so this cannot be skipped)")
-    pytest.skip(reason)
 
 
 def tiny_config(**overrides):
