@@ -34,7 +34,7 @@
     panel: "gpt2i.settingsPanel.v1",
   };
 
-  const ENDPOINTS = { chat: "/v1/chat/completions", raw: "/generate", health: "/health", params: "/params" };
+  const ENDPOINTS = { chat: "/v1/chat/completions", raw: "/generate", health: "/health", params: "/params", models: "/v1/models" };
 
   /* Parameter ranges used until (or unless) the server publishes its own at GET /params.
    * They match inference.py's validation. `step` is the slider step only. */
@@ -42,12 +42,15 @@
     temperature: { min: 0, max: 2, step: 0.05 },
     top_k: { min: 0, max: 200, step: 1 },
     top_p: { min: 0.01, max: 1, step: 0.01 },
+    repetition_penalty: { min: 1, max: 2, step: 0.01 },
     max_new_tokens: { min: 1, max: 1024, step: 1 },
   };
-  const DEFAULTS = { temperature: 0.8, top_k: 50, top_p: 1.0, max_new_tokens: 128, raw: false, api_key: "" };
-  const PARAMS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+  const DEFAULTS = { temperature: 0.8, top_k: 50, top_p: 1.0, repetition_penalty: 1.15, max_new_tokens: 128, raw: false, api_key: "" };
+  // The page's own defaults win over the server's: small models fall into loops ("The The The")
+  // without a mild repetition penalty.
+  const PAGE_DEFAULTS = { repetition_penalty: 1.15 };
+  const PARAMS = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"];
   const UI_MAX_TOP_K = 200;  // the top-k slider's end; the server accepts up to the vocabulary size
-  const PROMPT_ROOM = 256;   // context tokens the max-new-tokens slider leaves for the prompt
   const HEALTH_EVERY_MS = { ready: 10000, loading: 2000, busy: 4000, down: 4000 };
   const NARROW_SETTINGS = window.matchMedia("(max-width: 1099px)");
   const NARROW_SIDEBAR = window.matchMedia("(max-width: 759px)");
@@ -81,6 +84,7 @@
     serverDefaults: {},  // defaults from /params, used by "Reset to defaults"
     userSettings: false, // the user has saved settings (else the server's defaults apply)
     bannerTimer: null,
+    failureTimer: null,
     saveTimer: null,
   };
 
@@ -146,7 +150,7 @@
 
   function formatParam(name, value) {
     if (name === "temperature") return Number(value).toFixed(2);
-    if (name === "top_p") return Number(value).toFixed(2);
+    if (name === "top_p" || name === "repetition_penalty") return Number(value).toFixed(2);
     if (name === "top_k") return Number(value) === 0 ? "off" : String(value);
     return String(value);
   }
@@ -208,9 +212,9 @@
    * Adopt the server's ranges and defaults from GET /params:
    *   {"params": {"temperature": {"type", "min", "max", "default"}, ...}, "context_length": N, ...}
    * Until it answers (or if it fails) FALLBACK_RANGES apply; the server validates every request
-   * anyway (422). Two limits are the page's own, for usable sliders: top_k stops at UI_MAX_TOP_K
-   * (the server allows the whole vocabulary), and max_new_tokens leaves room for the prompt in
-   * the context (an explicit max_tokens that does not fit is a 422 from the server).
+   * anyway. One limit is the page's own: top_k stops at UI_MAX_TOP_K (the server allows the whole
+   * vocabulary). max_new_tokens goes up to the server's max (the context - 1); when the prompt
+   * leaves less room, the server says how much in its 400 and the page asks again for that.
    */
   async function loadServerParams() {
     let body;
@@ -223,7 +227,6 @@
     }
     const table = body && body.params;
     if (!table || typeof table !== "object") return false;
-    const ctx = Number(body.context_length);
     for (const name of PARAMS) {
       const spec = table[name];
       if (!spec || typeof spec !== "object") continue;
@@ -234,16 +237,29 @@
       // An open end ("min_exclusive", top_p's (0, 1]) starts the slider one step up.
       if (spec.min_exclusive) min += range.step;
       if (name === "top_k") max = Math.min(max, UI_MAX_TOP_K);
-      if (name === "max_new_tokens" && ctx > 1) max = Math.min(max, ctx - Math.min(PROMPT_ROOM, Math.floor(ctx / 2)));
       range.min = min;
       range.max = Math.max(min, max);
       const def = Number(spec.default);
       if (spec.default != null && Number.isFinite(def)) state.serverDefaults[name] = def;
     }
+    Object.assign(state.serverDefaults, PAGE_DEFAULTS);
     // Until the user changes a setting, the server's defaults are the settings.
     if (!state.userSettings) Object.assign(state.settings, state.serverDefaults);
     applyRanges();
     return true;
+  }
+
+  /** The served model's id, from GET /v1/models (the server's --model-name). */
+  async function loadModelName() {
+    try {
+      const res = await fetch(ENDPOINTS.models, { headers: authHeaders(), cache: "no-store", signal: AbortSignal.timeout(5000) });
+      const body = res.ok ? await res.json() : null;
+      const id = body && Array.isArray(body.data) && body.data[0] ? body.data[0].id : null;
+      if (id) state.modelName = String(id);
+      return !!id;
+    } catch {
+      return false;
+    }
   }
 
   /* ---------- banner ---------- */
@@ -278,11 +294,12 @@
   /* ---------- HTTP ---------- */
 
   class HttpError extends Error {
-    constructor(status, type, message, retryAfterS) {
+    constructor(status, type, message, retryAfterS, param) {
       super(message || `HTTP ${status}`);
       this.status = status;
       this.type = type || "";
       this.retryAfterS = retryAfterS;
+      this.param = param || null;
     }
   }
 
@@ -302,17 +319,18 @@
   }
 
   async function httpErrorFrom(res) {
-    let type = "", message = "";
+    let type = "", message = "", param = null;
     try {
       const body = await res.json();
       const err = body && (body.error ?? body);
       if (typeof err === "string") message = err;
       else if (err) {
-        type = String(err.type || "");
+        type = String(err.code || err.type || "");
         message = String(err.message || "");
+        param = err.param || null;
       }
     } catch { /* not JSON: keep the status line */ }
-    return new HttpError(res.status, type, message || res.statusText, parseRetryAfter(res.headers.get("Retry-After")));
+    return new HttpError(res.status, type, message || res.statusText, parseRetryAfter(res.headers.get("Retry-After")), param);
   }
 
   /** What the user reads for a failed request. Returns [text, kind, countdownTo]. */
@@ -334,6 +352,7 @@
         if (until != null) return [`${head} Try again in {s}.`, "warn", until];
         return [`${head} Try again in a moment.`, "warn", null];
       }
+      case 400:
       case 422:
         return [msg ? `The server refused a setting: ${msg}` : "The server refused a setting.", "error", null];
       case 401:
@@ -456,14 +475,15 @@
   /** The request for the reply that follows `messages` (the conversation so far). */
   function buildRequest(messages) {
     const s = state.settings;
-    const sampling = { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p, stream: true };
+    const sampling = { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p,
+                       repetition_penalty: s.repetition_penalty, stream: true };
     if (s.raw) {
       const last = messages[messages.length - 1];
       return { url: ENDPOINTS.raw, body: { prompt: last.content, raw: true, max_new_tokens: s.max_new_tokens, ...sampling } };
     }
     const history = messages
-      .filter((m) => m.content && !(m.meta && m.meta.error))
-      .map((m) => ({ role: m.role, content: m.content }));
+      .filter((m) => shownText(m))
+      .map((m) => ({ role: m.role, content: shownText(m) }));
     return {
       url: ENDPOINTS.chat,
       body: {
@@ -495,11 +515,12 @@
       try { body = await res.json(); } catch { /* empty */ }
       if (res.ok) {
         if (!state.paramsLoaded) state.paramsLoaded = await loadServerParams(); // before "ready" shows
-        state.modelName = body && body.model ? String(body.model) : state.modelName;
+        if (!state.modelName) await loadModelName();
         const waiting = body && body.queue ? Number(body.queue.waiting) || 0 : 0;
         setHealth("ready", `Ready · ${state.modelName || "model loaded"}${waiting ? ` · ${waiting} waiting` : ""}`);
         el.modelInfo.textContent = body && body.device
           ? `Model ${state.modelName || "?"} on ${body.device}${body.dtype ? ` (${body.dtype})` : ""}` : "";
+        el.prompt.placeholder = state.settings.raw ? "Text for the model to continue…" : `Message ${state.modelName || "the model"}…`;
       } else if (res.status === 503) {
         if (body && body.status === "error") setHealth("down", "Model failed to load");
         else setHealth("loading", "Loading model…");
@@ -592,31 +613,56 @@
     const node = el.template.content.firstElementChild.cloneNode(true);
     node.dataset.id = message.id;
     node.classList.add(message.role);
-    node.querySelector(".msg-role").textContent = message.role === "user" ? "You" : "gpt2-instruct";
+    node.querySelector(".msg-role").textContent = message.role === "user" ? "You" : (state.modelName || "gpt2-instruct");
     fillMessage(node, message, isLast);
     return node;
   }
 
+  /** What a message shows: answers without the model's leading space or newline. */
+  const shownText = (message) => (message.role === "assistant" ? message.content.replace(/^\s+/, "") : message.content);
+
   /** Put a message's text, status and actions into its node (text as text only). */
   function fillMessage(node, message, isLast) {
     const meta = message.meta || {};
-    const content = node.querySelector(".content");
-    content.textContent = message.content;
+    const shown = shownText(message);
+    node.querySelector(".content").textContent = shown;
     const bubble = node.querySelector(".bubble");
     bubble.classList.toggle("streaming", !!meta.streaming);
-    bubble.classList.toggle("waiting", !!meta.streaming && !message.content);
+    bubble.classList.toggle("waiting", !!meta.streaming && !shown);
+    const failure = node.querySelector(".msg-error");
+    failure.hidden = !meta.failure;
+    failure.textContent = meta.failure ? failureText(meta.failure) : "";
     node.setAttribute("aria-busy", meta.streaming ? "true" : "false");
     node.querySelector(".msg-meta").textContent = metaText(message);
     const actions = node.querySelector(".msg-actions");
     actions.replaceChildren();
     if (message.role === "assistant" && !meta.streaming) {
-      if (message.content) actions.append(actionButton("Copy", "copy", () => copyText(message.content, actions)));
+      if (shown) actions.append(actionButton("Copy", "copy", () => copyText(shown, actions)));
       if (isLast) actions.append(actionButton("Regenerate", "regenerate", regenerate));
     }
     if (message.role === "user" && isLast && !state.busy) {
-      actions.append(actionButton("Retry", "retry", regenerate));
+      const retry = actionButton("Retry", "retry", regenerate);
+      retry.disabled = !!(meta.failure && meta.failure.until > Date.now());  // rate limited: wait first
+      actions.append(retry);
     }
     node.querySelector(".msg-foot").hidden = !actions.childElementCount && !node.querySelector(".msg-meta").textContent;
+  }
+
+  /** A failed request's note under its message; {s} counts down to Retry-After. */
+  function failureText(failure) {
+    const left = failure.until ? Math.ceil((failure.until - Date.now()) / 1000) : 0;
+    if (left > 0) return failure.text.replace("{s}", `${left} s`);
+    return failure.text.includes("{s}") ? "You can try again now." : failure.text;
+  }
+
+  /** Re-render a failed message every second until its Retry-After has passed. */
+  function countDown(chat, message) {
+    clearInterval(state.failureTimer);
+    if (!message.meta.failure || !message.meta.failure.until) return;
+    state.failureTimer = setInterval(() => {
+      if (!message.meta.failure || message.meta.failure.until <= Date.now() - 1000) clearInterval(state.failureTimer);
+      updateStreamingNode(chat, message);
+    }, 1000);
   }
 
   function metaText(message) {
@@ -625,7 +671,6 @@
     const parts = [];
     if (meta.stopped) parts.push("stopped");
     else if (meta.finish_reason === "length") parts.push("hit the token limit");
-    if (meta.error) parts.push("failed");
     const tokens = meta.completion_tokens;
     if (tokens) {
       parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
@@ -786,10 +831,23 @@
     generateReply(chat, previous);
   }
 
-  /** Stream the answer to the conversation's last message; `previous` comes back if this one fails empty. */
+  /** The room a 400 says max_tokens has for this prompt ("... can be at most N ..."), or null. */
+  function roomFrom(err) {
+    if (!(err instanceof HttpError) || !["max_tokens", "max_new_tokens"].includes(err.param)) return null;
+    const m = /can be at most (\d+)/.exec(err.message);
+    return m && Number(m[1]) >= 1 ? Number(m[1]) : null;
+  }
+
+  /**
+   * Stream the answer to the conversation's last message. A failure leaves a note and Retry on the
+   * message it belongs to (the question, or the answer a regenerate would have replaced, which
+   * comes back), never an empty answer.
+   */
   async function generateReply(chat, previous = null) {
     hideBanner();
-    const { url, body } = buildRequest(chat.messages);
+    clearInterval(state.failureTimer);
+    for (const m of chat.messages) if (m.meta) delete m.meta.failure;
+    let { url, body } = buildRequest(chat.messages);
     const message = { id: newId(), role: "assistant", content: "", meta: { streaming: true, raw: !!body.raw } };
     const controller = new AbortController();
     setBusy({ controller, chatId: chat.id, messageId: message.id });
@@ -798,42 +856,54 @@
     renderMessages();
     let firstTokenAt = null;
     let pieces = 0;
+    let failure = null;
+    const onEvent = (event) => {
+      if (event.error) {
+        const e = event.error;
+        throw new HttpError(Number(e.status) || 500, e.code || e.type, e.message || String(e));
+      }
+      if (event.token) {
+        if (firstTokenAt == null) firstTokenAt = performance.now();
+        message.content += event.token;
+        pieces += 1;
+        updateStreamingNode(chat, message);
+        saveChatsSoon();
+      }
+      if (event.finish_reason) message.meta.finish_reason = event.finish_reason;
+      if (event.usage && event.usage.completion_tokens != null) {
+        message.meta.completion_tokens = event.usage.completion_tokens;
+      }
+    };
     try {
-      await streamRequest(url, body, controller.signal, (event) => {
-        if (event.error) {
-          const e = event.error;
-          throw new HttpError(Number(e.code || e.status) || 500, e.type, e.message || String(e));
-        }
-        if (event.token) {
-          if (firstTokenAt == null) firstTokenAt = performance.now();
-          message.content += event.token;
-          pieces += 1;
-          updateStreamingNode(chat, message);
-          saveChatsSoon();
-        }
-        if (event.finish_reason) message.meta.finish_reason = event.finish_reason;
-        if (event.usage && event.usage.completion_tokens != null) {
-          message.meta.completion_tokens = event.usage.completion_tokens;
-        }
-      });
+      try {
+        await streamRequest(url, body, controller.signal, onEvent);
+      } catch (err) {
+        // Max new tokens is an upper bound: when the prompt leaves less room, take what there is.
+        const room = roomFrom(err);
+        if (room == null || pieces) throw err;
+        body = { ...body, [body.max_tokens != null ? "max_tokens" : "max_new_tokens"]: room };
+        await streamRequest(url, body, controller.signal, onEvent);
+      }
     } catch (err) {
       if (err && err.name === "AbortError") {
         message.meta.stopped = true;
       } else {
         controller.abort(); // close the connection so the server stops too
-        const [text, kind, until] = describeError(err);
-        showBanner(text, kind, until);
-        message.meta.error = true;
+        const [text, , until] = describeError(err);
+        failure = { text, until };
       }
     } finally {
       message.meta.streaming = false;
       if (message.meta.completion_tokens == null && pieces) message.meta.completion_tokens = pieces;
       if (firstTokenAt != null) message.meta.ms = Math.max(1, performance.now() - firstTokenAt);
-      if (!message.content && (message.meta.error || message.meta.stopped)) {
+      let failed = message;
+      if (!message.content && (failure || message.meta.stopped)) {
         // Nothing to keep: drop the empty answer, and give back the one a regenerate replaced.
         chat.messages = chat.messages.filter((m) => m !== message);
         if (previous) chat.messages.push(previous);
+        failed = chat.messages[chat.messages.length - 1];
       }
+      if (failure && failed) failed.meta = { ...failed.meta, failure };
       chat.updated = Date.now();
       setBusy(null);
       saveChats();
@@ -842,6 +912,7 @@
         renderMessages();
         if (!stick) state.stick = false;
       }
+      if (failure && failed) countDown(chat, failed);
     }
   }
 

@@ -5,8 +5,7 @@ the real HTTP API (streaming, stop, health, params). Two tests replace the serve
 page.route to feed the page hostile or failing responses; the page's rendering and error handling
 are what they test.
 
-Needs `apt-get install chromium` and `pip install playwright` (never `playwright install`). Without
-them the tests skip, unless CI_REQUIRE_ALL is set (CI), where they fail.
+Needs `apt-get install chromium` and `pip install playwright` (never `playwright install`).
 
 Screenshots: set GPT2I_SCREENSHOT_DIR=docs to (re)write docs/screenshot-desktop.png and
 docs/screenshot-phone.png; otherwise they go to the test's tmp dir only.
@@ -25,6 +24,7 @@ import urllib.request
 
 import pytest
 import torch
+from playwright.sync_api import sync_playwright
 
 from checkpoint import save_checkpoint
 from conftest import ROOT, tiny_config
@@ -41,26 +41,8 @@ SERVER_START_S = 90
 UI_TIMEOUT_MS = 20_000
 
 
-def _missing_browser():
-    """Why the browser tests can not run here, or None."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright)"
-    if not os.path.exists(CHROMIUM):
-        return f"{CHROMIUM} is missing (apt-get install chromium)"
-    return None
-
-
-_WHY = _missing_browser()
-pytestmark = pytest.mark.skipif(bool(_WHY) and not os.environ.get("CI_REQUIRE_ALL"), reason=f"skipped: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _browser_available():
-    """Under CI_REQUIRE_ALL a missing browser fails each test instead of skipping it."""
-    if _WHY:
-        pytest.fail(f"CI_REQUIRE_ALL is set but the browser tests can not run: {_WHY}")
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
 
 
 # ---------------------------------------------------------------- server
@@ -139,14 +121,13 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def playwright_driver():
-    from playwright.sync_api import sync_playwright
-
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: sudo apt-get install chromium"
     with sync_playwright() as p:
         yield p
 
 
 def _launch(playwright_driver, user_dir, **options):
-    options.setdefault("viewport", {"width": 1280, "height": 800})
+    options.setdefault("viewport", DESKTOP)
     return playwright_driver.chromium.launch_persistent_context(
         str(user_dir), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, **options)
 
@@ -230,16 +211,22 @@ def _fulfil_sse(body):
 def test_page_loads_with_labelled_controls_and_server_ranges(browser, server):
     page = browser.open()
     assert page.title().startswith("gpt2-instruct")
-    assert "tiny-test" in page.text_content("#health")
+    assert "tiny-test" in page.text_content("#health")  # the server's --model-name, from /v1/models
     # Every control has a label, and the sliders carry the server's ranges from /params.
-    for label in ("Temperature", "Top-k", "Top-p", "Max new tokens", "Raw completion", "Message"):
+    for label in ("Temperature", "Top-k", "Top-p", "Repetition penalty", "Max new tokens", "Raw completion", "Message"):
         assert page.get_by_label(label, exact=True).count() == 1, label
     status, text = _get(f"{server}/params")
     assert status == 200, text
-    for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
+    params = json.loads(text)["params"]
+    for name in ("temperature", "top_p", "repetition_penalty", "max_new_tokens"):
         slider = page.locator(f"#{name}")
-        assert float(slider.get_attribute("max")) > float(slider.get_attribute("min"))
-        assert name in text  # the server describes it; the page's exact use is checked below
+        assert float(slider.get_attribute("min")) >= params[name]["min"]
+        assert float(slider.get_attribute("max")) == params[name]["max"], name
+    # Max new tokens reaches the server's max (the context - 1), not its default.
+    assert int(page.get_attribute("#max_new_tokens", "max")) == params["max_new_tokens"]["max"] == 1023
+    assert int(page.input_value("#max_new_tokens")) == params["max_new_tokens"]["default"]
+    # The page's own default keeps small models out of loops.
+    assert 1.1 <= float(page.input_value("#repetition_penalty")) <= 1.2
     # Keyboard: Tab walks the controls, and whatever has focus shows a visible ring.
     page.locator("body").click(position={"x": 640, "y": 300})
     seen = set()
@@ -259,7 +246,7 @@ def test_page_loads_with_labelled_controls_and_server_ranges(browser, server):
         assert focused[1] and focused[1] != "none", focused
     assert {"prompt", "temperature", "top_k"} <= seen, seen
     assert not browser.failed_gets, browser.failed_gets  # index, app.js, style.css, favicon, /health, /params
-    assert {"/app.js", "/style.css", "/favicon.svg", "/health", "/params"} <= {u[len(server):] for u in browser.urls}
+    assert {"/app.js", "/style.css", "/favicon.svg", "/health", "/params", "/v1/models"} <= {u[len(server):] for u in browser.urls}
     # No request left the page's own origin (no CDN, works offline).
     assert browser.urls and all(url.startswith(server + "/") for url in browser.urls), browser.urls
 
@@ -289,6 +276,7 @@ def test_send_streams_tokens_and_enter_shift_enter(browser, server):
     url, body, _ = browser.requests[-1]
     assert url.endswith("/v1/chat/completions") and body["stream"] is True
     assert body["messages"] == [{"role": "user", "content": "first line\nsecond line"}]
+    assert 1.1 <= body["repetition_penalty"] <= 1.2
     assert page.locator(".msg.user .content").text_content() == "first line\nsecond line"
     assert page.locator(".msg.assistant .action-copy").count() == 1
     assert page.locator(".msg.assistant .action-regenerate").count() == 1
@@ -298,11 +286,14 @@ def test_stop_ends_generation_and_server_cancels(browser, server):
     page = browser.open()
     cancelled_before = _metric(server, "gpt2i_cancelled_total")
     page.focus("#max_new_tokens")
-    page.keyboard.press("End")  # the largest answer the server allows
+    page.keyboard.press("End")  # the context - 1: more than fits after any prompt
     assert page.input_value("#max_new_tokens") == page.get_attribute("#max_new_tokens", "max")
     browser.send("Tell me a very long story.")
     page.wait_for_function(
         "() => (document.querySelector('.msg.assistant .content')?.textContent.length ?? 0) > 0")
+    # The server's 400 said how much room the prompt leaves; the page asked again for exactly that.
+    (_, first, _), (_, second, _) = browser.requests
+    assert first["max_tokens"] == 1023 and 900 < second["max_tokens"] < 1023, (first["max_tokens"], second["max_tokens"])
     page.click("#stop")
     browser.wait_idle()
     assert "stopped" in page.text_content(".msg.assistant .msg-meta")
@@ -416,15 +407,18 @@ def test_model_output_is_shown_as_text_never_html(browser, server):
     assert browser.dialogs == ["probe"]
 
 
-def test_error_banners_say_what_to_do(browser, server):
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_failed_send_says_what_to_do_and_retries_in_place(playwright_driver, server, tmp_path, viewport):
+    context = _launch(playwright_driver, tmp_path / "profile", viewport=viewport)
+    browser = Page(context, server)
     page = browser.page
     replies = iter([
-        (429, {"Retry-After": "7"}, {"error": {"type": "rate_limit_exceeded", "message": "30 per 1 minute", "param": None}}),
         (503, {"Retry-After": "2"}, {"error": {"type": "model_loading", "message": "the model is loading", "param": None}}),
         (503, {}, {"error": {"type": "overloaded", "message": "too many requests queued", "param": None}}),
-        (422, {}, {"error": {"type": "invalid_parameter", "message": "top_p must be in (0, 1], got 5",
+        (400, {}, {"error": {"type": "invalid_request_error", "message": "top_p must be in (0, 1], got 5",
                              "param": "top_p"}}),
         (401, {}, {"error": {"type": "authentication_error", "message": "missing API key", "param": None}}),
+        (429, {"Retry-After": "5"}, {"error": {"type": "rate_limit_exceeded", "message": "30 per 1 minute", "param": None}}),
     ])
 
     def handler(route):
@@ -433,37 +427,61 @@ def test_error_banners_say_what_to_do(browser, server):
 
     page.route("**/v1/chat/completions", handler)
     browser.open()
-    expected = ["try again in 7 s", "model is still loading", "busy", "top_p must be in (0, 1], got 5", "API key"]
+    expected = ["model is still loading", "busy", "top_p must be in (0, 1], got 5", "API key", "try again in"]
     for i, words in enumerate(expected):
         if i == 0:
             browser.send("Hi")
         else:
-            page.click(".msg.user .action-retry")
+            page.click(".msg.user .action-retry")  # waits until it is enabled (after Retry-After)
         browser.wait_idle()
-        banner = page.locator("#banner")
-        assert banner.is_visible()
-        assert words.lower() in banner.text_content().lower(), banner.text_content()
-        # A failed request leaves the question, offers Retry, and no empty answer.
-        assert page.locator(".msg.assistant").count() == 0
+        # The note sits under the question, with Retry beside it: no empty answer, no second question.
+        note = page.locator(".msg.user .msg-error")
+        assert note.is_visible() and words.lower() in note.text_content().lower(), note.text_content()
+        assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 0
         assert page.locator(".msg.user .action-retry").count() == 1
+        assert not page.is_visible("#banner")  # nothing drawn over the conversation
+    # Rate limited: Retry waits for Retry-After, counting down, then works in place.
+    assert page.locator(".msg.user .action-retry").is_disabled()
+    page.wait_for_selector(".msg.user .action-retry:enabled")
+    assert "try again now" in page.text_content(".msg.user .msg-error").lower()
     # With an API key set, the page sends it as a Bearer token (this server has none and ignores it).
     page.unroute("**/v1/chat/completions")
+    if viewport is PHONE:
+        page.click("#open-settings")
     page.fill("#api_key", "s3cret")
+    if viewport is PHONE:
+        page.keyboard.press("Escape")
     page.click(".msg.user .action-retry")
     browser.wait_idle()
     url, _, headers = browser.requests[-1]
     assert url.endswith("/v1/chat/completions") and headers.get("authorization") == "Bearer s3cret"
-    assert not page.locator("#banner").is_visible()
-    assert page.locator(".msg.assistant").count() == 1
-    # A regenerate that fails gives the previous answer back.
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg-error:visible").count() == 0
+    # A regenerate that fails gives the previous answer back, with the note on it.
     answer = browser.answers()
     page.route("**/v1/chat/completions", lambda route: route.fulfill(
         status=429, headers={"Retry-After": "5", "Content-Type": "application/json"},
         body=json.dumps({"error": {"type": "rate_limit_exceeded", "message": "2 per 1 minute", "param": None}})))
     page.click(".msg.assistant .action-regenerate")
     browser.wait_idle()
-    assert "try again in" in page.text_content("#banner").lower()
     assert browser.answers() == answer
+    assert "try again in" in page.text_content(".msg.assistant .msg-error").lower()
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= viewport["width"]
+    context.close()
+    assert not browser.errors, browser.errors
+
+
+def test_answers_show_without_leading_whitespace(browser, server):
+    page = browser.page
+    page.route("**/v1/chat/completions", _fulfil_sse(_chat_chunks("\n  Paris is the capital of France.")))
+    browser.open()
+    browser.send("What is the capital of France?")
+    browser.wait_idle()
+    assert browser.answers() == ["Paris is the capital of France."]
+    browser.send("And of Italy?")
+    browser.wait_idle()
+    _, body, _ = browser.requests[-1]
+    assert body["messages"][1] == {"role": "assistant", "content": "Paris is the capital of France."}
 
 
 def test_sse_parser_survives_any_chunk_boundary(browser, server):
@@ -515,7 +533,7 @@ def test_screenshots_desktop_and_phone(playwright_driver, server, tmp_path):
     out_dir = os.environ.get("GPT2I_SCREENSHOT_DIR")
     out_dir = os.path.join(ROOT, out_dir) if out_dir and not os.path.isabs(out_dir) else out_dir
     shots = {}
-    for name, viewport in (("desktop", {"width": 1280, "height": 800}), ("phone", {"width": 390, "height": 844})):
+    for name, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
         context = _launch(playwright_driver, tmp_path / name, viewport=viewport,
                           device_scale_factor=1 if name == "desktop" else 2, color_scheme="light")
         page = Page(context, server)
