@@ -89,10 +89,11 @@ def write_manifest(out_dir, paths, fingerprint=None):
         json.dump({"version": VERSION, "fingerprint": fingerprint, "shards": shards}, f, indent=1)
 
 
-def read_manifest(data_dir):
+def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ShardError(f"{data_dir} holds no finished set of token shards (no {MANIFEST}): make one with fineweb.py")
+        raise ShardError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
+                         f"which fineweb.py writes last)")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -105,13 +106,13 @@ def read_manifest(data_dir):
 def list_shards(data_dir, split, prefix=None):
     """Paths of one split ('train' | 'val') as the manifest lists them, each checked against its size."""
     paths = []
-    for s in read_manifest(data_dir)["shards"]:
+    for s in read_manifest(data_dir, split)["shards"]:
         path = os.path.join(data_dir, s["file"])
         if s["split"] != split or (prefix is not None and not s["file"].startswith(prefix + "_")):
             continue
         if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
-            raise ShardError(f"{path} is missing or does not match {MANIFEST}: make the set again "
-                             f"(fineweb.py --overwrite)")
+            raise ShardError(f"token shard {path} is missing, truncated or corrupt: it does not match {MANIFEST}; "
+                             f"make the set again (fineweb.py --overwrite)")
         paths.append(path)
     if not paths:
         raise ShardError(f"no {split} shards in {os.path.join(data_dir, MANIFEST)}")
