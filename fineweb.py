@@ -38,10 +38,6 @@ DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
 
 
-class ShardError(UserError):
-    """A token shard or set that is missing, incomplete, or not in llm.c's format."""
-
-
 # ---------------------------------------------------------------------- shards and manifests
 
 def shard_name(prefix, split, index):
@@ -62,22 +58,22 @@ def write_shard(path, tokens):
 
 
 def read_shard(path):
-    """Memory-map a shard's tokens: (n_tokens,) uint16. Format problems and ids >= N_VOCAB are ShardErrors."""
+    """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ShardError(f"token shard not found: {path}")
+        raise UserError(f"token shard not found: {path}")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS) if size >= HEADER_BYTES else [0, 0]
     if header[0] != MAGIC or header[1] != VERSION:
-        raise ShardError(f"{path} is not a token shard (llm.c format version {VERSION})")
+        raise UserError(f"{path} is not a token shard (llm.c format version {VERSION})")
     n = int(header[2])
     if n < 0 or size != HEADER_BYTES + 2 * n:
-        raise ShardError(f"token shard {path} is truncated or corrupt: its header says {n} tokens, "
+        raise UserError(f"token shard {path} is truncated or corrupt: its header says {n} tokens, "
                          f"the file has {size} bytes")
     tokens = np.memmap(path, np.uint16, "r", HEADER_BYTES, (n,)) if n else np.zeros(0, np.uint16)
     top = int(tokens.max()) if n else 0  # one vectorised pass: a bad id would fail deep in the model
     if top >= N_VOCAB:
-        raise ShardError(f"token shard {path} holds token id {top}, outside GPT-2's vocabulary (< {N_VOCAB})")
+        raise UserError(f"token shard {path} holds token id {top}, outside GPT-2's vocabulary (< {N_VOCAB})")
     return tokens
 
 
@@ -92,14 +88,14 @@ def write_manifest(out_dir, paths, fingerprint=None):
 def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ShardError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
+        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
                          f"which fineweb.py writes last)")
     try:
         with open(path) as f:
             manifest = json.load(f)
         assert all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"])
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise ShardError(f"{path} is not a shard manifest written by fineweb.py") from None
+        raise UserError(f"{path} is not a shard manifest written by fineweb.py") from None
     return manifest
 
 
@@ -111,11 +107,11 @@ def list_shards(data_dir, split, prefix=None):
         if s["split"] != split or (prefix is not None and not s["file"].startswith(prefix + "_")):
             continue
         if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
-            raise ShardError(f"token shard {path} is missing, truncated or corrupt: it does not match {MANIFEST}; "
+            raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match {MANIFEST}; "
                              f"make the set again (fineweb.py --overwrite)")
         paths.append(path)
     if not paths:
-        raise ShardError(f"no {split} shards in {os.path.join(data_dir, MANIFEST)}")
+        raise UserError(f"no {split} shards in {os.path.join(data_dir, MANIFEST)}")
     return paths
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 import fineweb
 from common import UserError, atomic_path
-from fineweb import HEADER_BYTES, MAGIC, MANIFEST, ShardError, list_shards, read_shard, write_manifest, write_shard
+from fineweb import HEADER_BYTES, MAGIC, MANIFEST, list_shards, read_shard, write_manifest, write_shard
 from tokenizer import EOT_ID, N_VOCAB, decode, encode
 
 BOOKS = os.path.join(ROOT, "demo_data", "books.jsonl.xz")
@@ -184,7 +184,7 @@ def test_reader_rejects_corrupt_shards_and_out_of_vocabulary_ids(tmp_path):
     for message, blob in cases.items():
         path = tmp_path / "bad.bin"
         path.write_bytes(blob)
-        with pytest.raises(ShardError, match=message.strip()) as e:
+        with pytest.raises(UserError, match=message.strip()) as e:
             read_shard(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="token ids"):
@@ -198,7 +198,7 @@ def test_training_reads_only_a_finished_set(docs_file, tmp_path):
     manifest = json.load(open(out / MANIFEST))
     # a folder without a manifest (shards of an interrupted run) is refused
     os.rename(out / MANIFEST, tmp_path / "kept.json")
-    with pytest.raises(ShardError, match="no train shards in .*no finished set"):
+    with pytest.raises(UserError, match="no train shards in .*no finished set"):
         list_shards(out, "train")
     os.rename(tmp_path / "kept.json", out / MANIFEST)
     # a listed file that is missing or changed since is refused; unlisted files are never read
@@ -206,7 +206,7 @@ def test_training_reads_only_a_finished_set(docs_file, tmp_path):
     assert len(list_shards(out, "train")) == 5
     victim = out / manifest["shards"][1]["file"]
     write_shard(victim, np.arange(7))
-    with pytest.raises(ShardError, match="truncated or corrupt: it does not match manifest.json"):
+    with pytest.raises(UserError, match="truncated or corrupt: it does not match manifest.json"):
         list_shards(out, "train")
     # shards written by hand become a set once a manifest lists them
     hand = tmp_path / "hand"
@@ -255,7 +255,7 @@ def test_interrupted_run_leaves_nothing_training_accepts(docs_file, tmp_path):
     assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
     names = os.listdir(out)
     assert "fineweb_train_000002.bin" in names and MANIFEST not in names and any(n.endswith(".tmp") for n in names)
-    with pytest.raises(ShardError, match="no train shards in .*no finished set"):
+    with pytest.raises(UserError, match="no train shards in .*no finished set"):
         list_shards(out, "train")
     with pytest.raises(UserError, match="unfinished run: pass --overwrite"):
         run(docs_file, out, "--shard-size", "30")
@@ -263,7 +263,7 @@ def test_interrupted_run_leaves_nothing_training_accepts(docs_file, tmp_path):
     # killed again, this time while overwriting a finished set: still nothing readable
     run(docs_file, out, "--shard-size", "30", "--overwrite")
     assert subprocess.run([sys.executable, "-c", script, "--overwrite"], timeout=60).returncode == -signal.SIGKILL
-    with pytest.raises(ShardError, match="no finished set"):
+    with pytest.raises(UserError, match="no finished set"):
         list_shards(out, "val")
     run(docs_file, out, "--shard-size", "30", "--overwrite")
     assert len(read_all_tokens(out)[0]) == N_DOCS
