@@ -214,7 +214,7 @@ def serve(argv, base, smoke):
             status, reply = http_json(base + "/generate", body, timeout=120.0)
             say(f"[smoke] POST {base}/generate {json.dumps(body)}")
             say(f"[smoke] reply: {json.dumps(reply, ensure_ascii=False)}")
-            if status != 200 or not reply.get("text"):
+            if status != 200 or not (reply or {}).get("text"):
                 raise StageFailed(f"POST /generate answered {status} without text")
             return 0
         body = json.dumps({"prompt": EXAMPLE, "max_new_tokens": 64})

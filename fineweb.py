@@ -69,7 +69,7 @@ def read_shard(path):
     n = int(header[2])
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise UserError(f"token shard {path} is truncated or corrupt: its header says {n} tokens, "
-                         f"the file has {size} bytes")
+                        f"the file has {size} bytes")
     tokens = np.memmap(path, np.uint16, "r", HEADER_BYTES, (n,)) if n else np.zeros(0, np.uint16)
     top = int(tokens.max()) if n else 0  # one vectorised pass: a bad id would fail deep in the model
     if top >= N_VOCAB:
@@ -80,7 +80,7 @@ def read_shard(path):
 def write_manifest(out_dir, paths, fingerprint=None):
     """Declare `paths` (shards in out_dir) a finished set: written last, the only list training reads."""
     shards = [{"file": os.path.basename(p), "split": SHARD_RE.match(os.path.basename(p))["split"],
-               "tokens": int(read_shard(p).size)} for p in paths]
+               "tokens": (os.path.getsize(p) - HEADER_BYTES) // 2} for p in paths]
     with atomic_path(os.path.join(out_dir, MANIFEST)) as tmp, open(tmp, "w") as f:
         json.dump({"version": VERSION, "fingerprint": fingerprint, "shards": shards}, f, indent=1)
 
@@ -88,14 +88,16 @@ def write_manifest(out_dir, paths, fingerprint=None):
 def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
-                         f"which fineweb.py writes last)")
+        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards "
+                        f"(no {MANIFEST}, which fineweb.py writes last)")
     try:
         with open(path) as f:
             manifest = json.load(f)
-        assert all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"])
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is not a shard manifest written by fineweb.py") from None
+        ok = all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a shard manifest written by fineweb.py")
     return manifest
 
 
@@ -107,8 +109,8 @@ def list_shards(data_dir, split, prefix=None):
         if s["split"] != split or (prefix is not None and not s["file"].startswith(prefix + "_")):
             continue
         if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
-            raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match {MANIFEST}; "
-                             f"make the set again (fineweb.py --overwrite)")
+            raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match "
+                            f"{MANIFEST}; make the set again (fineweb.py --overwrite)")
         paths.append(path)
     if not paths:
         raise UserError(f"no {split} shards in {os.path.join(data_dir, MANIFEST)}")
