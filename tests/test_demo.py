@@ -3,8 +3,8 @@
 - the first run prepares, trains, fine-tunes, serves on a free port under the demo's model name, gets
   text from POST /generate and shuts the server down (exit 0);
 - a second run reuses every stage (runs no stage script, leaves the outputs untouched) and serves again;
-- an interrupted pretraining (a checkpoint before the last step, marker "running") is continued with
-  --init-from resume, and the stages that read it run again; --no-serve stops after fine-tuning;
+- Ctrl+C during pretraining checkpoints and exits 130; the next run continues it with --init-from resume
+  and redoes the stage that reads it; --no-serve stops after fine-tuning;
 - changed settings redo a stage; a failing stage names itself and its command (exit 1); a taken
   port is a usage error (exit 2) before any work.
 """
@@ -12,6 +12,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -97,16 +98,23 @@ def test_second_run_reuses_every_stage(first_run, roots):
     assert smoke_reply(out)["text"]
 
 
-def test_interrupted_pretraining_is_continued_not_reused(first_run, roots, tmp_path):
-    """A pretraining stopped at step 2 of 4 (as Ctrl+C leaves it: a checkpoint, marker 'running') resumes."""
+def test_ctrl_c_during_pretraining_is_continued_by_the_next_run(first_run, roots, tmp_path):
+    """Ctrl+C once pretraining has logged a step: it checkpoints and stops (exit 130); the next run resumes it."""
     assert first_run[0].returncode == 0
     pretrain, sft = stages_in(roots, tmp_path)[1::2]
-    os.makedirs(pretrain.out_dir)
-    pretrain.write_marker("running")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, "train_gpt2.py", *pretrain.argv, "--stop-at-step", "2"], cwd=ROOT, env=env,
-                   check=True, capture_output=True, timeout=120)
-    assert ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt")) == 2 and pretrain.status() == "interrupted"
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "demo.py", "--smoke", "--no-serve", "--data-root", roots["data"],
+                             "--out-root", str(tmp_path)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, "".join(out)[-3000:]
+    assert "demo: interrupted" in "".join(out)
+    step = ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt"))
+    assert 1 <= step < demo.SMOKE_PRETRAIN["max_steps"] and pretrain.status() == "interrupted"
 
     proc, out = run_demo("--no-serve", "--data-root", roots["data"], "--out-root", tmp_path)
     assert proc.returncode == 0, out[-4000:]
