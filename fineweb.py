@@ -27,7 +27,7 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, iter_jsonl, run_cli
+from common import UserError, atomic_path, clean_stale_temps, iter_jsonl, run_cli
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -124,11 +124,8 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     unless --overwrite; then the manifest goes before the shards, so no moment leaves a readable mix.
     """
     os.makedirs(out_dir, exist_ok=True)
+    clean_stale_temps(out_dir)
     names = os.listdir(out_dir)
-    for name in names:  # atomic_path's temp files: .NAME.XXXX.tmp
-        if name.startswith(".") and name.endswith(".tmp") and (SHARD_RE.match(name[1:].rsplit(".", 2)[0])
-                                                               or name.startswith("." + MANIFEST + ".")):
-            os.remove(os.path.join(out_dir, name))
     ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
     if MANIFEST in ours and not overwrite:
         if read_manifest(out_dir).get("fingerprint") == fingerprint:
