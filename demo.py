@@ -56,8 +56,9 @@ def flags(options):
     """{"max_steps": 4, "lr": 1e-3, "no_compile": True} -> ["--max-steps", "4", "--lr", "0.001", "--no-compile"]."""
     out = []
     for key, value in options.items():
-        out += [f"--{key.replace('_', '-')}"] + ([] if value is True else [f"{value:g}" if isinstance(value, float)
-                                                                           else str(value)])
+        out.append("--" + key.replace("_", "-"))
+        if value is not True:  # True: a bare switch
+            out.append(f"{value:g}" if isinstance(value, float) else str(value))
     return out
 
 
@@ -99,32 +100,34 @@ def build_stages(smoke, data_dir, out_dir, device):
     """The four stages of a mode, with their exact commands (data_dir / out_dir: this mode's folders)."""
     shards, pretrain = os.path.join(data_dir, "shards"), os.path.join(out_dir, "pretrain")
     dolly, sft = os.path.join(data_dir, "dolly"), os.path.join(out_dir, "sft")
-    system = {"device": device, "no_compile": True}
-    tokenize = {"input": shown(BOOKS), "out_dir": shown(shards), "prefix": "books", "workers": 1,
-                **({"shard_size": 8192, "val_tokens": 2048, "max_tokens": 24_000} if smoke else
-                   {"shard_size": 1_000_000, "val_tokens": 32_768})}
-    train = {"data_dir": shown(shards), "out_dir": shown(pretrain), "init_from": "scratch",
-             **(SMOKE_PRETRAIN if smoke else PRETRAIN), **system,
-             **({"eval_interval": 2, "eval_steps": 2, "sample_tokens": 8, "ckpt_interval": 2, "log_interval": 1}
-                if smoke else {"eval_interval": 40, "eval_steps": 4, "sample_tokens": 32, "ckpt_interval": 20,
-                               "log_interval": 5})}
-    prepare = {"input": shown(INSTRUCTIONS), "out_dir": shown(dolly), "max_len": train["block_size"],
-               "no_progress": True, **({"limit": 300} if smoke else {})}
-    finetune = {"data_dir": shown(dolly), "init_from": shown(pretrain), "out_dir": shown(sft),
-                **(SMOKE_FINETUNE if smoke else FINETUNE), **system, "sample_count": 1, "pad_multiple": 16,
-                **({"eval_interval": 3, "eval_examples": 4, "sample_tokens": 8, "log_interval": 1} if smoke else
-                   {"eval_interval": 25, "sample_tokens": 32, "log_interval": 5})}
-    p, f = train, finetune
+    if smoke:  # a few steps of a tiny model on a slice of the data: every stage, in about a minute
+        tokenize = {"shard_size": 8192, "val_tokens": 2048, "max_tokens": 24_000}
+        train = {**SMOKE_PRETRAIN, "eval_interval": 2, "eval_steps": 2, "sample_tokens": 8, "ckpt_interval": 2,
+                 "log_interval": 1}
+        prepare = {"limit": 300}
+        finetune = {**SMOKE_FINETUNE, "eval_interval": 3, "eval_examples": 4, "sample_tokens": 8, "log_interval": 1}
+    else:
+        tokenize = {"shard_size": 1_000_000, "val_tokens": 32_768}  # val: what --eval-steps reads, and more
+        train = {**PRETRAIN, "eval_interval": 40, "eval_steps": 4, "sample_tokens": 32, "ckpt_interval": 20,
+                 "log_interval": 5}
+        prepare = {}
+        finetune = {**FINETUNE, "eval_interval": 25, "sample_tokens": 32, "log_interval": 5}
+    system = {"device": device, "no_compile": True}  # compiling would take longer than these runs
     return [
-        Stage("shards", "tokenize the 5 bundled books into GPT-2 token shards", fineweb.main, "fineweb.py",
-              shards, tokenize),
-        Stage("pretrain", f"pretrain a tiny GPT from scratch ({p['n_layer']} layers, {p['n_embd']} wide, "
-                          f"{p['max_steps']} steps of {p['total_batch_size']:,} tokens)",
-              train_gpt2.main, "train_gpt2.py", pretrain, train, ckpt="ckpt.pt", needs=("shards",)),
+        Stage("shards", "tokenize the 5 bundled books into GPT-2 token shards", fineweb.main, "fineweb.py", shards,
+              {"input": shown(BOOKS), "out_dir": shown(shards), "prefix": "books", "workers": 1, **tokenize}),
+        Stage("pretrain", f"pretrain a tiny GPT from scratch ({train['n_layer']} layers, {train['n_embd']} wide, "
+                          f"{train['max_steps']} steps of {train['total_batch_size']:,} tokens)",
+              train_gpt2.main, "train_gpt2.py", pretrain,
+              {"data_dir": shown(shards), "out_dir": shown(pretrain), "init_from": "scratch", **train, **system},
+              ckpt="ckpt.pt", needs=("shards",)),
         Stage("dolly", "tokenize the bundled instructions with the prompt template", prepare_dolly.main,
-              "prepare_dolly.py", dolly, prepare),
-        Stage("sft", f"instruction-tune it ({f['max_steps']} steps of {f['examples_per_step']} examples)",
-              finetune_dolly.main, "finetune_dolly.py", sft, finetune, ckpt="last.pt", needs=("pretrain", "dolly")),
+              "prepare_dolly.py", dolly, {"input": shown(INSTRUCTIONS), "out_dir": shown(dolly),
+                                          "max_len": train["block_size"], "no_progress": True, **prepare}),
+        Stage("sft", f"instruction-tune it ({finetune['max_steps']} steps of {finetune['examples_per_step']} "
+                     f"examples)", finetune_dolly.main, "finetune_dolly.py", sft,
+              {"data_dir": shown(dolly), "init_from": shown(pretrain), "out_dir": shown(sft), **finetune, **system,
+               "sample_count": 1, "pad_multiple": 16}, ckpt="last.pt", needs=("pretrain", "dolly")),
     ]
 
 
