@@ -272,16 +272,12 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     def add_train(tokens):
         train.append(write_shard(os.path.join(out_dir, shard_name(prefix, "train", len(train) + 1)), tokens))
 
-    def counted(stream):
-        nonlocal n_docs
-        for n_docs, text in enumerate(stream, 1):
-            yield text
-
     with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        for tokens in iter_token_chunks(counted(docs), workers):
+        for tokens in iter_token_chunks(docs, workers):
             tokens = tokens[:None if max_tokens is None else max_tokens - total]
             pieces.append(tokens)
             n, total = n + tokens.size, total + tokens.size
+            n_docs += int(np.count_nonzero(tokens == EOT_ID))  # each document starts with the only EOT
             while n >= (want := shard_size if head is not None else head_size):
                 stream = np.concatenate(pieces)
                 pieces, n = [stream[want:]], stream.size - want

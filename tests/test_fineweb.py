@@ -72,7 +72,7 @@ def test_jsonl_round_trip(tmp_path, suffix, opener, workers):
                                                         "demo_train_000002.bin"]
     assert all(len(read_shard(p)) == 40 for p in paths[:-1])  # documents flow across shard boundaries
     assert split_documents(tokens) == DOCS
-    assert result["tokens"] == len(tokens) == N_DOCS
+    assert result["tokens"] == len(tokens) == N_DOCS and result["documents"] == len(DOCS)
     header = np.fromfile(paths[0], dtype=np.int32, count=256)
     assert header[:3].tolist() == [MAGIC, 1, 40] and not header[3:].any()
     assert os.path.getsize(paths[0]) == HEADER_BYTES + 2 * 40
