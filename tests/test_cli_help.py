@@ -1,6 +1,7 @@
-"""README.md and the command lines stay in step: every script the README runs answers --help, and every
-flag, make target and GPT2I_* variable the README names exists."""
+"""README.md and the command lines stay in step: every script (the README's and every other with a main())
+answers --help, and every flag, make target and GPT2I_* variable the README names exists."""
 
+import glob
 import os
 import re
 import shlex
@@ -46,6 +47,9 @@ def script_flags():
 
 
 SCRIPTS = script_flags()
+for _path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py")):
+    if "def main(" in open(_path, encoding="utf-8").read():
+        SCRIPTS.setdefault(os.path.relpath(_path, ROOT), set())
 
 
 def help_text(script):
