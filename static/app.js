@@ -22,6 +22,10 @@
  * character or between "\r" and "\n". Stop aborts the fetch; the server notices the closed
  * connection and stops generating.
  *
+ * The sliders take their ranges and defaults from GET /params (the page's own default: a mild
+ * repetition penalty), the model's name comes from GET /v1/models, and /health is polled. A failed
+ * request leaves a note and Retry under the message it belongs to, never an empty answer.
+ *
  * Model output is only ever inserted with textContent, never as HTML.
  */
 "use strict";
