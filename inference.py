@@ -750,8 +750,7 @@ class Engine:
                 self.seen[slots, nxt] = True
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
-            self.pos.index_fill_(0, slots, 0)
-            self.pos.index_add_(0, slots, self._upload([c.pos for c in choices], torch.long))
+            self.pos.index_copy_(0, slots, self._upload([c.pos for c in choices], torch.long))
             fetch += [nxt] + (list(_logprobs(logits, nxt)) if kind[2] else [])
         return "prefill", finals, choices, _Fetch(fetch)
 
