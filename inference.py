@@ -662,7 +662,7 @@ class Engine:
         for c, s in zip(r.choices, slots):
             c.slot = s
             self._rows[s] = c
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._upload(slots, torch.long)
         self.params.index_copy_(0, idx, self._upload([param_row(r.params)] * r.n, torch.float32))
         self.bias.index_fill_(0, idx, 0)
         if r.params["logit_bias"]:
