@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 from common import UserError, pick_device, pick_dtype, run_cli
-from model import GPT, PRETRAINED_CONFIGS, KVCache
+from model import KVCache
 from prompt import format_prompt
 from tokenizer import EOT_ID, N_VOCAB, encode, get_tokenizer
 
@@ -1018,41 +1018,13 @@ def prepare_model(model, device, dtype, quantize=None):
     return model
 
 
-def load_weights(path):
-    """-> (model on CPU in fp32, info dict) from our checkpoint, an HF folder or an OpenAI name."""
-    path = os.fspath(path)
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, CKPT_NAME)):
-        ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt)
-        full = os.path.abspath(path)
-        folder = full if os.path.isdir(full) else os.path.dirname(full)
-        info = {"model": os.path.basename(folder) or full, "path": full, "kind": ckpt["kind"],
-                "step": ckpt.get("step"), "metrics": ckpt.get("metrics") or {}}
-    elif os.path.isdir(path) or path in PRETRAINED_CONFIGS:
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json)")
-        try:
-            model = GPT.from_pretrained(path)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
-            raise UserError(f"cannot load {path!r}: {e}") from None
-        local = os.path.isdir(path)
-        full = os.path.abspath(path) if local else path
-        info = {"model": os.path.basename(full.rstrip("/")) if local else path, "path": full,
-                "kind": "hf" if local else "openai", "step": None, "metrics": {}}
-    else:
-        raise UserError(f"model not found: {path!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
-                        f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)})")
-    return model, info
-
-
 def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
-    """Load a model ready for generation -> (model, info).
+    """checkpoint.load_model, then ready for generation (prepare_model) -> (model, info).
 
-    path: a ckpt.pt, the folder holding it, a local HF GPT-2 folder, or an OpenAI GPT-2 name
-    (`gpt2`, ...; needs the network). device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" =
-    bf16 on CUDA, fp32 elsewhere. quantize: None or "int8" (CPU, fp32: dynamic int8 Linears).
-    On CPU the Linears take the (in, out) layout (InOutLinear): the model is for inference only.
-    Bad input raises common.UserError with a one-line message.
+    device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" = bf16 on CUDA, fp32 elsewhere.
+    quantize: None or "int8" (CPU, fp32: dynamic int8 Linears). On CPU the Linears take the
+    (in, out) layout (InOutLinear): the model is for inference only. Bad input raises
+    common.UserError with a one-line message.
     """
     try:
         device = pick_device(device)
@@ -1066,17 +1038,10 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
     quantize = None if quantize == "none" else quantize
     if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError(f"quantize=int8 runs on CPU in float32 only (asked: {device.type}, {dtype})")
-    model, info = load_weights(path)
-    n_params = model.num_params()
-    prepare_model(model, device, dtype, quantize)
-    cfg = model.config
-    info.update({
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
-        "n_params": n_params, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-        "instruction_tuned": info["kind"] == "sft",
-    })
-    return model, info
+    model, info = load_model(path)
+    info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), quantize=quantize,
+                n_params=model.num_params(), instruction_tuned=info["kind"] == "sft")
+    return prepare_model(model, device, dtype, quantize), info
 
 
 # ====================================================================== CLI
@@ -1154,7 +1119,7 @@ def main(argv=None):
     if args.verbose:
         end = time.perf_counter()
         rate = (usage["completion_tokens"] - 1) / (end - first) if usage["completion_tokens"] > 1 else 0.0
-        print(f"[{info['model']} on {info['device']} {info['dtype']}: finish_reason={reason} "
+        print(f"[{info['name']} on {info['device']} {info['dtype']}: finish_reason={reason} "
               f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} "
               f"prefill {(first - t0) * 1e3:.0f} ms, decode {rate:.1f} tokens/s]", file=sys.stderr)
     return 0

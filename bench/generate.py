@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from common import UserError, pick_device, pick_dtype, run_cli  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
 from tokenizer import encode  # noqa: E402
@@ -91,8 +92,8 @@ def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
     quantize = None if args.quantize == "none" else args.quantize
     if args.ckpt:
-        ours, info = inference.load_weights(args.ckpt)  # fp32 on CPU, not yet prepared
-        name = info["model"]
+        ours, info = load_model(args.ckpt)  # fp32 on CPU, not yet prepared
+        name = info["name"]
     else:
         torch.manual_seed(args.seed)
         ours = GPT(GPTConfig()).eval().requires_grad_(False)  # GPT-2 124M shapes, vocab padded to 50304
