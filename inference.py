@@ -861,6 +861,7 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self.j.zero_()  # stay inside u / out even when decode_chunk is 1
                 self._decode_step(B, L, kind)
         torch.cuda.current_stream(self.device).wait_stream(side)
         for t, copy in saved:
