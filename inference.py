@@ -615,12 +615,11 @@ class Engine:
         with self._lock:
             outs = []
             self._cancel_requested(outs)
-            work = [w for w in (self._prefill(outs), self._decode()) if w is not None]
-            if self.pipeline:
-                done, self._inflight = self._inflight, work
-            else:
-                done = work
-            for kind, *args in done:
+            prefill, decode = self._prefill(outs), self._decode()
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
+            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
+            self._inflight = [decode] if self.pipeline and decode else []
+            for kind, *args in filter(None, done):
                 (self._read_prefill if kind == "prefill" else self._read_decode)(*args, outs)
             self._release(outs)
             for o in outs:
