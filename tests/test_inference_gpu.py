@@ -69,10 +69,13 @@ def test_logprobs_in_graphs_equal_eager_fp32():
     assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(eager, graphs))
 
 
-def test_graphs_equal_eager_fp32():
+@pytest.mark.parametrize("name", [name for name, (dtype, _) in SAMPLERS.items() if dtype == torch.float32])
+def test_graphs_equal_eager_fp32(name):
+    """Bucketed, captured and pipelined against exact shapes, uncaptured and read every step."""
     model = gpt2_124m(torch.float32)
-    eager, _ = run(model, PROMPTS, graphs=False)(max_new_tokens=100)
-    graphs, _ = run(model, PROMPTS, graphs=True)(max_new_tokens=100)
+    sampling = SAMPLERS[name][1]
+    eager, _ = run(model, PROMPTS, graphs=False, pipeline=False, decode_chunk=1)(max_new_tokens=100, **sampling)
+    graphs, _ = run(model, PROMPTS, graphs=True)(max_new_tokens=100, **sampling)
     assert graphs == eager
 
 
