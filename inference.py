@@ -836,18 +836,34 @@ class Engine:
         self.j.add_(1)
 
     def _run_step(self, B, L, kind):
-        if self.graphs:
-            graph = self._graphs.get((B, L, kind))
-            if graph is None:
-                try:
-                    graph = self._graphs[(B, L, kind)] = self._capture(B, L, kind)
-                except Exception as e:  # keep serving: decode uncaptured, loudly
-                    self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
-                    warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=2)
-                    self.graphs = False
-            if graph is not None:
-                return graph.replay()
+        graph = self._graph(B, L, kind) if self.graphs else None
+        if graph is not None:
+            return graph.replay()
         self._decode_step(B, L, kind)
+
+    def _graph(self, B, L, kind):
+        """The CUDA graph of a decode step, captured on first use; None (and graphs off) if capture fails."""
+        graph = self._graphs.get((B, L, kind))
+        if graph is None and self.graphs:
+            try:
+                graph = self._graphs[(B, L, kind)] = self._capture(B, L, kind)
+            except Exception as e:  # keep serving: decode uncaptured, loudly
+                self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
+                warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=3)
+                self.graphs = False
+        return graph
+
+    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+        """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
+        kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
+        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        block = self.config.block_size
+        with self._lock, torch.no_grad():
+            for B in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+                for L in sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)}):
+                    for kind in kinds:
+                        self._graph(B, L, kind)
+        return len(self._graphs)
 
     def _capture(self, B, L, kind):
         """Warm up (compiles if asked) on a side stream, then record one decode step in a graph.
