@@ -529,7 +529,7 @@ class Engine:
         S, V, dev = max_batch, N_VOCAB, self.device
         self.cache = KVCache(self.config, S, device=dev, dtype=self.dtype)
         # decode state: every tensor allocated once, written in place (CUDA graphs read them)
-        self.params = torch.zeros(S, len(COLS), device=dev)  # per-slot sampling parameters
+        self.params = torch.tensor([param_row(DEFAULTS)] * S, device=dev)  # per-slot sampling parameters
         self.bias = torch.zeros(S, V, device=dev)
         self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
         self.counts = torch.zeros(S, V, device=dev)
@@ -704,7 +704,7 @@ class Engine:
         slots = self._upload([r.choices[0].slot for r, _, _ in rows], torch.long)
         h = self.model.hidden(idx, cache=self.cache, pos=pos, slots=slots, kv_len=max(starts) + width)  # (B, T, C)
         # idle slots decode at the prefilled length, so their garbage lands past it
-        self.pos.index_copy_(0, slots, self._upload([s + n for _, s, n in rows], torch.long))
+        self.pos.index_copy_(0, slots, self._upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
         finals = []
         for b, (r, s, n) in enumerate(rows):
             r.filled = s + n

@@ -639,3 +639,13 @@ def test_cli_help_and_missing_checkpoint_exit_codes(capsys):
         run_cli(inf.main, ["--ckpt", "/nope/ckpt.pt", "--prompt", "x"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "not found" in err
+
+
+def test_echo_of_a_prompt_filling_the_whole_context(model):
+    engine = inf.Engine(model, max_batch=2, static=True)
+    running = engine.add(ids_of("a"), params(max_new_tokens=40, temperature=0))
+    first = sum(len(o.token_ids) for o in engine.step())
+    full = engine.add(list(range(1000, 1128)), params(max_new_tokens=0), echo=True)  # 128 = block_size
+    got, _ = run_all(engine)
+    assert got[full.id] == ([], "length") and got[running.id][1] == "length"
+    assert first + len(got[running.id][0]) == 40
