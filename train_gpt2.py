@@ -263,10 +263,12 @@ class Trainer:
 
     def forward_backward(self, x, y):
         """Accumulate the gradients of sum(token losses) / (targets counted over the step and all ranks)."""
-        count = torch.tensor(float((y != -1).sum()), device=self.device)  # counted on the CPU: no sync
-        if self.dist.enabled:
-            torch.distributed.all_reduce(count)
-        scale = self.dist.world_size / count.clamp_min(1.0)  # DDP averages gradients over ranks: undo its 1/W
+        count = int((y != -1).sum())  # CPU tensors: no device sync
+        scale = 1.0 / max(count, 1)
+        if self.dist.enabled:  # all ranks' count, all-reduced in stream order (the host does not wait)
+            total = torch.tensor(float(count), device=self.device)
+            torch.distributed.all_reduce(total)
+            scale = self.dist.world_size / total.clamp_min(1.0)  # DDP averages gradients over ranks: undo its 1/W
         micro_batches = list(zip(x.split(self.micro), y.split(self.micro)))
         loss_sum = torch.zeros((), device=self.device)
         for i, (xm, ym) in enumerate(micro_batches):
