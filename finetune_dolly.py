@@ -43,13 +43,12 @@ import numpy as np
 import torch
 
 from common import CLIParser, UserError, run_cli, setup_distributed, teardown_distributed
-from hellaswag import load_examples
 from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, parse_targets
 from model import PRETRAINED_CONFIGS
 from prepare_dolly import load_split
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, N_VOCAB, decode
-from train_gpt2 import Trainer, add_train_args, initial_model, parse_args, prepare_out_dir
+from train_gpt2 import add_train_args, initial_model, parse_args, run
 
 DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 3e-4
 WARMUP_FRACTION = 0.03
@@ -244,18 +243,13 @@ def main(argv=None):
                           args.pad_multiple, args.eval_examples, args.seed) if args.eval_interval else []
         prompts = held_out_prompts(data["val"], args.sample_count, model.config.block_size - args.sample_tokens)
         prompts += [format_prompt(p) for p in args.sample_prompt or []]
-        hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
         if dist.is_main:
             ex = train.examples
             print(f"fine-tuning ({'LoRA ' + str(lora.to_dict()) if lora else 'full'}) from {args.init_from}: "
                   f"{ex.n:,} train examples ({ex.n_too_long} longer than {args.block_size + 1} tokens left out), "
                   f"{sum(len(x) for x, _ in val) * dist.world_size:,} val; {spe} steps an epoch, {args.max_steps} "
                   f"steps, lr {args.lr:g} (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
-        trainer = Trainer(model, args, train, val, dist, "sft", keep_best=True, prompts=prompts, hellaswag=hellaswag)
-        prepare_out_dir(args, dist)  # last: every mistake above leaves the folder as it was
-        if ckpt is not None:
-            trainer.restore(ckpt)
-        return trainer.fit()
+        return run(args, dist, ckpt, model, train, val, "sft", keep_best=True, prompts=prompts)
     finally:
         teardown_distributed(dist)
 

@@ -614,6 +614,16 @@ def prepare_out_dir(args, dist):
             os.remove(os.path.join(args.out_dir, name))
 
 
+def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
+    """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit."""
+    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
+    prepare_out_dir(args, dist)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    return trainer.fit()
+
+
 def build_parser():
     p = CLIParser(description="Pretrain GPT-2 on token shards (python or torchrun; DDP, bf16, exact "
                                 "resume).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -651,13 +661,7 @@ def main(argv=None):
         if args.eval_interval > 0 and args.eval_steps > 0:
             val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
                               args.eval_steps * args.batch_size, dist.rank, dist.world_size)
-        hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-        trainer = Trainer(model, args, train, val, dist, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS,
-                          hellaswag=hellaswag)
-        prepare_out_dir(args, dist)  # last: every mistake above leaves the folder as it was
-        if ckpt is not None:
-            trainer.restore(ckpt)
-        return trainer.fit()
+        return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:
         teardown_distributed(dist)
 
