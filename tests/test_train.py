@@ -17,7 +17,7 @@ from conftest import ROOT, tiny_config
 import train_gpt2
 from checkpoint import load_checkpoint
 from common import UserError
-from fineweb import list_shards, write_shard, write_token_shards
+from fineweb import list_shards, write_manifest, write_shard, write_token_shards
 from model import GPT
 from train_gpt2 import TokenWindows, Trainer, lr_at, peak_flops_for_name, val_windows
 
@@ -56,9 +56,9 @@ def periodic_shards(tmp_path_factory):
     """A random 97-token sequence over 128 ids, repeated: learnable from context, cheap with --vocab-size 128."""
     out = tmp_path_factory.mktemp("periodic")
     stream = np.tile(np.random.default_rng(0).integers(0, 128, 97), 40)
-    write_shard(out / "p_val_000000.bin", stream[:1000])
-    write_shard(out / "p_train_000001.bin", stream[1000:2500])
-    write_shard(out / "p_train_000002.bin", stream[2500:])
+    write_manifest(out, [write_shard(out / "p_val_000000.bin", stream[:1000]),
+                         write_shard(out / "p_train_000001.bin", stream[1000:2500]),
+                         write_shard(out / "p_train_000002.bin", stream[2500:])])
     return str(out)
 
 
@@ -206,7 +206,7 @@ def test_resume_without_checkpoint_is_clear(shards, tmp_path):
 def test_corrupt_shard_is_a_clear_error(shards, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    for path in list_shards(shards, "val") + list_shards(shards, "train"):
+    for path in list_shards(shards, "val") + list_shards(shards, "train") + [os.path.join(shards, "manifest.json")]:
         os.symlink(path, bad / os.path.basename(path))
     victim = list_shards(shards, "train")[1]
     os.remove(bad / os.path.basename(victim))
@@ -372,9 +372,9 @@ def test_cuda_oom_halves_the_micro_batch(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------- data order
 
 def test_token_windows_order_ranks_and_prefetch(tmp_path):
-    for i, n in enumerate([50, 7, 64]):  # shards of odd sizes: windows must cross their boundaries
-        write_shard(tmp_path / f"s_train_{i + 1:06d}.bin", np.arange(sum([50, 7, 64][:i]), sum([50, 7, 64][:i + 1])))
-    paths = list_shards(tmp_path, "train")
+    sizes = [50, 7, 64]  # shards of odd sizes: windows must cross their boundaries
+    paths = [write_shard(tmp_path / f"s_train_{i + 1:06d}.bin", np.arange(sum(sizes[:i]), sum(sizes[:i + 1])))
+             for i in range(3)]
     T = 8
     one = TokenWindows(paths, T, 3, seed=5)
     assert one.n_windows == (121 - 1) // T == 15 and one.steps_per_epoch == 5
