@@ -4,6 +4,7 @@ Masking, the prompt template, learning, exact resume (full and LoRA), the checkp
 batching under DDP, and clear errors for bad input.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -404,3 +405,13 @@ def test_cli_exit_code_2_and_one_line(data80, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_training_flag_of_pretraining_is_a_fine_tuning_flag():
+    """The training flags are defined once (train_gpt2.add_train_args): fine-tuning has all of them."""
+    import train_gpt2
+
+    shared = {a.dest for a in train_gpt2.add_train_args(argparse.ArgumentParser())._actions}
+    assert {"hellaswag", "wandb", "prefetch", "stop_at_step", "sample_temperature", "overwrite"} <= shared
+    assert shared <= {a.dest for a in finetune_dolly.build_parser()._actions}
+    assert shared <= {a.dest for a in train_gpt2.build_parser()._actions}
