@@ -42,7 +42,7 @@ import zlib
 import numpy as np
 import torch
 
-from common import CLIParser, UserError, run_cli, setup_distributed, teardown_distributed
+from common import CLIParser, UserError, bounded, run_cli, setup_distributed, teardown_distributed
 from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, parse_targets
 from model import PRETRAINED_CONFIGS
 from prepare_dolly import load_split
@@ -180,13 +180,13 @@ def build_parser():
                   "(resume), log.jsonl, samples.jsonl.")
     add_train_args(p)
     f = p.add_argument_group("fine-tuning")
-    f.add_argument("--examples-per-step", type=int, default=32,
+    f.add_argument("--examples-per-step", type=bounded(int, 1), default=32,
                    help="examples per optimizer step (all GPUs); gradient accumulation fills the gap")
-    f.add_argument("--epochs", type=float, default=None, help="passes over the training examples (default 3; or --max-steps)")
-    f.add_argument("--pad-multiple", type=int, default=64,
+    f.add_argument("--epochs", type=bounded(float, 0, inclusive=False), default=None, help="passes over the training examples (default 3; or --max-steps)")
+    f.add_argument("--pad-multiple", type=bounded(int, 1), default=64,
                    help="pad rows to a multiple of this many tokens (the block size: one fixed shape)")
-    f.add_argument("--eval-examples", type=int, default=None, help="val examples per evaluation (default: all)")
-    f.add_argument("--sample-count", type=int, default=4, help="held-out val instructions answered at evaluations")
+    f.add_argument("--eval-examples", type=bounded(int, 1), default=None, help="val examples per evaluation (default: all)")
+    f.add_argument("--sample-count", type=bounded(int, 0), default=4, help="held-out val instructions answered at evaluations")
     lo = p.add_argument_group("LoRA (off unless --lora-rank is given)")
     lo.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (e.g. 8); the base stays frozen")
     lo.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale is alpha / r")
@@ -201,11 +201,8 @@ def build_parser():
 
 def check_args(args):
     """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""
-    for name in ("examples_per_step", "pad_multiple", "eval_examples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.epochs is not None and (args.max_steps is not None or not args.epochs > 0):
-        raise UserError(f"--epochs must be > 0 and not given with --max-steps, got {args.epochs}")
+    if args.epochs is not None and args.max_steps is not None:
+        raise UserError("give --epochs or --max-steps, not both")
     if args.init_from in (None, "scratch"):
         raise UserError("--init-from: fine-tuning starts from a trained model (a checkpoint, "
                         f"{', '.join(PRETRAINED_CONFIGS)}, an HF GPT-2 folder, or resume)")
