@@ -266,7 +266,7 @@ class Trainer:
         count = int((y != -1).sum())  # CPU tensors: no device sync
         scale = 1.0 / max(count, 1)
         if self.dist.enabled:  # all ranks' count, all-reduced in stream order (the host does not wait)
-            total = torch.tensor(float(count), device=self.device)
+            total = torch.full((), float(count), device=self.device)  # a fill kernel: no host-to-device copy
             torch.distributed.all_reduce(total)
             scale = self.dist.world_size / total.clamp_min(1.0)  # DDP averages gradients over ranks: undo its 1/W
         micro_batches = list(zip(x.split(self.micro), y.split(self.micro)))
