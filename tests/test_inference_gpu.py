@@ -139,7 +139,7 @@ def test_load_model_defaults_on_cuda(tmp_path):
     assert engine.graphs and engine.pipeline and engine.kmax == 8
     r = inf.generate_text(engine, "Say hi", max_new_tokens=20, seed=0)
     assert r["completion_tokens"] >= 1
-    assert engine.embed([[1, 2, 3]])[0].__len__() == 128
+    assert len(engine.embed([[1, 2, 3]])[0]) == 128
 
 
 def test_warmup_captures_up_front():
