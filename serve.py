@@ -22,6 +22,7 @@ import math
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import struct
@@ -39,7 +40,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits import parse_many
-from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter, ValidationError
 from werkzeug.security import safe_join
@@ -182,8 +183,8 @@ def validate_config(cfg):
     for name, allowed in CHOICES.items():
         if str(getattr(cfg, name)).lower() not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if not 0 < cfg.port < 65536:
-        raise UserError(f"--port must be in 1..65535, got {cfg.port}")
+    if not 0 <= cfg.port < 65536:
+        raise UserError(f"--port must be in 0..65535 (0: any free port), got {cfg.port}")
     for name in ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -272,13 +273,20 @@ class ClientGone(Exception):
 
 
 def client_gone(environ):
-    """True when the request's client has closed its connection (a peek at the socket, no read)."""
+    """True when the request's client has closed its connection: a poll and a peek, never a read."""
     sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
     if sock is None:
         return False
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError, ValueError):  # nothing to read yet (ValueError: TLS socket)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLRDHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL):
+            return True
+        return sock.recv(1, socket.MSG_PEEK) == b""  # readable: EOF, or the next pipelined request
+    except ValueError:  # TLS sockets take no recv flags: cannot tell
         return False
     except OSError:
         return True
@@ -549,9 +557,10 @@ def split_chat(messages):
         (system if role in ("system", "developer") else turns).append(text if role in ("system", "developer")
                                                                        else (role, text))
     if not turns or turns[-1][0] != "user":
-        raise invalid("messages", "the last message must have role 'user'")
+        raise invalid("messages", "messages: the last message must have role 'user'")
     if not turns[-1][1].strip():
-        raise invalid(f"messages[{len(messages) - 1}].content", "the last user message must not be empty")
+        last = f"messages[{len(messages) - 1}].content"
+        raise invalid(last, f"{last}: the last user message must not be empty")
     return "\n\n".join(s for s in system if s), turns[:-1], turns[-1][1]
 
 
@@ -840,6 +849,7 @@ class Server:
         """One engine Output -> its reply's queue, with the token metrics (the loop thread, under self._lock)."""
         reply, base = out.request.tag
         n_new = len(out.token_ids)
+        self.m_tokens.labels("completion").inc(n_new)
         if n_new:
             if reply.t_last is None:
                 self.m_ttft.observe(now - reply.t0)
@@ -850,7 +860,6 @@ class Server:
         if out.finish_reason is not None:
             usage = getattr(out, "usage", None) or {}
             reply.completion_tokens += usage.get("completion_tokens", 0)
-            self.m_tokens.labels("completion").inc(usage.get("completion_tokens", 0))
             if out.finish_reason == "cancelled":
                 self.m_cancelled.inc()
         if reply.ended is None:
@@ -976,11 +985,6 @@ def build_app(server):
     if cfg.trust_proxy > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trust_proxy)
     hosts = allowed_hosts(cfg)
-    limiter = Limiter(get_remote_address, app=app, default_limits=[], headers_enabled=True,
-                      storage_uri=cfg.rate_limit_storage, key_prefix="gpt2i", in_memory_fallback_enabled=True,
-                      enabled=rate_limit_enabled(cfg))
-    limited = (limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"])
-               if rate_limit_enabled(cfg) else (lambda view: view))
 
     # ---------------------------------------------------------------- per-request bookkeeping
 
@@ -1017,6 +1021,13 @@ def build_app(server):
         if rq["stream"]:
             rq["info"] = info
         return response
+
+    # flask-limiter after `end` above, so that its after_request (which adds Retry-After) runs before it
+    limiter = Limiter(get_remote_address, app=app, default_limits=[], headers_enabled=True,
+                      storage_uri=cfg.rate_limit_storage, key_prefix="gpt2i", in_memory_fallback_enabled=True,
+                      enabled=rate_limit_enabled(cfg))
+    limited = (limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"])
+               if rate_limit_enabled(cfg) else (lambda view: view))
 
     # ---------------------------------------------------------------- errors
 
@@ -1372,8 +1383,12 @@ def build_app(server):
                         "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
 
     @app.get("/static/<path:filename>", endpoint="static_file")
-    @app.get("/<staticfile:filename>", endpoint="static_root")
+    # every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the
+    # method before the converter)
+    @app.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def static_files(filename):
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
         try:
             return send_from_directory(cfg.static_dir, filename)
         except NotFound:
@@ -1489,8 +1504,11 @@ class _StderrHandler(logging.StreamHandler):
 
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
+        if record.exc_info:  # unexpected errors keep their traceback
+            msg = f"{msg}\n{self.formatException(record.exc_info)}" if isinstance(msg, str) else msg
         if self.json_lines:
-            return msg if isinstance(msg, str) else json.dumps(msg)
+            return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
+                                                                  "message": msg})
         if isinstance(msg, dict) and msg.get("event") == "request":
             msg = (f"{msg.get('method')} {msg.get('path')} {msg.get('status')} {msg.get('latency_ms')} ms"
                    + "".join(f" {k}={msg[k]}" for k in ("prompt_tokens", "completion_tokens", "finish_reason",
@@ -1535,7 +1553,16 @@ class PooledServer(BaseWSGIServer):
 
     def __init__(self, host, port, app, threads, read_timeout):
         self.read_timeout = read_timeout
-        super().__init__(host, port, app, handler=_Handler)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # bound here: werkzeug would print its own message and exit 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            super().__init__(host, port, app, handler=_Handler, fd=sock.fileno())
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        finally:
+            sock.close()  # werkzeug holds a duplicate
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt2i-http")
 
     def process_request(self, request, client_address):
@@ -1566,10 +1593,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = make_config({k: v for k, v in vars(args).items() if v is not None}, environ=os.environ)
-    try:
-        httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads, cfg.read_timeout)
-    except OSError as e:
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads, cfg.read_timeout)
     app = create_app(cfg)
     httpd.app = app
     server = state(app)
@@ -1583,8 +1607,8 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info(f"gpt2-instruct on http://{cfg.host}:{httpd.server_port} (model {cfg.ckpt} loading; "
-             f"GET /health says when it is ready)")
+    log.info({"event": "listening", "url": f"http://{cfg.host}:{httpd.server_port}", "model": cfg.ckpt,
+              "note": "the model loads in the background; GET /health says when it is ready"})
     try:
         httpd.serve_forever()
     finally:
