@@ -305,8 +305,9 @@ def param_schema(name):
     if name == "stop":
         schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
                                                  "maxItems": spec.get("max_items", 4)}]}
-    elif name == "logit_bias":
-        schema = {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+    elif spec["type"] == "bias":
+        schema = {"type": "object", "maxProperties": spec["max_items"],
+                  "additionalProperties": {"type": "number", "minimum": spec["min"], "maximum": spec["max"]}}
     else:
         schema = {"type": {"int": "integer", "float": "number", "bool": "boolean"}.get(spec["type"], "string")}
         if spec.get("min") is not None:
@@ -515,10 +516,10 @@ def prompt_list(value, param):
 
 
 def check_ids(ids, param):
-    if not ids or not all(type(t) is int and 0 <= t < N_VOCAB for t in ids):
-        bad = next((t for t in ids if not (type(t) is int and 0 <= t < N_VOCAB)), None)
-        raise invalid(param, f"{param} must hold token ids between 0 and {N_VOCAB - 1}, got {short(bad)}")
-    return list(ids)
+    try:
+        return inference.check_ids(ids, param)
+    except ParamError as e:
+        raise invalid(param, str(e)) from None
 
 
 # ============================================================================ chat messages -> the template
@@ -635,15 +636,8 @@ def completion_logprobs(entries, offset):
 
 
 def prompt_entries(ids, prompt_logprobs):
-    """Engine prompt_logprobs (first None) -> entries shaped like generated ones."""
-    out = []
-    for t, lp in zip(ids, prompt_logprobs):
-        if lp is None:
-            out.append({"token_id": t, "logprob": None, "top": None})
-        else:
-            out.append({"token_id": t, "logprob": lp["logprob"] if isinstance(lp, dict) else lp,
-                        "top": lp.get("top", []) if isinstance(lp, dict) else []})
-    return out
+    """Engine prompt_logprobs (the first None) -> entries shaped like generated ones."""
+    return [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, prompt_logprobs)]
 
 
 # ============================================================================ the server state
@@ -1302,11 +1296,10 @@ def build_app(server):
         inputs = prompt_list(body["input"], "input")
         server.require_ready()
         ids_list = [inference.encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
-        for i, ids in enumerate(ids_list):
-            if len(ids) > server.context_length:
-                raise invalid("input", f"input[{i}] is {len(ids)} tokens; the model reads at most "
-                                       f"{server.context_length}")
-        vectors = server.engine.embed(ids_list)
+        try:
+            vectors = server.engine.embed(ids_list)
+        except ParamError as e:
+            raise param_error(e, {}) from None
         b64 = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else list(v)}
@@ -1505,7 +1498,7 @@ class _StderrHandler(logging.StreamHandler):
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
         if record.exc_info:  # unexpected errors keep their traceback
-            msg = f"{msg}\n{self.formatException(record.exc_info)}" if isinstance(msg, str) else msg
+            msg = f"{msg}\n{logging.Formatter().formatException(record.exc_info)}" if isinstance(msg, str) else msg
         if self.json_lines:
             return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
                                                                   "message": msg})
@@ -1607,7 +1600,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info({"event": "listening", "url": f"http://{cfg.host}:{httpd.server_port}", "model": cfg.ckpt,
+    log.info({"event": "listening", "url": f"http://{cfg.host}:{httpd.port}", "model": cfg.ckpt,
               "note": "the model loads in the background; GET /health says when it is ready"})
     try:
         httpd.serve_forever()

@@ -12,7 +12,7 @@ import inference
 import serve
 from prompt import format_prompt
 from test_serve_config import close_app, make_app, make_checkpoint, metric, sse_events
-from tokenizer import decode, encode
+from tokenizer import N_VOCAB, decode, encode
 
 CTX = 256  # block_size of the test model
 
@@ -64,11 +64,11 @@ def bad_field(client, path, body, param):
 
 
 def model_logprobs(app, ids):
-    """log_softmax of the model's own forward pass over ids: (n-1) rows, row i predicts ids[i+1]."""
+    """log_softmax over the vocabulary of the model's own forward pass: row i predicts ids[i+1]."""
     model = serve.state(app).model
     with torch.no_grad():
         logits = model(torch.tensor([ids]))[0]
-    return torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    return torch.log_softmax(logits[0, :-1, :N_VOCAB].float(), dim=-1)
 
 
 AUTH = {"Authorization": "Bearer sekrit"}
