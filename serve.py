@@ -685,6 +685,21 @@ class Reply:
                 raise ClientGone()
             yield index, out
 
+    def drain(self, timeout=2.0):
+        """After a cancel: wait (bounded) for the engine to end every choice, so the log has the truth."""
+        deadline = time.monotonic() + timeout
+        while self.open and time.monotonic() < deadline:
+            try:
+                item = self.queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(item, ApiError):
+                return
+            index, out = item
+            if out.finish_reason is not None:
+                self.open -= 1
+                self.finish_reasons[index] = out.finish_reason
+
     def first(self, environ):
         """Wait for the first output (the request left the queue) and return it, or raise."""
         for item in self.items(environ):
@@ -1068,6 +1083,7 @@ def build_app(server):
             first = reply.first(environ)
         except ClientGone:
             server.release(reply)
+            reply.drain()
             g.rq["error"] = "client_gone"
             return Response(status=499)
         except BaseException:
@@ -1083,8 +1099,10 @@ def build_app(server):
                 yield sse(e.body())
                 if is_openai:
                     yield SSE_DONE
-            except ClientGone:
+            except (ClientGone, GeneratorExit):  # GeneratorExit: the server closed us after a failed write
                 rq["error"] = "client_gone"
+                server.release(reply)
+                reply.drain()
             finally:
                 server.release(reply)
                 finish_request(server, rq, rq.get("info"))
@@ -1412,7 +1430,7 @@ def finish_request(server, rq, info):
     server.m_latency.labels(info["endpoint"]).observe(latency)
     reply = rq["reply"]
     line = {"event": "request", "request_id": rq["request_id"], **{k: v for k, v in info.items() if k != "quiet"},
-            "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2)}
+            "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
     if reply is not None:
         line.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
                     finish_reason=",".join(sorted(set(reply.finish_reasons.values()))) or None)
