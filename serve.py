@@ -16,6 +16,7 @@ socket (and by a failed write when streaming) and its engine request is cancelle
 import argparse
 import base64
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -29,9 +30,9 @@ import struct
 import sys
 import threading
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
 
 import prometheus_client as prom
 import torch
@@ -56,71 +57,41 @@ from tokenizer import N_VOCAB, decode, encode, get_tokenizer
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_PREFIX = "GPT2I_"
 MAX_N = 8  # choices per request (n): they share one prefill
+KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
 POLL_S = 0.1  # how often a request thread waiting for tokens checks that its client is still there
 log = logging.getLogger("gpt2i.serve")
 
 # ============================================================================ configuration
 
 
-@dataclass
-class ServeConfig:
-    """Everything the server can be told. Field names map to flags (--max-queue) and env vars (GPT2I_MAX_QUEUE)."""
-
-    ckpt: str = None
-    host: str = "127.0.0.1"
-    port: int = 5000
-    model_name: str = "gpt2-instruct"
-    allowed_hosts: list = field(default_factory=list)
-    api_key: str = None
-    rate_limit: str = "30/minute;5/second"
-    rate_limit_storage: str = "memory://"
-    trust_proxy: int = 0
-    cors_origins: list = field(default_factory=list)
-    max_queue: int = 64
-    max_batch: int = 32
-    prefill_chunk: int = 512
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = None
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"
-    compile: bool = False
-    threads: int = 32
-    read_timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    static_dir: str = os.path.join(ROOT, "static")
-    log_level: str = "info"
-    log_format: str = "auto"
-    stream_keepalive_s: float = 15.0
-
-
-HELP = {
-    "ckpt": "checkpoint file or folder, HF GPT-2 folder, or OpenAI GPT-2 name (gpt2, gpt2-medium, ...)",
-    "host": "address to bind (python serve.py)",
-    "port": "port to bind (python serve.py)",
-    "model_name": "model id shown in /health, /v1/models and replies",
-    "allowed_hosts": "comma-separated Host names accepted (* = any); default: localhost, 127.0.0.1, [::1] and --host",
-    "api_key": "require Authorization: Bearer KEY (all but /health, /params, /openapi.json and the page)",
-    "rate_limit": 'per-client limit on generation routes, flask-limiter syntax ("30/minute;5/second"); "none" = off',
-    "rate_limit_storage": "memory:// (one process) or redis://host:port (shared by gunicorn workers)",
-    "trust_proxy": "number of reverse proxies in front whose X-Forwarded-For is trusted (0: ignore the header)",
-    "cors_origins": "comma-separated origins allowed cross-origin (or *); none by default",
-    "max_queue": "generation requests admitted at once (running + waiting); more get 503 + Retry-After",
-    "max_batch": "requests the engine decodes together (KV-cache slots)",
-    "prefill_chunk": "longest prefill chunk in tokens: running streams stall at most this long for a new prompt",
-    "max_body_bytes": "largest request body in bytes (413 past it)",
-    "max_prompt_tokens": "longest prompt in tokens (default: the model's context - 1)",
-    "device": "auto, cpu, cuda, cuda:N, mps",
-    "dtype": "auto, float32, bfloat16, float16",
-    "quantize": "none, or int8 (CPU, float32)",
-    "compile": "torch.compile the decode step (CUDA; slow start, faster decoding) (1/0)",
-    "threads": "python serve.py: most connections served at once (the rest wait their turn)",
-    "read_timeout": "python serve.py: seconds a connection may stay silent while sending its request",
-    "graceful_timeout": "python serve.py: seconds running streams get to finish on SIGTERM",
-    "static_dir": "folder with the chat page, served at /",
-    "log_level": "debug, info, warning, error (requests to /health and static files log at debug)",
-    "log_format": "auto (JSON unless stderr is a terminal), json, text",
-    "stream_keepalive_s": "seconds without a token before an SSE keep-alive comment",
+# name: (default, type, help); each is a flag (--max-queue) and an environment variable (GPT2I_MAX_QUEUE)
+OPTIONS = {
+    "ckpt": (None, str, "checkpoint file or folder, HF GPT-2 folder, or OpenAI GPT-2 name (gpt2, gpt2-medium, ...)"),
+    "host": ("127.0.0.1", str, "address to bind (python serve.py)"),
+    "port": (5000, int, "port to bind (python serve.py; 0: any free port)"),
+    "model_name": ("gpt2-instruct", str, "model id shown in /health, /v1/models and replies"),
+    "allowed_hosts": ([], list, "comma-separated Host names accepted (* = any); default: localhost, 127.0.0.1, "
+                                "[::1] and --host"),
+    "api_key": (None, str, "require Authorization: Bearer KEY (all but /health, /params, /openapi.json, the page)"),
+    "rate_limit": ("30/minute;5/second", str, 'per-client limit on generation routes, flask-limiter syntax; "none" = off'),
+    "rate_limit_storage": ("memory://", str, "memory:// (one process) or redis://host:port (shared by gunicorn workers)"),
+    "trust_proxy": (0, int, "number of reverse proxies in front whose X-Forwarded-For is trusted (0: ignore it)"),
+    "cors_origins": ([], list, "comma-separated origins allowed cross-origin (or *); none by default"),
+    "max_queue": (64, int, "generation requests admitted at once (running + waiting); more get 503 + Retry-After"),
+    "max_batch": (32, int, "requests the engine decodes together (KV-cache slots)"),
+    "prefill_chunk": (512, int, "prompt tokens prefilled per engine step: running streams stall at most this long"),
+    "max_body_bytes": (1 << 20, int, "largest request body in bytes (413 past it)"),
+    "max_prompt_tokens": (None, int, "longest prompt in tokens (default: the model's context - 1)"),
+    "device": ("auto", str, "auto, cpu, cuda, cuda:N, mps"),
+    "dtype": ("auto", str, "auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16"),
+    "quantize": ("none", str, "none, or int8 (CPU, float32)"),
+    "compile": (False, bool, "torch.compile the decode step (CUDA; slower start, faster decoding) (1/0)"),
+    "threads": (32, int, "python serve.py: most connections served at once (the rest wait their turn)"),
+    "read_timeout": (30.0, float, "python serve.py: seconds a connection may stay silent while sending its request"),
+    "graceful_timeout": (30.0, float, "python serve.py: seconds running streams get to finish on SIGTERM"),
+    "static_dir": (os.path.join(ROOT, "static"), str, "folder with the chat page, served at /"),
+    "log_level": ("info", str, "debug, info, warning, error (requests to /health and static files: debug)"),
+    "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
 CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
            "log_level": ("debug", "info", "warning", "error")}
@@ -130,15 +101,8 @@ def env_name(name):
     return ENV_PREFIX + name.upper()
 
 
-def _kind(f):
-    if f.name == "max_prompt_tokens":
-        return int
-    default = f.default_factory() if callable(f.default_factory) else f.default
-    return type(default) if default is not None else str
-
-
 def _convert(name, kind, value):
-    """A flag or env string -> the field's type; a bad value is a one-line UserError naming it."""
+    """A flag or env string -> the option's type; a bad value is a one-line UserError naming it."""
     if not isinstance(value, str):
         return value
     if kind is list:
@@ -157,18 +121,16 @@ def _convert(name, kind, value):
 
 
 def make_config(values=None, environ=None):
-    """ServeConfig from defaults <- environ (GPT2I_*) <- values (dict or ServeConfig), validated."""
-    values = asdict(values) if isinstance(values, ServeConfig) else dict(values or {})
-    known = {f.name: f for f in fields(ServeConfig)}
-    merged = {}
-    for name, f in known.items():
-        if environ is not None and env_name(name) in environ:
-            merged[name] = _convert(env_name(name), _kind(f), environ[env_name(name)])
-    for key, value in values.items():
-        if key not in known:
-            raise UserError(f"unknown serve option {key!r}; known: {', '.join(known)}")
-        merged[key] = _convert("--" + key.replace("_", "-"), _kind(known[key]), value)
-    cfg = ServeConfig(**{k: v for k, v in merged.items() if v is not None or k in ("api_key", "max_prompt_tokens")})
+    """The config (a namespace of OPTIONS) from defaults <- environ (GPT2I_*) <- values (a dict), validated."""
+    cfg = {name: list(default) if kind is list else default for name, (default, kind, _) in OPTIONS.items()}
+    for name, (_, kind, _) in OPTIONS.items():
+        if environ is not None and environ.get(env_name(name), "").strip():
+            cfg[name] = _convert(env_name(name), kind, environ[env_name(name)])
+    for name, value in (values or {}).items():
+        if name not in OPTIONS:
+            raise UserError(f"unknown serve option {name!r}; known: {', '.join(OPTIONS)}")
+        cfg[name] = _convert("--" + name.replace("_", "-"), OPTIONS[name][1], value)
+    cfg = types.SimpleNamespace(**cfg)
     validate_config(cfg)
     return cfg
 
@@ -188,7 +150,7 @@ def validate_config(cfg):
     for name in ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("read_timeout", "graceful_timeout", "stream_keepalive_s"):
+    for name in ("read_timeout", "graceful_timeout"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.trust_proxy < 0:
@@ -199,8 +161,7 @@ def validate_config(cfg):
         except ValueError:
             raise UserError(f"invalid --rate-limit {cfg.rate_limit!r}: use flask-limiter syntax such as "
                             f'"30/minute;5/second", or "none"') from None
-    if not re.match(r"^(memory|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster|memcached|mongodb|valkey)\S*://",
-                    cfg.rate_limit_storage):
+    if "://" not in cfg.rate_limit_storage:
         raise UserError(f"--rate-limit-storage must be a storage URI such as memory:// or redis://host:port, "
                         f"got {cfg.rate_limit_storage!r}")
     try:
@@ -659,52 +620,52 @@ class Reply:
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reasons = {}
 
-    def items(self, environ, keepalive_s=None):
-        """Yield (choice index, Output) until every choice has finished; None every keepalive_s idle.
-        Raises the ApiError that ended the reply, or ClientGone when the client closed its connection."""
+    def _next(self):
+        """The next (choice, Output), or None after POLL_S; raises the ApiError that ended the reply."""
+        try:
+            item = self.queue.get(timeout=POLL_S)
+        except queue.Empty:
+            return None
+        if isinstance(item, ApiError):
+            raise item
+        index, out = item
+        if out.finish_reason is not None:
+            self.open -= 1
+            self.finish_reasons[index] = out.finish_reason
+        return item
+
+    def items(self, environ, keepalive=False):
+        """Yield (choice, Output) until every choice has finished (None after KEEPALIVE_S idle, if asked);
+        raises ClientGone once the client has closed its connection."""
         idle = 0.0
         while self.open:
-            try:
-                item = self.queue.get(timeout=POLL_S)
-            except queue.Empty:
-                if client_gone(environ):
-                    raise ClientGone() from None
-                idle += POLL_S
-                if keepalive_s is not None and idle >= keepalive_s:
-                    idle = 0.0
-                    yield None
-                continue
-            if isinstance(item, ApiError):
-                raise item
-            idle = 0.0
-            index, out = item
-            if out.finish_reason is not None:
-                self.open -= 1
-                self.finish_reasons[index] = out.finish_reason
+            item = self._next()
             if client_gone(environ):
                 raise ClientGone()
-            yield index, out
-
-    def drain(self, timeout=2.0):
-        """After a cancel: wait (bounded) for the engine to end every choice, so the log has the truth."""
-        deadline = time.monotonic() + timeout
-        while self.open and time.monotonic() < deadline:
-            try:
-                item = self.queue.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if isinstance(item, ApiError):
-                return
-            index, out = item
-            if out.finish_reason is not None:
-                self.open -= 1
-                self.finish_reasons[index] = out.finish_reason
+            idle = 0.0 if item is not None else idle + POLL_S
+            if item is not None or (keepalive and idle >= KEEPALIVE_S):
+                idle = 0.0
+                yield item  # None: a keep-alive
 
     def first(self, environ):
-        """Wait for the first output (the request left the queue) and return it, or raise."""
-        for item in self.items(environ):
-            return item
-        return None
+        """The first output (the request has left the engine's queue)."""
+        return next(self.items(environ))
+
+    def drain(self, timeout=2.0):
+        """After a cancel: wait (bounded) for the engine to end every choice, so the log tells the truth."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.open and time.monotonic() < deadline:
+                self._next()
+        except ApiError:
+            pass
+
+    def entries(self, index, out):
+        """The logprob entries of an output: the prompt's first (echo), then the new tokens'."""
+        if not out.prompt_logprobs:
+            return list(out.logprobs or [])
+        ids = next(ids for h, base, ids in self.handles if base <= index < base + h.n)
+        return prompt_entries(ids, out.prompt_logprobs) + list(out.logprobs or [])
 
     def timings(self):
         end = self.t_end or time.perf_counter()
@@ -975,9 +936,11 @@ def openai_finish(reason):
 
 
 def create_app(config=None):
-    """The Flask app. config: None (read GPT2I_* environment variables), a dict, or a ServeConfig.
-    The model starts loading in the background before this returns; serve.state(app) is its Server."""
-    cfg = make_config(config, environ=os.environ if config is None else None)
+    """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
+    make_config result. The model starts loading in the background; serve.state(app) is its Server."""
+    if not isinstance(config, types.SimpleNamespace):
+        config = make_config(config, environ=os.environ if config is None else None)
+    cfg = config
     setup_logging(cfg.log_level, cfg.log_format)
     server = Server(cfg)
     app = build_app(server)
@@ -1070,30 +1033,39 @@ def build_app(server):
 
     # ---------------------------------------------------------------- generation plumbing
 
-    def respond(reply, stream, render, events):
-        """Non-streamed: wait for every output, then render(). Streamed: wait for the first output (so a
-        queued request can still get a JSON 503), then an SSE response over events(first)."""
-        environ = request.environ
-        g.rq["stream"] = stream
+    def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
+        """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
+        Streamed: wait for the first output (so that a queued request can still get a JSON 503), then SSE:
+        head, chunks(choice, Output) for each output (keep-alive comments while idle), tail()."""
+        environ, rq = request.environ, g.rq
+        rq["stream"] = stream
         try:
             if not stream:
-                collected = [item for item in reply.items(environ) if item is not None]
+                choices = {}
+                for index, out in reply.items(environ):
+                    c = choices.setdefault(index, {"text": "", "entries": []})
+                    c["text"] += out.text
+                    c["entries"] += reply.entries(index, out)
+                    c["finish_reason"] = out.finish_reason
                 server.release(reply)
-                return render(collected)
+                return render(choices)
             first = reply.first(environ)
         except ClientGone:
             server.release(reply)
             reply.drain()
-            g.rq["error"] = "client_gone"
+            rq["error"] = "client_gone"
             return Response(status=499)
         except BaseException:
             server.release(reply)
             raise
-        rq, is_openai = g.rq, request.path.startswith("/v1/")
+        is_openai = request.path.startswith("/v1/")
 
         def body():
             try:
-                yield from events(first, reply.items(environ, cfg.stream_keepalive_s))
+                yield from head
+                for item in itertools.chain([first], reply.items(environ, keepalive=True)):
+                    yield from [SSE_KEEPALIVE] if item is None else chunks(*item)
+                yield from tail()
             except ApiError as e:
                 rq["error"] = e.code
                 yield sse(e.body())
@@ -1109,11 +1081,6 @@ def build_app(server):
 
         return Response(body(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def stream_items(first, rest):
-        yield first
-        for item in rest:
-            yield item
 
     # ---------------------------------------------------------------- native routes
 
@@ -1143,120 +1110,96 @@ def build_app(server):
         p = engine_params(given, names)
         if not p["raw"] and not body["prompt"].strip():
             raise invalid("prompt", "prompt must not be empty (an empty prompt is allowed with raw: true)")
-        text = body["prompt"]
-        if body.get("context"):
-            if p["raw"]:
-                raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
-            text, raw = format_prompt(text, body["context"]), True
-        else:
-            raw = p["raw"]
+        if body.get("context") and p["raw"]:
+            raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
         server.require_ready()
-        ids = inference.encode_prompt(text, raw)
-        p = server.fit(ids, p, "max_new_tokens" in given, names)
-        reply = server.admit([ids], p, names, logprobs=body.get("logprobs"))
-        want_lp = body.get("logprobs") is not None
+        ids = inference.encode_prompt(format_prompt(body["prompt"], body["context"]), raw=True) \
+            if body.get("context") else inference.encode_prompt(body["prompt"], p["raw"])
+        k = body.get("logprobs")
+        reply = server.admit([ids], server.fit(ids, p, "max_new_tokens" in given, names), names, logprobs=k)
 
-        def render(items):
-            text = "".join(out.text for _, out in items)
-            out = {"id": g.rq["request_id"], "model": server.model_name, "text": text,
-                   "finish_reason": reply.finish_reasons.get(0), "usage": reply.usage(), "timings": reply.timings()}
-            if want_lp:
-                out["logprobs"] = native_logprobs([e for _, o in items for e in (o.logprobs or [])])
-            return jsonify(out)
+        def logprobs(entries):
+            return {"logprobs": native_logprobs(entries)} if k is not None else {}
 
-        def events(first, rest):
-            for item in stream_items(first, rest):
-                if item is None:
-                    yield SSE_KEEPALIVE
-                    continue
-                _, out = item
-                if out.text or (want_lp and out.logprobs):
-                    yield sse({"token": out.text, **({"logprobs": native_logprobs(out.logprobs or [])}
-                                                     if want_lp else {})})
-                if out.finish_reason is not None:
-                    yield sse({"done": True, "finish_reason": out.finish_reason, "usage": reply.usage(),
-                               "timings": reply.timings()})
+        def render(choices):
+            c = choices[0]
+            return jsonify({"id": g.rq["request_id"], "model": server.model_name, "text": c["text"],
+                            "finish_reason": c["finish_reason"], "usage": reply.usage(), "timings": reply.timings(),
+                            **logprobs(c["entries"])})
 
-        return respond(reply, bool(body.get("stream")), render, events)
+        def chunks(_, out):
+            if out.text or (k is not None and out.logprobs):
+                yield sse({"token": out.text, **logprobs(out.logprobs)})
+            if out.finish_reason is not None:
+                yield sse({"done": True, "finish_reason": out.finish_reason, "usage": reply.usage(),
+                           "timings": reply.timings()})
+
+        return respond(reply, bool(body.get("stream")), render, chunks)
 
     # ---------------------------------------------------------------- OpenAI routes
 
     def openai_request(route, table):
-        """The body of an OpenAI route -> (plain fields, engine params given, client names, stream, include_usage)."""
+        """An OpenAI route's body -> (fields, engine params given, client names, stream, a chunk maker, tail)."""
         body, given, names = read_body(table, route)
         names.setdefault("max_new_tokens", "max_tokens")
-        stream = bool(body.get("stream"))
+        stream, usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
         if "stream_options" in body and not stream:
             raise invalid("stream_options", "stream_options is only allowed with stream: true")
-        return body, given, names, stream, bool((body.get("stream_options") or {}).get("include_usage"))
+        obj = "text_completion" if route == "/v1/completions" else "chat.completion"
+        head = {"id": ("cmpl-" if route == "/v1/completions" else "chatcmpl-") + g.rq["request_id"],
+                "object": obj, "created": int(time.time()), "model": server.model_name, "system_fingerprint": None}
 
-    def openai_stream_tail(chunk_id, obj, created, reply, include_usage):
-        if include_usage:
-            yield sse({"id": chunk_id, "object": obj, "created": created, "model": server.model_name,
-                       "choices": [], "usage": reply.usage()})
-        yield SSE_DONE
+        def make(choices=None, usage_=None, chunk=False):
+            out = {**head, "choices": choices, "usage": usage_}
+            if chunk:
+                out["object"] = obj if obj == "text_completion" else obj + ".chunk"
+                if not usage:
+                    del out["usage"]
+            return out
+
+        def tail(reply):
+            if usage:
+                yield sse(make([], reply.usage(), chunk=True))
+            yield SSE_DONE
+
+        return body, given, names, stream, make, tail
 
     @app.post("/v1/completions")
     @limited
     def completions():
-        body, given, names, stream, include_usage = openai_request("/v1/completions", COMPLETION_FIELDS)
+        body, given, names, stream, make, tail = openai_request("/v1/completions", COMPLETION_FIELDS)
         prompts = prompt_list(body["prompt"], "prompt")
         echo, n, k = bool(body.get("echo")), body.get("n", 1), body.get("logprobs")
-        zero = echo and given.get("max_new_tokens") == 0  # echo with max_tokens 0: score the prompt only
-        p = engine_params({k_: v for k_, v in given.items() if not (zero and k_ == "max_new_tokens")}, names,
-                          {"raw": True, "max_new_tokens": 16})
+        p = engine_params(given, names, {"raw": True, "max_new_tokens": 16})
         server.require_ready()
         ids_list = [inference.encode_prompt(q, p["raw"]) if isinstance(q, str) else q for q in prompts]
-        fitted = [server.fit(ids, p, "max_new_tokens" in given, names,
-                             "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, ids in enumerate(ids_list)]
-        p = min(fitted, key=lambda q: q["max_new_tokens"])  # one params dict for all prompts
-        if zero:
-            p = {**p, "max_new_tokens": 0}
+        fitted = [server.fit(ids, p, "max_new_tokens" in given, names, "prompt" if len(prompts) == 1 else
+                             f"prompt[{i}]") for i, ids in enumerate(ids_list)]
+        p = min(fitted, key=lambda q: q["max_new_tokens"])  # one params dict for all the prompts
         reply = server.admit(ids_list, p, names, n=n, logprobs=k, echo=echo)
-        cid, created = "cmpl-" + g.rq["request_id"], int(time.time())
-        echo_text = {i * n + j: (q if isinstance(q, str) else decode(q)) for i, q in enumerate(prompts)
-                     for j in range(n)} if echo else {}
-        prompt_of = {i * n + j: ids for i, ids in enumerate(ids_list) for j in range(n)}
+        echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
 
-        def entries_of(index, out):
-            prompt = prompt_entries(prompt_of[index], out.prompt_logprobs) if out.prompt_logprobs else []
-            return prompt + list(out.logprobs or [])
+        def render(choices):
+            return jsonify(make([{"text": echoed.get(i, "") + c["text"], "index": i,
+                                  "logprobs": completion_logprobs(c["entries"], 0) if k is not None else None,
+                                  "finish_reason": openai_finish(c["finish_reason"])}
+                                 for i, c in sorted(choices.items())], reply.usage()))
 
-        def render(items):
-            texts, entries = {}, {}
-            for index, out in items:
-                texts[index] = texts.get(index, echo_text.get(index, "")) + out.text
-                entries.setdefault(index, []).extend(entries_of(index, out))
-            choices = [{"text": texts.get(i, echo_text.get(i, "")), "index": i,
-                        "logprobs": completion_logprobs(entries.get(i, []), 0) if k is not None else None,
-                        "finish_reason": openai_finish(reply.finish_reasons.get(i))} for i in range(len(prompts) * n)]
-            return jsonify({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                            "choices": choices, "usage": reply.usage(), "system_fingerprint": None})
+        sent = {}  # choice -> characters of its tokens sent so far (text_offset)
 
-        def events(first, rest):
-            offsets = {}  # choice -> characters of its tokens sent so far (text_offset)
-            for item in stream_items(first, rest):
-                if item is None:
-                    yield SSE_KEEPALIVE
-                    continue
-                index, out = item
-                text = ("" if index in offsets else echo_text.get(index, "")) + out.text
-                lp = completion_logprobs(entries_of(index, out), offsets.get(index, 0)) if k is not None else None
-                offsets[index] = offsets.get(index, 0) + sum(len(t) for t in (lp or {"tokens": []})["tokens"])
-                chunk = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                         "choices": [{"text": text, "index": index, "logprobs": lp,
-                                      "finish_reason": openai_finish(out.finish_reason)}]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-            yield from openai_stream_tail(cid, "text_completion", created, reply, include_usage)
+        def chunks(index, out):
+            lp = completion_logprobs(reply.entries(index, out), sent.get(index, 0)) if k is not None else None
+            text = ("" if index in sent else echoed.get(index, "")) + out.text
+            sent[index] = sent.get(index, 0) + sum(map(len, lp["tokens"] if lp else []))
+            yield sse(make([{"text": text, "index": index, "logprobs": lp,
+                             "finish_reason": openai_finish(out.finish_reason)}], chunk=True))
 
-        return respond(reply, stream, render, events)
+        return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
     @app.post("/v1/chat/completions")
     @limited
     def chat_completions():
-        body, given, names, stream, include_usage = openai_request("/v1/chat/completions", CHAT_FIELDS)
+        body, given, names, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
         if "top_logprobs" in body and not body.get("logprobs"):
             raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
         split_chat(body["messages"])  # validate before anything else
@@ -1265,47 +1208,27 @@ def build_app(server):
         explicit = "max_new_tokens" in given
         limit, min_new = server.prompt_limit(), p["max_new_tokens"] if explicit else 1
         ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
-        p = server.fit(ids, {**p, "raw": True}, explicit, names, "messages")
-        n = body.get("n", 1)
-        k = body.get("top_logprobs", 0) if body.get("logprobs") else None
-        reply = server.admit([ids], p, names, n=n, logprobs=k)
-        cid, created = "chatcmpl-" + g.rq["request_id"], int(time.time())
+        n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
+        reply = server.admit([ids], server.fit(ids, p, explicit, names, "messages"), names, n=n, logprobs=k)
 
-        def render(items):
-            texts, entries = {}, {}
-            for index, out in items:
-                texts[index] = texts.get(index, "") + out.text
-                entries.setdefault(index, []).extend(out.logprobs or [])
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, ""), "refusal": None},
-                        "logprobs": chat_logprobs(entries.get(i, [])) if k is not None else None,
-                        "finish_reason": openai_finish(reply.finish_reasons.get(i))} for i in range(n)]
-            return jsonify({"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
-                            "choices": choices, "usage": reply.usage(), "system_fingerprint": None})
+        def render(choices):
+            return jsonify(make([{"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                                  "logprobs": chat_logprobs(c["entries"]) if k is not None else None,
+                                  "finish_reason": openai_finish(c["finish_reason"])}
+                                 for i, c in sorted(choices.items())], reply.usage()))
 
         def chunk(index, delta, finish=None, lp=None):
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                   "system_fingerprint": None,
-                   "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
-            if include_usage:
-                obj["usage"] = None
-            return sse(obj)
+            return sse(make([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], chunk=True))
 
-        def events(first, rest):
-            for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            for item in stream_items(first, rest):
-                if item is None:
-                    yield SSE_KEEPALIVE
-                    continue
-                index, out = item
-                lp = chat_logprobs(out.logprobs or []) if k is not None else None
-                if out.text or (lp and lp["content"]):
-                    yield chunk(index, {"content": out.text}, lp=lp)
-                if out.finish_reason is not None:
-                    yield chunk(index, {}, openai_finish(out.finish_reason))
-            yield from openai_stream_tail(cid, "chat.completion.chunk", created, reply, include_usage)
+        def chunks(index, out):
+            lp = chat_logprobs(out.logprobs) if k is not None else None
+            if out.text or (lp and lp["content"]):
+                yield chunk(index, {"content": out.text}, lp=lp)
+            if out.finish_reason is not None:
+                yield chunk(index, {}, openai_finish(out.finish_reason))
 
-        return respond(reply, stream, render, events)
+        head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+        return respond(reply, stream, render, chunks, head, lambda: tail(reply))
 
     @app.post("/v1/embeddings")
     @limited
@@ -1593,11 +1516,10 @@ def build_parser():
         description="Serve a gpt2-instruct model: POST /generate, OpenAI-compatible /v1/*, the chat page at /. "
                     "Every flag can also be set by an environment variable (shown); the flag wins.",
         epilog='production: GPT2I_CKPT=PATH gunicorn -c gunicorn.conf.py "serve:create_app()"')
-    for f in fields(ServeConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default
+    for name, (default, _, help_) in OPTIONS.items():
         shown = ",".join(default) if isinstance(default, list) else default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{HELP[f.name]} [env {env_name(f.name)}; default: {shown if shown else 'none'}]")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
+                            help=f"{help_} [env {env_name(name)}; default: {shown if shown else 'none'}]")
     return parser
 
 

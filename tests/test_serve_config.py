@@ -169,7 +169,7 @@ def test_help_lists_flags_and_env_vars(capsys):
         serve.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in serve.HELP:
+    for name in serve.OPTIONS:
         assert "--" + name.replace("_", "-") in out and serve.env_name(name) in out, name
 
 
