@@ -318,7 +318,7 @@ class Request:
         self.choices = [_Choice(self, i) for i in range(n)]
         self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
         self.filled = 0  # prompt tokens prefilled so far
-        self.prompt_logprobs = [None]  # echo: filled chunk by chunk
+        self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
 
     @property
     def done(self):
@@ -664,17 +664,12 @@ class Engine:
             self._rows[s] = c
         idx = torch.tensor(slots, device=self.device)
         self.params.index_copy_(0, idx, self._upload([param_row(r.params)] * r.n, torch.float32))
-        for t in (self.bias, self.seen, self.counts):
-            t.index_fill_(0, idx, 0)
-        if sampler_kind([r.params])[1]:
-            ids = self._upload(r.prompt, torch.long)
+        self.bias.index_fill_(0, idx, 0)
+        if r.params["logit_bias"]:
+            toks = self._upload(list(r.params["logit_bias"]), torch.long)
+            vals = self._upload(list(r.params["logit_bias"].values()), torch.float32)
             for s in slots:
-                self.seen[s, ids] = True
-            if r.params["logit_bias"]:
-                toks = self._upload(list(r.params["logit_bias"]), torch.long)
-                vals = self._upload(list(r.params["logit_bias"].values()), torch.float32)
-                for s in slots:
-                    self.bias[s, toks] = vals
+                self.bias[s, toks] = vals
         return r
 
     def _upload(self, values, dtype):
@@ -736,6 +731,11 @@ class Engine:
                     at.append((b, last))
         fetch = []
         for _, r, _ in finals:
+            if sampler_kind([r.params])[1]:  # now, not at admission: idle rows of decode steps scribble on these
+                slots = self._upload([c.slot for c in r.choices], torch.long)
+                self.seen.index_fill_(0, slots, False)
+                self.counts.index_fill_(0, slots, 0)
+                self.seen[slots.view(-1, 1), self._upload(r.prompt, torch.long)] = True
             if r.echo and r.prompt_lp:
                 fetch += [torch.cat(parts) for parts in zip(*r.prompt_lp)]
         if choices:
@@ -750,8 +750,7 @@ class Engine:
                 self.seen[slots, nxt] = True
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
-            self.pos.index_fill_(0, slots, 0)
-            self.pos.index_add_(0, slots, self._upload([c.pos for c in choices], torch.long))
+            self.pos.index_copy_(0, slots, self._upload([c.pos for c in choices], torch.long))
             fetch += [nxt] + (list(_logprobs(logits, nxt)) if kind[2] else [])
         return "prefill", finals, choices, _Fetch(fetch)
 
