@@ -52,7 +52,7 @@ from common import DTYPES, UserError, pick_device, run_cli
 from inference import PARAM_RANGES, ParamError
 from model import PRETRAINED_CONFIGS
 from prompt import format_prompt
-from tokenizer import N_VOCAB, decode, encode, get_tokenizer
+from tokenizer import decode, encode, get_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_PREFIX = "GPT2I_"
@@ -558,26 +558,22 @@ def fold_chat(messages, fits):
 # ============================================================================ logprob shapes
 
 def token_bytes(token_id):
-    return get_tokenizer().decode_single_token_bytes(token_id) if token_id < N_VOCAB else b""
+    return get_tokenizer().decode_single_token_bytes(token_id)
 
 
 def token_str(token_id):
     return token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def finite(logprob):
-    return logprob if logprob is None or logprob > -9999.0 else -9999.0  # JSON has no -Infinity
-
-
 def native_logprobs(entries):
-    return [{"token": token_str(e["token_id"]), "token_id": e["token_id"], "logprob": finite(e["logprob"]),
-             "top_logprobs": [{"token": token_str(t), "token_id": t, "logprob": finite(lp)} for t, lp in e["top"]]}
+    return [{"token": token_str(e["token_id"]), "token_id": e["token_id"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": token_str(t), "token_id": t, "logprob": lp} for t, lp in e["top"]]}
             for e in entries]
 
 
 def chat_logprobs(entries):
     def one(t, lp):
-        return {"token": token_str(t), "logprob": finite(lp), "bytes": list(token_bytes(t))}
+        return {"token": token_str(t), "logprob": lp, "bytes": list(token_bytes(t))}
 
     return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
                         for e in entries], "refusal": None}
@@ -589,8 +585,8 @@ def completion_logprobs(entries, offset):
     for e in entries:
         tok = token_str(e["token_id"])
         out["tokens"].append(tok)
-        out["token_logprobs"].append(finite(e["logprob"]))
-        out["top_logprobs"].append(None if e["top"] is None else {token_str(t): finite(lp) for t, lp in e["top"]})
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append(None if e["top"] is None else {token_str(t): lp for t, lp in e["top"]})
         out["text_offset"].append(offset)
         offset += len(tok)
     return out
@@ -1443,12 +1439,8 @@ class _StderrHandler(logging.StreamHandler):
         if self.json_lines:
             return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
                                                                   "message": msg})
-        if isinstance(msg, dict) and msg.get("event") == "request":
-            msg = (f"{msg.get('method')} {msg.get('path')} {msg.get('status')} {msg.get('latency_ms')} ms"
-                   + "".join(f" {k}={msg[k]}" for k in ("prompt_tokens", "completion_tokens", "finish_reason",
-                                                         "error") if msg.get(k) is not None))
-        elif isinstance(msg, dict):
-            msg = " ".join(f"{k}={v}" for k, v in msg.items())
+        if isinstance(msg, dict):
+            msg = " ".join(f"{k}={v}" for k, v in msg.items() if v is not None and k != "event")
         return f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} {msg}"
 
 

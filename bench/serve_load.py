@@ -241,7 +241,8 @@ def start_gunicorn(args, ckpt, log_path):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise UserError(f"gunicorn exited with {proc.returncode}; its log: {log_path}")
+            tail = open(log_path).read().strip().splitlines()[-5:]
+            raise UserError(f"gunicorn exited with {proc.returncode}: " + " | ".join(tail))
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/health")
