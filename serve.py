@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import re
+import reprlib
 import select
 import signal
 import socket
@@ -381,8 +382,7 @@ def check_type(name, value, schema):
 
 
 def short(value):
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
 
 
 def read_body(table, route):
@@ -448,7 +448,7 @@ def engine_params(given, names, defaults=None):
         return inference.validate_params(**{**(defaults or {}), **given})
     except ParamError as e:
         raise param_error(e, names) from None
-    except (TypeError, ValueError, OverflowError) as e:  # a shape validate_params did not expect
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape validate_params did not expect
         raise invalid(None, f"invalid generation parameter: {e}") from None
 
 
