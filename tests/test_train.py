@@ -15,7 +15,7 @@ from conftest import ROOT, SHARED_DATA, tiny_config, require
 import train_gpt2
 from checkpoint import load_checkpoint
 from common import UserError
-from fineweb import list_shards, write_shard, write_token_shards
+from fineweb import list_shards, write_manifest, write_shard, write_token_shards
 from model import GPT
 from train_gpt2 import (Prefetcher, TokenWindows, Trainer, TrainConfig, ValWindows, lr_at, peak_flops_for_name)
 
@@ -58,9 +58,9 @@ def periodic_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("periodic")
     period = np.random.default_rng(0).integers(0, 128, 97)
     stream = np.tile(period, 40)
-    write_shard(out / "p_val_000000.bin", stream[:1000])
-    write_shard(out / "p_train_000001.bin", stream[1000:2500])
-    write_shard(out / "p_train_000002.bin", stream[2500:])
+    write_manifest(out, [write_shard(out / "p_val_000000.bin", stream[:1000]),
+                         write_shard(out / "p_train_000001.bin", stream[1000:2500]),
+                         write_shard(out / "p_train_000002.bin", stream[2500:])])
     return str(out)
 
 
@@ -136,7 +136,7 @@ def test_resume_without_checkpoint_is_clear(shards, tmp_path):
 def test_corrupt_shard_is_a_clear_error(shards, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    for path in list_shards(shards, "val") + list_shards(shards, "train"):
+    for path in list_shards(shards, "val") + list_shards(shards, "train") + [os.path.join(shards, "manifest.json")]:
         os.symlink(path, bad / os.path.basename(path))
     victim = list_shards(shards, "train")[1]
     os.remove(bad / os.path.basename(victim))
@@ -292,7 +292,7 @@ def test_cuda_oom_halves_the_micro_batch(monkeypatch, tmp_path):
 def test_token_windows_order_ranks_and_state(tmp_path):
     for i, n in enumerate([50, 7, 64]):  # shards of odd sizes: windows must cross their boundaries
         write_shard(tmp_path / f"s_train_{i + 1:06d}.bin", np.arange(sum([50, 7, 64][:i]), sum([50, 7, 64][:i + 1])))
-    paths = list_shards(tmp_path, "train")
+    paths = [str(tmp_path / f"s_train_{i + 1:06d}.bin") for i in range(3)]
     T, B = 8, 3
     one = TokenWindows(paths, T, B, seed=5)
     assert one.n_windows == (121 - 1) // T == 15
@@ -384,18 +384,17 @@ def test_compiled_training_evaluates_and_samples(shards, tmp_path):
 
 
 def test_init_from_checkpoint_and_hf_folder(shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    base = GPT(tiny_config(block_size=32, n_embd=32, n_head=2))
-    base.export_hf(tmp_path / "hf")
-    model, ckpt = train_gpt2.load_model(str(tmp_path / "hf"))
-    assert ckpt is None and torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
     metrics = train(shards, tmp_path / "ft", "--init-from", str(tmp_path / "hf"), "--max-steps", "2",
                     "--eval-interval", "2")
     again = train(shards, tmp_path / "ft2", "--init-from", str(tmp_path / "ft" / "ckpt.pt"), "--max-steps", "1",
                   "--eval-interval", "1", "--lr", "1e-12", "--min-lr", "1e-12")
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-3)  # weights carried over, step reset
     assert load_checkpoint(tmp_path / "ft2" / "ckpt.pt")["step"] == 1
-    with pytest.raises(UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="model not found"):
         train(shards, tmp_path / "x", "--init-from", str(tmp_path / "missing.pt"), "--max-steps", "1")
 
 
