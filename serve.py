@@ -59,7 +59,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_PREFIX = "GPT2I_"
 MAX_N = 8  # choices per request (n): they share one prefill
 KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
-POLL_S = 0.1  # how often a request thread waiting for tokens checks that its client is still there
+POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
 log = logging.getLogger("gpt2i.serve")
 
 # ============================================================================ configuration
@@ -604,10 +604,11 @@ class Reply:
     """One HTTP request's engine requests, seen from its request thread: outputs arrive on a queue
     (put there by the loop thread), in order; an ApiError ends it early (shutdown, engine failure)."""
 
-    def __init__(self, server, n_choices):
-        self.server = server
+    def __init__(self, server, n_choices, stream):
+        self.server, self.stream = server, stream
         self.handles = []  # (engine request, first choice index, prompt ids)
-        self.queue = queue.Queue()
+        self.queue = queue.Queue()  # lists of (choice, Output), or the ApiError that ended the reply
+        self.pending = []  # not streamed: outputs held until a choice ends (no wake-up per step)
         self.open = n_choices  # choices not finished yet
         self.started = False  # first output seen: no longer "queued"
         self.ended = None  # the ApiError that ended it, if any
@@ -617,17 +618,17 @@ class Reply:
         self.finish_reasons = {}
 
     def _next(self):
-        """The next (choice, Output), or None after POLL_S; raises the ApiError that ended the reply."""
+        """The next outputs [(choice, Output), ...], [] after POLL_S; raises the ApiError that ended the reply."""
         try:
             item = self.queue.get(timeout=POLL_S)
         except queue.Empty:
-            return None
+            return []
         if isinstance(item, ApiError):
             raise item
-        index, out = item
-        if out.finish_reason is not None:
-            self.open -= 1
-            self.finish_reasons[index] = out.finish_reason
+        for index, out in item:
+            if out.finish_reason is not None:
+                self.open -= 1
+                self.finish_reasons[index] = out.finish_reason
         return item
 
     def items(self, environ, keepalive=False):
@@ -635,17 +636,14 @@ class Reply:
         raises ClientGone once the client has closed its connection."""
         idle = 0.0
         while self.open:
-            item = self._next()
+            got = self._next()
             if client_gone(environ):
                 raise ClientGone()
-            idle = 0.0 if item is not None else idle + POLL_S
-            if item is not None or (keepalive and idle >= KEEPALIVE_S):
+            idle = 0.0 if got else idle + POLL_S
+            if keepalive and idle >= KEEPALIVE_S:
                 idle = 0.0
-                yield item  # None: a keep-alive
-
-    def first(self, environ):
-        """The first output (the request has left the engine's queue)."""
-        return next(self.items(environ))
+                yield None  # a keep-alive
+            yield from got
 
     def drain(self, timeout=2.0):
         """After a cancel: wait (bounded) for the engine to end every choice, so the log tells the truth."""
@@ -816,12 +814,9 @@ class Server:
         reply, base = out.request.tag
         n_new = len(out.token_ids)
         self.m_tokens.labels("completion").inc(n_new)
-        if n_new:
-            if reply.t_last is None:
-                self.m_ttft.observe(now - reply.t0)
-            else:
-                for _ in range(n_new):
-                    self.m_itl.observe((now - reply.t_last) / n_new)
+        if n_new:  # one observation per output: the mean gap of its tokens
+            self.m_ttft.observe(now - reply.t0) if reply.t_last is None else \
+                self.m_itl.observe((now - reply.t_last) / n_new)
             reply.t_first, reply.t_last = reply.t_first or now, now
         if out.finish_reason is not None:
             usage = getattr(out, "usage", None) or {}
@@ -830,7 +825,10 @@ class Server:
                 self.m_cancelled.inc()
         if reply.ended is None:
             reply.started = True
-            reply.queue.put((base + out.index, out))
+            reply.pending.append((base + out.index, out))
+            if reply.stream or out.finish_reason is not None:
+                reply.queue.put(reply.pending)
+                reply.pending = []
 
     # ------------------------------------------------------------------ admission
 
@@ -861,10 +859,10 @@ class Server:
             params = {**params, "max_new_tokens": room}
         return params
 
-    def admit(self, prompts, params, names, n=1, logprobs=None, echo=False):
+    def admit(self, prompts, params, names, stream, n=1, logprobs=None, echo=False):
         """Queue one engine request per prompt (ids) with n choices each -> a Reply; 503 when full."""
         self.require_ready()
-        reply = Reply(self, len(prompts) * n)
+        reply = Reply(self, len(prompts) * n, stream)
         with self._lock:
             if not self.accepting:
                 raise unavailable("shutting_down", SHUTTING_DOWN, 5)
@@ -1045,7 +1043,10 @@ def build_app(server):
                     c["finish_reason"] = out.finish_reason
                 server.release(reply)
                 return render(choices)
-            first = reply.first(environ)
+            items = reply.items(environ, keepalive=True)
+            first = next(items)
+            while first is None:  # still queued: nothing is sent before the first output
+                first = next(items)
         except ClientGone:
             server.release(reply)
             reply.drain()
@@ -1059,7 +1060,7 @@ def build_app(server):
         def body():
             try:
                 yield from head
-                for item in itertools.chain([first], reply.items(environ, keepalive=True)):
+                for item in itertools.chain([first], items):
                     yield from [SSE_KEEPALIVE] if item is None else chunks(*item)
                 yield from tail()
             except ApiError as e:
@@ -1112,7 +1113,8 @@ def build_app(server):
         ids = inference.encode_prompt(format_prompt(body["prompt"], body["context"]), raw=True) \
             if body.get("context") else inference.encode_prompt(body["prompt"], p["raw"])
         k = body.get("logprobs")
-        reply = server.admit([ids], server.fit(ids, p, "max_new_tokens" in given, names), names, logprobs=k)
+        stream = bool(body.get("stream"))
+        reply = server.admit([ids], server.fit(ids, p, "max_new_tokens" in given, names), names, stream, logprobs=k)
 
         def logprobs(entries):
             return {"logprobs": native_logprobs(entries)} if k is not None else {}
@@ -1130,7 +1132,7 @@ def build_app(server):
                 yield sse({"done": True, "finish_reason": out.finish_reason, "usage": reply.usage(),
                            "timings": reply.timings()})
 
-        return respond(reply, bool(body.get("stream")), render, chunks)
+        return respond(reply, stream, render, chunks)
 
     # ---------------------------------------------------------------- OpenAI routes
 
@@ -1172,7 +1174,7 @@ def build_app(server):
         fitted = [server.fit(ids, p, "max_new_tokens" in given, names, "prompt" if len(prompts) == 1 else
                              f"prompt[{i}]") for i, ids in enumerate(ids_list)]
         p = min(fitted, key=lambda q: q["max_new_tokens"])  # one params dict for all the prompts
-        reply = server.admit(ids_list, p, names, n=n, logprobs=k, echo=echo)
+        reply = server.admit(ids_list, p, names, stream, n=n, logprobs=k, echo=echo)
         echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
 
         def render(choices):
@@ -1205,7 +1207,7 @@ def build_app(server):
         limit, min_new = server.prompt_limit(), p["max_new_tokens"] if explicit else 1
         ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
         n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
-        reply = server.admit([ids], server.fit(ids, p, explicit, names, "messages"), names, n=n, logprobs=k)
+        reply = server.admit([ids], server.fit(ids, p, explicit, names, "messages"), names, stream, n=n, logprobs=k)
 
         def render(choices):
             return jsonify(make([{"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
