@@ -146,16 +146,13 @@ def validate_config(cfg):
     for name, allowed in CHOICES.items():
         if str(getattr(cfg, name)).lower() not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if not 0 <= cfg.port < 65536:
-        raise UserError(f"--port must be in 0..65535 (0: any free port), got {cfg.port}")
-    for name in ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("read_timeout", "graceful_timeout"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.trust_proxy < 0:
-        raise UserError(f"--trust-proxy must be >= 0, got {cfg.trust_proxy}")
+    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "read_timeout": 0.1, **{name: 1 for name in (
+        "max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")}}
+    for name, lo in lowest.items():
+        value = getattr(cfg, name)
+        if value is not None and not lo <= value <= (65535 if name == "port" else math.inf):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}{' and <= 65535' * (name == 'port')}, "
+                            f"got {value}")
     if rate_limit_enabled(cfg):
         try:
             parse_many(cfg.rate_limit)
@@ -169,10 +166,9 @@ def validate_config(cfg):
         device = pick_device(cfg.device)
     except RuntimeError as e:
         raise UserError(f"unknown --device {cfg.device!r}: {str(e).splitlines()[0]}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device} asked for, but CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {cfg.device} asked for, but MPS is not available on this machine")
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if usable is not None and not usable():
+        raise UserError(f"--device {cfg.device} asked for, but {device.type.upper()} is not available on this machine")
     if cfg.quantize == "int8" and (device.type != "cpu" or cfg.dtype not in ("auto", "float32", "fp32")):
         raise UserError(f"--quantize int8 runs on CPU in float32 only (asked: {device.type}, {cfg.dtype})")
 
