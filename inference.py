@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 from common import UserError, pick_device, pick_dtype, run_cli
-from model import GPT, PRETRAINED_CONFIGS, KVCache
+from model import KVCache
 from prompt import format_prompt
 from tokenizer import EOT_ID, N_VOCAB, encode, get_tokenizer
 
@@ -615,12 +615,11 @@ class Engine:
         with self._lock:
             outs = []
             self._cancel_requested(outs)
-            work = [w for w in (self._prefill(outs), self._decode()) if w is not None]
-            if self.pipeline:
-                done, self._inflight = self._inflight, work
-            else:
-                done = work
-            for kind, *args in done:
+            prefill, decode = self._prefill(outs), self._decode()
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
+            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
+            self._inflight = [decode] if self.pipeline and decode else []
+            for kind, *args in filter(None, done):
                 (self._read_prefill if kind == "prefill" else self._read_decode)(*args, outs)
             self._release(outs)
             for o in outs:
@@ -662,7 +661,7 @@ class Engine:
         for c, s in zip(r.choices, slots):
             c.slot = s
             self._rows[s] = c
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._upload(slots, torch.long)
         self.params.index_copy_(0, idx, self._upload([param_row(r.params)] * r.n, torch.float32))
         self.bias.index_fill_(0, idx, 0)
         if r.params["logit_bias"]:
@@ -837,18 +836,34 @@ class Engine:
         self.j.add_(1)
 
     def _run_step(self, B, L, kind):
-        if self.graphs:
-            graph = self._graphs.get((B, L, kind))
-            if graph is None:
-                try:
-                    graph = self._graphs[(B, L, kind)] = self._capture(B, L, kind)
-                except Exception as e:  # keep serving: decode uncaptured, loudly
-                    self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
-                    warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=2)
-                    self.graphs = False
-            if graph is not None:
-                return graph.replay()
+        graph = self._graph(B, L, kind) if self.graphs else None
+        if graph is not None:
+            return graph.replay()
         self._decode_step(B, L, kind)
+
+    def _graph(self, B, L, kind):
+        """The CUDA graph of a decode step, captured on first use; None (and graphs off) if capture fails."""
+        graph = self._graphs.get((B, L, kind))
+        if graph is None and self.graphs:
+            try:
+                graph = self._graphs[(B, L, kind)] = self._capture(B, L, kind)
+            except Exception as e:  # keep serving: decode uncaptured, loudly
+                self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
+                warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=3)
+                self.graphs = False
+        return graph
+
+    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+        """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
+        kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
+        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        block = self.config.block_size
+        with self._lock, torch.no_grad():
+            for B in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+                for L in sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)}):
+                    for kind in kinds:
+                        self._graph(B, L, kind)
+        return len(self._graphs)
 
     def _capture(self, B, L, kind):
         """Warm up (compiles if asked) on a side stream, then record one decode step in a graph.
@@ -861,6 +876,7 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self.j.zero_()  # stay inside u / out even when decode_chunk is 1
                 self._decode_step(B, L, kind)
         torch.cuda.current_stream(self.device).wait_stream(side)
         for t, copy in saved:
@@ -1018,41 +1034,13 @@ def prepare_model(model, device, dtype, quantize=None):
     return model
 
 
-def load_weights(path):
-    """-> (model on CPU in fp32, info dict) from our checkpoint, an HF folder or an OpenAI name."""
-    path = os.fspath(path)
-    if os.path.isfile(path) or os.path.isfile(os.path.join(path, CKPT_NAME)):
-        ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt)
-        full = os.path.abspath(path)
-        folder = full if os.path.isdir(full) else os.path.dirname(full)
-        info = {"model": os.path.basename(folder) or full, "path": full, "kind": ckpt["kind"],
-                "step": ckpt.get("step"), "metrics": ckpt.get("metrics") or {}}
-    elif os.path.isdir(path) or path in PRETRAINED_CONFIGS:
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json)")
-        try:
-            model = GPT.from_pretrained(path)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
-            raise UserError(f"cannot load {path!r}: {e}") from None
-        local = os.path.isdir(path)
-        full = os.path.abspath(path) if local else path
-        info = {"model": os.path.basename(full.rstrip("/")) if local else path, "path": full,
-                "kind": "hf" if local else "openai", "step": None, "metrics": {}}
-    else:
-        raise UserError(f"model not found: {path!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
-                        f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)})")
-    return model, info
-
-
 def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
-    """Load a model ready for generation -> (model, info).
+    """checkpoint.load_model, then ready for generation (prepare_model) -> (model, info).
 
-    path: a ckpt.pt, the folder holding it, a local HF GPT-2 folder, or an OpenAI GPT-2 name
-    (`gpt2`, ...; needs the network). device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" =
-    bf16 on CUDA, fp32 elsewhere. quantize: None or "int8" (CPU, fp32: dynamic int8 Linears).
-    On CPU the Linears take the (in, out) layout (InOutLinear): the model is for inference only.
-    Bad input raises common.UserError with a one-line message.
+    device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" = bf16 on CUDA, fp32 elsewhere.
+    quantize: None or "int8" (CPU, fp32: dynamic int8 Linears). On CPU the Linears take the
+    (in, out) layout (InOutLinear): the model is for inference only. Bad input raises
+    common.UserError with a one-line message.
     """
     try:
         device = pick_device(device)
@@ -1066,17 +1054,10 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
     quantize = None if quantize == "none" else quantize
     if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError(f"quantize=int8 runs on CPU in float32 only (asked: {device.type}, {dtype})")
-    model, info = load_weights(path)
-    n_params = model.num_params()
-    prepare_model(model, device, dtype, quantize)
-    cfg = model.config
-    info.update({
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
-        "n_params": n_params, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-        "instruction_tuned": info["kind"] == "sft",
-    })
-    return model, info
+    model, info = load_model(path)
+    info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), quantize=quantize,
+                n_params=model.num_params(), instruction_tuned=info["kind"] == "sft")
+    return prepare_model(model, device, dtype, quantize), info
 
 
 # ====================================================================== CLI
@@ -1154,7 +1135,7 @@ def main(argv=None):
     if args.verbose:
         end = time.perf_counter()
         rate = (usage["completion_tokens"] - 1) / (end - first) if usage["completion_tokens"] > 1 else 0.0
-        print(f"[{info['model']} on {info['device']} {info['dtype']}: finish_reason={reason} "
+        print(f"[{info['name']} on {info['device']} {info['dtype']}: finish_reason={reason} "
               f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} "
               f"prefill {(first - t0) * 1e3:.0f} ms, decode {rate:.1f} tokens/s]", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ GPT-2, written from scratch, with a KV-cache of per-sequence slots for batched d
 Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, LinearCrossEntropy, GPT.
 Parameter names match Hugging Face's GPT-2 (transformer.wte / wpe / h.N.attn.c_attn / ...,
 lm_head), so OpenAI's weights map one to one (HF stores Conv1D weights transposed; see
-from_pretrained and export_hf). Attention goes through F.scaled_dot_product_attention, which
+hf_to_ours and ours_to_hf). Attention goes through F.scaled_dot_product_attention, which
 picks the flash / cuDNN / memory-efficient kernels on GPU.
 
 Shapes in comments: B batch, T query length, S cache slots, L key length, C n_embd, H n_head,
@@ -308,30 +308,7 @@ class GPT(nn.Module):
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
-    # ------------------------------------------------------------------ HF weights in and out
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """OpenAI GPT-2 weights: a local HF folder (always), or a hub name (when online)."""
-        folder = _resolve_hf_folder(name_or_dir)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{folder} holds a {hf.get('model_type')!r} model, not GPT-2")
-        config = GPTConfig(
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf.get("vocab_size", GPT2_VOCAB),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            dropout=dropout, bias=True,
-        )
-        weights = os.path.join(folder, "model.safetensors")
-        if not os.path.isfile(weights):  # a pickled pytorch_model.bin could run code: not read
-            raise FileNotFoundError(f"{folder} has no model.safetensors (pytorch_model.bin is not read)")
-        from safetensors.torch import load_file
-
-        model = cls(config)
-        model.load_state_dict(hf_to_ours(load_file(weights)))
-        return model
+    # ------------------------------------------------------------------ HF weights out
 
     def export_hf(self, out_dir):
         """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads (and vLLM / TGI serve)."""
@@ -389,26 +366,3 @@ def ours_to_hf(state, vocab_size):
             tensor = tensor[:vocab_size]
         out[key] = tensor.detach().to("cpu").contiguous().clone()
     return out
-
-
-def _resolve_hf_folder(name_or_dir):
-    if os.path.isdir(name_or_dir):
-        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
-            raise FileNotFoundError(f"{name_or_dir} is not an HF model folder: it has no config.json")
-        return name_or_dir
-    if name_or_dir not in PRETRAINED_CONFIGS:
-        raise ValueError(
-            f"{name_or_dir!r} is neither a local HF model folder nor one of {', '.join(PRETRAINED_CONFIGS)}"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            f"openai-community/{name_or_dir}",
-            allow_patterns=["config.json", "model.safetensors"],
-        )
-    except Exception as e:  # offline, hub down, missing package: one clear message
-        raise RuntimeError(
-            f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
-            f"Offline? Pass a local HF folder holding config.json and model.safetensors instead."
-        ) from None

@@ -69,10 +69,13 @@ def test_logprobs_in_graphs_equal_eager_fp32():
     assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(eager, graphs))
 
 
-def test_graphs_equal_eager_fp32():
+@pytest.mark.parametrize("name", [name for name, (dtype, _) in SAMPLERS.items() if dtype == torch.float32])
+def test_graphs_equal_eager_fp32(name):
+    """Bucketed, captured and pipelined against exact shapes, uncaptured and read every step."""
     model = gpt2_124m(torch.float32)
-    eager, _ = run(model, PROMPTS, graphs=False)(max_new_tokens=100)
-    graphs, _ = run(model, PROMPTS, graphs=True)(max_new_tokens=100)
+    sampling = SAMPLERS[name][1]
+    eager, _ = run(model, PROMPTS, graphs=False, pipeline=False, decode_chunk=1)(max_new_tokens=100, **sampling)
+    graphs, _ = run(model, PROMPTS, graphs=True)(max_new_tokens=100, **sampling)
     assert graphs == eager
 
 
@@ -137,3 +140,13 @@ def test_load_model_defaults_on_cuda(tmp_path):
     r = inf.generate_text(engine, "Say hi", max_new_tokens=20, seed=0)
     assert r["completion_tokens"] >= 1
     assert engine.embed([[1, 2, 3]])[0].__len__() == 128
+
+
+def test_warmup_captures_up_front():
+    model = gpt2_124m(torch.bfloat16)
+    engine = inf.Engine(model, max_batch=4)
+    n = engine.warmup()
+    assert n == 3 * 8 * 2 and not engine.notes  # batch buckets 1, 2, 4 x cache lengths 128 .. 1024 x 2 kinds
+    inf.generate_batch(engine, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
+    inf.generate_batch(engine, PROMPTS[:2], max_new_tokens=100, temperature=0, raw=True, ignore_eos=True)
+    assert engine.describe()["graphs_captured"] == n  # nothing new to capture
