@@ -804,6 +804,7 @@ class Server:
         self.context_length = int(self.model.config.block_size)
         self.engine = inference.Engine(self.model, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
                                        compile=cfg.compile)
+        self.info["graphs_captured"] = self.engine.warmup()  # CUDA: no request waits for a capture
 
     def _dispatch(self, out, now):
         """One engine Output -> its reply's queue, with the token metrics (the loop thread, under self._lock)."""
@@ -889,8 +890,8 @@ class Server:
             self._replies.discard(reply)
 
     def describe(self):
-        return {"device": self.info.get("device"), "dtype": self.info.get("dtype"),
-                "quantize": self.info.get("quantize"), "context_length": self.context_length}
+        return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),
+                "context_length": self.context_length, "graphs_captured": self.info.get("graphs_captured")}
 
 
 def state(app):
