@@ -108,6 +108,7 @@ def engine_offline(args, ckpt):
     """tokens/s of inference.Engine with --clients rows kept full, in this process."""
     model, info = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
     engine = inference.Engine(model, max_batch=args.clients, prefill_chunk=args.prefill_chunk, compile=args.compile)
+    engine.warmup()  # CUDA graphs captured up front, as the server does before it is healthy
     params = inference.validate_params(max_new_tokens=args.new_tokens, temperature=0.8, ignore_eos=True)
     rng = random.Random(0)
     for _ in range(args.clients):
