@@ -1511,7 +1511,12 @@ def build_parser():
         shown = ",".join(default) if isinstance(default, list) else default
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
                             help=f"{help_} [env {env_name(name)}; default: {shown if shown else 'none'}]")
+    parser.error = refuse  # a bad flag is one line and exit 2, as every other user mistake
     return parser
+
+
+def refuse(message):
+    raise UserError(message)
 
 
 def main(argv=None):

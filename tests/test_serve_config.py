@@ -177,6 +177,8 @@ def test_help_lists_flags_and_env_vars(capsys):
     ([], "error: no checkpoint: pass --ckpt PATH or set GPT2I_CKPT"),
     (["--ckpt", "missing/ckpt.pt"], "error: checkpoint not found: missing/ckpt.pt"),
     (["--ckpt", "gpt2", "--quantize", "int4"], "error: --quantize must be one of none, int8, got 'int4'"),
+    (["--ckpt", "gpt2", "--max-batch", "many"], "error: --max-batch must be an integer, got 'many'"),
+    (["--ckpt", "gpt2", "--colour", "red"], "error: unrecognized arguments: --colour red"),
 ])
 def test_cli_fails_fast_in_one_line_before_binding(args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPT2I_")}
