@@ -14,8 +14,9 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    loopback connection (http.client), non-streaming then streaming.
 3. newcomer: while --newcomer-streams streams of --newcomer-tokens tokens run, a 16-token request
    (16-token prompt) is sent every --probe-every seconds; its time to first token is recorded.
-Throughput counts the completion tokens of the requests that ended inside the measured window
-(usage.completion_tokens), divided by the window. Prompts are token ids, end-of-text ignored, so
+Throughput: completion tokens made inside the measured window, divided by it (the engine counts
+them per step; over HTTP, each request's usage.completion_tokens is spread evenly over its
+lifetime and the share inside the window counts). Prompts are token ids, end-of-text ignored, so
 every request generates exactly --new-tokens tokens. Prints a table; the last line is JSON.
 """
 
@@ -122,9 +123,9 @@ def engine_offline(args, ckpt):
         if now >= end:
             break
         for o in outs:
+            if now >= start:
+                tokens += len(o.token_ids)
             if o.finish_reason is not None:
-                if now >= start:
-                    tokens += o.usage["completion_tokens"]
                 engine.add(prompt_ids(args.prompt_tokens, rng), params)
     result = {"tokens_per_s": round(tokens / args.duration, 1), "device": info["device"], "dtype": info["dtype"]}
     del engine, model
@@ -138,7 +139,7 @@ def engine_offline(args, ckpt):
 
 class Client(threading.Thread):
     """Sends /v1/completions requests back to back on one keep-alive connection until told to stop.
-    Records (end time, completion tokens, time to first token or None, gaps between chunks)."""
+    Records (start, end, completion tokens, time to first token or None, gaps between chunks)."""
 
     def __init__(self, port, body, stop, seed, once=False):
         super().__init__(daemon=True)
@@ -168,7 +169,7 @@ class Client(threading.Thread):
             raise ValueError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
         if not body.get("stream"):
             usage = json.loads(resp.read())["usage"]
-            return time.perf_counter(), usage["completion_tokens"], None, []
+            return t0, time.perf_counter(), usage["completion_tokens"], None, []
         first, last, gaps, usage = None, None, [], None
         for line in resp:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -183,7 +184,7 @@ class Client(threading.Thread):
                 else:
                     gaps.append(now - last)
                 last = now
-        return time.perf_counter(), usage["completion_tokens"], first, gaps
+        return t0, time.perf_counter(), usage["completion_tokens"], first, gaps
 
 
 def run_clients(port, n, body, args, seed=0):
@@ -198,9 +199,11 @@ def run_clients(port, n, body, args, seed=0):
     start, end = t0 + args.warmup, t0 + args.warmup + args.duration
     for c in clients:
         c.join(600)
-    done = [r for c in clients for r in c.records if start <= r[0] <= end]
-    return {"tokens_per_s": round(sum(r[1] for r in done) / args.duration, 1), "requests": len(done),
-            "ttft": [r[2] for r in done if r[2] is not None], "gaps": [g for r in done for g in r[3]],
+    records = [r for c in clients for r in c.records]
+    tokens = sum(n * max(0.0, min(b, end) - max(a, start)) / max(b - a, 1e-9) for a, b, n, _, _ in records)
+    done = [r for r in records if start <= r[1] <= end]
+    return {"tokens_per_s": round(tokens / args.duration, 1), "requests": len(done),
+            "ttft": [r[3] for r in done if r[3] is not None], "gaps": [g for r in done for g in r[4]],
             "errors": [e for c in clients for e in c.errors]}
 
 
@@ -216,7 +219,7 @@ def newcomer(port, args):
     while time.perf_counter() < end:
         probe = Client(port, request_body(16, 16, True), stop, len(ttfts), once=True)
         probe.run()
-        ttfts += [r[2] for r in probe.records]
+        ttfts += [r[3] for r in probe.records]
         errors += probe.errors
         time.sleep(args.probe_every)
     stop.set()
