@@ -55,6 +55,8 @@ threads = _env_int("GPT2I_THREADS", 32)
 # a CUDA context across processes, and a HUP reload would keep running the old code.
 preload_app = False
 loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
+# gunicorn's runtime control socket lives in ~/.gunicorn, shared by every instance of the user; unused here.
+control_socket_disable = True
 # Seconds running requests (streams) get to finish on reload or stop; past that they end with an
 # error event (worker_exit below).
 graceful_timeout = 30
@@ -138,6 +140,8 @@ def when_ready(server):
             print(f"error: nginx did not start (exit {proc.returncode}); see its message above", file=sys.stderr)
             raise SystemExit(2)
         time.sleep(0.05)
+    # nginx is the one proxy hop: the app takes the client's address from the X-Forwarded-For it sets
+    os.environ.setdefault("GPT2I_TRUST_PROXY", "1")
     server.nginx = proc  # on the arbiter: a reload re-reads this file but keeps the arbiter
     server.log.info("nginx listening at %s in front of gunicorn (pid %s)", NGINX_LISTEN, proc.pid)
 
