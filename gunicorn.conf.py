@@ -100,6 +100,14 @@ def worker_int(worker):
 
 def worker_exit(server, worker):
     _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
+    if worker.booted:
+        # Streams are ended and the engine thread joined: skip the interpreter's teardown, which
+        # under load can take longer than the master waits (then it dies by SIGTERM/SIGKILL) and
+        # is where torch's threads used to abort ("terminate called without an active exception").
+        # A worker that failed to boot keeps its exit status (the master stops on it).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ---------------------------------------------------------------------------- nginx in front

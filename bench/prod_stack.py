@@ -122,12 +122,12 @@ def terminal(events):
     return bool(events) and ("done" in events[-1][1] or "error" in events[-1][1])
 
 
-def probe_once(port):
+def probe_once(port, timeout=PROBE_TIMEOUT):
     """(GET /health, small POST /generate): each a status, or "timeout"/"refused"/... when unanswered."""
     out = []
     for method, path, body in (("GET", "/health", None), ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 2})):
         try:
-            out.append(request(port, method, path, body)[0])
+            out.append(request(port, method, path, body, timeout=timeout)[0])
         except OSError as e:
             out.append("timeout" if isinstance(e, socket.timeout) else type(e).__name__)
     return out
@@ -163,7 +163,10 @@ def slowloris(port, n=200, hold=5.0):
 
 
 def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
-    """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict."""
+    """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict.
+
+    Probes wait up to `timeout` for an answer: a request that arrives while the new worker loads
+    waits for it (the slowest probe is reported), a 503 or a refused connection is a failure."""
     results, started = [None] * streams, threading.Semaphore(0)
 
     def run(i):
@@ -192,19 +195,21 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
     # until the new worker answered and the old one exited
     while time.monotonic() < t0 + timeout:
         done = stack.log().count("Worker exiting") > before
-        probes.append((time.monotonic() - t0, probe_once(stack.port)))
+        sent = time.monotonic()
+        probes.append((sent - t0, probe_once(stack.port, timeout), time.monotonic() - sent))
         if done and probes[-1][1] == [200, 200]:
             break
         time.sleep(0.1)
     for t in threads:
         t.join(timeout)
     log = stack.log()
-    flat = [x for _, p in probes for x in p]
-    failed_at = [t for t, p in probes if p != [200, 200]]
-    return {"streams": streams, "streams_terminal": sum(terminal(r[1]) for r in results),
-            "streams_cut": sum(terminal(r[1]) and "error" in r[1][-1][1] for r in results),
+    flat = [x for _, p, _ in probes for x in p]
+    failed_at = [t for t, p, _ in probes if p != [200, 200]]
+    ended = [r[1] for r in results if r[0] == 200 and terminal(r[1])]
+    return {"streams": streams, "streams_ended": len(ended), "streams_cut": sum("error" in e[-1][1] for e in ended),
             "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
             "failing_s": round(failed_at[-1] - failed_at[0], 1) if failed_at else 0.0,
+            "slowest_probe_s": round(max(d for _, _, d in probes), 1),
             "worker_signalled": sum(s in log for s in ("was sent SIG", "terminate called", "WORKER TIMEOUT")),
             "failures": sorted({str(x) for x in flat if x != 200})}
 
