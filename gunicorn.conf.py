@@ -14,6 +14,7 @@ these ones shape the gunicorn process (any other gunicorn setting: its own flags
 With GPT2I_NGINX_LISTEN (`make serve-prod`, the Docker image), gunicorn binds a unix socket in
 GPT2I_RUN_DIR instead of GPT2I_BIND, fills in nginx.conf, starts nginx as a child of its master once
 the socket is bound, and stops it when it stops itself: one process to run, signal and supervise.
+Clients then reach the app by nginx's address: list the names they use in GPT2I_ALLOWED_HOSTS.
 
 With more than one worker, set GPT2I_RATE_LIMIT_STORAGE=redis://host:port so the workers
 share one rate-limit budget (memory:// counts per worker).
