@@ -124,16 +124,25 @@ def nginx_config():
     return text
 
 
-def when_ready(server):
-    """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
+def nginx_exe():
+    return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
+
+
+def on_starting(server):
+    """Before gunicorn binds: the run folder exists and nginx is installed."""
     if not NGINX_LISTEN:
         return
-    exe = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
-    if exe is None:
+    if nginx_exe() is None:
         print("error: nginx is not installed (apt-get install nginx)", file=sys.stderr)
         raise SystemExit(2)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
+
+
+def when_ready(server):
+    """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
+    if not NGINX_LISTEN:
+        return
     conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")
     with open(conf + ".tmp", "w") as f:
         f.write(nginx_config())
@@ -142,7 +151,7 @@ def when_ready(server):
         os.remove(pid_file)  # left by a run that was killed; nginx writes it once it listens
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
     # as root, nginx would hand its workers to "nobody", who cannot write the temp folders.
-    cmd = [exe, "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
+    cmd = [nginx_exe(), "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
     proc = subprocess.Popen(cmd)
     while not os.path.exists(pid_file):  # written once nginx has bound its port
         if proc.poll() is not None:  # it said why on stderr (port in use, bad address...)

@@ -37,15 +37,16 @@ def free_port():
 class Stack:
     """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1."""
 
-    def __init__(self, ckpt, run_dir, nginx=True, env=None, args=(), repo=ROOT):
+    def __init__(self, ckpt, folder, nginx=True, env=None, args=(), repo=ROOT):
+        """folder: holds gunicorn's log; the stack makes its run folder (folder/run) itself."""
         self.port = free_port()
-        self.log_path = os.path.join(run_dir, "gunicorn.log")
+        self.log_path = os.path.join(folder, "gunicorn.log")
+        self.run_dir = os.path.join(folder, "run")
         env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_RATE_LIMIT": "none", **(env or {})}
         if nginx:
-            env.update(GPT2I_NGINX_LISTEN=f"127.0.0.1:{self.port}", GPT2I_RUN_DIR=run_dir)
+            env.update(GPT2I_NGINX_LISTEN=f"127.0.0.1:{self.port}", GPT2I_RUN_DIR=self.run_dir)
         else:
             env["GPT2I_BIND"] = f"127.0.0.1:{self.port}"
-        os.makedirs(run_dir, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "serve:create_app()"],
@@ -225,8 +226,8 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reload stream")
     args = parser.parse_args(argv)
     rows = {}
-    with tempfile.TemporaryDirectory() as run_dir, \
-            Stack(os.path.abspath(args.ckpt), run_dir, nginx=args.stack == "nginx") as stack:
+    with tempfile.TemporaryDirectory() as folder, \
+            Stack(os.path.abspath(args.ckpt), folder, nginx=args.stack == "nginx") as stack:
         stack.wait_healthy()
         rows["slowloris"] = slowloris(stack.port, args.slow, args.hold)
         rows["reload"] = reload(stack, args.streams, args.max_new_tokens)

@@ -25,7 +25,7 @@ def stack(tmp_path_factory):
             "nginx is not installed (apt-get install nginx)")
     folder = tmp_path_factory.mktemp("prod")
     ckpt = make_checkpoint(str(folder), block_size=1024)
-    with Stack(ckpt, str(folder / "run"), args=["--graceful-timeout", str(GRACEFUL)]) as s:
+    with Stack(ckpt, str(folder), args=["--graceful-timeout", str(GRACEFUL)]) as s:
         s.wait_healthy()
         yield s
 
@@ -92,7 +92,8 @@ def test_reload_under_streams_without_503_or_signals(stack):
 
 
 def test_stop_takes_nginx_down_too(stack):
-    nginx_pid = int(open(os.path.join(os.path.dirname(stack.log_path), "nginx.pid")).read())
+    with open(os.path.join(stack.run_dir, "nginx.pid")) as f:
+        nginx_pid = int(f.read())
     assert stack.stop() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(nginx_pid, 0)
