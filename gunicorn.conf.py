@@ -20,6 +20,7 @@ With more than one worker, set GPT2I_RATE_LIMIT_STORAGE=redis://host:port so the
 share one rate-limit budget (memory:// counts per worker).
 """
 
+import ctypes
 import os
 import shutil
 import signal
@@ -139,6 +140,12 @@ def on_starting(server):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
 
 
+def _die_with_parent():
+    """In nginx's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def when_ready(server):
     """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
     if not NGINX_LISTEN:
@@ -152,7 +159,9 @@ def when_ready(server):
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
     # as root, nginx would hand its workers to "nobody", who cannot write the temp folders.
     cmd = [nginx_exe(), "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
-    proc = subprocess.Popen(cmd)
+    # its own process group: a Ctrl+C reaches gunicorn, which ends its streams (an error event each)
+    # before it stops nginx; and nginx ends with gunicorn's master, even one killed by SIGKILL
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     while not os.path.exists(pid_file):  # written once nginx has bound its port
         if proc.poll() is not None:  # it said why on stderr (port in use, bad address...)
             print(f"error: nginx did not start (exit {proc.returncode}); see its message above", file=sys.stderr)
