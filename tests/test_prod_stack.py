@@ -16,7 +16,7 @@ from bench.prod_stack import Stack, request, reload, slowloris, stream
 from conftest import require
 from test_serve_config import make_checkpoint
 
-GRACEFUL = 7  # gunicorn --graceful-timeout: streams get 2 s of it on a reload (gunicorn.conf.py keeps 5)
+GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
 
 
 @pytest.fixture(scope="module")
