@@ -67,12 +67,17 @@ STOP_MARGIN = 5  # of those, seconds kept for ending streams and joining the eng
 
 # ---------------------------------------------------------------------------- worker hooks
 
+def app_state(app):
+    """serve.state(app), the model, engine and loop thread of this worker's app."""
+    import serve  # in the worker only: a master that imported serve would keep its old code across a reload
+
+    return serve.state(app)
+
+
 def post_worker_init(worker):
     """Accept connections only once this worker's model is loaded. On a reload the old workers
     stop accepting at once; requests meanwhile wait in the listen backlog, not on a 503 loading."""
-    import serve  # here, in the worker: a master holding serve would keep its old code across a reload
-
-    state = serve.state(worker.wsgi)
+    state = app_state(worker.wsgi)
     # this worker's own graceful window ends before the master's SIGKILL deadline, leaving time to
     # close() its streams (worker_exit): a stream past the deadline ends with an error event.
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
@@ -89,9 +94,7 @@ def _shutdown(worker):
     no thread may still be inside torch when the interpreter exits (SIGABRT)."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        import serve  # see post_worker_init
-
-        state = serve.state(app)
+        state = app_state(app)
         state.begin_shutdown()
         state.close(0)  # the graceful time is up, or this is a quick stop
 
