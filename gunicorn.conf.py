@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
+#                              so a reload waits for the model's load, not for torch's import too
 from gunicorn.arbiter import Arbiter
 
 

@@ -203,6 +203,7 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
         time.sleep(0.1)
     for t in threads:
         t.join(timeout)
+    results = [r or ("unfinished", []) for r in results]  # a stream still open after `timeout`
     log = stack.log()
     flat = [x for _, p, _ in probes for x in p]
     failed_at = [t for t, p, _ in probes if p != [200, 200]]
