@@ -221,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="checkpoint to serve (file or folder)")
     parser.add_argument("--stack", choices=("nginx", "gunicorn"), default="nginx",
                         help="nginx in front of gunicorn (make serve-prod), or gunicorn alone")
-    parser.add_argument("--slow", type=int, default=200, help="slow connections held open")
+    parser.add_argument("--slow", type=int, default=200, help="slow connections held open (0: reload only)")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds they are held while probing")
     parser.add_argument("--streams", type=int, default=4, help="streams running during the reload")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reload stream")
@@ -230,7 +230,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder, \
             Stack(os.path.abspath(args.ckpt), folder, nginx=args.stack == "nginx") as stack:
         stack.wait_healthy()
-        rows["slowloris"] = slowloris(stack.port, args.slow, args.hold)
+        if args.slow:
+            rows["slowloris"] = slowloris(stack.port, args.slow, args.hold)
         rows["reload"] = reload(stack, args.streams, args.max_new_tokens)
     print(f"stack: {args.stack}")
     for name, row in rows.items():
