@@ -19,10 +19,14 @@ from test_serve_config import make_checkpoint
 GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def need_nginx():
     require(shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin") is not None,
             "nginx is not installed (apt-get install nginx)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    need_nginx()
     folder = tmp_path_factory.mktemp("prod")
     ckpt = make_checkpoint(str(folder), block_size=1024)
     with Stack(ckpt, str(folder), args=["--graceful-timeout", str(GRACEFUL)]) as s:
@@ -99,3 +103,16 @@ def test_stop_takes_nginx_down_too(stack):
         os.kill(nginx_pid, 0)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", stack.port), timeout=5).close()
+
+
+def test_a_model_that_fails_to_load_stops_the_stack(tmp_path):
+    need_nginx()
+    with open(make_checkpoint(str(tmp_path), block_size=64), "r+b") as f:
+        f.truncate(1000)  # a checkpoint cut short
+    with Stack(str(tmp_path / "ckpt.pt"), str(tmp_path)) as s:
+        assert s.proc.wait(120) != 0
+        log = s.log()
+    assert "[ERROR] error: " in log and "Traceback" not in log, log[-3000:]  # one line says why
+    assert "Worker failed to boot" in log  # the master stopped instead of respawning it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()  # nginx went with it
