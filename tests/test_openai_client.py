@@ -87,11 +87,13 @@ def healthy(url):
 
 
 def reference_logprobs(model, ids):
-    """log p(ids[i] | ids[:i]) for i >= 1, from one fp32 forward pass of the whole sequence."""
+    """log p(ids[i] | ids[:i]) for i >= 1, from one fp32 forward pass of the whole sequence.
+
+    Over GPT-2's 50257 tokens: the embedding's padding rows past them are not tokens (as in the HF export)."""
     x = torch.tensor([ids])
     with torch.no_grad():
         logits, _ = model(x)
-    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[0, :-1, :tokenizer.N_VOCAB].float(), dim=-1)
     return logp.gather(1, x[0, 1:, None])[:, 0].tolist()
 
 
