@@ -26,10 +26,10 @@ MODEL = "tiny-openai"
 TEXT = "Hello there, naïve café 😀 — 日本語 and   spaces."
 
 
-def make_checkpoint(folder):
+def make_checkpoint(folder, block_size=256):
     """A tiny random GPT saved as our sft checkpoint -> (path, the model in fp32 eval mode)."""
     torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=256)).eval()
+    model = GPT(tiny_config(block_size=block_size)).eval()
     path = save_checkpoint(os.path.join(folder, "ckpt.pt"), kind="sft", model_state=model.state_dict(),
                            config=model.config.to_dict(), step=0)
     return path, model_from_checkpoint(load_checkpoint(path)).eval()
