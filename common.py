@@ -6,6 +6,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what atomic_path's mkstemp names look like
+
+
+def clean_stale_temps(folder):
+    """Remove temp files that killed atomic_path writes left in `folder`; returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(n for n in os.listdir(folder) if STALE_TEMP.fullmatch(n))
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return stale
 
 
 def open_compressed(path, mode="rt"):

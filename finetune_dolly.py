@@ -78,20 +78,19 @@ import zlib
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from checkpoint import save_checkpoint as write_checkpoint
 from common import UserError, run_cli, setup_distributed, teardown_distributed
-from lora import (ADAPTER_NAME, DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, has_lora,
-                  merged_state_dict, parse_targets, save_adapter)
+from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, has_lora, merged_state_dict, parse_targets
 from model import GPT, PRETRAINED_CONFIGS, GPTConfig
 from prepare_dolly import load_split
 from prompt import PREAMBLE, TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, N_VOCAB, decode
-from train_gpt2 import Trainer, TrainConfig, add_system_args, load_model, make_sample_hook, warn_resume_differences
+from train_gpt2 import Trainer, TrainConfig, add_system_args, make_sample_hook, warn_resume_differences
 
 BEST_NAME = "ckpt.pt"  # checkpoint.CKPT_NAME: what inference loads from a folder
 LAST_NAME = "last.pt"
-RUN_FILES = (BEST_NAME, LAST_NAME, ADAPTER_NAME, "log.jsonl", "samples.jsonl", "loss.png")
+RUN_FILES = (BEST_NAME, LAST_NAME, "log.jsonl", "samples.jsonl", "loss.png")
 DEFAULT_LR = 5e-5
 DEFAULT_LORA_LR = 3e-4
 WARMUP_FRACTION = 0.03
@@ -317,30 +316,13 @@ def lora_config_from_args(args):
                       targets=parse_targets(args.lora_targets))
 
 
-def model_for_resume(ckpt, lora_cfg):
-    """The run's model as last.pt holds it: GPT of its config (+ the same LoRA layers), weights loaded."""
-    from checkpoint import CheckpointError
-
-    try:
-        model = GPT(GPTConfig.from_dict(ckpt["config"]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint has an invalid model config: {e}") from None
-    if lora_cfg is not None:
-        apply_lora(model, lora_cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(f"{LAST_NAME} does not fit this run's model (LoRA settings changed?): {first}") from None
-    return model
-
-
 def load_initial_model(spec, dropout):
     """--init-from other than resume: our checkpoint, an OpenAI GPT-2 name or an HF folder (train_gpt2.load_model)."""
     if spec == "scratch":
         raise UserError("--init-from scratch: fine-tuning starts from a trained model (a checkpoint, "
                         f"{', '.join(PRETRAINED_CONFIGS)}, an HF GPT-2 folder, or resume)")
     model, _ = load_model(spec, dropout=dropout)
+    model.train()
     if model.config.vocab_size < N_VOCAB:
         raise UserError(f"--init-from {spec}: its vocabulary has {model.config.vocab_size} ids, fewer than "
                         f"GPT-2's {N_VOCAB}: it cannot read the instruction data")
@@ -374,9 +356,6 @@ class SFTTrainer(Trainer):
             os.path.join(self.cfg.out_dir, BEST_NAME), kind="sft", model_state=state, config=self.model_config,
             step=self.step, optimizer=None, train_state=self.train_state(), rng=None, args=self.args,
             metrics=dict(self.metrics))
-        if self.lora is not None:
-            save_adapter(os.path.join(self.cfg.out_dir, ADAPTER_NAME), self.raw_model, self.lora, base=self.base,
-                         step=self.step, metrics=self.metrics)
         return path
 
     # evaluation ---------------------------------------------------------------------------
@@ -591,7 +570,7 @@ def _run(args, dist, resume_ckpt, lora_cfg):
     torch.manual_seed(args.seed)
     if resume_ckpt is not None:
         base = (resume_ckpt.get("args") or {}).get("base")
-        model = model_for_resume(resume_ckpt, lora_cfg)
+        model = model_from_checkpoint(resume_ckpt, LAST_NAME).train()
     else:
         base = args.init_from if args.init_from in PRETRAINED_CONFIGS else os.path.abspath(args.init_from)
         model = load_initial_model(args.init_from, args.dropout)

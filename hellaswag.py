@@ -28,6 +28,7 @@ import os
 import torch
 from torch.nn import functional as F
 
+from checkpoint import load_model
 from common import UserError, iter_jsonl, pick_device, pick_dtype, run_cli
 from model import GPT2_VOCAB
 from tokenizer import encode
@@ -158,13 +159,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA), float32, bfloat16")
     args = p.parse_args(argv)
-    from train_gpt2 import load_model  # the one place that knows checkpoints, GPT-2 names and HF folders
-
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     examples = load_examples(args.file, args.limit)
-    model, _ = load_model(args.model)
-    model.to(device)
+    model, _ = load_model(args.model, device)
     result = evaluate(model, examples, device, batch_examples=args.batch_examples, autocast_dtype=dtype)
     print(f"HellaSwag {result['n']} examples: acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}")
     print(json.dumps(result))

@@ -70,12 +70,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from checkpoint import (CKPT_NAME, CheckpointError, capture_rng_state, load_checkpoint,
+from checkpoint import (CKPT_NAME, CheckpointError, capture_rng_state, load_checkpoint, load_model,
                         model_from_checkpoint, restore_rng_state)
 from checkpoint import save_checkpoint as write_checkpoint
 from common import UserError, atomic_path, pick_device, pick_dtype, run_cli, setup_distributed, teardown_distributed
 from common import DistInfo
 from fineweb import list_shards, read_shard
+from hellaswag import evaluate, load_examples
 from model import GPT, GPT2_VOCAB, PRETRAINED_CONFIGS, GPTConfig, KVCache
 from tokenizer import EOT_ID, decode, encode
 
@@ -323,29 +324,6 @@ class Prefetcher:
 
 # ====================================================================== models in
 
-def load_model(spec, dropout=None):
-    """spec: a checkpoint file / folder holding ckpt.pt, an OpenAI GPT-2 name, or an HF GPT-2 folder.
-
-    Returns (model on CPU, checkpoint dict or None).
-    """
-    spec = os.fspath(spec)
-    is_hf_folder = os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")) \
-        and not os.path.isfile(os.path.join(spec, CKPT_NAME))
-    if spec in PRETRAINED_CONFIGS or is_hf_folder:
-        try:
-            model = GPT.from_pretrained(spec, dropout=dropout or 0.0)
-        except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as e:
-            raise UserError(str(e).splitlines()[0]) from None
-        return model, None
-    if not os.path.exists(spec):
-        raise UserError(f"--init-from {spec!r}: no such checkpoint or folder, and not one of "
-                        f"scratch, resume, {', '.join(PRETRAINED_CONFIGS)}")
-    ckpt = load_checkpoint(spec)
-    if dropout is not None:
-        ckpt["config"] = dict(ckpt["config"], dropout=dropout)
-    return model_from_checkpoint(ckpt), ckpt
-
-
 def build_model_for_init(init_from, out_dir, config, kind="pretrain"):
     """--init-from: 'scratch' (GPT(config)), 'resume' ({out_dir}/ckpt.pt, everything), or weights only.
 
@@ -360,9 +338,9 @@ def build_model_for_init(init_from, out_dir, config, kind="pretrain"):
         ckpt = load_checkpoint(path)
         if ckpt["kind"] != kind:
             raise UserError(f"--init-from resume: {path} is a {ckpt['kind']!r} checkpoint, this run trains {kind!r}")
-        return model_from_checkpoint(ckpt), ckpt
+        return model_from_checkpoint(ckpt, path), ckpt
     model, _ = load_model(init_from, dropout=config.dropout)
-    return model, None
+    return model.train(), None
 
 
 # ====================================================================== sampling
@@ -709,6 +687,7 @@ class Trainer:
             path, kind=self.kind, model_state=self.raw_model.state_dict(), config=self.model_config,
             step=self.step, optimizer=self.optimizer.state_dict(), train_state=self.train_state(),
             rng=capture_rng_state(), args=self.args, metrics=dict(metrics or self.metrics),
+            lora=self.raw_model.lora_config.to_dict() if hasattr(self.raw_model, "lora_config") else None,
         )
 
     def restore(self, ckpt, load_weights=True):
@@ -906,8 +885,6 @@ class Trainer:
 
 def make_hellaswag_hook(path, limit=None, batch_examples=8):
     """HellaSwag acc_norm at each evaluation, spread over ranks, with the eager raw_model."""
-    from hellaswag import evaluate, load_examples
-
     examples = load_examples(path, limit)
 
     def hook(trainer):

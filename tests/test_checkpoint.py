@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from checkpoint import (CheckpointError, capture_rng_state, clean_state_dict, load_checkpoint,
+from checkpoint import (CheckpointError, capture_rng_state, clean_state_dict, load_checkpoint, load_model,
                         model_from_checkpoint, restore_rng_state, save_checkpoint)
+from common import UserError, clean_stale_temps
+from lora import LoRAConfig, apply_lora
 
 
 def _save(path, model, **kw):
@@ -130,3 +132,106 @@ def test_rng_state_round_trip(tmp_path):
     torch.save(state, tmp_path / "rng.pt")
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+# ---------------------------------------------------------------------- load_model: the one loader
+
+def _one_line_error(exc_type, fn, *args, match=None):
+    with pytest.raises(exc_type, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_load_model_from_file_and_folder(tmp_path, tiny_model):
+    _save(tmp_path, tiny_model)
+    idx = torch.randint(0, 100, (1, 16))
+    for spec in (tmp_path, tmp_path / "ckpt.pt"):
+        model, info = load_model(spec)
+        assert not model.training
+        assert info["kind"] == "pretrain" and info["step"] == 7 and info["metrics"] == {"val_loss": 3.2}
+        assert info["config"] == tiny_model.config.to_dict() and info["name"] == tmp_path.name
+        assert info["path"] == os.path.abspath(spec)
+        with torch.no_grad():
+            assert torch.equal(model(idx)[0], tiny_model(idx)[0])
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16, dropout=0.25)
+    assert model.config.dropout == 0.25 and next(model.parameters()).dtype == torch.bfloat16
+
+
+def _hf_folder(path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+def test_load_model_hf_folder_matches_transformers(tmp_path):
+    hf = _hf_folder(tmp_path)
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    model, info = load_model(tmp_path)
+    assert info["kind"] == "hf" and info["step"] is None and info["config"]["n_embd"] == 32
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_load_model_refuses_pickles_and_bad_hf_folders(tmp_path):
+    _hf_folder(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    _one_line_error(UserError, load_model, tmp_path, match="pickled pytorch_model.bin .* refused")
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(1000))
+    _one_line_error(CheckpointError, load_model, tmp_path, match="not readable safetensors")
+    (tmp_path / "config.json").write_text("{not json")
+    _one_line_error(UserError, load_model, tmp_path, match="config.json: not readable JSON")
+    os.remove(tmp_path / "config.json")
+    _one_line_error(UserError, load_model, tmp_path, match="neither ckpt.pt nor an HF GPT-2 model")
+    _one_line_error(UserError, load_model, tmp_path / "nope", match="model not found")
+
+
+@pytest.mark.parametrize("n_embd, match", [(1e6, "n_embd must be an integer"), (1_000_000, "GiB of weights"),
+                                           (-64, "n_embd must be >= 1")])
+def test_absurd_configs_are_refused_before_allocating(tmp_path, tiny_model, n_embd, match):
+    save_checkpoint(tmp_path, kind="pretrain", model_state=tiny_model.state_dict(),
+                    config=dict(tiny_model.config.to_dict(), n_embd=n_embd, n_head=1), step=0)
+    _one_line_error(CheckpointError, load_model, tmp_path, match=match)
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_model):
+    state = tiny_model.state_dict()
+    state["transformer.h.1.mlp.c_fc.weight"] = torch.full_like(state["transformer.h.1.mlp.c_fc.weight"], float("nan"))
+    save_checkpoint(tmp_path, kind="sft", model_state=state, config=tiny_model.config.to_dict(), step=0)
+    _one_line_error(CheckpointError, load_model, tmp_path, match="h.1.mlp.c_fc.weight holds NaN or infinite")
+
+
+def test_flipped_bytes_are_refused(tmp_path, tiny_model):
+    path = _save(tmp_path, tiny_model)
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    open(path, "wb").write(bytes(data))
+    _one_line_error(CheckpointError, load_model, tmp_path, match="corrupt")
+
+
+def test_lora_checkpoint_loads_with_its_adapters(tmp_path, tiny_model):
+    cfg = LoRAConfig(rank=2, targets=("c_attn",))
+    apply_lora(tiny_model, cfg)
+    tiny_model.eval()  # the new adapters' dropout too
+    with torch.no_grad():
+        tiny_model.transformer.h[0].attn.c_attn.lora_B.fill_(0.01)
+    save_checkpoint(tmp_path, kind="sft", model_state=tiny_model.state_dict(), config=tiny_model.config.to_dict(),
+                    step=3, lora=cfg.to_dict())
+    model, _ = load_model(tmp_path)
+    idx = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], tiny_model(idx)[0])
+
+
+def test_clean_stale_temps_removes_only_atomic_path_leftovers(tmp_path):
+    keep = ["ckpt.pt", "notes.tmp", ".hidden.tmp", "log.jsonl"]
+    for name in keep + [".ckpt.pt.ab12_xyz.tmp", ".log.jsonl.q9w8e7r6.tmp"]:
+        (tmp_path / name).write_text("x")
+    assert clean_stale_temps(tmp_path) == [".ckpt.pt.ab12_xyz.tmp", ".log.jsonl.q9w8e7r6.tmp"]
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("fineweb.py", "train_gpt2.py", "prepare_dolly.py", "finetune_dolly.py", "inference.py", "serve.py",
-           "demo.py", "hellaswag.py", "lora.py", "bench/train_throughput.py", "bench/generate.py")
+           "demo.py", "hellaswag.py", "bench/lora_memory.py", "bench/train_throughput.py", "bench/generate.py")
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh", "shell-session", "shellsession"}
 FLAG_RE = re.compile(r"(?<![\w-])--[A-Za-z0-9][A-Za-z0-9_-]*")
 ENV_RE = re.compile(r"\bGPT2I_[A-Z0-9_]+\b")

@@ -1,13 +1,17 @@
-"""lora.py: frozen base, adapter-only gradients, exact merge, adapter files, target selection, memory."""
+"""lora.py: frozen base, adapter-only gradients, exact merge, target selection; bench/lora_memory.py."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 from common import UserError
-from lora import (LoRAConfig, LoRALinear, apply_adapter, apply_lora, count_parameters, find_targets, load_adapter,
-                  lora_modules, lora_state_dict, measure_training_state_bytes, merge_lora, merged_state_dict,
-                  parse_targets, save_adapter, training_state_bytes)
+from lora import (LoRAConfig, LoRALinear, apply_lora, count_parameters, find_targets, lora_modules, merged_state_dict,
+                  parse_targets, training_state_bytes)
 from model import GPT
 
 CFG = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -87,38 +91,6 @@ def test_merged_logits_equal_base_plus_adapters():
         assert torch.allclose(plain(x)[0], logits, atol=1e-5)
         assert not torch.allclose(plain(x)[0], base_model().eval()(x)[0], atol=1e-3)  # the adapters matter
 
-    merge_lora(model)
-    assert not lora_modules(model) and set(model.state_dict()) == set(plain.state_dict())
-    with torch.no_grad():
-        assert torch.allclose(model(x)[0], logits, atol=1e-5)
-
-
-def test_adapter_file_round_trip(tmp_path):
-    cfg = LoRAConfig(rank=2, alpha=5, dropout=0.1, targets=("c_proj",))
-    model = lora_model(cfg).eval()
-    path = save_adapter(tmp_path / "adapter.pt", model, cfg, base="/models/base", step=7, metrics={"val_loss": 1.5})
-    raw = torch.load(path, weights_only=True)  # plain tensors and containers only
-    assert raw["rank"] == 2 and raw["targets"] == ["c_proj"] and raw["base"] == "/models/base"
-    adapter = load_adapter(tmp_path)  # a folder holding adapter.pt works too
-    assert adapter["lora_config"] == cfg and adapter["step"] == 7 and adapter["metrics"] == {"val_loss": 1.5}
-    assert set(adapter["adapter"]) == set(lora_state_dict(model))
-
-    fresh = base_model()  # the same base weights, no adapters
-    names = apply_adapter(fresh, adapter)
-    assert names == [n for n, _ in lora_modules(model)] and len(names) == 2 * CFG["n_layer"]  # attn + mlp c_proj
-    x = tokens()
-    with torch.no_grad():
-        assert torch.equal(fresh.eval()(x)[0], model(x)[0])
-
-    other = GPT(tiny_config(**dict(CFG, n_embd=64)))
-    with pytest.raises(UserError, match="different model shape"):
-        apply_adapter(other, adapter)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable adapter"):
-        load_adapter(tmp_path / "junk.pt")
-    with pytest.raises(UserError, match="adapter not found"):
-        load_adapter(tmp_path / "missing.pt")
-
 
 def test_target_selection_and_bad_settings():
     model = base_model()
@@ -145,12 +117,17 @@ def test_target_selection_and_bad_settings():
     assert isinstance(wrapped.transformer.h[0].mlp.c_fc, LoRALinear)
 
 
-def test_training_memory_counts_match_a_real_step():
+def test_training_memory_counts_match_the_measured_bench():
     full = base_model()
-    computed, measured = training_state_bytes(full), measure_training_state_bytes(full)
-    assert computed["grad_bytes"] == measured["grad_bytes"] and computed["optimizer_bytes"] == measured["optimizer_bytes"]
     lora = lora_model(LoRAConfig(rank=2, alpha=4, dropout=0.0))
-    computed_l, measured_l = training_state_bytes(lora), measure_training_state_bytes(lora)
-    assert computed_l["bytes"] == measured_l["bytes"]
-    assert measured_l["bytes"] * 10 < measured["bytes"]  # grads + AdamW moments only for the adapters
-    assert training_state_bytes(lora, full=True)["bytes"] == computed["bytes"]  # what full fine-tuning would keep
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "lora_memory.py"), *[f"--{k.replace('_', '-')}={v}" for k, v in
+           CFG.items()], "--lora-rank", "2", "--lora-alpha", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, model in (("full", full), ("lora", lora)):
+        computed = training_state_bytes(model)
+        assert (computed["grad_bytes"], computed["optimizer_bytes"]) == \
+            (measured[name]["grad_bytes"], measured[name]["optimizer_bytes"])
+    assert measured["lora"]["bytes"] * 10 < measured["full"]["bytes"]  # grads + AdamW moments only for the adapters
+    assert training_state_bytes(lora, full=True)["bytes"] == training_state_bytes(full)["bytes"]

