@@ -11,7 +11,7 @@ import os
 from safetensors.torch import save
 from tiktoken.load import load_tiktoken_bpe
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_model
 from common import UserError, atomic_path, run_cli
 from model import GPT2_VOCAB, ours_to_hf
 from tokenizer import BPE_FILE, EOT_ID, EOT_TOKEN
@@ -113,7 +113,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Export a checkpoint as a Hugging Face GPT-2 folder (weights, config and GPT-2's "
                     "tokenizer files) that transformers, vLLM, TGI and lm-eval load offline.")
-    parser.add_argument("--ckpt", required=True, help="our checkpoint: a ckpt.pt file or a folder holding one")
+    parser.add_argument("--ckpt", required=True,
+                        help="the model: our ckpt.pt (or a folder holding one), an HF GPT-2 folder, or a GPT-2 name")
     parser.add_argument("--out-dir", required=True, help="folder to write (created; must be empty or absent)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the exported files in a non-empty --out-dir (other files there stay)")
@@ -124,7 +125,7 @@ def main(argv=None):
             raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
         if os.listdir(args.out_dir) and not args.overwrite:
             raise UserError(f"--out-dir {args.out_dir} is not empty; pass --overwrite to replace its exported files")
-    model = model_from_checkpoint(load_checkpoint(args.ckpt))
+    model, _ = load_model(args.ckpt)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         names = export(model, args.out_dir)
