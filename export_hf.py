@@ -49,7 +49,7 @@ def vocab_and_merges(ranks):
     return vocab, merges
 
 
-def tokenizer_files():
+def tokenizer_files(context_length):
     """{file name: text} for GPT-2's tokenizer, as the HF hub's openai-community/gpt2 ships it."""
     vocab, merges = vocab_and_merges(load_tiktoken_bpe(BPE_FILE))
     assert len(vocab) == GPT2_VOCAB, len(vocab)
@@ -66,7 +66,7 @@ def tokenizer_files():
                   "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
     }
     config = {
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
         "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN,
         "added_tokens_decoder": {str(EOT_ID): {k: v for k, v in eot.items() if k != "id"}},
     }
@@ -99,7 +99,7 @@ def export(model, out_dir):
         raise UserError(f"the model has {cfg.vocab_size} token ids, fewer than GPT-2's {GPT2_VOCAB}: "
                         f"GPT-2's tokenizer does not fit it")
     state = ours_to_hf(model.state_dict(), GPT2_VOCAB)  # padding rows past 50257 are never produced: dropped
-    files = {"config.json": json.dumps(hf_config(cfg), indent=2) + "\n", **tokenizer_files()}
+    files = {"config.json": json.dumps(hf_config(cfg), indent=2) + "\n", **tokenizer_files(cfg.block_size)}
     # save() to bytes, then write them: save_file() would recreate the temp file as mode 0600
     with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp, open(tmp, "wb") as f:
         f.write(save(state, metadata={"format": "pt"}))

@@ -69,7 +69,7 @@ def test_tokenizer_loads_offline_and_matches_ours(exported, monkeypatch):
     auto = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     fast = Tokenizer.from_file(str(out / "tokenizer.json"))  # what TGI reads
     assert auto.eos_token_id == auto.bos_token_id == tokenizer.EOT_ID
-    assert len(auto) == tokenizer.N_VOCAB
+    assert len(auto) == tokenizer.N_VOCAB and auto.model_max_length == 128  # the model's context
     for text in UNICODE_TEXTS:
         ids = tokenizer.encode(text)
         assert auto(text)["input_ids"] == ids, text
@@ -79,7 +79,7 @@ def test_tokenizer_loads_offline_and_matches_ours(exported, monkeypatch):
 
 
 def test_merges_are_gpt2s_in_rank_order():
-    files = export_hf.tokenizer_files()
+    files = export_hf.tokenizer_files(1024)
     lines = files["merges.txt"].splitlines()
     assert lines[0] == "#version: 0.2" and len(lines) == 1 + 50000
     assert lines[1:4] == ["Ġ t", "Ġ a", "h e"]  # the first merges of GPT-2's vocab.bpe
