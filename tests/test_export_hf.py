@@ -135,12 +135,6 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsys, exported)
     assert (out / "model.safetensors").is_file() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
-def test_help_runs():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export_hf.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--overwrite" in proc.stdout
-
-
 def test_an_exported_folder_exports_to_the_same_files(tmp_path, exported):
     """--ckpt also takes an HF GPT-2 folder: exporting our export gives the same weights, config and tokenizer."""
     _, out = exported
