@@ -42,8 +42,8 @@ def test_lm_eval_local_completions_matches_the_forward_pass(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
              "--include_path", TASK_DIR, "--tasks", "hellaswag_local",
-             "--batch_size", "4", "--output_path", str(tmp_path / "out"),
-             "--log_samples"],  # batch size 4: a list of 4 token-id prompts per request
+             "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+             "--log_samples"],  # batch size 8: a list of 8 token-id prompts per request
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
         )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
