@@ -1,5 +1,6 @@
 """Small shared helpers: user-facing errors, atomic writes, device and dtype choice, distributed setup."""
 
+import argparse
 import bz2
 import contextlib
 import gzip
@@ -28,6 +29,25 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line and exit 2 under run_cli, not a usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def bounded(kind, low, inclusive=True):
+    """An argparse type: `kind` (int or float) at least `low` (above it when not inclusive)."""
+    def convert(text):
+        value = kind(text)
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return convert
 
 
 @contextlib.contextmanager

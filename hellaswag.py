@@ -16,7 +16,7 @@ API:
     scores = score_examples(model, examples, device)  # per-example mean and summed ending losses
 
 CLI:
-    python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file ../shared/data/hellaswag_val.jsonl.xz [--limit N]
+    python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
 import argparse
@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_model
-from common import UserError, iter_jsonl, pick_device, pick_dtype, run_cli
+from common import CLIParser, UserError, iter_jsonl, pick_device, pick_dtype, run_cli
 from model import GPT2_VOCAB
 from tokenizer import encode
 
@@ -148,12 +148,11 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, au
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a GPT on HellaSwag (acc_norm and acc).",
+    p = CLIParser(description="Score a GPT on HellaSwag (acc_norm and acc).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="checkpoint file or folder, OpenAI GPT-2 name (gpt2, gpt2-medium, ...) or HF folder")
-    p.add_argument("--file", default=os.path.join("..", "shared", "data", "hellaswag_val.jsonl.xz"),
-                   help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
+    p.add_argument("--file", required=True, help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass")
     p.add_argument("--device", default="auto")

@@ -18,7 +18,3 @@ def format_prompt(instruction, context=""):
         text += f"### Input:\n{context}\n\n"
     return text + RESPONSE_HEADER
 
-
-def format_example(instruction, context, response):
-    """(prompt, response) as trained on: the response is followed by <|endoftext|> (a token, not text)."""
-    return format_prompt(instruction, context), response

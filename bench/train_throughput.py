@@ -4,7 +4,7 @@ loop runs, not a copy): tokens/s, MFU and peak memory for each micro batch, with
 torch.compile. Data: random tokens (default; stated in the output) or real shards (--data-dir).
 
     python bench/train_throughput.py                           # GPT-2 124M, T=1024, B=16/32/64, compile off/on
-    python bench/train_throughput.py --compile on --batch-sizes 64 --compile-mode max-autotune-no-cudagraphs
+    python bench/train_throughput.py --compile on --batch-sizes 64 --data-dir data/books   # real shards
     python bench/train_throughput.py --device cpu --n-layer 2 --n-embd 64 --n-head 2 --block-size 64 \\
         --batch-sizes 2 --steps 2                              # a CPU smoke run
 
@@ -30,30 +30,20 @@ sys.path.insert(0, ROOT)
 
 from common import UserError, pick_device, run_cli  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig  # noqa: E402
-from train_gpt2 import Trainer, TrainConfig, TokenWindows, detect_peak_flops  # noqa: E402
+from fineweb import list_shards  # noqa: E402
+from train_gpt2 import Trainer, TokenWindows, build_parser, detect_peak_flops  # noqa: E402
 
 
 class RandomTokens:
-    """Uniform random token ids (a data source for Trainer): what the throughput anchors used."""
+    """Uniform random token ids, a function of the step (a Trainer data source): what the throughput anchors used."""
 
-    def __init__(self, batch_size, seq_len, vocab=GPT2_VOCAB, seed=0):
-        self.batch_size, self.seq_len, self.vocab = batch_size, seq_len, vocab
-        self.gen = torch.Generator().manual_seed(seed)
-        self.n = 0
+    def __init__(self, rows, seq_len, vocab=GPT2_VOCAB):
+        self.rows, self.seq_len, self.vocab = rows, seq_len, vocab
+        self.steps_per_epoch, self.signature = float("inf"), {}
 
-    def next_batch(self):
-        rows = torch.randint(0, self.vocab, (self.batch_size, self.seq_len + 1), generator=self.gen)
-        self.n += 1
+    def batch(self, step):
+        rows = torch.randint(0, self.vocab, (self.rows, self.seq_len + 1), generator=torch.Generator().manual_seed(step))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    def set_batch_size(self, b):
-        self.batch_size = b
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, state):
-        self.n = state["n"]
 
 
 def is_oom(e):
@@ -73,12 +63,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_data(args, batch_size):
+def make_data(args, rows):
     if args.data_dir:
-        from fineweb import list_shards
-
-        return TokenWindows(list_shards(args.data_dir, "train"), args.block_size, batch_size, seed=0)
-    return RandomTokens(batch_size, args.block_size, vocab=min(args.vocab_size, GPT2_VOCAB))
+        return TokenWindows(list_shards(args.data_dir, "train"), args.block_size, rows, seed=0)
+    return RandomTokens(rows, args.block_size, vocab=min(args.vocab_size, GPT2_VOCAB))
 
 
 def run_config(args, device, compiled, batch_size, total, out_dir):
@@ -90,12 +78,11 @@ def run_config(args, device, compiled, batch_size, total, out_dir):
         torch.manual_seed(0)
         config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd)
-        cfg = TrainConfig(out_dir=out_dir, batch_size=batch_size, seq_len=args.block_size, total_batch_size=total,
-                          max_steps=10 ** 9, warmup_steps=10, lr=6e-4, min_lr=6e-5, device=str(device),
-                          dtype=args.dtype, compile=compiled, compile_mode=args.compile_mode,
-                          compile_fullgraph=args.fullgraph, prefetch=args.prefetch, auto_shrink_batch=False,
-                          loss_chunk=args.loss_chunk, sdpa_backend=args.sdpa_backend)
-        trainer = Trainer(GPT(config), cfg, make_data(args, batch_size))
+        flags = build_parser().parse_args(["--out-dir", out_dir, "--device", str(device), "--dtype", args.dtype,
+                                           "--batch-size", str(batch_size), "--max-steps", str(10 ** 9),
+                                           "--warmup-steps", "10", "--prefetch", str(args.prefetch), "--no-auto-shrink"])
+        flags.compile, flags.min_lr = compiled, flags.lr / 10
+        trainer = Trainer(GPT(config), flags, make_data(args, total // args.block_size))
         t0 = time.time()
         for _ in range(args.warmup):
             trainer.train_step()
@@ -103,7 +90,7 @@ def run_config(args, device, compiled, batch_size, total, out_dir):
         row["warmup_s"] = round(time.time() - t0, 2)
         t0 = time.time()
         for _ in range(args.steps):
-            loss, norm = trainer.train_step()
+            loss = trainer.train_step()[0]
         sync(device)
         seconds = time.time() - t0
         row["step_s"] = seconds / args.steps
@@ -121,8 +108,8 @@ def run_config(args, device, compiled, batch_size, total, out_dir):
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     finally:
-        if trainer is not None:
-            trainer.train_data.close()
+        if trainer is not None and trainer.pool is not None:
+            trainer.pool.shutdown(cancel_futures=True)
         del trainer
         free_memory(device)
     return row
@@ -171,14 +158,9 @@ def main(argv=None):
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per step (default: 524288 on CUDA, the GPT-2 recipe; elsewhere the lcm of the B x T)")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
-    p.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--prefetch", type=int, default=4)
-    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
-                   help="attention kernel (train_gpt2 --sdpa-backend)")
-    p.add_argument("--loss-chunk", type=int, default=0, help="train_gpt2 --loss-chunk: chunked LM-head loss, N tokens per chunk (0: plain)")
     p.add_argument("--data-dir", default=None, help="real token shards instead of random tokens")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps per config (kernel table)")
     args = p.parse_args(argv)
@@ -214,9 +196,7 @@ def main(argv=None):
     summary = {
         "device": gpu, "torch": torch.__version__, "data": data_desc, "tokens_per_step": total,
         "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "block_size": args.block_size},
-        "compile_mode": args.compile_mode, "fullgraph": args.fullgraph, "loss_chunk": args.loss_chunk,
-        "sdpa_backend": args.sdpa_backend,
-        "steps": args.steps,
+        "prefetch": args.prefetch, "steps": args.steps,
         "results": rows,
         "best": None if best is None else {k: best.get(k) for k in ("compile", "batch_size", "tokens_per_sec", "mfu",
                                                                      "peak_mem_gib")},

@@ -1,30 +1,27 @@
 """demo.py end to end in smoke mode (tiny model, a few steps per stage) in tmp_path:
 
-- the first run prepares, trains, fine-tunes, serves on a free port, gets text from POST /generate
-  and shuts the server down (exit 0);
-- a second run reuses every stage (says so, runs no stage script, leaves the outputs untouched)
-  and serves again;
-- an interrupted pretraining (a checkpoint before the last step) is not taken for a finished one:
-  the next run continues it with --init-from resume; --no-serve stops after fine-tuning;
-- a stage that fails names the stage, its command and exit code (exit 1); a taken port is a
-  usage error (exit 2) before any work; changed settings or a damaged output redo a stage.
+- the first run prepares, trains, fine-tunes, serves on a free port under the demo's model name, gets
+  text from POST /generate and shuts the server down (exit 0);
+- a second run reuses every stage (runs no stage script, leaves the outputs untouched) and serves again;
+- Ctrl+C during pretraining checkpoints and exits 130; the next run continues it with --init-from resume
+  and redoes the stage that reads it; --no-serve stops after fine-tuning;
+- changed settings redo a stage; a failing stage names itself and its command (exit 1); a taken
+  port is a usage error (exit 2) before any work.
 """
 
-import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import demo  # noqa: E402
+import demo
 
 STAGE_SCRIPTS = ("fineweb.py", "train_gpt2.py", "prepare_dolly.py", "finetune_dolly.py")
 
@@ -35,17 +32,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_demo(*args, timeout=240):
+def run_demo(*args, timeout=300):
     env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--smoke", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     return proc, proc.stdout + proc.stderr
 
 
 def commands_run(output):
-    """The stage scripts the demo started (from the commands it prints before running one)."""
-    return [s for line in output.splitlines() if line.startswith("$ ")
-            for s in STAGE_SCRIPTS if f" {s} " in line]
+    """The stage scripts the demo ran (from the commands it prints before running one)."""
+    return [s for line in output.splitlines() if line.startswith("$ python ") for s in STAGE_SCRIPTS
+            if line.startswith(f"$ python {s} ")]
 
 
 def smoke_reply(output):
@@ -58,6 +55,11 @@ def ckpt_step(path):
     return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
+def stages_in(roots, out=None):
+    return demo.build_stages(True, os.path.join(roots["data"], "demo-smoke"),
+                             os.path.join(out or roots["out"], "demo-smoke"), "cpu")
+
+
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
@@ -66,28 +68,21 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(roots):
-    proc, out = run_demo("--smoke", "--data-root", roots["data"], "--out-root", roots["out"],
-                         "--port", str(free_port()))
-    return proc, out
+    return run_demo("--data-root", roots["data"], "--out-root", roots["out"], "--port", free_port())
 
 
 def test_smoke_runs_every_stage_serves_and_answers(first_run, roots):
     proc, out = first_run
     assert proc.returncode == 0, out[-4000:]
     assert commands_run(out) == list(STAGE_SCRIPTS)  # each stage ran once, in order, its command shown
-    assert "$ " in out and "--max-steps 4" in out
+    assert f"--model-name {demo.MODEL_NAME}" in out
     reply = smoke_reply(out)
-    assert isinstance(reply["text"], str) and reply["text"]
-    assert reply["usage"]["completion_tokens"] >= 1
-    assert reply["finish_reason"] in ("eos", "stop", "length")
-    assert "[smoke] server stopped" in out and "smoke run passed" in out
-    out_dir = os.path.join(roots["out"], "demo-smoke")
-    assert ckpt_step(os.path.join(out_dir, "pretrain", "ckpt.pt")) == demo.SMOKE.max_steps
-    assert ckpt_step(os.path.join(out_dir, "sft", "last.pt")) == demo.SMOKE.sft_max_steps
-    for stage in demo.build_stages(demo.SMOKE, os.path.join(roots["data"], "demo-smoke"), out_dir, "cpu"):
-        status, marker = demo.stage_status(stage)
-        assert status == "done", (stage.key, marker)
-        assert marker["argv"] == stage.argv and marker["seconds"] >= 0
+    assert reply["text"] and reply["model"] == demo.MODEL_NAME and reply["usage"]["completion_tokens"] >= 1
+    assert "[smoke] server stopped (exit code 0)" in out
+    pretrain, sft = (os.path.join(roots["out"], "demo-smoke", name) for name in ("pretrain", "sft"))
+    assert ckpt_step(os.path.join(pretrain, "ckpt.pt")) == demo.SMOKE_PRETRAIN["max_steps"]
+    assert ckpt_step(os.path.join(sft, "last.pt")) == demo.SMOKE_FINETUNE["max_steps"]
+    assert [s.status() for s in stages_in(roots)] == ["done"] * 4
 
 
 def test_second_run_reuses_every_stage(first_run, roots):
@@ -96,60 +91,48 @@ def test_second_run_reuses_every_stage(first_run, roots):
     watched = [os.path.join(out_dir, "pretrain", "ckpt.pt"), os.path.join(out_dir, "sft", "ckpt.pt"),
                os.path.join(roots["data"], "demo-smoke", "dolly", "train.npz")]
     before = {p: os.stat(p).st_mtime_ns for p in watched}
-    proc, out = run_demo("--smoke", "--data-root", roots["data"], "--out-root", roots["out"],
-                         "--port", str(free_port()))
+    proc, out = run_demo("--data-root", roots["data"], "--out-root", roots["out"], "--port", free_port())
     assert proc.returncode == 0, out[-4000:]
-    assert commands_run(out) == []  # no stage script started: nothing redone
-    assert out.count("reusing ") == 4, out
+    assert commands_run(out) == [] and out.count("reusing ") == 4, out
     assert {p: os.stat(p).st_mtime_ns for p in watched} == before
     assert smoke_reply(out)["text"]
 
 
-def test_interrupted_pretraining_is_continued_not_reused(first_run, roots, tmp_path):
-    """A pretraining stopped at step 2 of 4 (as Ctrl+C leaves it: checkpoint, marker 'running') resumes."""
+def test_ctrl_c_during_pretraining_is_continued_by_the_next_run(first_run, roots, tmp_path):
+    """Ctrl+C once pretraining has logged a step: it checkpoints and stops (exit 130); the next run resumes it."""
     assert first_run[0].returncode == 0
-    data_dir, out_dir = os.path.join(roots["data"], "demo-smoke"), str(tmp_path / "out" / "demo-smoke")
-    stages = demo.build_stages(demo.SMOKE, data_dir, out_dir, "cpu")
-    pretrain = stages[1]
-    demo.write_marker(pretrain, "running")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, *pretrain.argv, "--stop-at-step", "2"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=120)
-    assert ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt")) == 2
-    assert demo.stage_status(pretrain) == ("interrupted", 2)
+    pretrain, sft = stages_in(roots, tmp_path)[1::2]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "demo.py", "--smoke", "--no-serve", "--data-root", roots["data"],
+                             "--out-root", str(tmp_path)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, "".join(out)[-3000:]
+    assert "demo: interrupted" in "".join(out)
+    step = ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt"))
+    assert 1 <= step < demo.SMOKE_PRETRAIN["max_steps"] and pretrain.status() == "interrupted"
 
-    proc, out = run_demo("--smoke", "--no-serve", "--data-root", roots["data"], "--out-root", str(tmp_path / "out"))
+    proc, out = run_demo("--no-serve", "--data-root", roots["data"], "--out-root", tmp_path)
     assert proc.returncode == 0, out[-4000:]
-    assert "continuing the interrupted run from step 2" in out
-    assert "--init-from resume" in out
+    assert "continuing the interrupted run" in out and "--init-from resume" in out
     assert commands_run(out) == ["train_gpt2.py", "finetune_dolly.py"]  # the data stages were reused
-    assert ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt")) == demo.SMOKE.max_steps
-    assert "serve it:" in out and "serve.py --ckpt" in out and "[serve]" not in out
-    assert demo.stage_status(stages[3])[0] == "done"
+    assert ckpt_step(os.path.join(pretrain.out_dir, "ckpt.pt")) == demo.SMOKE_PRETRAIN["max_steps"]
+    assert "serve it: python serve.py --ckpt" in out and "[serve]" not in out
+    assert sft.status() == "done"
 
 
-def test_changed_settings_or_damaged_output_redo_a_stage(first_run, roots, tmp_path):
+def test_changed_settings_redo_a_stage(first_run, roots, monkeypatch):
     assert first_run[0].returncode == 0
-    data_dir, out_dir = os.path.join(roots["data"], "demo-smoke"), os.path.join(roots["out"], "demo-smoke")
-    stages = demo.build_stages(demo.SMOKE, data_dir, out_dir, "cpu")
-    other = demo.build_stages(dataclasses.replace(demo.SMOKE, max_steps=5), data_dir, out_dir, "cpu")
-    assert demo.stage_status(other[1]) == ("new", "its settings changed")
-    assert demo.stage_status(other[0])[0] == "done"  # the shards' command did not change
-
-    # a copy of the finished fine-tuning folder whose last.pt got cut short
-    sft = stages[3]
-    copy = dataclasses.replace(sft, out_dir=str(tmp_path / "sft"))
-    os.makedirs(copy.out_dir)
-    for name in (demo.MARKER, "ckpt.pt"):
-        with open(os.path.join(sft.out_dir, name), "rb") as src, open(os.path.join(copy.out_dir, name), "wb") as dst:
-            dst.write(src.read())
-    with open(os.path.join(sft.out_dir, "last.pt"), "rb") as src, open(os.path.join(copy.out_dir, "last.pt"), "wb") as dst:
-        dst.write(src.read()[:1000])
-    status, reason = demo.stage_status(copy)
-    assert status == "new" and "incomplete" in reason and "last.pt" in reason
+    monkeypatch.setitem(demo.SMOKE_PRETRAIN, "max_steps", 5)
+    shards, pretrain, dolly, _ = stages_in(roots)
+    assert (shards.status(), pretrain.status(), dolly.status()) == ("done", "new", "done")
 
 
-def test_failed_stage_names_stage_command_and_exit_code(tmp_path, monkeypatch, capsys):
+def test_failed_stage_names_stage_and_command(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "books.jsonl"
     bad.write_text("this is not json\n")
     monkeypatch.setattr(demo, "BOOKS", str(bad))
@@ -157,10 +140,9 @@ def test_failed_stage_names_stage_command_and_exit_code(tmp_path, monkeypatch, c
                       "--out-root", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
-    assert "stage 1/4 (shards) failed with exit code 2" in err
-    assert "command: " in err and "fineweb.py --input " + str(bad) in err
-    stage = demo.build_stages(demo.SMOKE, str(tmp_path / "data" / "demo-smoke"), str(tmp_path / "out"), "cpu")[0]
-    assert demo.stage_status(stage)[0] == "new"  # a failed stage is never taken for a finished one
+    assert f"stage 1/4 (shards) failed: {bad}:1: not valid JSON" in err
+    assert f"command: python fineweb.py --input {bad}" in err
+    assert stages_in({"data": str(tmp_path / "data"), "out": str(tmp_path / "out")})[0].status() == "new"
 
 
 def test_taken_port_is_a_usage_error_before_any_work(tmp_path):
@@ -168,8 +150,7 @@ def test_taken_port_is_a_usage_error_before_any_work(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        proc, out = run_demo("--smoke", "--data-root", str(tmp_path / "d"), "--out-root", str(tmp_path / "o"),
-                             "--port", str(port), timeout=60)
+        proc, out = run_demo("--data-root", tmp_path / "d", "--out-root", tmp_path / "o", "--port", port, timeout=60)
     assert proc.returncode == 2
     assert f"error: cannot serve on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
     assert "Traceback" not in out

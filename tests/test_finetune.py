@@ -1,9 +1,10 @@
-"""finetune_dolly.py on CPU with a tiny model and real instruction rows (../shared/data/wiki-instructions).
+"""finetune_dolly.py on CPU with a tiny model and real instruction rows (demo_data/instructions.jsonl.xz).
 
 Masking, the prompt template, learning, exact resume (full and LoRA), the checkpoint layout,
 batching under DDP, and clear errors for bad input.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -13,24 +14,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, require
+from conftest import ROOT
 
 import finetune_dolly
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import UserError
-from finetune_dolly import InstructionBatches, ValBatches, example_rows, held_out_prompts, prompt_length
+from finetune_dolly import InstructionBatches, example_rows, held_out_prompts, prompt_length, val_batches
 from model import GPT, GPTConfig
 from prepare_dolly import normalize_text, prepare, read_file_rows
 from prompt import format_prompt
 from tokenizer import EOT_ID, decode, encode
 
-WIKI = os.path.join(SHARED_DATA, "wiki-instructions.jsonl.xz")
+INSTRUCTIONS = os.path.join(ROOT, "demo_data", "instructions.jsonl.xz")
 TINY_CONFIG = dict(block_size=256, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
 
 
 def wiki_rows(n):
-    require(os.path.isfile(WIKI), "shared instruction data not present")
-    return read_file_rows(WIKI, limit=n)
+    return read_file_rows(INSTRUCTIONS, limit=n)
 
 
 def prepare_rows(rows, out, **kw):
@@ -52,8 +52,8 @@ def data80(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data24(tmp_path_factory):
-    """24 real rows: with --block-size 128, 9 train examples (4 steps an epoch of 2) and 2 val."""
-    return prepare_rows(wiki_rows(24), tmp_path_factory.mktemp("d24"), val_fraction=0.1)
+    """30 real rows: with --block-size 128, 13 train examples (4 steps an epoch of 3) and 3 val."""
+    return prepare_rows(wiki_rows(30), tmp_path_factory.mktemp("d24"), val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,9 @@ def test_prompt_targets_do_not_change_the_loss_response_targets_do(data300):
     split = finetune_dolly.load_instruction_data(data300)["train"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY_CONFIG)).eval()
-    batches = InstructionBatches(split, 256, 4, 4, seed=1)
-    x, y = batches.next_batch()  # (4, T)
-    rows = batches.order(0)[:4]
+    batches = InstructionBatches(split, 256, 4, seed=1)
+    x, y = batches.batch(0)  # (4, T)
+    rows = batches.order(0)[0]
     base = _batch_loss(model, x, y)
 
     # reference: per-token cross-entropy of the logits, averaged over response positions only
@@ -168,45 +168,38 @@ def test_training_prompt_is_the_inference_prompt(tmp_path):
 
 def test_batches_are_whole_padded_examples_shuffled_per_epoch(data80):
     split = finetune_dolly.load_instruction_data(data80)["train"]
-    src = InstructionBatches(split, 128, 2, 4, seed=3, pad_multiple=16)
+    src = InstructionBatches(split, 128, 4, seed=3, pad_multiple=16)
     n, spe = src.examples.n, src.steps_per_epoch
     assert spe == n // 4 and src.examples.n_too_long > 0  # longer examples are left out, not cut
-    for _ in range(2 * spe):  # one epoch: 2 micro-batches a step
-        x, y = src.next_batch()
-        assert x.shape == y.shape and x.shape[1] % 16 == 0 and x.shape[1] <= 128
-        pad = y == -1
-        assert (x[:, -1] == EOT_ID).any() or (~pad[:, -1]).any()
-    assert src.state_dict()["epoch"] == 1 and src.state_dict()["position"] == 0
+    for step in range(spe):
+        x, y = src.batch(step)
+        assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] % 16 == 0 and x.shape[1] <= 128
+        last = (y != -1).nonzero()[:, 1].max()  # the longest row ends within the last 16 columns
+        assert x.shape[1] - 16 <= last < x.shape[1]
     first, second = src.order(0), src.order(1)
-    assert len(set(first.tolist())) == len(first) == spe * 4  # no example twice in an epoch
+    assert first.shape == (spe, 4) and len(set(first.ravel().tolist())) == spe * 4  # no example twice an epoch
     assert first.tolist() != second.tolist()  # reshuffled
-    steps = first.reshape(spe, 4)
-    lengths = src.examples.lengths[steps]
-    assert (np.diff(lengths, axis=1) <= 0).all()  # sorted within each step (longest first)
-    again = InstructionBatches(split, 128, 2, 4, seed=3, pad_multiple=16)
-    assert again.order(1).tolist() == second.tolist()  # seeded
+    assert (np.diff(src.examples.lengths[first], axis=1) <= 0).all()  # sorted within each step (longest first)
+    again = InstructionBatches(split, 128, 4, seed=3, pad_multiple=16)
+    assert torch.equal(again.batch(spe + 1)[0], src.batch(spe + 1)[0])  # seeded: a function of the step
 
 
 def test_ranks_take_disjoint_parts_of_the_same_step(data80):
     split = finetune_dolly.load_instruction_data(data80)["train"]
-    one = InstructionBatches(split, 128, 4, 8, seed=2)
-    ranks = [InstructionBatches(split, 128, 2, 8, rank=r, world_size=2, seed=2) for r in range(2)]
+    one = InstructionBatches(split, 128, 8, seed=2)
+    ranks = [InstructionBatches(split, 128, 8, rank=r, world_size=2, seed=2) for r in range(2)]
 
     def examples(batch):  # each row's unpadded input tokens (it ends with the last counted target)
         x, y = batch
         return [tuple(x[k, :int(torch.nonzero(y[k] != -1).max()) + 1].tolist()) for k in range(len(x))]
 
-    for _ in range(3):  # steps
-        rows_one = [r for _ in range(2) for r in examples(one.next_batch())]
-        rows_ddp = [r for _ in range(2) for src in ranks for r in examples(src.next_batch())]
-        assert sorted(rows_one) == sorted(rows_ddp)  # same examples in the step, none twice
-        assert len(set(rows_ddp)) == len(rows_ddp)
-    assert ranks[0].state_dict()["tokens_seen"] == one.state_dict()["tokens_seen"] > 0
-    with pytest.raises(UserError, match="multiple of --batch-size"):
-        InstructionBatches(split, 128, 3, 8)
-    val = [ValBatches(split, 128, 3, rank=r, world_size=2) for r in range(2)]
-    counted = sum(int((y != -1).sum()) for v in val for _, y in v.batches())
-    assert counted == sum(int((y != -1).sum()) for _, y in ValBatches(split, 128, 5).batches())
+    for step in range(3):
+        rows_one = examples(one.batch(step))
+        rows_ddp = [r for src in ranks for r in examples(src.batch(step))]
+        assert sorted(rows_one) == sorted(rows_ddp) and len(set(rows_ddp)) == len(rows_ddp) == 8
+    val = [val_batches(split, 128, 3, rank=r, world_size=2) for r in range(2)]
+    counted = sum(int((y != -1).sum()) for v in val for _, y in v)
+    assert counted == sum(int((y != -1).sum()) for _, y in val_batches(split, 128, 5))
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -220,7 +213,7 @@ def test_finetune_lowers_val_loss_and_keeps_the_best(data300, tiny_ckpt, tmp_pat
     vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
     assert sorted(vals) == [0, 3, 6]
     assert vals[3] < vals[0] - 0.5 and vals[6] < vals[3]  # a random-init model learns the responses' tokens
-    assert metrics["best_val_loss"] == min(vals[3], vals[6]) and metrics["initial_val_loss"] == vals[0]
+    assert metrics["best_val_loss"] == min(vals[3], vals[6])
     assert all(r["tokens_per_sec"] > 0 and "epoch" in r for r in log if "train_loss" in r)
 
     best = load_checkpoint(out / "ckpt.pt")
@@ -229,15 +222,14 @@ def test_finetune_lowers_val_loss_and_keeps_the_best(data300, tiny_ckpt, tmp_pat
     model_from_checkpoint(best)  # what inference.py does with --ckpt OUT_DIR
     last = load_checkpoint(out / "last.pt")
     assert last["kind"] == "sft" and last["step"] == 6 and last["optimizer"]
-    assert last["train_state"]["data"]["position"] == 24
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert [s["step"] for s in samples] == [0] * 3 + [3] * 3 + [6] * 3
-    assert all(s["text"].startswith("### Instruction:\n") and "### Response:\n" in s["text"] for s in samples)
-    assert any("Name a colour." in s["text"] for s in samples)
+    assert all(s["prompt"].endswith("### Response:\n") and s["text"] for s in samples)
+    assert samples[2]["prompt"] == format_prompt("Name a colour.")
     assert os.path.isfile(out / "loss.png") and not os.path.exists(out / "adapter.pt")
 
 
-RESUME = ["--block-size", "128", "--batch-size", "1", "--examples-per-step", "2", "--max-steps", "6",
+RESUME = ["--block-size", "128", "--batch-size", "1", "--examples-per-step", "3", "--max-steps", "6",
           "--eval-interval", "3", "--ckpt-interval", "4", "--lr", "2e-3", "--sample-tokens", "2", "--sample-count", "1",
           "--eval-examples", "2"]
 
@@ -271,8 +263,7 @@ def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
             assert torch.equal(wa["model"][key], wb["model"][key]), (name, key)
     sa, sb = ([json.loads(line) for line in open(d / "samples.jsonl")] for d in (straight, split))
     assert sa == sb and [s["step"] for s in sa] == [0, 3, 6]
-    da, db = (load_checkpoint(d / "last.pt")["train_state"]["data"] for d in (straight, split))
-    assert da == db and da["epoch"] == 1  # 4 steps an epoch: the run crossed into the second
+    assert [r["epoch"] for r in la if r["step"] == 6] == [1.5]  # 4 steps an epoch: the run crossed into the second
 
     best = load_checkpoint(straight / "ckpt.pt")
     plain = model_from_checkpoint(best)  # canonical names: inference needs nothing special
@@ -311,15 +302,18 @@ def test_ddp_two_ranks_equal_one_process(data24, tiny_ckpt, tmp_path):
 
 
 def test_init_from_hf_folder_and_from_an_sft_checkpoint(data80, tiny_ckpt, tmp_path):
+    transformers = pytest.importorskip("transformers")
     hf = tmp_path / "hf"
-    model_from_checkpoint(load_checkpoint(tiny_ckpt)).export_hf(str(hf))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf)
     short = ["--block-size", "128", "--batch-size", "4", "--examples-per-step", "4", "--max-steps", "1",
              "--eval-interval", "0"]
     finetune(data80, tmp_path / "a", hf, *short)
     ckpt = load_checkpoint(tmp_path / "a" / "ckpt.pt")  # no evaluation: the final model
     assert ckpt["kind"] == "sft" and ckpt["step"] == 1 and ckpt["config"]["vocab_size"] == 50257
     finetune(data80, tmp_path / "b", tmp_path / "a", *short)  # continue from an sft run's folder
-    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["args"]["base"] == os.path.abspath(tmp_path / "a")
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["args"]["init_from"] == str(tmp_path / "a")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -348,8 +342,8 @@ def _set_template_version(folder):
     ("no_targets", "--lora-targets is empty"),
     ("no_init", "model not found"),
     ("scratch", "starts from a trained model"),
-    ("resume", "nothing to resume"),
-    ("group", "multiple of --batch-size"),
+    ("resume", "no checkpoint at"),
+    ("group", "does not split into micro-batches"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(data80, tiny_ckpt, tmp_path, case, message):
     data, init, extra = data80, tiny_ckpt, []
@@ -385,7 +379,7 @@ def test_existing_run_needs_resume_or_overwrite(data80, tiny_ckpt, tmp_path):
     (out / "log.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
     short = ["--block-size", "128", "--batch-size", "4", "--examples-per-step", "4", "--max-steps", "1",
              "--eval-interval", "0"]
-    with pytest.raises(UserError, match="holds a previous run"):
+    with pytest.raises(UserError, match="holds a run"):
         finetune(data80, out, tiny_ckpt, *short)
     finetune(data80, out, tiny_ckpt, *short, "--overwrite")
     assert [r["step"] for r in read_log(out)] == [1] and "train_loss" in read_log(out)[0]
@@ -411,3 +405,13 @@ def test_cli_exit_code_2_and_one_line(data80, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_training_flag_of_pretraining_is_a_fine_tuning_flag():
+    """The training flags are defined once (train_gpt2.add_train_args): fine-tuning has all of them."""
+    import train_gpt2
+
+    shared = {a.dest for a in train_gpt2.add_train_args(argparse.ArgumentParser())._actions}
+    assert {"hellaswag", "wandb", "prefetch", "stop_at_step", "sample_temperature", "overwrite"} <= shared
+    assert shared <= {a.dest for a in finetune_dolly.build_parser()._actions}
+    assert shared <= {a.dest for a in train_gpt2.build_parser()._actions}

@@ -11,14 +11,14 @@ import types
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 
 import prepare_dolly as pd
 from common import UserError
 from prompt import format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, decode, encode
 
-WIKI = os.path.join(SHARED_DATA, "wiki-instructions.jsonl.xz")
+WIKI = os.path.join(ROOT, "demo_data", "instructions.jsonl.xz")  # CC BY-SA, see demo_data/README.md
 N_SLICE = 300
 
 
@@ -226,18 +226,27 @@ def test_each_drop_reason_is_counted_and_reported(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "8 read, 3 kept, 5 dropped" in printed
     assert "empty_instruction 2, empty_response 1, duplicate 1, too_long 1" in printed
-    assert "classification" in printed and "example length p95" in printed
+    assert "classification" in printed and "example length mean / p95 / max" in printed
 
 
 def test_max_len_counts_the_whole_templated_example(tmp_path):
     r = row("Name a colour.", "Blue.")
     length = len(encode(format_prompt(r["instruction"]))) + len(encode(r["response"])) + 1
     src = write_jsonl(tmp_path / "in.jsonl", [r, row("Name a city.", "Paris is the capital of France.")])
-    meta = run_main("--input", src, "--out-dir", tmp_path / "a", "--max-len", length)
+    meta = run_main("--input", src, "--out-dir", tmp_path / "a", "--max-len", length, "--val-fraction", 0)
     assert meta["rows"]["kept"] == 1 and meta["token_stats"]["train"]["example_len"]["max"] == length
     with pytest.raises(UserError, match="all 2 rows were dropped.*too_long 2"):
         run_main("--input", src, "--out-dir", tmp_path / "b", "--max-len", length - 1)
     assert_nothing_written(tmp_path / "b")
+
+
+def test_a_val_split_that_would_be_empty_is_refused(tmp_path):
+    rows = [row("Name a colour.", "Blue."), row("Name a city.", "Paris.", category="x")]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(UserError, match="no row can be held out for validation.*pass --val-fraction 0"):
+        run_main("--input", src, "--out-dir", tmp_path / "out")  # two categories of one row each
+    assert_nothing_written(tmp_path / "out")
+    assert run_main("--input", src, "--out-dir", tmp_path / "out", "--val-fraction", 0)["rows"]["train"] == 2
 
 
 def test_all_rows_empty_is_a_clear_error(tmp_path):
@@ -253,29 +262,29 @@ def test_all_rows_empty_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("lines, message", [
     ([row("a", "b"), row("c", "d"), {"instruction": "e", "context": "", "category": "x"}],
-     'line 3: field "response" is missing'),
+     ':3: field "response" is missing'),
     ([row("a", "b"), '{"instruction": "c", "context": ', row("e", "f")],
-     "line 2: invalid JSON"),
+     ":2: not valid JSON"),
 ])
 def test_schema_errors_from_the_cli_name_line_and_field(tmp_path, lines, message):
     src = write_jsonl(tmp_path / "input.jsonl", lines)
     rc, _, err = run_cli("--input", src, "--out-dir", tmp_path / "out")
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith(f"error: {src} {message}")
+    assert err.startswith(f"error: {src}{message}")
     assert_nothing_written(tmp_path / "out")
 
 
 @pytest.mark.parametrize("lines, message", [
-    ([row("a", "b"), {**row("c", "d"), "context": 7}], 'line 2: field "context" must be a string, got int'),
-    ([row("a", "b"), {**row("c", "d"), "category": None}], 'line 2: field "category" must be a string, got null'),
-    (["", "[1, 2]"], "line 2: expected a JSON object"),
+    ([row("a", "b"), {**row("c", "d"), "context": 7}], ':2: field "context" must be a string, got int'),
+    ([row("a", "b"), {**row("c", "d"), "category": None}], ':2: field "category" must be a string, got null'),
+    (["", "[1, 2]"], ":2: expected a JSON object"),
 ])
 def test_schema_errors_name_line_and_field(tmp_path, lines, message):
     src = write_jsonl(tmp_path / "input.jsonl", lines)
     with pytest.raises(UserError) as e:
         run_main("--input", src, "--out-dir", tmp_path / "out")
-    assert str(e.value).startswith(f"{src} {message}")
+    assert str(e.value).startswith(f"{src}{message}")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -297,13 +306,13 @@ def test_other_input_errors(tmp_path):
     with pytest.raises(UserError, match="expected a JSON array"):
         run_main("--input", tmp_path / "obj.json", "--out-dir", tmp_path / "out")
     (tmp_path / "arr.json").write_text(json.dumps([row("a", "b"), {"instruction": "c"}]))
-    with pytest.raises(UserError, match='arr.json item 2: field "context" is missing'):
+    with pytest.raises(UserError, match='arr.json: item 2: field "context" is missing'):
         run_main("--input", tmp_path / "arr.json", "--out-dir", tmp_path / "out")
     (tmp_path / "trunc.jsonl.xz").write_bytes(lzma.compress(b'{"a": 1}\n' * 100)[:40])
     with pytest.raises(UserError, match="cannot read"):
         run_main("--input", tmp_path / "trunc.jsonl.xz", "--out-dir", tmp_path / "out")
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(row("a", "b")).encode() + b"\n" + b'{"x": "\xe9"}\n')
-    with pytest.raises(UserError, match="line 2: not valid UTF-8"):
+    with pytest.raises(UserError, match="latin1.jsonl: cannot read: UnicodeDecodeError"):
         run_main("--input", tmp_path / "latin1.jsonl", "--out-dir", tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
     for flag, value in [("--val-fraction", 1), ("--val-fraction", -0.1), ("--max-len", 1), ("--limit", 0)]:
