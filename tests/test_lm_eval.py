@@ -1,4 +1,4 @@
-"""lm-evaluation-harness scores a local HellaSwag slice against a live serve.py through its `local-completions`
+"""lm-evaluation-harness scores 50 local HellaSwag rows against a live serve.py through its `local-completions`
 model (echo + logprobs), with our HF export as its tokenizer, fully offline. Every log-likelihood it reports
 must equal the one from the model's own fp32 forward pass on the same tokens."""
 
@@ -42,7 +42,7 @@ def test_lm_eval_local_completions_matches_the_forward_pass(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
              "--include_path", TASK_DIR, "--tasks", "hellaswag_local",
-             "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+             "--limit", "50", "--batch_size", "8", "--output_path", str(tmp_path / "out"),
              "--log_samples"],  # batch size 8: a list of 8 token-id prompts per request
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
         )
