@@ -1,49 +1,33 @@
-"""Text generation for our GPT: loading, sampling, stop strings, streaming, batching, fast decoding.
+"""Text generation for our GPT: one continuously batching Engine, its sampler, text assembly, loading, CLI.
 
-Python API (DESIGN.md "Python API of inference.py"):
-
-    model, info = load_model_from_checkpoint(path, device=None, dtype=None, quantize=None)
-    result = generate_text(model, prompt, max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0,
-                           repetition_penalty=1.0, stop=None, seed=None, raw=False)
-    for piece in stream_text(model, prompt, **same): ...
-    results = generate_batch(model, [prompt, ...], **same)        # a value or a list per row
-    for event in stream_batch(model, [prompt, ...], **same): ...  # {"index", "text"} / {"index", "done", ...}
-    validate_params(**params), check_fits(...), count_tokens(prompt, raw), PARAM_RANGES   # for the server
+    engine = Engine(model, max_batch=64, prefill_chunk=512)
+    req = engine.add(prompt_ids, validate_params(temperature=0.7, seed=1), n=1, logprobs=None, echo=False)
+    while engine.has_work(): for out in engine.step(): ...       # Output: text, token_ids, finish_reason, ...
+    generate_text(model, prompt, **params), stream_text(...), generate_batch(model, prompts, **params)
 CLI: python inference.py --ckpt PATH --prompt TEXT [--stream] [--raw] [sampling flags]  (--help)
 
-How a generation runs (one code path for every device):
-1. Prompts are encoded (instruction template unless raw), left-padded to one width W and
-   prefilled in one forward pass into a KV-cache (`model.KVCache`, `pad` = padding per row).
-2. Every step feeds the last token of each row, then `sample_tokens` picks the next one on the
-   device (repetition penalty, temperature, top-k, top-p, inverse-CDF with one uniform per row
-   drawn on the host from the row's private `random.Random(seed)`, so results do not depend on
-   the device, the batch or the global RNG).
-3. The host reads the sampled ids every `chunk` steps (one sync per chunk, not per token; on
-   CUDA the next chunk is already queued then), turns them into text (incremental UTF-8
-   decoding, stop strings held back until they cannot match) and finishes rows at
-   <|endoftext|>, a stop string, max_new_tokens or cancellation. Finished rows are dropped from
-   the batch when at most half of it is still running.
+How the engine runs (nanochat / vLLM style, one code path for every device):
+- The KV-cache has max_batch slots (model.KVCache); a request takes n slots (one per choice) and
+  keeps them until it finishes, each row at its own position.
+- step() = at most prefill_chunk prompt tokens of prefill (waiting requests join then; a long
+  prompt takes several steps) + one decode chunk of K steps for every running row, then one host
+  sync to read the K sampled ids of each row. On CUDA the chunk is queued before the previous
+  one is read (pipelined), so the GPU keeps working while the host makes text.
+- The decode step has fixed shapes for a (batch bucket, cache-length bucket, sampler kind): on
+  CUDA it is captured in a CUDA graph per key (optionally torch.compile'd first); "static" runs
+  the same bucketed logic uncaptured (CPU tests); otherwise shapes are exact (CPU default).
+- Sampling happens on the device from per-slot parameter rows, with one uniform per token drawn
+  on the host from the choice's private random.Random(seed): a choice's tokens do not depend on
+  the batch it runs in, the device path taken or the global RNG.
 
-Decode modes (Engine.mode):
-- "eager": KVCache eager mode, attention over the filled part only. CPU / MPS default.
-- "static": KVCache static mode (input_pos tensor, fixed shapes) over a bucketed cache length
-  (multiples of `bucket` = 128 slots), no CUDA graphs. Runs on CPU too: the tests drive the
-  graph path's logic through it.
-- "graphs": "static" with each decode step (forward + sampling + bookkeeping) captured in a CUDA
-  graph per (batch bucket, cache bucket, sampler kind), optionally torch.compile'd first. CUDA default.
-Static caches live in persistent per-batch-size slots: per layer, contiguous (B, H, L, D) tensors
-over two flat buffers (even / odd buckets; crossing a bucket copies the filled slots across).
-Their memory: 2 buffers x (k, v) x n_layer x B x n_embd x block_size x dtype bytes per slot
-(GPT-2 124M bf16: 75 MB per row of B; slots B = 1, 2, 4, ... up to max_batch).
-
-Shapes: B batch rows, W prompt width (after left padding), L cache slots, V vocab (logits may be
-padded past N_VOCAB; ids >= N_VOCAB are never sampled), K steps per chunk.
+Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab (ids >=
+N_VOCAB, the padding of the embedding, are never sampled), L cache positions read.
 """
 
 import argparse
 import codecs
-import copy
-import inspect
+import heapq
+import itertools
 import math
 import os
 import random
@@ -53,39 +37,55 @@ import threading
 import time
 import types
 import warnings
-import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from checkpoint import load_model
 from common import UserError, pick_device, pick_dtype, run_cli
+from model import KVCache
 from prompt import format_prompt
 from tokenizer import EOT_ID, N_VOCAB, encode, get_tokenizer
 
 FINISH_REASONS = ("eos", "stop", "length", "cancelled")
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
-TOPK_CANDIDATES = 256  # rows with 1 <= top_k <= this sample from torch.topk, not a full sort
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token
+TOPK_CANDIDATES = 256  # batches whose top_k are all within this sample from torch.topk, not a full sort
+GREEDY_BELOW = 1e-4  # temperatures under this are greedy: dividing by them would overflow float32
 SEED_MAX = 2**63 - 1
+CACHE_BUCKET = 128  # static / graph decode reads a multiple of this many cache positions
 
 # Allowed values of every generation parameter: validate_params enforces them, the server and the
-# chat page read them (422 messages, form limits). "max": None means "limited by the model":
+# chat page read them (400 messages, form limits). "max": None means "limited by the model":
 # prompt tokens + max_new_tokens <= block_size.
 PARAM_RANGES = {
-    "max_new_tokens": {"type": "int", "min": 1, "max": None, "default": 128,
-                       "help": "most tokens to generate; prompt tokens + max_new_tokens <= the model's block_size"},
+    "max_new_tokens": {"type": "int", "min": 0, "max": None, "default": 128,
+                       "help": "most tokens to generate (0 only with echo); prompt tokens + max_new_tokens "
+                               "<= the model's block_size"},
     "temperature": {"type": "float", "min": 0.0, "max": 2.0, "default": 0.8,
-                    "help": "0 = greedy (always the most likely token)"},
+                    "help": f"0 (or under {GREEDY_BELOW}) = greedy, always the most likely token"},
     "top_k": {"type": "int", "min": 0, "max": N_VOCAB, "default": 50,
               "help": "sample from the k most likely tokens; 0 = no limit"},
     "top_p": {"type": "float", "min": 0.0, "max": 1.0, "min_exclusive": True, "default": 1.0,
               "help": "nucleus sampling: the smallest set of tokens with this much probability; 1 = off"},
+    "min_p": {"type": "float", "min": 0.0, "max": 1.0, "default": 0.0,
+              "help": "drop tokens less likely than min_p times the most likely one; 0 = off"},
     "repetition_penalty": {"type": "float", "min": 1.0, "max": 2.0, "default": 1.0,
                            "help": "CTRL-style penalty on tokens already in the prompt or output; 1 = off"},
+    "presence_penalty": {"type": "float", "min": -2.0, "max": 2.0, "default": 0.0,
+                         "help": "subtracted from the logit of every token already generated (OpenAI); 0 = off"},
+    "frequency_penalty": {"type": "float", "min": -2.0, "max": 2.0, "default": 0.0,
+                          "help": "subtracted once per earlier occurrence in the output (OpenAI); 0 = off"},
+    "logit_bias": {"type": "bias", "min": -100.0, "max": 100.0, "max_items": MAX_LOGIT_BIAS, "default": None,
+                   "help": "{token id: bias} added to the logits; -100 bans a token, 100 forces it"},
     "stop": {"type": "stop", "max_items": MAX_STOP_STRINGS, "max_chars": MAX_STOP_CHARS, "default": None,
              "help": "a string or a list of strings; generation ends before the first one (not included)"},
     "seed": {"type": "int", "min": 0, "max": SEED_MAX, "default": None,
-             "help": "same seed and inputs give the same text; null = random"},
+             "help": "same seed and inputs give the same text (choice i of n uses seed + i); null = random"},
     "raw": {"type": "bool", "default": False,
             "help": "send the prompt as is (base models) instead of the instruction template"},
     "ignore_eos": {"type": "bool", "default": False,
@@ -95,7 +95,7 @@ DEFAULTS = {name: spec["default"] for name, spec in PARAM_RANGES.items()}
 
 
 class ParamError(ValueError):
-    """An invalid generation parameter; `param` names it (the server's 422 `param` field)."""
+    """An invalid generation parameter; `param` names it (the server's 400 `param` field)."""
 
     def __init__(self, param, message):
         super().__init__(message)
@@ -147,6 +147,26 @@ def _check_stop(value):
     return tuple(dict.fromkeys(items))  # unique, order kept
 
 
+def _check_bias(value):
+    """None or {token id (int or its decimal string, as JSON keys are): bias} -> {int: float}."""
+    spec = PARAM_RANGES["logit_bias"]
+    if value is None:
+        return {}
+    msg = (f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (0 to {N_VOCAB - 1}) to numbers between "
+           f"{spec['min']} and {spec['max']}")
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ParamError("logit_bias", f"{msg}, got {_fmt(value)}")
+    out = {}
+    for key, bias in value.items():
+        tok = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 7 else key
+        ok = isinstance(tok, int) and not isinstance(tok, bool) and 0 <= tok < N_VOCAB
+        ok = ok and isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+        if not ok or not spec["min"] <= bias <= spec["max"]:
+            raise ParamError("logit_bias", f"{msg}, got {_fmt(key)}: {_fmt(bias)}")
+        out[tok] = float(bias)
+    return out
+
+
 def validate_params(**params):
     """Check generation parameters; returns a full dict (defaults filled in, values normalized).
 
@@ -167,8 +187,9 @@ def validate_params(**params):
                 raise ParamError(name, f"{name} must be true or false ({spec['help']}), got {_fmt(value)}")
             out[name] = value
         else:
-            out[name] = _check_stop(value)
+            out[name] = value
     out["stop"] = _check_stop(out["stop"])
+    out["logit_bias"] = _check_bias(out["logit_bias"])
     return out
 
 
@@ -176,13 +197,23 @@ def check_fits(prompt_tokens, max_new_tokens, block_size):
     """prompt + max_new_tokens must fit the model's context; a ParamError says what to lower."""
     if prompt_tokens + max_new_tokens <= block_size:
         return
-    if prompt_tokens >= block_size:
+    if prompt_tokens >= block_size + (max_new_tokens == 0):
         raise ParamError("prompt", f"prompt is {prompt_tokens} tokens; this model reads at most {block_size} "
                                    f"tokens in all (block_size), so the prompt must be under {block_size} tokens")
     raise ParamError("max_new_tokens", f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = "
                                        f"{prompt_tokens + max_new_tokens} is more than the model's block_size "
                                        f"{block_size}; max_new_tokens can be at most {block_size - prompt_tokens} "
                                        f"for this prompt")
+
+
+def check_ids(ids, name="prompt"):
+    """A non-empty list of token ids of the tokenizer -> list of int; else ParamError(name)."""
+    ok = isinstance(ids, (list, tuple)) and len(ids) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < N_VOCAB for t in ids)
+    if not ok:
+        raise ParamError(name, f"{name} must be a non-empty list of token ids between 0 and {N_VOCAB - 1}, "
+                               f"got {_fmt(ids)}")
+    return list(ids)
 
 
 def encode_prompt(prompt, raw=False):
@@ -250,76 +281,6 @@ def utf8_decoder():
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-class _Request:
-    """Host-side state of one row: parameters, private RNG, text assembly, result."""
-
-    def __init__(self, index, ids, params, should_stop=None):
-        self.index = index
-        self.ids = ids  # prompt token ids
-        self.p = params
-        seed = params["seed"] if params["seed"] is not None else secrets.randbits(63)
-        self.rng = random.Random(seed)  # private: one uniform per generated token
-        self.should_stop = should_stop
-        self.decoder = utf8_decoder()
-        self.stops = StopFilter(params["stop"])
-        self.token_ids = []
-        self.parts = []
-        self.finish_reason = None
-        self.t_start = time.perf_counter()
-        self.t_first = self.t_end = None
-
-    @property
-    def done(self):
-        return self.finish_reason is not None
-
-    def remaining(self):
-        return self.p["max_new_tokens"] - len(self.token_ids)
-
-    def feed(self, token):
-        """One generated id -> the text now safe to show (maybe ""); may finish the row."""
-        self.token_ids.append(token)
-        if token == EOT_ID and not self.p["ignore_eos"]:
-            return self.finish("eos")
-        text, hit = self.stops.push(self.decoder.decode(_token_bytes(token)))
-        if hit:
-            return self._emit(text, "stop")
-        if self.remaining() <= 0:
-            return self._emit(text) + self.finish("length")
-        return self._emit(text)
-
-    def finish(self, reason):
-        """End the row: flush the decoder and the held-back text (a stop string may still complete)."""
-        text, hit = self.stops.push(self.decoder.decode(b"", final=True))
-        if not hit:
-            text += self.stops.flush()
-        return self._emit(text, "stop" if hit else reason)
-
-    def _emit(self, text, reason=None):
-        if text:
-            self.parts.append(text)
-        if reason is not None:
-            self.finish_reason = reason
-            self.t_end = time.perf_counter()
-        return text
-
-    def result(self):
-        end = self.t_end or time.perf_counter()
-        first = self.t_first or end
-        decode_s = end - first
-        n = len(self.token_ids)
-        return {
-            "text": "".join(self.parts),
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": len(self.ids),
-            "completion_tokens": n,
-            "token_ids": list(self.token_ids),
-            "timings": {
-                "prefill_ms": round((first - self.t_start) * 1e3, 3),
-                "decode_ms": round(decode_s * 1e3, 3),
-                "total_ms": round((end - self.t_start) * 1e3, 3),
-                "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
-            },
-        }
 
 
 _TOKEN_BYTES = {}
@@ -332,241 +293,196 @@ def _token_bytes(token):
     return b
 
 
+@dataclass
+class Output:
+    """What one step produced for one choice of a request: new text and ids, maybe its end."""
+
+    request: "Request"
+    index: int  # the choice
+    text: str = ""  # new text: UTF-8 safe, stop strings held back
+    token_ids: list = field(default_factory=list)  # new ids
+    logprobs: list = None  # per new id {"token_id", "logprob", "top": [(id, logprob), ...]} if asked
+    prompt_logprobs: list = None  # echo: on the first Output, one entry per prompt token, the first None
+    finish_reason: str = None  # None while running; else one of FINISH_REASONS
+    usage: dict = None  # when finished: {"prompt_tokens", "completion_tokens"}
+
+
+class Request:
+    """The handle of one request: `id`, `tag` (whatever add got), `done` once every choice ended."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ids, params, n, logprobs, echo, tag):
+        self.id = next(Request._ids)
+        self.tag, self.prompt, self.params, self.n, self.logprobs, self.echo = tag, ids, params, n, logprobs, echo
+        self.choices = [_Choice(self, i) for i in range(n)]
+        self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
+        self.filled = 0  # prompt tokens prefilled so far
+        self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
+
+    @property
+    def done(self):
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class _Choice:
+    """One sequence of a request: its slot, private RNG and text assembly."""
+
+    def __init__(self, request, index):
+        p = request.params
+        self.request, self.index, self.p = request, index, p
+        seed = (p["seed"] + index) % (SEED_MAX + 1) if p["seed"] is not None else secrets.randbits(63)
+        self.rng = random.Random(seed)  # private: one uniform per sampled token
+        self.greedy = p["temperature"] < GREEDY_BELOW
+        self.slot = None
+        self.pos = 0  # host mirror of the slot's next cache position once decoding
+        self.queued = 0  # tokens whose computation has been queued
+        self.decoder = utf8_decoder()
+        self.stops = StopFilter(p["stop"])
+        self.token_ids = []
+        self.finish_reason = None
+        self.out = None  # the Output of the current step
+
+    def live(self):
+        """Decoding and still owing tokens (as far as the host has queued)."""
+        return self.finish_reason is None and self.slot is not None and 0 < self.queued < self.p["max_new_tokens"]
+
+    def output(self, outs):
+        if self.out is None:
+            self.out = Output(self.request, self.index, logprobs=[] if self.request.logprobs is not None else None)
+            outs.append(self.out)
+        return self.out
+
+    def feed(self, token, logprob, outs):
+        """One generated id (and its logprob entry or None); may finish the choice."""
+        out = self.output(outs)
+        self.token_ids.append(token)
+        out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(logprob)
+        if token == EOT_ID and not self.p["ignore_eos"]:
+            return self.finish("eos", outs)
+        text, hit = self.stops.push(self.decoder.decode(_token_bytes(token)))
+        out.text += text
+        if hit:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.p["max_new_tokens"]:
+            self.finish("length", outs)
+
+    def finish(self, reason, outs):
+        """End the choice: flush the decoder and the held-back text (a stop string may still complete)."""
+        out = self.output(outs)
+        text, hit = self.stops.push(self.decoder.decode(b"", final=True))
+        out.text += text if hit else text + self.stops.flush()
+        self.finish_reason = "stop" if hit else reason
+
+
 # ====================================================================== sampling (on device)
 
+# Columns of the per-slot parameter table (S, len(COLS)), float32.
+COLS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "greedy")
+TEMP, TOPK, TOPP, MINP, REP, PRES, FREQ, GREEDY = range(len(COLS))
 
-def sample_tokens(logits, seen, temperature, greedy, top_k, top_p, penalty, u, n_cand):
+
+def param_row(p):
+    """A choice's row of the parameter table; filters that are off get values that change nothing."""
+    greedy = p["temperature"] < GREEDY_BELOW
+    top_k = p["top_k"] if 1 <= p["top_k"] < N_VOCAB else N_VOCAB
+    return [1.0 if greedy else p["temperature"], top_k, p["top_p"] if p["top_p"] < 1.0 else 2.0, p["min_p"],
+            p["repetition_penalty"], p["presence_penalty"], p["frequency_penalty"], float(greedy)]
+
+
+def sampler_kind(params_list, logprobs=False):
+    """How a batch samples: (n_cand, penalize, logprobs), fixed for the batch (part of a CUDA graph's key).
+
+    n_cand (see sample): 0 if every row is greedy; -1 if no sampled row has top-k / top-p;
+    TOPK_CANDIDATES if every sampled row's top_k is within it; else N_VOCAB (full sort).
+    penalize: some row has a penalty or a logit bias (otherwise those ops and their state are skipped).
+    """
+    penalize = any(p["repetition_penalty"] != 1.0 or p["presence_penalty"] or p["frequency_penalty"]
+                   or p["logit_bias"] for p in params_list)
+    sampled = [p for p in params_list if p["temperature"] >= GREEDY_BELOW]
+    if not sampled:
+        n_cand = 0
+    elif all(p["top_k"] in (0, N_VOCAB) and p["top_p"] >= 1.0 for p in sampled):
+        n_cand = -1
+    elif all(1 <= p["top_k"] <= TOPK_CANDIDATES for p in sampled):
+        n_cand = TOPK_CANDIDATES
+    else:
+        n_cand = N_VOCAB
+    return n_cand, penalize, bool(logprobs)
+
+
+def sample(logits, p, u, n_cand, penalties=None):
     """Pick the next id of every row, on the logits' device, without a host sync.
 
-    logits (B, V') with V' >= N_VOCAB (padding columns are cut: ids >= N_VOCAB are never returned).
-    seen (B, N_VOCAB) bool: tokens in the prompt or output (repetition penalty, CTRL-style:
-    a positive logit is divided by the penalty, a negative one multiplied); None: no penalty.
-    temperature, top_p, penalty (B, 1) float; greedy (B, 1) bool; top_k (B, 1) long, clipped to
-    n_cand; u (B, 1) uniforms in [0, 1).
-    n_cand (a Python int, so shapes stay fixed for CUDA graphs) says how the top-k / top-p cut-off
-    is found: 0 = every row greedy, argmax only; -1 = no row filters (pure sampling, no sort);
-    k < N_VOCAB = from torch.topk(k); N_VOCAB = from a full sort.
-    The cut-off is a logit threshold; sampling is then inverse-CDF over the kept tokens in
-    vocabulary order (the first id whose cumulative probability passes u * total), so the id a
-    given u picks does not depend on which of those paths a batch took.
+    logits (B, V') with V' >= N_VOCAB; p (B, len(COLS)) parameter rows; u (B, 1) uniforms in [0, 1);
+    penalties: None or (bias, seen, counts), each (B, N_VOCAB): logit bias, tokens in the prompt or
+    output (repetition penalty, CTRL-style: a positive logit is divided by it, a negative one
+    multiplied), and how often each token was generated (presence / frequency penalties, OpenAI).
+    n_cand (a Python int, so shapes stay fixed for CUDA graphs): 0 = every row greedy, argmax only;
+    -1 = no top-k / top-p (no sort); k < N_VOCAB = the cut-off from torch.topk(k); N_VOCAB = from a
+    full sort. Sampling is inverse-CDF over the kept tokens in vocabulary order (the first id whose
+    cumulative probability passes u * total), so the id a given u picks never depends on the path.
     """
     logits = logits[:, :N_VOCAB].float()  # (B, V)
-    if seen is not None:
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalized, logits)
+    if penalties is not None:
+        bias, seen, counts = penalties
+        logits = logits + bias
+        rep = p[:, REP:REP + 1]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - p[:, PRES:PRES + 1] * (counts > 0) - p[:, FREQ:FREQ + 1] * counts
     best = logits.argmax(dim=-1)  # (B,)
     if n_cand == 0:
         return best
-    scaled = logits / temperature  # (B, V)
+    # log-probabilities relative to the best token, <= 0: a tiny temperature gives -inf, never NaN
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / p[:, TEMP:TEMP + 1]  # (B, V)
+    scaled = scaled.masked_fill(scaled < torch.log(p[:, MINP:MINP + 1]), float("-inf"))  # min-p; log 0 = -inf
     if n_cand > 0:
         if n_cand < scaled.size(-1):
             vals = torch.topk(scaled, n_cand, dim=-1).values  # (B, n) descending
         else:
             vals = torch.sort(scaled, dim=-1, descending=True).values
         rank = torch.arange(n_cand, device=logits.device)  # (n,)
-        vals = vals.masked_fill(rank >= top_k, float("-inf"))  # top-k
-        probs = torch.softmax(vals, dim=-1)
+        probs = torch.softmax(vals.masked_fill(rank >= p[:, TOPK:TOPK + 1], float("-inf")), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability ranked above each candidate
-        keep = (before < top_p) & (rank < top_k)  # top-p; the first candidate always stays
+        keep = ((before < p[:, TOPP:TOPP + 1]) | (rank == 0)) & (rank < p[:, TOPK:TOPK + 1])  # the best always stays
         threshold = vals.masked_fill(~keep, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     cum = torch.softmax(scaled, dim=-1).cumsum(dim=-1)  # (B, V)
     total = cum[:, -1:]  # (B, 1), about 1
     last = (cum < total).sum(dim=-1, keepdim=True)  # (B, 1) the last id with probability
     choice = torch.minimum(torch.searchsorted(cum, u * total, right=True), last)  # (B, 1)
-    return torch.where(greedy.squeeze(1), best, choice.squeeze(1))
+    return torch.where(p[:, GREEDY] > 0, best, choice.squeeze(1))
 
 
-def sampler_kind(params_list):
-    """How a batch samples: (n_cand, penalize), fixed for the batch (part of a CUDA graph's key).
+class _Fetch:
+    """Device tensors on their way to the host; get() waits for them (the one sync of a chunk).
 
-    n_cand (see sample_tokens): 0 if every row is greedy; -1 if no sampled row filters;
-    TOPK_CANDIDATES if every filtering is a top_k within it; else N_VOCAB (full sort).
-    penalize: some row has a repetition penalty (otherwise its ops and the seen set are skipped).
-    """
-    penalize = any(p["repetition_penalty"] != 1.0 for p in params_list)
-    sampled = [p for p in params_list if p["temperature"] > 0]
-    if not sampled:
-        return 0, penalize
-    if all(p["top_k"] in (0, N_VOCAB) and p["top_p"] >= 1.0 for p in sampled):
-        return -1, penalize
-    if all(1 <= p["top_k"] <= TOPK_CANDIDATES for p in sampled):
-        return TOPK_CANDIDATES, penalize
-    return N_VOCAB, penalize
-
-
-class _Batch:
-    """Device-side state of one decode batch of B rows (some may be idle padding rows).
-
-    Every tensor is allocated once and only written in place, so CUDA graphs can read them.
-    tok (B, 1) next input ids; pos (1,) its cache slot (static mode); pad (B,) left padding;
-    seen (B, N_VOCAB); sampling parameters (B, 1); u (K, B) uniforms of this chunk; j (1,) step
-    within the chunk; out (K, B) sampled ids of this chunk; on CUDA, host_out (2, K, B) pinned
-    host copies of `out` (two, so one chunk can be read while the next runs).
-    KV-cache: eager mode, `cache`, a KVCache of cache_len slots. Static mode, `view(length)`: a
-    KVCache whose k / v are lists of per-layer contiguous (B, H, length, D) tensors laid over one
-    of two flat buffers (ping-pong by bucket parity, so moving to the next bucket is one copy
-    between buffers).
+    On CUDA the copies to pinned memory are queued behind the work that makes them, so the host can
+    queue more work before it reads these.
     """
 
-    def __init__(self, model_config, B, cache_len, device, dtype, kmax, static=False):
-        from model import KVCache
-
-        self.B, self.kmax, self.device = B, kmax, device
-        long = dict(dtype=torch.long, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
-        self.tok = torch.zeros(B, 1, **long)
-        self.pos = torch.zeros(1, **long)
-        self.pad = torch.zeros(B, **long)
-        self.seen = torch.zeros(B, N_VOCAB, dtype=torch.bool, device=device)
-        self.temperature = torch.ones(B, 1, **f32)
-        self.greedy = torch.ones(B, 1, dtype=torch.bool, device=device)
-        self.top_k = torch.ones(B, 1, **long)
-        self.top_p = torch.ones(B, 1, **f32)
-        self.penalty = torch.ones(B, 1, **f32)
-        self.u = torch.zeros(kmax, B, **f32)
-        self.j = torch.zeros(1, **long)
-        self.out = torch.zeros(kmax, B, **long)
-        self.host_out = torch.zeros(2, kmax, B, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
-        self._next_host = 0
-        cfg = model_config
-        self._shape = (cfg.n_layer, B, cfg.n_head, cfg.n_embd // cfg.n_head)  # (n_layer, B, H, D)
-        if static:
-            n = cfg.n_layer * B * cfg.n_embd * cache_len
-            # zeros: stale slots are masked, but must stay finite (0 * NaN would poison attention)
-            self._flat = [(torch.zeros(n, device=device, dtype=dtype), torch.zeros(n, device=device, dtype=dtype))
-                          for _ in range(2)]
-            self._template = KVCache(cfg, 1, 1, device=device, dtype=dtype)
-            self.cache = None
+    def __init__(self, tensors):
+        if tensors and tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self.host, tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
         else:
-            self.cache = KVCache(cfg, B, cache_len, device=device, dtype=dtype)
-            self.cache.pad = self.pad  # the same tensor: updated in place
-        self._views = {}
-        self.bucket = None
+            self.host, self.event = [t.clone() for t in tensors], None
 
-    def view(self, length):
-        """Static mode: a KVCache of `length` slots over the flat buffers of this length's parity.
-
-        k and v are lists of per-layer contiguous (B, H, length, D) tensors (the model reads
-        kv_cache.k[i]): torch.compile writes those in place, whereas mutating a select of one
-        stacked (n_layer, ...) tensor makes it copy the whole cache in and out every step.
-        """
-        v = self._views.get(length)
-        if v is None:
-            n_layer, B, H, D = self._shape
-            k_flat, v_flat = self._flat[(-(-length // self.bucket)) % 2]
-            per = B * H * length * D
-            v = copy.copy(self._template)
-            v.k = [k_flat[i * per:(i + 1) * per].view(B, H, length, D) for i in range(n_layer)]
-            v.v = [v_flat[i * per:(i + 1) * per].view(B, H, length, D) for i in range(n_layer)]
-            v.max_len, v.pad, v.pos = length, self.pad, 0
-            self._views[length] = v
-        return v
-
-    def relayout(self, src_len, dst_len, filled):
-        """Copy the first `filled` slots of every row from the src_len layout to the dst_len one."""
-        src, dst = self.view(src_len), self.view(dst_len)
-        assert src.k[0].data_ptr() != dst.k[0].data_ptr(), "relayout needs buckets of different parity"
-        for s, d in zip(src.k + src.v, dst.k + dst.v):  # (B, H, L, D) each
-            d[:, :, :filled].copy_(s[:, :, :filled])
-
-    def set_rows(self, requests, n_cand):
-        """Upload per-row sampling parameters; rows past len(requests) are idle (greedy, unpenalized)."""
-        rows = []
-        for r in requests:
-            p = r.p
-            greedy = p["temperature"] == 0
-            n = n_cand if n_cand > 0 else N_VOCAB
-            k = p["top_k"] if 1 <= p["top_k"] <= n else n
-            rows.append((1.0 if greedy else p["temperature"], greedy, k,
-                         p["top_p"] if p["top_p"] < 1.0 else 2.0,  # 2.0: top-p off, free of rounding
-                         p["repetition_penalty"]))
-        rows += [(1.0, True, 1, 2.0, 1.0)] * (self.B - len(rows))
-        temp, greedy, k, top_p, pen = zip(*rows)
-        self.temperature.copy_(torch.tensor(temp).view(-1, 1))
-        self.greedy.copy_(torch.tensor(greedy).view(-1, 1))
-        self.top_k.copy_(torch.tensor(k).view(-1, 1))
-        self.top_p.copy_(torch.tensor(top_p).view(-1, 1))
-        self.penalty.copy_(torch.tensor(pen).view(-1, 1))
-
-    def set_uniforms(self, requests, k, draw=True):
-        """Draw k uniforms per running row from its private RNG (idle rows get 0) into u[:k]; reset j.
-
-        draw=False (every row greedy): nothing is drawn, u is not read.
-        """
-        if draw:
-            zeros = [0.0] * k
-            u = [[r.rng.random() for _ in range(k)] if r is not None and not r.done else zeros for r in requests]
-            u += [zeros] * (self.B - len(u))
-            self.u[:k].copy_(torch.tensor(u, dtype=torch.float32).t())  # (k, B)
-        self.j.zero_()
-
-    def fetch(self, k):
-        """The ids sampled by the last k steps: a _Fetched whose tokens() is a (k, B) list.
-
-        On CUDA the copy to pinned host memory is queued behind those steps (no wait here), so the
-        host can queue more steps before it reads these.
-        """
-        if self.host_out is None:
-            return _Fetched(self.out[:k].clone())
-        host = self.host_out[self._next_host, :k]
-        self._next_host ^= 1
-        host.copy_(self.out[:k], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return _Fetched(host, event)
-
-
-class _Fetched:
-    """Sampled ids on their way to the host; tokens() waits for them (the one sync of a chunk)."""
-
-    def __init__(self, ids, event=None):
-        self.ids, self.event = ids, event
-
-    def tokens(self):
+    def get(self):
         if self.event is not None:
             self.event.synchronize()
-        return self.ids.tolist()
+        return [t.tolist() for t in self.host]
 
 
-def _record(batch, logits, kind):
-    """Sample from the last position's logits (B, V') and write the result into the batch state.
-
-    kind: (n_cand, penalize) from sampler_kind.
-    """
-    n_cand, penalize = kind
-    u = batch.u.index_select(0, batch.j).view(-1, 1)  # (B, 1): this step's uniforms
-    nxt = sample_tokens(logits, batch.seen if penalize else None, batch.temperature, batch.greedy, batch.top_k,
-                        batch.top_p, batch.penalty, u, n_cand)  # (B,)
-    batch.out.index_copy_(0, batch.j, nxt.view(1, -1))
-    if penalize:
-        batch.seen.scatter_(1, nxt.view(-1, 1), True)
-    batch.tok.copy_(nxt.view(-1, 1))
-    batch.j.add_(1)
-
-
-def _decode_step(forward, batch, cache, static, kind):
-    """One decode step for every row: the unit captured in a CUDA graph. No host sync, no allocation
-    visible outside (all results land in batch's tensors)."""
-    logits, _ = forward(batch.tok, kv_cache=cache, input_pos=batch.pos if static else None)  # (B, 1, V')
-    if static:
-        batch.pos.add_(1)
-    _record(batch, logits[:, -1], kind)
-
-
-# ====================================================================== engine
-
-
-def _call_model(model, idx, kv_cache, input_pos):
-    """model(...) as a function of the model, so a compiled copy holds no reference to it."""
-    return model(idx, kv_cache=kv_cache, input_pos=input_pos)
-
-
-def _accepts(fn, name):
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def _call_model(model, idx, cache, pos, kv_len):
+    """The decode forward as a function of the model, so a compiled copy holds no reference to it."""
+    return model(idx, cache=cache, pos=pos, kv_len=kv_len)[0]
 
 
 def _own_copy(fn):
@@ -575,522 +491,468 @@ def _own_copy(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
 
 
-def _model_device_dtype(model):
+def _device_dtype(model):
     """Device and compute dtype of a model (a quantized model keeps float embeddings)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    raise ValueError("model has no floating-point parameters")
+    p = next(p for p in model.parameters() if p.is_floating_point())
+    return p.device, p.dtype
 
 
-def _pow2_at_least(n):
-    return 1 << max(0, (n - 1).bit_length())
+# ====================================================================== engine
 
 
 class Engine:
-    """Runs generations for one model: keeps decode state, CUDA graphs and a lock between calls.
+    """Continuous batching for one model: requests join between steps and leave when they finish.
 
-    mode: "eager" | "static" | "graphs" (see the module docstring); default graphs on CUDA, else eager.
-    compile: torch.compile the model forward used by the static / graph decode step (CUDA).
-    chunk: decode steps between host reads (default 8 on CUDA, 1 elsewhere).
-    bucket: static cache lengths are multiples of this (capped at block_size).
-    max_batch: rows decoded together at most; larger lists run in several groups.
-    pipeline: static / graphs modes queue the next chunk before reading the current one
-    (default: on CUDA, where it keeps the device busy while the host makes text).
+    max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt tokens prefilled
+    per step at most. decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere).
+    graphs: capture decode steps in CUDA graphs (default: on CUDA). static: bucketed fixed shapes
+    without graphs (default: = graphs; True on CPU runs the graph path's logic). compile:
+    torch.compile the decode forward. pipeline: queue a chunk before reading the previous one
+    (default: on CUDA). add / cancel / stats / has_work / embed are thread-safe; step is called
+    by one thread.
     """
 
-    def __init__(self, model, mode=None, compile=False, chunk=None, bucket=128, max_batch=64, pipeline=None):
-        self._model = weakref.ref(model)  # engines are kept per model in a WeakKeyDictionary
-        self.config = model.config
-        self.device, self.dtype = _model_device_dtype(model)
-        on_cuda = self.device.type == "cuda"
-        self.mode = mode or ("graphs" if on_cuda else "eager")
-        if self.mode not in ("eager", "static", "graphs"):
-            raise ValueError(f"mode must be eager, static or graphs, got {self.mode!r}")
-        if self.mode == "graphs" and not on_cuda:
-            raise ValueError("mode='graphs' (CUDA graphs) needs a model on a CUDA device")
-        self.chunk = chunk or (8 if on_cuda else 1)
-        self.bucket = bucket
-        self.max_batch = max_batch
-        self.pipeline = on_cuda if pipeline is None else bool(pipeline)
-        self.compile = bool(compile) and self.mode != "eager"
-        self._compiled = torch.compile(_own_copy(_call_model)) if self.compile else None
-        self._prefill_kwargs = {"last_only": True} if _accepts(model.forward, "last_only") else {}
-        self.lock = threading.RLock()  # static/graph state is shared: one generation group at a time
-        self._slots = {}  # B -> _Batch with a block_size cache (static / graphs)
-        self._graphs = {}  # (B, cache length, sampler kind) -> torch.cuda.CUDAGraph
-        self._pool = None
-        self.notes = []  # fallbacks taken (shown by describe())
-
-    @property
-    def model(self):
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the model of this engine no longer exists")
-        return model
-
-    def forward(self, idx, kv_cache=None, input_pos=None):
-        """The model's forward, compiled when asked (the decode step)."""
-        return (self._compiled or _call_model)(self.model, idx, kv_cache, input_pos)
-
-    def prefill_forward(self, idx, kv_cache, input_pos=None):
-        """The model's forward for a prompt (never compiled: its shapes vary). Only the last
-        position's logits are needed: when GPT.forward accepts last_only=True, the lm_head runs on
-        that position alone (B x V x C work instead of B x W x V x C)."""
-        return self.model(idx, kv_cache=kv_cache, input_pos=input_pos, **self._prefill_kwargs)
+    def __init__(self, model, max_batch=64, prefill_chunk=512, decode_chunk=None, graphs=None, compile=False,
+                 static=None, pipeline=None):
+        self.model, self.config = model, model.config
+        self.device, self.dtype = _device_dtype(model)
+        cuda = self.device.type == "cuda"
+        self.graphs = cuda if graphs is None else bool(graphs)
+        if self.graphs and not cuda:
+            raise ValueError("graphs=True (CUDA graphs) needs a model on a CUDA device")
+        self.static = self.graphs or bool(static)
+        self.pipeline = cuda if pipeline is None else bool(pipeline)
+        self.compile = bool(compile)
+        self._forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.kmax = decode_chunk or (8 if cuda else 1)
+        S, V, dev = max_batch, N_VOCAB, self.device
+        self.cache = KVCache(self.config, S, device=dev, dtype=self.dtype)
+        # decode state: every tensor allocated once, written in place (CUDA graphs read them)
+        self.params = torch.tensor([param_row(DEFAULTS)] * S, device=dev)  # per-slot sampling parameters
+        self.bias = torch.zeros(S, V, device=dev)
+        self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(S, V, device=dev)
+        self.tok = torch.zeros(S, 1, dtype=torch.long, device=dev)  # next input id of each slot
+        self.pos = torch.zeros(S, dtype=torch.long, device=dev)  # its cache position
+        self.u = torch.zeros(S, self.kmax, device=dev)  # this chunk's uniforms
+        self.j = torch.zeros(1, dtype=torch.long, device=dev)  # step within the chunk
+        self.out = torch.zeros(S, self.kmax, dtype=torch.long, device=dev)  # sampled ids
+        self.out_lp = torch.zeros(S, self.kmax, device=dev)  # their raw log-probabilities
+        self.top_ids = torch.zeros(S, self.kmax, MAX_LOGPROBS, dtype=torch.long, device=dev)
+        self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev)
+        self._graphs, self._pool = {}, None  # (B, L, kind) -> torch.cuda.CUDAGraph
+        self.notes = []  # fallbacks taken
+        # host state
+        self._lock = threading.Lock()  # the device state: step, embed
+        self._q_lock = threading.Lock()  # the waiting queue and counters
+        self._waiting = []  # Requests not admitted yet, in order
+        self._active = []  # admitted Requests: prefilling or decoding
+        self._free = list(range(S))  # a heap of free slots: the lowest first keeps batches small
+        self._rows = [None] * S  # slot -> _Choice
+        self._inflight = []  # queued work whose results are not read yet (pipeline)
 
     def describe(self):
-        return {"decode_mode": self.mode, "compile": self.compile, "chunk": self.chunk, "pipeline": self.pipeline,
-                "cache_bucket": self.bucket, "graphs_captured": len(self._graphs), "notes": list(self.notes)}
+        return {"graphs": self.graphs, "static": self.static, "compile": self.compile, "decode_chunk": self.kmax,
+                "pipeline": self.pipeline, "max_batch": self.max_batch, "prefill_chunk": self.prefill_chunk,
+                "graphs_captured": len(self._graphs), "notes": list(self.notes)}
 
-    # -------------------------------------------------------------- grouping and the host loop
+    # -------------------------------------------------------------- thread-safe API
 
-    def run(self, requests):
-        """Generate for every request; yields (request, text piece) and (request, None) when it ends."""
-        for group in self._plan_groups(requests):
-            if self.mode == "eager":
-                yield from self._run_group(group, _EagerRunner(self, group))
-            else:
-                with self.lock:
-                    yield from self._run_group(group, _StaticRunner(self, group))
+    def add(self, prompt_ids, params=None, n=1, logprobs=None, echo=False, tag=None):
+        """Queue a request -> its handle. params: validate_params output (None: defaults).
+        Raises ParamError for a bad prompt, n, logprobs or a prompt + max_new_tokens over block_size."""
+        params = validate_params() if params is None else params
+        ids = check_ids(prompt_ids)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_batch:
+            raise ParamError("n", f"n must be an integer between 1 and {self.max_batch}, got {_fmt(n)}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ParamError("logprobs", f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, "
+                                         f"got {_fmt(logprobs)}")
+        if params["max_new_tokens"] == 0 and not echo:
+            raise ParamError("max_new_tokens", "max_new_tokens must be at least 1 (0 only with echo)")
+        check_fits(len(ids), params["max_new_tokens"], self.config.block_size)
+        req = Request(ids, params, n, logprobs, bool(echo), tag)
+        with self._q_lock:
+            self._waiting.append(req)
+        return req
 
-    def _plan_groups(self, requests):
-        """Rows sorted by prompt length, cut so that width + max(max_new_tokens) fits the block."""
-        groups, cur = [], []
-        for r in sorted(requests, key=lambda r: len(r.ids)):
-            cand = cur + [r]
-            need = len(r.ids) + max(c.p["max_new_tokens"] for c in cand)
-            if cur and (len(cand) > self.max_batch or need > self.config.block_size):
-                groups.append(cur)
-                cand = [r]
-            cur = cand
-        return groups + ([cur] if cur else [])
+    def cancel(self, request):
+        """End a request: its choices finish with "cancelled" at the next step."""
+        request.cancelled = True
 
-    def _run_group(self, group, runner):
-        """Prefill, then decode chunk by chunk until every row has finished.
+    def stats(self):
+        with self._q_lock:
+            return {"running": len(self._active), "waiting": len(self._waiting),
+                    "slots_used": self.max_batch - len(self._free), "slots_total": self.max_batch}
 
-        With a pipelined runner (CUDA) the next chunk is queued before the current one is read,
-        so the device keeps decoding while the host turns ids into text. Rows that end inside a
-        chunk cost the rest of it; finished rows are compacted out only with nothing in flight.
-        """
-        try:
-            for r in group:
-                r.t_start = time.perf_counter()
-            yield from self._cancel_requested(group)
-            if all(r.done for r in group):
-                return
-            yield from self._consume(runner, runner.prefill(), group)
-            inflight, ahead = None, 0  # the queued chunk and how many steps it holds
-            while True:
-                yield from self._cancel_requested(group)
-                live = [r for r in group if not r.done]
-                if not live:
-                    break
-                if inflight is None:
-                    runner.maybe_compact()
-                    ahead = min(self.chunk, max(r.remaining() for r in live))
-                    inflight = runner.decode(ahead)
-                left = max(r.remaining() for r in live) - ahead
-                queued = None
-                if runner.pipelined and left > 0 and not runner.wants_compaction():
-                    queued_k = min(self.chunk, left)
-                    queued = runner.decode(queued_k)
-                yield from self._consume(runner, inflight.tokens(), group)
-                inflight, ahead = (queued, queued_k) if queued is not None else (None, 0)
-        finally:
-            runner.close()
-
-    def _cancel_requested(self, group):
-        for r in group:
-            if not r.done and r.should_stop is not None and r.should_stop():
-                yield r, r.finish("cancelled")
-                yield r, None
-
-    def _consume(self, runner, tokens, group):
-        """Feed a chunk of sampled ids (K, B) row by row, token by token; yield text and finishes."""
-        now = time.perf_counter()
-        for step in tokens:
-            for row, r in enumerate(runner.rows):
-                if r is None or r.done:
-                    continue
-                if r.t_first is None:
-                    r.t_first = now
-                piece = r.feed(step[row])
-                if piece:
-                    yield r, piece
-                if r.done:
-                    yield r, None
-
-    # -------------------------------------------------------------- static slots and CUDA graphs
-
-    def slot(self, B):
-        """The persistent _Batch for B rows (static / graphs), with a cache of block_size slots."""
-        s = self._slots.get(B)
-        if s is None:
-            s = self._slots[B] = _Batch(self.config, B, self.config.block_size, self.device, self.dtype,
-                                        max(self.chunk, 1), static=True)
-            s.bucket = self.bucket
-        return s
-
-    def cache_len(self, slots):
-        """Bucketed static cache length holding `slots` slots."""
-        return min(self.config.block_size, -(-slots // self.bucket) * self.bucket)
-
-    def step(self, batch, length, kind):
-        """Run one decode step over a cache view of `length` slots: graph replay or direct call."""
-        g = self._graphs.get((batch.B, length, kind)) if self.mode == "graphs" else None
-        if g is not None:
-            g.replay()
-        else:
-            _decode_step(self.forward, batch, batch.view(length), True, kind)
-
-    def prepare_graphs(self, batch, lengths, kind):
-        """Capture the decode step for each cache length not captured yet.
-
-        Call only while the batch holds no live state: warm-up runs write into it.
-        """
-        if self.mode != "graphs":
-            return
-        for length in lengths:
-            key = (batch.B, length, kind)
-            if key in self._graphs:
-                continue
-            try:
-                self._graphs[key] = self._capture(batch, length, kind)
-            except Exception as e:  # keep serving: fall back, loudly
-                if self.compile:
-                    self._note(f"CUDA graph capture with torch.compile failed ({type(e).__name__}: {e}); "
-                               "using the uncompiled forward")
-                    self.compile, self._compiled = False, None
-                    self._graphs.clear()
-                    return self.prepare_graphs(batch, lengths, kind)
-                self._note(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
-                self.mode = "static"
-                self._graphs.clear()
-                return
-
-    def _note(self, msg):
-        self.notes.append(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    def has_work(self):
+        with self._q_lock:
+            return bool(self._waiting or self._active or self._inflight)
 
     @torch.no_grad()
-    def _capture(self, batch, length, kind):
-        """Warm up (compiles if asked) on a side stream, then record one decode step in a graph."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        view = batch.view(length)
+    def embed(self, inputs):
+        """Mean-pooled final hidden states of each id list, L2-normalised -> list of lists of floats."""
+        for ids in inputs:
+            check_ids(ids, "input")
+            if len(ids) > self.config.block_size:
+                raise ParamError("input", f"input is {len(ids)} tokens; this model reads at most "
+                                          f"{self.config.block_size}")
+        out = []
+        with self._lock:
+            for ids in inputs:
+                h = self.model.hidden(torch.tensor([ids], device=self.device))[0].float()  # (T, C)
+                out.append(F.normalize(h.mean(dim=0), dim=0).tolist())
+        return out
 
-        def scratch():  # a harmless state: slot 0, token 0, step 0
-            batch.pos.zero_()
-            batch.tok.zero_()
-            batch.j.zero_()
+    # -------------------------------------------------------------- the loop
 
-        scratch()
+    @torch.no_grad()
+    def step(self):
+        """Prefill up to prefill_chunk prompt tokens, decode one chunk for every running row, and
+        return the Outputs of what finished computing ([] when idle)."""
+        with self._lock:
+            outs = []
+            self._cancel_requested(outs)
+            prefill, decode = self._prefill(outs), self._decode()
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
+            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
+            self._inflight = [decode] if self.pipeline and decode else []
+            for kind, *args in filter(None, done):
+                (self._read_prefill if kind == "prefill" else self._read_decode)(*args, outs)
+            self._release(outs)
+            for o in outs:
+                o.request.choices[o.index].out = None
+                if o.finish_reason is not None:
+                    o.usage = {"prompt_tokens": len(o.request.prompt),
+                               "completion_tokens": len(o.request.choices[o.index].token_ids)}
+            return outs
+
+    def _cancel_requested(self, outs):
+        with self._q_lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            self._waiting = [r for r in self._waiting if not r.cancelled]
+        for r in gone + [r for r in self._active if r.cancelled]:
+            for c in r.choices:
+                if c.finish_reason is None:
+                    c.finish("cancelled", outs)
+
+    def _release(self, outs):
+        """Free the slots of choices that finished; drop finished requests; fill in finish reasons."""
+        for o in outs:
+            c = o.request.choices[o.index]
+            o.finish_reason = c.finish_reason
+            if c.finish_reason is not None and c.slot is not None:
+                self._rows[c.slot] = None
+                heapq.heappush(self._free, c.slot)
+                c.slot = None
+        with self._q_lock:
+            self._active = [r for r in self._active if not r.done]
+
+    def _admit(self):
+        """The next waiting request, given slots for its choices, or None (none waiting, or not enough free slots)."""
+        with self._q_lock:
+            if not self._waiting or len(self._free) < self._waiting[0].n:
+                return None
+            r = self._waiting.pop(0)
+            self._active.append(r)
+            slots = [heapq.heappop(self._free) for _ in range(r.n)]
+        for c, s in zip(r.choices, slots):
+            c.slot = s
+            self._rows[s] = c
+        idx = self._upload(slots, torch.long)
+        self.params.index_copy_(0, idx, self._upload([param_row(r.params)] * r.n, torch.float32))
+        self.bias.index_fill_(0, idx, 0)
+        if r.params["logit_bias"]:
+            toks = self._upload(list(r.params["logit_bias"]), torch.long)
+            vals = self._upload(list(r.params["logit_bias"].values()), torch.float32)
+            for s in slots:
+                self.bias[s, toks] = vals
+        return r
+
+    def _upload(self, values, dtype):
+        """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    # -------------------------------------------------------------- prefill
+
+    def _prefill(self, outs):
+        """Queue one batched forward over the next prompt chunks, at most prefill_chunk tokens padding
+        included: prompts already prefilling first, then newly admitted ones. Prompts completed by it
+        sample their first tokens. Returns the work to read, or None."""
+        rows, width, budget, block = [], 0, self.prefill_chunk, self.config.block_size
+        pending = [r for r in self._active if r.filled < len(r.prompt) and not r.done]
+        while not rows or (len(rows) + 1) * width <= budget:
+            r = pending.pop(0) if pending else self._admit()
+            if r is None:
+                break
+            start = r.filled
+            n = min(len(r.prompt) - start, budget // (len(rows) + 1))
+            w = max(width, n)
+            if n == 0 or max([s for _, s, _ in rows] + [start]) + w > block:
+                break  # padding would run past the cache: it prefills next step (an admitted one stays active)
+            rows.append((r, start, n))
+            width = w
+        if not rows:
+            return None
+        # right padding writes past each prompt's end, where nothing is read before it is overwritten
+        idx = self._upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
+        starts = [s for _, s, _ in rows]
+        pos = self._upload(starts, torch.long)
+        slots = self._upload([r.choices[0].slot for r, _, _ in rows], torch.long)
+        h = self.model.hidden(idx, cache=self.cache, pos=pos, slots=slots, kv_len=max(starts) + width)  # (B, T, C)
+        # idle slots decode at the prefilled length, so their garbage lands past it
+        self.pos.index_copy_(0, slots, self._upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
+        finals = []
+        for b, (r, s, n) in enumerate(rows):
+            r.filled = s + n
+            m = min(n, len(r.prompt) - s - 1)  # positions predicting a prompt token
+            if r.echo and m > 0:
+                targets = self._upload(r.prompt[s + 1:s + 1 + m], torch.long)
+                r.prompt_lp.append(_logprobs(self.model.lm_head(h[b, :m]), targets))
+            if r.filled == len(r.prompt):
+                finals.append((b, r, n - 1))
+        return self._first_tokens(h, finals) if finals else None
+
+    def _first_tokens(self, h, finals):
+        """Fork each completed prompt into its choices' slots and sample their first tokens."""
+        choices, at = [], []
+        for b, r, last in finals:
+            for c in r.choices[1:]:
+                self.cache.copy_slot(r.choices[0].slot, c.slot)
+            for c in r.choices:
+                c.pos = len(r.prompt)
+                if r.params["max_new_tokens"] > 0 and c.finish_reason is None:
+                    c.queued = 1
+                    choices.append(c)
+                    at.append((b, last))
+        fetch = []
+        for _, r, _ in finals:
+            if sampler_kind([r.params])[1]:  # now, not at admission: idle rows of decode steps scribble on these
+                slots = self._upload([c.slot for c in r.choices], torch.long)
+                self.seen.index_fill_(0, slots, False)
+                self.counts.index_fill_(0, slots, 0)
+                self.seen[slots.view(-1, 1), self._upload(r.prompt, torch.long)] = True
+            if r.echo and r.prompt_lp:
+                fetch += [torch.cat(parts) for parts in zip(*r.prompt_lp)]
+        if choices:
+            b_idx, t_idx = (self._upload(list(x), torch.long) for x in zip(*at))
+            logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
+            slots = self._upload([c.slot for c in choices], torch.long)
+            kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
+            u = self._upload([[0.0 if c.greedy else c.rng.random()] for c in choices], torch.float32)
+            pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
+            nxt = sample(logits, self.params[slots], u, kind[0], pen)
+            if kind[1]:
+                self.seen[slots, nxt] = True
+                self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
+            self.tok.index_copy_(0, slots, nxt.view(-1, 1))
+            self.pos.index_copy_(0, slots, self._upload([c.pos for c in choices], torch.long))
+            fetch += [nxt] + (list(_logprobs(logits, nxt)) if kind[2] else [])
+        return "prefill", finals, choices, _Fetch(fetch)
+
+    def _read_prefill(self, finals, choices, fetch, outs):
+        values = fetch.get()
+        for _, r, _ in finals:
+            if r.echo and r.prompt_lp:
+                lp, ids, top = values[:3]
+                values = values[3:]
+                entries = [None] + [_entry(t, *x, r.logprobs) for t, x in zip(r.prompt[1:], zip(lp, ids, top))]
+            elif r.echo:
+                entries = [None]
+            for c in r.choices:
+                if r.echo and c.finish_reason is None:
+                    c.output(outs).prompt_logprobs = entries
+        if choices:
+            nxt, *lps = values
+            for i, c in enumerate(choices):
+                if c.finish_reason is None:
+                    c.feed(nxt[i], _entry(nxt[i], *(x[i] for x in lps), c.request.logprobs) if lps else None, outs)
+        for _, r, _ in finals:
+            for c in r.choices:
+                if r.params["max_new_tokens"] == 0 and c.finish_reason is None:
+                    c.finish("length", outs)
+
+    # -------------------------------------------------------------- decode
+
+    def _decode(self):
+        """Queue K decode steps for every running row (one host upload of uniforms, no sync)."""
+        live = [c for c in self._rows if c is not None and c.live()]
+        if not live:
+            return None
+        B = max(c.slot for c in live) + 1
+        K = min(self.kmax, max(c.p["max_new_tokens"] - c.queued for c in live))
+        L = max(c.pos for c in live) + K  # the steps write positions pos .. pos + K - 1
+        if self.static:
+            B = min(self.max_batch, 1 << (B - 1).bit_length())
+            L = -(-L // CACHE_BUCKET) * CACHE_BUCKET
+        L = min(L, self.config.block_size)
+        kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
+        rows = [c if c is not None and c.live() else None for c in self._rows[:B]]
+        if kind[0] != 0:
+            zeros = [0.0] * self.kmax
+            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.greedy else zeros
+                 for c in rows]
+            self.u[:B].copy_(self._upload(u, torch.float32))
+        self.j.zero_()
+        for _ in range(K):
+            self._run_step(B, L, kind)
+        for c in live:
+            c.queued += K
+            c.pos += K
+        logprobs = [self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []
+        return "decode", rows, K, _Fetch([self.out[:B]] + logprobs)
+
+    def _read_decode(self, rows, K, fetch, outs):
+        ids, *lps = fetch.get()
+        for b, c in enumerate(rows):
+            for k in range(K):
+                if c is None or c.finish_reason is not None:
+                    break
+                lp = _entry(ids[b][k], *(x[b][k] for x in lps), c.request.logprobs) if lps else None
+                c.feed(ids[b][k], lp, outs)
+
+    def _decode_step(self, B, L, kind):
+        """One decode step of slots 0..B-1 reading L cache positions: the unit captured in a CUDA
+        graph. No host sync; every result lands in the engine's tensors."""
+        n_cand, penalize, logprobs = kind
+        logits = self._forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1]  # (B, V')
+        u = self.u[:B].index_select(1, self.j)  # (B, 1) this step's uniforms
+        pen = (self.bias[:B], self.seen[:B], self.counts[:B]) if penalize else None
+        nxt = sample(logits, self.params[:B], u, n_cand, pen).view(B, 1)
+        if penalize:
+            self.seen[:B].scatter_(1, nxt, True)
+            self.counts[:B].scatter_add_(1, nxt, torch.ones_like(nxt, dtype=torch.float32))
+        if logprobs:
+            lp, top_ids, top_lp = _logprobs(logits, nxt)
+            self.out_lp[:B].index_copy_(1, self.j, lp.view(B, 1))
+            self.top_ids[:B].index_copy_(1, self.j, top_ids.unsqueeze(1))
+            self.top_lp[:B].index_copy_(1, self.j, top_lp.unsqueeze(1))
+        self.out[:B].index_copy_(1, self.j, nxt)
+        self.tok[:B].copy_(nxt)
+        self.pos[:B].add_(1).clamp_(max=self.config.block_size - 1)  # idle rows drift; stay inside the cache
+        self.j.add_(1)
+
+    def _run_step(self, B, L, kind):
+        graph = self._graph(B, L, kind) if self.graphs else None
+        if graph is not None:
+            return graph.replay()
+        self._decode_step(B, L, kind)
+
+    def _graph(self, B, L, kind):
+        """The CUDA graph of a decode step, captured on first use; None (and graphs off) if capture fails."""
+        graph = self._graphs.get((B, L, kind))
+        if graph is None and self.graphs:
+            try:
+                graph = self._graphs[(B, L, kind)] = self._capture(B, L, kind)
+            except Exception as e:  # keep serving: decode uncaptured, loudly
+                self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
+                warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=3)
+                self.graphs = False
+        return graph
+
+    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+        """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
+        kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
+        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        block = self.config.block_size
+        with self._lock, torch.no_grad():
+            for B in sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}):
+                for L in sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)}):
+                    for kind in kinds:
+                        self._graph(B, L, kind)
+        return len(self._graphs)
+
+    def _capture(self, B, L, kind):
+        """Warm up (compiles if asked) on a side stream, then record one decode step in a graph.
+
+        The warm-up steps really run: the state they change is saved and put back. Their cache
+        writes land at or past each slot's filled length, which is rewritten before it is read.
+        """
+        saved = [(t, t.clone()) for t in (self.tok, self.pos, self.j, self.seen, self.counts)]
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                _decode_step(self.forward, batch, view, True, kind)
-                batch.j.zero_()
+                self.j.zero_()  # stay inside u / out even when decode_chunk is 1
+                self._decode_step(B, L, kind)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        scratch()
+        for t, copy in saved:
+            t.copy_(copy)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            _decode_step(self.forward, batch, view, True, kind)
-        scratch()
-        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._decode_step(B, L, kind)
         return graph
 
-    def warmup(self, batch_sizes=(1,), max_len=None, kinds=((0, False), (-1, False), (TOPK_CANDIDATES, False))):
-        """Capture the CUDA graphs a server will need up front (no-op unless mode is graphs); returns
-        how many graphs the engine holds. kinds: sampler kinds (see sampler_kind); the default covers
-        greedy, pure sampling and top-k/top-p within TOPK_CANDIDATES, without repetition penalty
-        (other kinds are captured on first use)."""
-        if self.mode != "graphs":
-            return 0
-        max_len = max_len or self.config.block_size
-        lengths = sorted({self.cache_len(n) for n in range(1, max_len + 1, self.bucket)} | {self.cache_len(max_len)})
-        with self.lock:
-            for B in batch_sizes:
-                for kind in kinds:
-                    self.prepare_graphs(self.slot(_pow2_at_least(B)), lengths, kind)
-        return len(self._graphs)
+
+def _logprobs(logits, ids):
+    """Raw log-probabilities (before any sampling parameter) of ids (R,) under logits (R, V') ->
+    (logprob (R,), top ids (R, MAX_LOGPROBS), their logprobs)."""
+    raw = torch.log_softmax(logits[:, :N_VOCAB].float(), dim=-1)
+    top = raw.topk(MAX_LOGPROBS, dim=-1)
+    return raw.gather(1, ids.view(-1, 1)).view(-1), top.indices, top.values
 
 
-class _EagerRunner:
-    """A group decoded with the KVCache eager mode: exact batch size, cache of W + max_new - 1 slots."""
-
-    pipelined = False
-
-    def __init__(self, engine, group):
-        self.engine = engine
-        self.rows = list(group)
-        self.width = max(len(r.ids) for r in group)
-        cache_len = self.width + max(r.p["max_new_tokens"] for r in group) - 1
-        self.kind = sampler_kind([r.p for r in group])
-        self.batch = _Batch(engine.config, len(group), cache_len, engine.device, engine.dtype, engine.chunk)
-        self.batch.set_rows(group, self.kind[0])
-        pads = [self.width - len(r.ids) for r in group]
-        self.batch.pad.copy_(torch.tensor(pads))
-        self.batch.cache.pad = self.batch.pad if any(pads) else None  # no mask needed without padding
-
-    @torch.no_grad()
-    def prefill(self):
-        idx = _left_padded(self.rows, self.width, self.batch.B, self.engine.device)  # (B, W)
-        b = self.batch
-        if self.kind[1]:  # repetition penalty: the prompt's tokens count
-            b.seen.zero_()
-            b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
-        logits, _ = self.engine.prefill_forward(idx, b.cache)  # (B, W or 1, V')
-        _record(b, logits[:, -1], self.kind)
-        return b.out[:1].tolist()
-
-    @torch.no_grad()
-    def decode(self, k):
-        """Run k steps; returns their ids (a _Fetched)."""
-        b = self.batch
-        b.set_uniforms(self.rows, k, draw=self.kind[0] != 0)
-        for _ in range(k):
-            _decode_step(self.engine.forward, b, b.cache, False, self.kind)
-        return b.fetch(k)
-
-    def wants_compaction(self):
-        live = sum(not r.done for r in self.rows)
-        return 0 < live <= self.batch.B // 2
-
-    @torch.no_grad()
-    def maybe_compact(self):
-        """Drop finished rows once at most half the batch is still running."""
-        if not self.wants_compaction():
-            return
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        old, idx = self.batch, torch.tensor(keep, device=self.engine.device)
-        new = copy.copy(old)
-        for name in ("tok", "pad", "seen", "temperature", "greedy", "top_k", "top_p", "penalty"):
-            setattr(new, name, getattr(old, name).index_select(0, idx))
-        new.u, new.out = old.u[:, :len(keep)].clone(), old.out[:, :len(keep)].clone()
-        if old.host_out is not None:
-            new.host_out = old.host_out[:, :, :len(keep)].clone().pin_memory()
-        new.B = len(keep)
-        new.cache = copy.copy(old.cache)
-        new.cache.k = old.cache.k.index_select(1, idx)  # (n_layer, B', H, L, D)
-        new.cache.v = old.cache.v.index_select(1, idx)
-        new.cache.pad = new.pad if old.cache.pad is not None else None
-        self.batch, self.rows = new, [self.rows[i] for i in keep]
-
-    def close(self):
-        self.batch = None
+def _entry(token, logprob, top_ids, top_lps, k):
+    return {"token_id": token, "logprob": logprob, "top": list(zip(top_ids[:k or 0], top_lps[:k or 0]))}
 
 
-class _StaticRunner:
-    """A group decoded with the KVCache static mode on the engine's persistent slot of B rows
-    (B = the next power of two; extra rows idle), bucketed cache lengths and, in graphs mode, replays."""
-
-    def __init__(self, engine, group):
-        self.engine = engine
-        self.width = max(len(r.ids) for r in group)
-        self.end = self.width + max(r.p["max_new_tokens"] for r in group) - 1  # slots used in all
-        self.kind = sampler_kind([r.p for r in group])
-        self.batch = self._take_slot(len(group), self.width)
-        self.rows = list(group) + [None] * (self.batch.B - len(group))
-        self.batch.set_rows(group, self.kind[0])
-        self.batch.pad.copy_(torch.tensor([self.width - len(r.ids) for r in group] + [0] * (self.batch.B - len(group))))
-        self.pos = self.width  # host mirror of batch.pos after prefill: the slot the next step writes
-        self.length = engine.cache_len(self.width)  # cache layout in use
-
-    def _take_slot(self, n_rows, first_slot):
-        """The slot for n_rows, with graphs ready for every cache bucket from first_slot to the end."""
-        e = self.engine
-        batch = e.slot(_pow2_at_least(n_rows))
-        lengths = sorted({e.cache_len(s + 1) for s in range(first_slot, self.end)})
-        e.prepare_graphs(batch, lengths, self.kind)  # before any state is written into the slot
-        return batch
-
-    @torch.no_grad()
-    def prefill(self):
-        e, b = self.engine, self.batch
-        idx = _left_padded([r for r in self.rows if r is not None], self.width, b.B, e.device)  # (B, W)
-        if self.kind[1]:  # repetition penalty: the prompt's tokens count
-            b.seen.zero_()
-            b.seen.scatter_(1, idx, True)
-        b.set_uniforms(self.rows, 1, draw=self.kind[0] != 0)
-        input_pos = torch.arange(self.width, device=e.device)
-        logits, _ = e.prefill_forward(idx, b.view(self.length), input_pos)  # (B, W or 1, V')
-        b.pos.fill_(self.width)
-        _record(b, logits[:, -1], self.kind)
-        return b.out[:1].tolist()
-
-    @property
-    def pipelined(self):
-        return self.engine.pipeline
-
-    @torch.no_grad()
-    def decode(self, k):
-        """Queue k steps (no host sync); returns their ids as a _Fetched.
-
-        A step writes slot self.pos, so it needs a cache of at least self.pos + 1 slots.
-        """
-        e, b = self.engine, self.batch
-        b.set_uniforms(self.rows, k, draw=self.kind[0] != 0)
-        for _ in range(k):
-            length = e.cache_len(self.pos + 1)
-            if length != self.length:  # next bucket: move the filled slots to its layout
-                b.relayout(self.length, length, self.pos)
-                self.length = length
-            e.step(b, length, self.kind)
-            self.pos += 1
-        return b.fetch(k)
-
-    def wants_compaction(self):
-        live = sum(r is not None and not r.done for r in self.rows)
-        return live > 0 and _pow2_at_least(live) < self.batch.B
-
-    @torch.no_grad()
-    def maybe_compact(self):
-        """Move running rows to a smaller slot once at most half of this one is busy."""
-        if not self.wants_compaction():
-            return
-        keep = [i for i, r in enumerate(self.rows) if r is not None and not r.done]
-        old = self.batch
-        new = self._take_slot(len(keep), self.pos)
-        idx = torch.tensor(keep, device=self.engine.device)
-        n = len(keep)
-        for name in ("tok", "pad", "seen", "temperature", "greedy", "top_k", "top_p", "penalty"):
-            getattr(new, name)[:n].copy_(getattr(old, name).index_select(0, idx))
-        new.pad[n:].zero_()
-        new.greedy[n:].fill_(True)
-        new.penalty[n:].fill_(1.0)
-        new.temperature[n:].fill_(1.0)
-        new.pos.copy_(old.pos)
-        src, dst = old.view(self.length), new.view(self.length)  # same length, per layer (B, H, L, D)
-        for s, d in zip(src.k + src.v, dst.k + dst.v):
-            d[:n, :, :self.pos].copy_(s[:, :, :self.pos].index_select(0, idx))
-        self.batch = new
-        self.rows = [self.rows[i] for i in keep] + [None] * (new.B - n)
-
-    def close(self):
-        self.batch = None
+# ====================================================================== generation helpers
 
 
-def _left_padded(requests, width, B, device):
-    """(B, W) prompt ids, right-aligned; padding repeats the row's first token (masked anyway, and
-    harmless in the repetition-penalty set). Idle rows are all EOT."""
-    rows = [[r.ids[0]] * (width - len(r.ids)) + list(r.ids) for r in requests]
-    rows += [[EOT_ID] * width] * (B - len(rows))
-    return torch.tensor(rows, dtype=torch.long, device=device)
+def _requests(engine, prompts, params):
+    """Validate everything up front (any bad value raises before work starts), then add."""
+    p = validate_params(**params)
+    ids = [encode_prompt(prompt, p["raw"]) for prompt in prompts]
+    for x in ids:
+        check_fits(len(x), p["max_new_tokens"], engine.config.block_size)
+    return [engine.add(x, p) for x in ids]
 
 
-_ENGINES = weakref.WeakKeyDictionary()
+def _outputs(engine, requests):
+    """Step the engine until the requests are done; yields their Outputs."""
+    while not all(r.done for r in requests):
+        yield from (o for o in engine.step() if any(o.request is r for r in requests))
 
 
-def configure_engine(model, **options):
-    """(Re)build the engine of a model with Engine options (mode, compile, chunk, bucket, max_batch,
-    pipeline); generate_* then use it."""
-    engine = Engine(model, **options)
-    engine.options = options
-    _ENGINES[model] = engine
-    return engine
+def _engine(model, rows):
+    """model itself if it is an Engine nobody else steps; else a fresh Engine with `rows` slots."""
+    return model if isinstance(model, Engine) else Engine(model, max_batch=max(1, rows))
 
 
-def get_engine(model):
-    """The model's engine: created with defaults on first use, rebuilt (same options) if the model
-    has moved to another device or dtype since."""
-    engine = _ENGINES.get(model)
-    if engine is None:
-        return configure_engine(model)
-    if (engine.device, engine.dtype) != _model_device_dtype(model):
-        options = dict(engine.options)
-        if options.get("mode") == "graphs" and _model_device_dtype(model)[0].type != "cuda":
-            options.pop("mode")
-        return configure_engine(model, **options)
-    return engine
+def generate_batch(model, prompts, **params):
+    """Generate for a list of prompts together (an Engine or a model) -> one result dict per prompt.
 
-
-# ====================================================================== public generation API
-
-
-def _make_requests(model, prompts, params, should_stop):
-    """Validate everything up front (any bad value raises before work starts) -> _Request list."""
-    n = len(prompts)
-    per_row = []
-    for name, value in params.items():
-        if isinstance(value, (list, tuple)) and name != "stop" or (name == "stop" and _is_per_row_stop(value, n)):
-            if len(value) != n:
-                raise ParamError(name, f"{name} has {len(value)} values for {n} prompts")
-            per_row.append(name)
-    stops = should_stop if isinstance(should_stop, (list, tuple)) else [should_stop] * n
-    if len(stops) != n:
-        raise ParamError("should_stop", f"should_stop has {len(stops)} callables for {n} prompts")
-    requests = []
-    for i, prompt in enumerate(prompts):
-        row = {k: (v[i] if k in per_row else v) for k, v in params.items()}
-        p = validate_params(**row)
-        ids = encode_prompt(prompt, p["raw"])
-        check_fits(len(ids), p["max_new_tokens"], model.config.block_size)
-        requests.append(_Request(i, ids, p, stops[i]))
-    return requests
-
-
-def _is_per_row_stop(value, n):
-    """stop given per row: a list of n entries, each None, a string list or ... (not a list of strings)."""
-    return isinstance(value, (list, tuple)) and len(value) == n and n > 0 and any(
-        v is None or isinstance(v, (list, tuple)) for v in value)
-
-
-def stream_batch(model, prompts, should_stop=None, **params):
-    """Generate for several prompts at once; returns an iterator of events as text becomes safe to show.
-
-    Each parameter (see PARAM_RANGES) is one value for all rows or a list with one per prompt
-    (for stop: a list of per-row lists). should_stop: a callable, or one per prompt, polled every
-    chunk; when it returns True that row ends with finish_reason "cancelled".
-    Events: {"index": i, "text": piece} then, once per row, {"index": i, "done": True, **result}.
-    Every parameter is checked here, before any work: a ParamError (ValueError) at the call.
+    result: {"text", "finish_reason": "eos"|"stop"|"length"|"cancelled", "prompt_tokens",
+    "completion_tokens", "token_ids"}. completion_tokens counts every generated token, including a
+    final <|endoftext|> and the token that completed a stop string; text excludes both.
     """
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ParamError("prompts", "prompts must be a list of strings")
-    return _events(model, _make_requests(model, prompts, params, should_stop))
-
-
-def generate_batch(model, prompts, should_stop=None, **params):
-    """Like generate_text for a list of prompts (different lengths fine), decoded together.
-
-    Returns one result dict per prompt, in order. Greedy results equal one-at-a-time generation.
-    """
-    results = [None] * len(prompts)
-    for event in stream_batch(model, prompts, should_stop=should_stop, **params):
-        if event.get("done"):
-            results[event["index"]] = {k: v for k, v in event.items() if k not in ("index", "done")}
+    engine = _engine(model, len(prompts))
+    requests = _requests(engine, prompts, params)
+    results = [{"text": "", "token_ids": []} for _ in requests]
+    for o in _outputs(engine, requests):
+        res = results[requests.index(o.request)]
+        res["text"] += o.text
+        res["token_ids"] += o.token_ids
+        if o.finish_reason is not None:
+            res.update(finish_reason=o.finish_reason, **o.usage)
     return results
 
 
-def stream_text(model, prompt, should_stop=None, **params):
+def generate_text(model, prompt, **params):
+    """Generate a completion for one prompt; parameters as validate_params. See generate_batch."""
+    return generate_batch(model, [prompt], **params)[0]
+
+
+def stream_text(model, prompt, **params):
     """An iterator of the generated text in pieces: never a broken UTF-8 character, never any part
     of a stop string. Parameters as generate_text; they are checked at the call (ParamError)."""
-    events = _events(model, _make_requests(model, [prompt], params, should_stop))
-    return (event["text"] for event in events if not event.get("done"))
-
-
-def _events(model, requests):
-    for r, piece in get_engine(model).run(requests):
-        yield {"index": r.index, "done": True, **r.result()} if piece is None else {"index": r.index, "text": piece}
-
-
-def generate_text(model, prompt, max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0,
-                  repetition_penalty=1.0, stop=None, seed=None, raw=False, should_stop=None, ignore_eos=False):
-    """Generate a completion for one prompt.
-
-    Returns {"text", "finish_reason": "eos"|"stop"|"length"|"cancelled", "prompt_tokens",
-    "completion_tokens", "token_ids", "timings"}. completion_tokens counts every generated token,
-    including a final <|endoftext|> and the token that completed a stop string; text excludes both.
-    """
-    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, seed=seed, raw=raw, ignore_eos=ignore_eos)
-    result = None
-    for event in _events(model, _make_requests(model, [prompt], params, should_stop)):
-        if event.get("done"):
-            result = {k: v for k, v in event.items() if k not in ("index", "done")}
-    return result
+    engine = _engine(model, 1)
+    requests = _requests(engine, [prompt], params)
+    return (o.text for o in _outputs(engine, requests) if o.text)
 
 
 # ====================================================================== loading
@@ -1172,47 +1034,13 @@ def prepare_model(model, device, dtype, quantize=None):
     return model
 
 
-def load_weights(path):
-    """-> (model on CPU in fp32, info dict) from our checkpoint, an HF folder or an OpenAI name."""
-    from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
-    from model import GPT, PRETRAINED_CONFIGS
+def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
+    """checkpoint.load_model, then ready for generation (prepare_model) -> (model, info).
 
-    path = os.fspath(path)
-    is_ours = os.path.isfile(path) or os.path.isfile(os.path.join(path, CKPT_NAME))
-    if is_ours:
-        ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt)
-        full = os.path.abspath(path)
-        folder = full if os.path.isdir(full) else os.path.dirname(full)
-        info = {"model": os.path.basename(folder) or full, "path": full, "kind": ckpt["kind"],
-                "step": ckpt.get("step"), "metrics": ckpt.get("metrics") or {}}
-        del ckpt
-    elif os.path.isdir(path) or path in PRETRAINED_CONFIGS:
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{path} holds neither {CKPT_NAME} nor an HF model (config.json)")
-        try:
-            model = GPT.from_pretrained(path)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
-            raise UserError(f"cannot load {path!r}: {e}") from None
-        local = os.path.isdir(path)
-        full = os.path.abspath(path) if local else path
-        info = {"model": os.path.basename(full.rstrip("/")) if local else path, "path": full,
-                "kind": "hf" if local else "openai", "step": None, "metrics": {}}
-    else:
-        raise UserError(f"model not found: {path!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
-                        f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)})")
-    return model, info
-
-
-def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None, compile=None, decode_mode=None):
-    """Load a model ready for generation -> (model, info).
-
-    path: a ckpt.pt, the folder holding it, a local HF GPT-2 folder, or an OpenAI GPT-2 name
-    (`gpt2`, ...; needs the network). device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" =
-    bf16 on CUDA, fp32 elsewhere. quantize: None or "int8" (CPU, fp32: dynamic int8 Linears).
-    On CPU the Linears take the (in, out) layout (InOutLinear): the model is for inference only.
-    compile: torch.compile the decode step (default: on for CUDA graphs). decode_mode: Engine mode.
-    Bad input raises common.UserError with a one-line message.
+    device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" = bf16 on CUDA, fp32 elsewhere.
+    quantize: None or "int8" (CPU, fp32: dynamic int8 Linears). On CPU the Linears take the
+    (in, out) layout (InOutLinear): the model is for inference only. Bad input raises
+    common.UserError with a one-line message.
     """
     try:
         device = pick_device(device)
@@ -1226,22 +1054,10 @@ def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None, com
     quantize = None if quantize == "none" else quantize
     if quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError(f"quantize=int8 runs on CPU in float32 only (asked: {device.type}, {dtype})")
-    model, info = load_weights(path)
-    n_params = model.num_params()
-    prepare_model(model, device, dtype, quantize)
-    if decode_mode is None and device.type == "cuda":
-        decode_mode = "graphs"
-    if compile is None:
-        compile = decode_mode == "graphs"
-    engine = configure_engine(model, mode=decode_mode, compile=compile)
-    cfg = model.config
-    info.update({
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
-        "n_params": n_params, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-        "instruction_tuned": info["kind"] == "sft", **engine.describe(),
-    })
-    return model, info
+    model, info = load_model(path)
+    info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), quantize=quantize,
+                n_params=model.num_params(), instruction_tuned=info["kind"] == "sft")
+    return prepare_model(model, device, dtype, quantize), info
 
 
 # ====================================================================== CLI
@@ -1267,12 +1083,10 @@ def build_parser():
     p.add_argument("--prompt", required=True, help="the instruction (or raw text with --raw); '-' reads stdin")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the instruction template")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help=_flag_help("max_new_tokens"))
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help=_flag_help("temperature"))
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help=_flag_help("top_k"))
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help=_flag_help("top_p"))
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
-                   help=_flag_help("repetition_penalty"))
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty"):
+        kind = int if PARAM_RANGES[name]["type"] == "int" else float
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=DEFAULTS[name], help=_flag_help(name))
     p.add_argument("--stop", action="append", default=None,
                    help=f"stop string; repeat for several (at most {MAX_STOP_STRINGS}); not included in the output")
     p.add_argument("--seed", type=int, default=None, help=_flag_help("seed"))
@@ -1280,10 +1094,10 @@ def build_parser():
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamic int8 Linears (CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (None: torch's choice)")
-    p.add_argument("--decode-mode", choices=["eager", "static", "graphs"], default=None,
-                   help="None: graphs on CUDA, eager elsewhere")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA graphs for the decode steps (default: on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the CUDA-graph decode step (slow first call, faster decoding)")
+                   help="torch.compile the decode step (slow first call, faster decoding)")
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
     return p
 
@@ -1292,8 +1106,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                  seed=args.seed, raw=args.raw)
+                  top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                  stop=args.stop, seed=args.seed, raw=args.raw)
     try:
         validate_params(**params)  # fail fast, before loading the model
     except ValueError as e:
@@ -1302,28 +1117,27 @@ def main(argv=None):
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model, info = load_model_from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype,
-                                             quantize=args.quantize, compile=args.compile,
-                                             decode_mode=args.decode_mode)
+    model, info = load_model_from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
-        if args.stream:
-            result = None
-            for event in stream_batch(model, [prompt], **params):
-                if event.get("done"):
-                    result = event
-                else:
-                    print(event["text"], end="", flush=True)
-            print()
-        else:
-            result = generate_text(model, prompt, **params)
-            print(result["text"])
+        engine = Engine(model, max_batch=1, graphs=args.graphs, compile=args.compile)
+        t0 = time.perf_counter()
+        request = _requests(engine, [prompt], params)[0]
+        first, text, usage, reason = None, "", None, None
+        for o in _outputs(engine, [request]):
+            first = first or time.perf_counter()
+            text += o.text
+            if args.stream and o.text:
+                print(o.text, end="", flush=True)
+            usage, reason = o.usage or usage, o.finish_reason or reason
     except ValueError as e:
         raise UserError(str(e)) from None
+    print("" if args.stream else text)
     if args.verbose:
-        t = result["timings"]
-        print(f"[{info['model']} on {info['device']} {info['dtype']}: finish_reason={result['finish_reason']} "
-              f"prompt_tokens={result['prompt_tokens']} completion_tokens={result['completion_tokens']} "
-              f"prefill {t['prefill_ms']:.0f} ms, decode {t['decode_tokens_per_s']} tokens/s]", file=sys.stderr)
+        end = time.perf_counter()
+        rate = (usage["completion_tokens"] - 1) / (end - first) if usage["completion_tokens"] > 1 else 0.0
+        print(f"[{info['name']} on {info['device']} {info['dtype']}: finish_reason={reason} "
+              f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} "
+              f"prefill {(first - t0) * 1e3:.0f} ms, decode {rate:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

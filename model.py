@@ -1,13 +1,13 @@
 """
-GPT-2, written from scratch, with a preallocated KV-cache for fast decoding.
+GPT-2, written from scratch, with a KV-cache of per-sequence slots for batched decoding.
 
 Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, LinearCrossEntropy, GPT.
 Parameter names match Hugging Face's GPT-2 (transformer.wte / wpe / h.N.attn.c_attn / ...,
 lm_head), so OpenAI's weights map one to one (HF stores Conv1D weights transposed; see
-from_pretrained and export_hf). Attention goes through F.scaled_dot_product_attention, which
+hf_to_ours and ours_to_hf). Attention goes through F.scaled_dot_product_attention, which
 picks the flash / cuDNN / memory-efficient kernels on GPU.
 
-Shapes in comments: B batch, T query length, L key length (cache), C n_embd, H n_head,
+Shapes in comments: B batch, T query length, S cache slots, L key length, C n_embd, H n_head,
 D head size (C // H), V vocab.
 """
 
@@ -72,23 +72,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True  # scaled init, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, attn_mask=None):
-        """x: (B, T, C). cache: (k_cache, v_cache, input_pos, kv_len) or None."""
+    def forward(self, x, kv=None, where=None):
+        """x: (B, T, C). kv: this layer's (k, v) cache, each (S, L_max, H, D), or None for plain
+        causal attention; where: (rows, positions, read, mask), see GPT.hidden."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, H, T, D)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if cache is not None:
-            k_cache, v_cache, input_pos, kv_len = cache  # caches: (B, H, L_max, D)
-            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))  # write in place, no re-allocation
-            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, H, L, D)
-        is_causal = attn_mask is None and T > 1 and k.size(2) == T
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, H, D)
+        mask = None
+        if kv is not None:
+            rows, positions, read, mask = where
+            k_cache, v_cache = kv
+            k_cache.index_put_((rows, positions), k.to(k_cache.dtype))  # in place: row b, token t -> slot rows[b], position positions[b, t]
+            v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
+            k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or L, D)
+            attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -115,38 +114,29 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+    def forward(self, x, kv=None, where=None):
+        x = x + self.attn(self.ln_1(x), kv, where)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once: (n_layer, B, H, max_len, D).
+    """Keys and values of every layer, allocated once: k[i], v[i] are (S, block_size, H, D).
 
-    Two ways to drive it:
-    - eager: call model(idx, kv_cache=cache) repeatedly; `pos` (a Python int) advances by T
-      each call and attention reads only the filled part of the cache.
-    - static: pass input_pos (a LongTensor of cache slots) yourself; nothing on the host
-      changes, attention reads the whole cache under a mask, and every shape stays fixed,
-      so the step can be captured in a CUDA graph or compiled once.
-    `pad` (B,) holds, per row, how many left-padding slots to ignore, for batches of prompts
-    of different lengths; positions of a row count from its first real token.
+    Each of the S slots holds one sequence at its own positions (no padding shared across a
+    batch). Per-layer tensors, not one stacked tensor: torch.compile then writes them in place.
     """
 
-    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, pad=None):
-        if max_len > config.block_size:
-            raise ValueError(f"KV-cache length {max_len} exceeds the model's block_size {config.block_size}")
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pad = None if pad is None else torch.as_tensor(pad, dtype=torch.long, device=device)
-        self.pos = 0
+    def __init__(self, config, n_slots, device=None, dtype=torch.float32):
+        shape = (n_slots, config.block_size, config.n_head, config.n_embd // config.n_head)
+        # zeros: stale positions are masked, but must stay finite (0 * NaN would poison attention)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
-    def reset(self):
-        self.pos = 0
+    def copy_slot(self, src, dst):
+        """Slot dst becomes a copy of slot src (a forked sequence)."""
+        for t in self.k + self.v:
+            t[dst].copy_(t[src])
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -242,81 +232,53 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, reduction="mean", last_only=False):
-        """idx: (B, T) token ids. Returns (logits, loss).
-
-        last_only (no targets): logits of the last position only, (B, 1, V): what generation needs
-        after a prefill, without the (B, T, V) LM-head work.
+    def forward(self, idx, targets=None, reduction="mean", **cache):
+        """idx: (B, T) token ids -> (logits (B, T, V), loss or None).
 
         targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
-        counted tokens (reduction="mean") or their sum ("sum").
-        kv_cache / input_pos: see KVCache. Without a cache this is plain causal attention.
+        counted tokens (reduction="mean") or their sum ("sum"). cache: see hidden.
         """
-        B, T = idx.size()
-        if kv_cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-            x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-            caches, attn_mask = [None] * self.config.n_layer, None
-        else:
-            x, caches, attn_mask = self._embed_with_cache(idx, kv_cache, input_pos)
-        x = self.transformer.drop(x)
-        for block, cache in zip(self.transformer.h, caches):
-            x = block(x, cache, attn_mask)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-
+        x = self.hidden(idx, **cache)  # (B, T, C)
         if targets is None:
-            if last_only:
-                x = x[:, -1:]  # (B, 1, C)
-            return self.lm_head(x), None  # (B, T or 1, V)
+            return self.lm_head(x), None
+        B, T = idx.size()
         if self.loss_chunk_size:  # never builds the (B*T, V) logits; returns no logits
             loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                         reduction, self.loss_chunk_size)
             return None, loss
         logits = self.lm_head(x)
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-            ignore_index=-1, reduction=reduction,
-        )
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=reduction)
         return logits, loss
 
-    def _embed_with_cache(self, idx, kv_cache, input_pos):
-        """Token + position embeddings for a cached step, the per-layer cache views and the mask."""
-        B, T = idx.size()
-        static = input_pos is not None
-        if static:
-            kv_len = kv_cache.max_len
-        else:
-            start = kv_cache.pos
-            if start + T > kv_cache.max_len:
-                raise ValueError(
-                    f"position {start + T - 1} is past the end of the KV-cache ({kv_cache.max_len} slots; "
-                    f"block_size {self.config.block_size})"
-                )
-            input_pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-            kv_len = start + T
-            kv_cache.pos = kv_len
-        pad = kv_cache.pad
-        if pad is None:
-            positions = input_pos.unsqueeze(0)  # (1, T)
-        else:
-            positions = (input_pos.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)  # (B, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
+        """Final hidden states (B, T, C), after ln_f.
 
-        attn_mask = None
-        needs_mask = static or pad is not None or (T > 1 and kv_len != T)
-        if needs_mask:
+        Without a cache: plain causal attention over idx. With a KVCache: row b's tokens sit at
+        positions pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot slots[b] (slots: (B,)
+        tensor; None = slots 0..B-1, read as views). Their keys and values are written there, then
+        each query attends to the first kv_len positions of its slot, those after its own masked.
+        Every shape depends on B, T and kv_len only, so a decode step (T = 1) can be captured in a
+        CUDA graph or compiled once per shape; positions are never checked here (that would sync).
+        """
+        B, T = idx.size()
+        steps = torch.arange(T, device=idx.device)  # (T,)
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            positions, where, kvs = steps.unsqueeze(0), None, [None] * self.config.n_layer  # (1, T)
+        else:
+            positions = pos.view(B, 1) + steps  # (B, T)
+            rows = (torch.arange(B, device=idx.device) if slots is None else slots).view(B, 1)
+            read = (slice(0, B) if slots is None else slots, slice(0, kv_len))  # (B, L, H, D) of the cache
             key_pos = torch.arange(kv_len, device=idx.device)  # (L,)
-            attn_mask = key_pos.unsqueeze(0) <= input_pos.unsqueeze(1)  # (T, L) causal over slots
-            if pad is not None:
-                real = key_pos.unsqueeze(0) >= pad.unsqueeze(1)  # (B, L) not padding
-                self_slot = key_pos.unsqueeze(0) == input_pos.unsqueeze(1)  # (T, L)
-                # padded queries attend to themselves only, so no row of the softmax is empty
-                attn_mask = (attn_mask.unsqueeze(0) & real.unsqueeze(1)) | self_slot.unsqueeze(0)  # (B, T, L)
-                attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, L)
-        caches = [(kv_cache.k[i], kv_cache.v[i], input_pos, kv_len) for i in range(self.config.n_layer)]
-        return x, caches, attn_mask
+            mask = (key_pos <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L): causal, per row
+            where, kvs = (rows, positions, read, mask), list(zip(cache.k, cache.v))
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block, kv in zip(self.transformer.h, kvs):
+            x = block(x, kv, where)
+        return self.transformer.ln_f(x)
 
     # ------------------------------------------------------------------ sizes and costs
 
@@ -346,25 +308,7 @@ class GPT(nn.Module):
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
-    # ------------------------------------------------------------------ HF weights in and out
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """OpenAI GPT-2 weights: a local HF folder (always), or a hub name (when online)."""
-        folder = _resolve_hf_folder(name_or_dir)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{folder} holds a {hf.get('model_type')!r} model, not GPT-2")
-        config = GPTConfig(
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            vocab_size=hf.get("vocab_size", GPT2_VOCAB),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            dropout=dropout, bias=True,
-        )
-        model = cls(config)
-        model.load_state_dict(hf_to_ours(_read_hf_weights(folder)))
-        return model
+    # ------------------------------------------------------------------ HF weights out
 
     def export_hf(self, out_dir):
         """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads (and vLLM / TGI serve)."""
@@ -422,38 +366,3 @@ def ours_to_hf(state, vocab_size):
             tensor = tensor[:vocab_size]
         out[key] = tensor.detach().to("cpu").contiguous().clone()
     return out
-
-
-def _resolve_hf_folder(name_or_dir):
-    if os.path.isdir(name_or_dir):
-        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
-            raise FileNotFoundError(f"{name_or_dir} is not an HF model folder: it has no config.json")
-        return name_or_dir
-    if name_or_dir not in PRETRAINED_CONFIGS:
-        raise ValueError(
-            f"{name_or_dir!r} is neither a local HF model folder nor one of {', '.join(PRETRAINED_CONFIGS)}"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            f"openai-community/{name_or_dir}",
-            allow_patterns=["config.json", "model.safetensors"],
-        )
-    except Exception as e:  # offline, hub down, missing package: one clear message
-        raise RuntimeError(
-            f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}). "
-            f"Offline? Pass a local HF folder holding config.json and model.safetensors instead."
-        ) from None
-
-
-def _read_hf_weights(folder):
-    st = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    pt = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")

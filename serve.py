@@ -1,124 +1,42 @@
-"""Serve a gpt2-instruct checkpoint over HTTP: a native API, an OpenAI-compatible API and the chat page.
+"""Serve a gpt2-instruct model over HTTP: a native API, an OpenAI-compatible API and the chat page.
 
-Run it
-------
-    python serve.py --ckpt out/dolly/ckpt.pt                 # werkzeug, http://127.0.0.1:5000
-    GPT2I_CKPT=out/dolly/ckpt.pt gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
+    python serve.py --ckpt out/demo/sft                      # http://127.0.0.1:5000
+    GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
 
-The model loads in a background thread: `GET /health` answers 503 `{"status": "loading"}` until
-it is ready, then 200 `{"status": "ok", "model": ..., "device": ...}`; a failed load answers 503
-`{"status": "error", "error": "<message>"}`.
+Every flag has a GPT2I_* environment variable (`python serve.py --help` lists both); the flag wins.
+The routes, their fields and errors are in GET /openapi.json; docs/design.md has the contracts.
 
-Configuration (a flag wins over its environment variable, which wins over the default)
--------------------------------------------------------------------------------------
-| flag | environment variable | default | meaning |
-|---|---|---|---|
-| `--ckpt PATH` | `GPT2I_CKPT` | (required) | checkpoint file or folder, HF GPT-2 folder, or `gpt2`… name |
-| `--host` | `GPT2I_HOST` | `127.0.0.1` | address to bind (`python serve.py`; gunicorn: see gunicorn.conf.py) |
-| `--port` | `GPT2I_PORT` | `5000` | port to bind |
-| `--rate-limit` | `GPT2I_RATE_LIMIT` | `30/minute;5/second` | per-client limit on the generation endpoints (flask-limiter syntax; `none` turns it off) |
-| `--rate-limit-storage` | `GPT2I_RATE_LIMIT_STORAGE` | `memory://` | `memory://` (per process) or `redis://host:port` (shared by gunicorn workers) |
-| `--trust-proxy N` | `GPT2I_TRUST_PROXY` | `0` | number of reverse proxies in front; only then is `X-Forwarded-For` used for the client address |
-| `--cors-origins` | `GPT2I_CORS_ORIGINS` | (none) | comma-separated origins allowed cross-origin, or `*`; none by default (the page is same-origin) |
-| `--api-key` | `GPT2I_API_KEY` | (none) | when set, every endpoint but `/health`, `/params`, `/` and static files needs `Authorization: Bearer KEY` |
-| `--max-queue N` | `GPT2I_MAX_QUEUE` | `32` | generation requests admitted at once (running + waiting); past it: 503 + Retry-After |
-| `--max-batch N` | `GPT2I_MAX_BATCH` | `8` | requests the engine decodes together in one batch |
-| `--max-body-bytes N` | `GPT2I_MAX_BODY_BYTES` | `1048576` | largest request body (413 past it) |
-| `--max-prompt-tokens N` | `GPT2I_MAX_PROMPT_TOKENS` | context - 1 | longest prompt, in tokens (422 past it) |
-| `--device` | `GPT2I_DEVICE` | `auto` | `auto`, `cpu`, `cuda`, `cuda:1`, `mps` |
-| `--dtype` | `GPT2I_DTYPE` | `auto` | `auto` (bf16 on capable GPUs, fp32 elsewhere), `float32`, `bfloat16`, `float16` |
-| `--quantize` | `GPT2I_QUANTIZE` | `none` | weight quantization handed to inference.load_model_from_checkpoint (`none`, `int8`) |
-| `--model-name` | `GPT2I_MODEL_NAME` | from the path | the model id in `/health`, `/v1/models` and OpenAI replies |
-| `--static-dir` | `GPT2I_STATIC_DIR` | `./static` | folder served at `/` |
-| `--log-level` | `GPT2I_LOG_LEVEL` | `info` | `debug`, `info`, `warning`, `error` |
-| `--warmup 1` | `GPT2I_WARMUP` | `0` | CUDA: capture the decode CUDA graphs for batch sizes up to --max-batch before `/health` says ok |
-
-gunicorn.conf.py reads `GPT2I_BIND` (or `GPT2I_HOST`/`GPT2I_PORT`), `GPT2I_WORKERS`,
-`GPT2I_THREADS`, `GPT2I_TIMEOUT` and `GPT2I_GRACEFUL_TIMEOUT`; see that file.
-
-Endpoints
----------
-| method, path | what |
-|---|---|
-| `GET /health` | readiness (above) |
-| `GET /params` | the generation parameters: type, range, default, plus context length and limits |
-| `POST /generate` | native generation, plain JSON or SSE (`"stream": true`) |
-| `POST /v1/completions` | OpenAI text completion (raw text; `"raw": false` applies the template) |
-| `POST /v1/chat/completions` | OpenAI chat; messages fold into the instruction template (below) |
-| `GET /v1/models`, `GET /v1/models/<id>` | OpenAI model list |
-| `GET /metrics` | Prometheus text exposition (per process) |
-| `GET /` and `GET /<file>` | the chat page from the static folder |
-
-Native streaming (`POST /generate` with `"stream": true`) sends `text/event-stream` events:
-    data: {"token": "<text piece>"}                       one per piece, in order
-    data: {"done": true, "finish_reason": "eos"|"stop"|"length", "usage": {...}, "timings": {...}}
-    data: {"error": {"type": ..., "message": ..., "param": null}}   instead of "done" if generation failed
-and lines starting with ":" (SSE comments, keep-alives) that clients ignore. OpenAI streams send
-`chat.completion.chunk` / `text_completion` chunks and end with `data: [DONE]`.
-
-Errors, everywhere: `{"error": {"type": ..., "message": ..., "param": <field or null>}}`:
-400 `invalid_json`, 401 `authentication_error`, 404 `not_found`, 405 `method_not_allowed`,
-413 `request_too_large`, 422 `invalid_parameter` (the message names the field and its range),
-429 `rate_limit_exceeded` (+ Retry-After), 503 `model_loading` / `model_error` / `overloaded` /
-`shutting_down` (+ Retry-After), 500 `server_error`.
-
-Chat messages -> the instruction template
------------------------------------------
-`messages` (roles `system` (or `developer`), `user`, `assistant`; content a string or a list of `{"type": "text"}`
-parts) must end with a `user` message. That last user message becomes the `### Instruction:`;
-the `### Input:` block (the context) holds, in order, the system messages' text and then the
-earlier turns as a transcript, `User: ...` / `Assistant: ...`, one turn a line:
-
-    <system text>
-
-    User: <earlier user turn>
-    Assistant: <earlier assistant reply>
-
-A single user message with no system message gives exactly the fine-tuning template with no
-Input block. When the prompt would not fit the context, the oldest earlier turns are dropped
-first (never the system text or the last user message); if it still does not fit: 422.
-
-OpenAI parameters
------------------
-`model` (any id accepted, replies carry ours), `max_tokens` (chat also `max_completion_tokens`),
-`temperature` (0 = greedy), `top_p`, `stop` (string or up to 4 strings), `seed`, `stream`,
-`stream_options.include_usage`, `n` (1 only), `user` (ignored). Extensions as in vLLM:
-`top_k`, `repetition_penalty`, and `raw` on /v1/completions. `frequency_penalty` and
-`presence_penalty` are accepted when 0 (the default) and refused with 422 otherwise (use
-`repetition_penalty`); so are `logprobs`, `top_logprobs`, `echo`, `best_of` > 1, `suffix`,
-`logit_bias`, `tools`/`functions` and `response_format` other than text. Unknown fields: 422.
-max_tokens defaults: 16 for /v1/completions (as OpenAI), the native default for chat; an
-unspecified default is lowered to fit the context, an explicit value that does not fit is a 422.
-
-Concurrency
------------
-One engine thread owns the model; HTTP threads never touch it. Requests become jobs; at most
---max-queue are admitted at once (waiting, decoding, or still streaming out), past that: 503 with
-Retry-After. The engine takes up to --max-batch waiting jobs and decodes them together with
-inference.stream_batch, each row with its own sampling parameters, seed, stop strings and
-KV-cache row (static batching: the batch runs until its last row ends, finished rows are
-compacted out; jobs arriving meanwhile form the next batch). A streaming client that disconnects
-makes the server's next write fail (werkzeug and gunicorn gthread alike); the WSGI server closes
-the response generator, which sets the job's cancel flag, which inference polls every decode
-chunk: the row stops within a token or two. A non-streaming request cannot notice a disconnect
-under WSGI and runs to its end. Each gunicorn worker loads its own model and runs its own engine;
-a worker still loading answers 503 model_loading.
+Concurrency: one loop thread calls engine.step() (inference.Engine: continuous batching, requests
+join and leave the running batch between steps); request threads only add and cancel engine
+requests and read their outputs from a per-request queue. A request counts against --max-queue
+from admission until its response is done. A client that goes away is noticed by a peek at its
+socket (and by a failed write when streaming) and its engine request is cancelled.
 """
 
 import argparse
-import collections
+import base64
 import hmac
+import itertools
 import json
 import logging
 import math
 import os
 import queue
 import re
+import reprlib
+import select
+import signal
+import socket
+import struct
+import sys
 import threading
 import time
+import types
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from concurrent.futures import ThreadPoolExecutor
 
+import prometheus_client as prom
+import torch
 from flask import Flask, Response, g, jsonify, request, send_from_directory
 from flask_cors import CORS
 from flask_limiter import Limiter, RateLimitExceeded
@@ -128,664 +46,440 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter, ValidationError
 from werkzeug.security import safe_join
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
 import inference
-from common import UserError, run_cli
+from common import DTYPES, UserError, pick_device, run_cli
 from inference import PARAM_RANGES, ParamError
+from model import PRETRAINED_CONFIGS
 from prompt import format_prompt
+from tokenizer import decode, encode, get_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_PREFIX = "GPT2I_"
+MAX_N = 8  # choices per request (n): they share one prefill
+KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
+POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
 log = logging.getLogger("gpt2i.serve")
 
 # ============================================================================ configuration
 
 
-@dataclass
-class ServeConfig:
-    """Everything the server can be told. Field names map to flags (--rate-limit) and env vars (GPT2I_RATE_LIMIT)."""
-
-    ckpt: str = None
-    host: str = "127.0.0.1"
-    port: int = 5000
-    rate_limit: str = "30/minute;5/second"
-    rate_limit_storage: str = "memory://"
-    trust_proxy: int = 0
-    cors_origins: list = field(default_factory=list)
-    api_key: str = None
-    max_queue: int = 32
-    max_batch: int = 8
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = None
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"
-    model_name: str = None
-    static_dir: str = os.path.join(ROOT, "static")
-    log_level: str = "info"
-    warmup: bool = False
-    stream_keepalive_s: float = 15.0  # SSE comment sent after this long without a token
-
-
-_HELP = {
-    "ckpt": "checkpoint file or folder, HF GPT-2 folder, or OpenAI GPT-2 name (gpt2, gpt2-medium, ...)",
-    "host": "address to bind",
-    "port": "port to bind",
-    "rate_limit": 'per-client limit on generation endpoints, flask-limiter syntax ("30/minute;5/second"); "none" turns it off',
-    "rate_limit_storage": "memory:// (one process) or redis://host:port (shared by gunicorn workers)",
-    "trust_proxy": "number of reverse proxies in front whose X-Forwarded-For is trusted (0: ignore the header)",
-    "cors_origins": "comma-separated origins allowed cross-origin (or *); none by default",
-    "api_key": "require Authorization: Bearer KEY (all but /health, /params, / and static files)",
-    "max_queue": "generation requests admitted at once (running + waiting); more get 503 + Retry-After",
-    "max_batch": "requests decoded together in one batch",
-    "max_body_bytes": "largest request body in bytes (413 past it)",
-    "max_prompt_tokens": "longest prompt in tokens (default: the model's context - 1)",
-    "device": "auto, cpu, cuda, cuda:N, mps",
-    "dtype": "auto, float32, bfloat16, float16",
-    "quantize": "weight quantization passed to inference (none, int8)",
-    "model_name": "model id shown in /health and /v1/models (default: from the checkpoint path)",
-    "static_dir": "folder with the chat page, served at /",
-    "log_level": "debug, info, warning, error",
-    "warmup": "CUDA: capture the decode CUDA graphs for batch sizes up to --max-batch before /health is ok (1/0)",
-    "stream_keepalive_s": "seconds without a token before an SSE keep-alive comment",
+# name: (default, type, help); each is a flag (--max-queue) and an environment variable (GPT2I_MAX_QUEUE)
+OPTIONS = {
+    "ckpt": (None, str, "checkpoint file or folder, HF GPT-2 folder, or OpenAI GPT-2 name (gpt2, gpt2-medium, ...)"),
+    "host": ("127.0.0.1", str, "address to bind (python serve.py)"),
+    "port": (5000, int, "port to bind (python serve.py; 0: any free port)"),
+    "model_name": ("gpt2-instruct", str, "model id shown in /health, /v1/models and replies"),
+    "allowed_hosts": ([], list, "comma-separated Host names accepted (* = any); default: localhost, 127.0.0.1, "
+                                "[::1] and --host"),
+    "api_key": (None, str, "require Authorization: Bearer KEY (all but /health, /params, /openapi.json, the page)"),
+    "rate_limit": ("30/minute;5/second", str, 'per-client limit on generation routes, flask-limiter syntax; "none" = off'),
+    "rate_limit_storage": ("memory://", str, "memory:// (one process) or redis://host:port (shared by gunicorn workers)"),
+    "trust_proxy": (0, int, "number of reverse proxies in front whose X-Forwarded-For is trusted (0: ignore it)"),
+    "cors_origins": ([], list, "comma-separated origins allowed cross-origin (or *); none by default"),
+    "max_queue": (64, int, "generation requests admitted at once (running + waiting); more get 503 + Retry-After"),
+    "max_batch": (32, int, "requests the engine decodes together (KV-cache slots)"),
+    "prefill_chunk": (512, int, "prompt tokens prefilled per engine step: running streams stall at most this long"),
+    "max_body_bytes": (1 << 20, int, "largest request body in bytes (413 past it)"),
+    "max_prompt_tokens": (None, int, "longest prompt in tokens (default: the model's context - 1)"),
+    "device": ("auto", str, "auto, cpu, cuda, cuda:N, mps"),
+    "dtype": ("auto", str, "auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16"),
+    "quantize": ("none", str, "none, or int8 (CPU, float32)"),
+    "compile": (False, bool, "torch.compile the decode step (CUDA; slower start, faster decoding) (1/0)"),
+    "threads": (32, int, "python serve.py: most connections served at once (the rest wait their turn)"),
+    "read_timeout": (30.0, float, "python serve.py: seconds a connection may stay silent while sending its request"),
+    "graceful_timeout": (30.0, float, "python serve.py: seconds running streams get to finish on SIGTERM"),
+    "static_dir": (os.path.join(ROOT, "static"), str, "folder with the chat page, served at /"),
+    "log_level": ("info", str, "debug, info, warning, error (requests to /health and static files: debug)"),
+    "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
-_INTERNAL_ONLY = {"stream_keepalive_s"}  # configurable from Python/env, no flag
+CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
+           "log_level": ("debug", "info", "warning", "error")}
 
 
 def env_name(name):
     return ENV_PREFIX + name.upper()
 
 
-def _field_kind(f):
-    if f.name == "cors_origins":
-        return "list"
-    if f.default is None:
-        return "int" if f.name == "max_prompt_tokens" else "str"
-    return {bool: "bool", int: "int", float: "float"}.get(type(f.default), "str")
-
-
 def _convert(name, kind, value):
-    """A string (flag or env var) -> the field's type; a bad value is a UserError naming its source."""
-    if kind == "list":
-        if isinstance(value, (list, tuple)):
-            return [str(v).strip() for v in value if str(v).strip()]
-        return [v.strip() for v in str(value).split(",") if v.strip()]
-    if value is None or (isinstance(value, str) and value.strip() == "" and kind != "str"):
+    """A flag or env string -> the option's type; a bad value is a one-line UserError naming it."""
+    if not isinstance(value, str):
+        return value
+    if kind is list:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if value.strip() == "":
         return None
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        word = str(value).strip().lower()
+    if kind is bool:
+        word = value.strip().lower()
         if word not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise UserError(f"{name} must be 1/0 (true/false), got {value!r}")
         return word in ("1", "true", "yes", "on")
     try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}") from None
-    return str(value) if value != "" else None
-
-
-def config_from_env(environ=None):
-    """The config's non-default values found in the environment, as a dict of typed values."""
-    environ = os.environ if environ is None else environ
-    out = {}
-    for f in fields(ServeConfig):
-        key = env_name(f.name)
-        if key in environ:
-            out[f.name] = _convert(key, _field_kind(f), environ[key])
-    return out
+        return kind(value)
+    except ValueError:
+        raise UserError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
 def make_config(values=None, environ=None):
-    """ServeConfig from defaults <- environment (when environ is given) <- values (dict or ServeConfig); validated."""
-    if isinstance(values, ServeConfig):
-        values = asdict(values)
-    merged = dict(config_from_env(environ)) if environ is not None else {}
-    known = {f.name: f for f in fields(ServeConfig)}
-    for key, value in (values or {}).items():
-        if key not in known:
-            raise UserError(f"unknown serve config key {key!r}; known: {', '.join(known)}")
-        merged[key] = _convert(key, _field_kind(known[key]), value) if isinstance(value, str) else value
-    cfg = ServeConfig(**merged)
+    """The config (a namespace of OPTIONS) from defaults <- environ (GPT2I_*) <- values (a dict), validated."""
+    cfg = {name: list(default) if kind is list else default for name, (default, kind, _) in OPTIONS.items()}
+    for name, (_, kind, _) in OPTIONS.items():
+        if environ is not None and environ.get(env_name(name), "").strip():
+            cfg[name] = _convert(env_name(name), kind, environ[env_name(name)])
+    for name, value in (values or {}).items():
+        if name not in OPTIONS:
+            raise UserError(f"unknown serve option {name!r}; known: {', '.join(OPTIONS)}")
+        cfg[name] = _convert("--" + name.replace("_", "-"), OPTIONS[name][1], value)
+    cfg = types.SimpleNamespace(**cfg)
     validate_config(cfg)
     return cfg
 
 
 def validate_config(cfg):
-    """Fail early, with one line, on values the server could not run with."""
+    """Fail before the port is bound, with one line, on anything the server could not run with."""
     if not cfg.ckpt:
         raise UserError(f"no checkpoint: pass --ckpt PATH or set {env_name('ckpt')}")
-    if not 0 < cfg.port < 65536:
-        raise UserError(f"port must be in 1..65535, got {cfg.port}")
-    for name in ("max_queue", "max_batch", "max_body_bytes"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens < 1:
-        raise UserError(f"max-prompt-tokens must be >= 1, got {cfg.max_prompt_tokens}")
-    if cfg.trust_proxy < 0:
-        raise UserError(f"trust-proxy must be >= 0, got {cfg.trust_proxy}")
+    if not os.path.exists(cfg.ckpt) and cfg.ckpt not in PRETRAINED_CONFIGS:
+        raise UserError(f"checkpoint not found: {cfg.ckpt} (a ckpt.pt, a folder holding one, an HF GPT-2 folder, "
+                        f"or one of {', '.join(PRETRAINED_CONFIGS)})")
+    for name, allowed in CHOICES.items():
+        if str(getattr(cfg, name)).lower() not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "read_timeout": 0.1, **{name: 1 for name in (
+        "max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")}}
+    for name, lo in lowest.items():
+        value = getattr(cfg, name)
+        if value is not None and not lo <= value <= (65535 if name == "port" else math.inf):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}{' and <= 65535' * (name == 'port')}, "
+                            f"got {value}")
     if rate_limit_enabled(cfg):
         try:
             parse_many(cfg.rate_limit)
         except ValueError:
-            raise UserError(
-                f"invalid rate limit {cfg.rate_limit!r}: use flask-limiter syntax such as "
-                f'"30/minute;5/second", or "none"'
-            ) from None
-    if not re.match(r"^(memory|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster|memcached|mongodb|valkey)\S*://",
-                    cfg.rate_limit_storage):
-        raise UserError(f"rate-limit-storage must be a storage URI such as memory:// or redis://host:port, "
+            raise UserError(f"invalid --rate-limit {cfg.rate_limit!r}: use flask-limiter syntax such as "
+                            f'"30/minute;5/second", or "none"') from None
+    if "://" not in cfg.rate_limit_storage:
+        raise UserError(f"--rate-limit-storage must be a storage URI such as memory:// or redis://host:port, "
                         f"got {cfg.rate_limit_storage!r}")
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise UserError(f"log-level must be debug, info, warning or error, got {cfg.log_level!r}")
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError as e:
+        raise UserError(f"unknown --device {cfg.device!r}: {str(e).splitlines()[0]}") from None
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if usable is not None and not usable():
+        raise UserError(f"--device {cfg.device} asked for, but {device.type.upper()} is not available on this machine")
+    if cfg.quantize == "int8" and (device.type != "cpu" or cfg.dtype not in ("auto", "float32", "fp32")):
+        raise UserError(f"--quantize int8 runs on CPU in float32 only (asked: {device.type}, {cfg.dtype})")
 
 
 def rate_limit_enabled(cfg):
-    return bool(cfg.rate_limit) and cfg.rate_limit.strip().lower() not in ("none", "off", "0", "")
+    return bool(cfg.rate_limit) and cfg.rate_limit.strip().lower() not in ("none", "off", "0")
 
 
-def default_model_name(ckpt):
-    """A readable id: the checkpoint's folder name (out/dolly/ckpt.pt -> 'dolly'), or the HF name."""
-    path = os.path.normpath(os.fspath(ckpt))
-    if os.path.basename(path) == "ckpt.pt" or os.path.isfile(path):
-        path = os.path.dirname(os.path.abspath(path))
-    return os.path.basename(path) or "gpt2-instruct"
+def host_name(host):
+    """A Host header without its port: "[::1]:5000" -> "[::1]", "localhost:5000" -> "localhost"."""
+    host = (host or "").lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
+
+
+def allowed_hosts(cfg):
+    """Host names (without port) this server answers to; None = any."""
+    if "*" in cfg.allowed_hosts:
+        return None
+    names = set(cfg.allowed_hosts or ("localhost", "127.0.0.1", "[::1]"))
+    if not cfg.allowed_hosts and cfg.host not in ("0.0.0.0", "::", ""):
+        names.add(f"[{cfg.host}]" if ":" in cfg.host else cfg.host)
+    return {n.lower() for n in names}
 
 
 # ============================================================================ errors
 
 
 class ApiError(Exception):
-    """An error with its HTTP status; rendered as {"error": {"type", "message", "param"}}."""
+    """An HTTP error rendered as {"error": {"type", "message", "param", "code"}}."""
 
-    def __init__(self, status, type_, message, param=None, headers=None):
+    def __init__(self, status, type_, message, param=None, code=None, headers=None):
         super().__init__(message)
         self.status, self.type, self.message, self.param = status, type_, message, param
+        self.code = code or type_
         self.headers = headers or {}
 
     def body(self):
-        return {"error": {"type": self.type, "message": self.message, "param": self.param}}
+        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
 
 
-def invalid(param, message):
-    """422 for one field; the message names the field and what is allowed."""
-    return ApiError(422, "invalid_parameter", message, param)
+def invalid(param, message, code=None):
+    """400 for one request field; the message names the field and what is allowed."""
+    return ApiError(400, "invalid_request_error", message, param, code)
 
 
-# werkzeug's HTTP exceptions -> our error type names
-_HTTP_TYPES = {400: "invalid_json", 401: "authentication_error", 404: "not_found", 405: "method_not_allowed",
-               413: "request_too_large", 415: "invalid_json", 429: "rate_limit_exceeded", 503: "overloaded"}
+def unavailable(code, message, retry_after):
+    return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
 
 
-# ============================================================================ metrics (Prometheus text)
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
-class Metrics:
-    """Counters, gauges and a latency histogram, rendered in Prometheus' text format. Thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = collections.Counter()  # (endpoint, status) -> n
-        self.latency = {}  # endpoint -> [bucket counts..., sum, count]
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.cancelled = 0
-        self.batches = 0
-        self.batch_rows = 0
-
-    def observe_request(self, endpoint, status, latency_s):
-        with self._lock:
-            self.requests[(endpoint, str(status))] += 1
-            hist = self.latency.setdefault(endpoint, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if latency_s <= bound:
-                    hist[i] += 1
-            hist[-2] += latency_s
-            hist[-1] += 1
-
-    def add_tokens(self, prompt=0, generated=0):
-        with self._lock:
-            self.prompt_tokens += prompt
-            self.generated_tokens += generated
-
-    def add_cancelled(self):
-        with self._lock:
-            self.cancelled += 1
-
-    def add_batch(self, rows):
-        with self._lock:
-            self.batches += 1
-            self.batch_rows += rows
-
-    def render(self, gauges):
-        """Text exposition; `gauges` is {name: (help, value)} read at scrape time."""
-        with self._lock:
-            lines = [
-                "# HELP gpt2i_requests_total HTTP requests by endpoint and status.",
-                "# TYPE gpt2i_requests_total counter",
-            ]
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f'gpt2i_requests_total{{endpoint="{_esc(endpoint)}",status="{status}"}} {n}')
-            lines += [
-                "# HELP gpt2i_request_latency_seconds Request latency (streams: until the last byte).",
-                "# TYPE gpt2i_request_latency_seconds histogram",
-            ]
-            for endpoint, hist in sorted(self.latency.items()):
-                ep = _esc(endpoint)
-                for bound, n in zip(LATENCY_BUCKETS, hist):
-                    lines.append(f'gpt2i_request_latency_seconds_bucket{{endpoint="{ep}",le="{bound}"}} {n}')
-                lines.append(f'gpt2i_request_latency_seconds_bucket{{endpoint="{ep}",le="+Inf"}} {hist[-1]}')
-                lines.append(f'gpt2i_request_latency_seconds_sum{{endpoint="{ep}"}} {hist[-2]:.6f}')
-                lines.append(f'gpt2i_request_latency_seconds_count{{endpoint="{ep}"}} {hist[-1]}')
-            for name, help_, value in (
-                ("gpt2i_prompt_tokens_total", "Prompt tokens processed.", self.prompt_tokens),
-                ("gpt2i_generated_tokens_total", "Tokens generated (cancelled requests included).",
-                 self.generated_tokens),
-                ("gpt2i_cancelled_total", "Generations stopped because the client went away.", self.cancelled),
-                ("gpt2i_engine_batches_total", "Batches the engine decoded.", self.batches),
-                ("gpt2i_engine_batch_rows_total", "Requests in those batches (rows / batches = mean batch size).",
-                 self.batch_rows),
-            ):
-                lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value}"]
-        for name, (help_, value) in gauges.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
+HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
+              405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
+              415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}
 
 
-def _esc(label):
-    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class ClientGone(Exception):
+    """The client closed its connection: its generation is cancelled."""
 
 
-# ============================================================================ request validation
+def client_gone(environ):
+    """True when the request's client has closed its connection: a poll and a peek, never a read."""
+    sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLRDHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL):
+            return True
+        return sock.recv(1, socket.MSG_PEEK) == b""  # readable: EOF, or the next pipelined request
+    except ValueError:  # TLS sockets take no recv flags: cannot tell
+        return False
+    except OSError:
+        return True
+
+
+# ============================================================================ request bodies
 #
-# Which fields each endpoint takes, and the types of the non-generation ones, are HTTP concerns
-# and live here; generation parameters (types, ranges, defaults) are checked by inference.py's
-# validate_params against its PARAM_RANGES table (one place), through check_params().
-
-NATIVE_FIELDS = {"prompt": "string", "context": "string", "stream": "boolean"}  # + PARAM_RANGES' names
+# Each route's fields, in one table per route: a JSON Schema (checked here, published in
+# /openapi.json) or the engine parameter the field feeds (checked by inference.validate_params
+# against PARAM_RANGES, published from it). `only` marks OpenAI fields accepted at a no-op value.
 
 
-def reject_unknown(body, allowed, where):
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        names = ", ".join(repr(k) for k in unknown)
-        raise invalid(unknown[0], f"unknown field{'s' if len(unknown) > 1 else ''} {names} for {where}; "
-                                  f"allowed: {', '.join(sorted(allowed))}")
+def param_schema(name):
+    """The JSON Schema of one engine parameter, from PARAM_RANGES."""
+    spec = PARAM_RANGES[name]
+    if name == "stop":
+        schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                 "maxItems": spec.get("max_items", 4)}]}
+    elif spec["type"] == "bias":
+        schema = {"type": "object", "maxProperties": spec["max_items"],
+                  "additionalProperties": {"type": "number", "minimum": spec["min"], "maximum": spec["max"]}}
+    else:
+        schema = {"type": {"int": "integer", "float": "number", "bool": "boolean"}.get(spec["type"], "string")}
+        if spec.get("min") is not None:
+            schema["exclusiveMinimum" if spec.get("min_exclusive") else "minimum"] = spec["min"]
+        if spec.get("max") is not None:
+            schema["maximum"] = spec["max"]
+    if spec.get("default") is not None:
+        schema["default"] = spec["default"]
+    return {**schema, "description": spec.get("help", "")}
 
 
-def typed(body, name, kind, param=None):
-    """body[name] checked against a JSON type; None when absent or null. param: the name errors use."""
-    param = param or name
-    if name not in body or body[name] is None:
-        return None
-    value = body[name]
-    ok = {
-        "string": isinstance(value, str),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "boolean": isinstance(value, bool),
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-    }.get(kind)
+def F(schema=None, param=None, only=None, why=None, **extra):
+    """One field of a route table."""
+    return {"schema": schema or {}, "param": param, "only": only, "why": why, **extra}
+
+
+def T(kind, description="", **bounds):
+    return F({"type": kind, "description": description, **bounds})
+
+
+STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                           {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                           {"type": "array", "minItems": 1,
+                            "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}}]}
+MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]}, "name": {"type": "string"},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]}}}}
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "logit_bias", "stop", "seed", "ignore_eos")
+OPENAI_COMMON = {
+    "model": T("string", "any id is accepted; replies carry this server's model name"),
+    "max_tokens": F(param="max_new_tokens"),
+    **{name: F(param=name) for name in SAMPLING},
+    "n": T("integer", "choices to generate (they share one prefill)", minimum=1, maximum=MAX_N),
+    "stream": T("boolean"),
+    "stream_options": F({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
+    "user": T("string", "ignored"),
+    "best_of": F({"type": "integer", "minimum": 1, "maximum": 1}, only=lambda v: v == 1,
+                 why="best_of is not supported (only 1); use n for several choices"),
+}
+NATIVE_FIELDS = {
+    "prompt": F({"type": "string", "description": "the instruction (with raw: true, the text to continue)"},
+                required=True),
+    "context": T("string", "fills the template's Input block"),
+    "stream": T("boolean"),
+    "logprobs": T("integer", "return each token's log-probability and this many alternatives", minimum=0,
+                  maximum=20),
+    **{name: F(param=name) for name in PARAM_RANGES},
+}
+COMPLETION_FIELDS = {
+    **OPENAI_COMMON,
+    "prompt": F(STRING_OR_IDS, required=True),
+    "logprobs": T("integer", "log-probabilities of each token and this many alternatives", minimum=0, maximum=5),
+    "echo": T("boolean", "return the prompt, with its logprobs, before the completion"),
+    "suffix": F({"type": "string", "maxLength": 0}, only=lambda v: v == "", why="suffix is not supported"),
+    "raw": F(param="raw"),
+}
+CHAT_FIELDS = {
+    **OPENAI_COMMON,
+    "messages": F(MESSAGES, required=True),
+    "max_completion_tokens": F(param="max_new_tokens"),
+    "logprobs": T("boolean"),
+    "top_logprobs": T("integer", "alternatives per token (needs logprobs: true)", minimum=0, maximum=20),
+    "response_format": F({"type": "object", "properties": {"type": {"enum": ["text"]}}},
+                         only=lambda v: v.get("type") == "text", why='response_format must be {"type": "text"}'),
+    "tools": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="tools are not supported by this model"),
+    "tool_choice": F({"enum": ["none"]}, only=lambda v: v == "none", why="tool_choice must be 'none'"),
+    "functions": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="functions are not supported"),
+    "function_call": F({"enum": ["none"]}, only=lambda v: v == "none", why="function_call must be 'none'"),
+    "parallel_tool_calls": T("boolean", "ignored"),
+}
+TOKENIZE_FIELDS = {
+    "model": T("string"),
+    "prompt": T("string", "text to tokenize as is (with raw: false, in the instruction template)"),
+    "messages": F(MESSAGES),
+    "raw": T("boolean", "default true for prompt"),
+    "add_special_tokens": T("boolean", "ignored: GPT-2 adds none"),
+    "return_token_strs": T("boolean"),
+}
+DETOKENIZE_FIELDS = {"model": T("string"), "tokens": F({"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                                       required=True)}
+EMBEDDING_FIELDS = {
+    "model": T("string"),
+    "input": F(STRING_OR_IDS, required=True),
+    "encoding_format": F({"enum": ["float", "base64"]}),
+    "user": T("string", "ignored"),
+    "dimensions": F({"type": "integer"}, only=lambda v: False, why="dimensions is not supported"),
+}
+JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+
+
+def check_type(name, value, schema):
+    """The top-level checks of a field's schema (type, enum, bounds, lengths); nested shapes are checked where used."""
+    kind = schema.get("type")
+    ok = kind is None or (isinstance(value, JSON_TYPES[kind]) and not (kind in ("integer", "number")
+                                                                       and isinstance(value, bool)))
     if kind == "integer" and isinstance(value, float) and value.is_integer():
-        return int(value)  # 64.0 is accepted as 64
+        value, ok = int(value), True
     if not ok:
-        raise invalid(param, f"{param} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
-                             f"got {type(value).__name__ if not isinstance(value, bool) else 'boolean'} {value!r:.40}")
+        raise invalid(name, f"{name} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {short(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise invalid(name, f"{name} must be one of {', '.join(map(str, schema['enum']))}, got {short(value)}")
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise invalid(name, f"{name} must be between {lo} and {hi}, got {short(value)}")
     return value
 
 
-def check_params(given, names):
-    """inference.validate_params on the given fields (null = default) -> the full params dict.
+def short(value):
+    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
 
-    A ParamError becomes a 422 with the client's name for the field (names: ours -> theirs,
-    e.g. max_new_tokens -> max_tokens on the OpenAI endpoints).
-    """
+
+def read_body(table, route):
+    """The JSON body checked against a route table -> (plain fields, engine params given, client names)."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", f"{route} takes a JSON body: send Content-Type: application/json")
     try:
-        return inference.validate_params(**{k: v for k, v in given.items() if v is not None})
-    except ParamError as e:
-        raise translate(e, names) from None
-
-
-def translate(error, names):
-    """A ParamError -> a 422 ApiError whose param and message use the client's field names."""
-    message = str(error)
-    for ours, theirs in names.items():
-        message = re.sub(rf"\b{ours}\b", theirs, message)
-    return invalid(names.get(error.param, error.param), message)
-
-
-def parse_json_body(request):
-    """The request body as a JSON object: 400 when it is not one, 413 when it is too large."""
-    raw = request.get_data(cache=True)  # raises RequestEntityTooLarge past MAX_CONTENT_LENGTH
-    if not raw.strip():
-        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
+        raw = request.get_data(cache=True)  # RequestEntityTooLarge past MAX_CONTENT_LENGTH
+    except (TimeoutError, OSError):
+        raise ApiError(408, "request_timeout", "the request body did not arrive in time") from None
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_refuse_number, parse_float=_finite_float, parse_int=_sane_int)
+    except RecursionError:
+        raise invalid(None, "the request body is nested too deeply", "invalid_json") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
+        raise invalid(None, f"the request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
+        raise invalid(None, f"the request body must be a JSON object, got {type(body).__name__}", "invalid_json")
+    unknown = sorted(set(body) - set(table))
+    if unknown:
+        raise invalid(unknown[0], f"unknown field {unknown[0]!r} for {route}; allowed: {', '.join(sorted(table))}")
+    for name, spec in table.items():
+        if spec.get("required") and body.get(name) is None:
+            raise invalid(name, f"{name} is required ({route})")
+    plain, params, names = {}, {}, {}
+    for name, value in body.items():
+        spec = table[name]
+        if value is None:
+            continue  # null = the default, as OpenAI
+        if spec["param"]:
+            if spec["param"] in params:
+                raise invalid(name, f"give {names[spec['param']]} or {name}, not both")
+            params[spec["param"]], names[spec["param"]] = value, name
+            continue
+        if "type" in spec["schema"] or "enum" in spec["schema"]:
+            value = check_type(name, value, spec["schema"])
+        if spec["only"] is not None and not spec["only"](value):
+            raise invalid(name, spec["why"])
+        plain[name] = value
+    return plain, params, names
 
 
-def _reject_constant(name):
+def _refuse_number(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-# ============================================================================ jobs and the engine
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
-class QueueFull(Exception):
-    pass
+def _sane_int(text):
+    if len(text.lstrip("-")) > 300:  # past float range: no field takes it (and math on it overflows)
+        raise ValueError(f"integer {text[:20]}... is out of range")
+    return int(text)
 
 
-class Job:
-    """One generation request, shared by the HTTP thread (consumer) and the engine thread (producer).
-
-    The engine calls emit / finish / fail; the HTTP side reads events() or result() and may cancel().
-    """
-
-    def __init__(self, prompt, params, prompt_tokens):
-        self.id = uuid.uuid4().hex[:12]
-        self.prompt = prompt  # what inference.stream_batch gets: text, templated by it unless params["raw"]
-        self.params = params  # inference.validate_params output (max_new_tokens, temperature, ..., raw)
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-        self.finish_reason = None
-        self.engine_timings = {}
-        self.error = None
-        self._pieces = []
-        self._events = queue.Queue()
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self.released = False  # set by Engine.release
-        self.t_submit = time.perf_counter()
-        self.t_start = self.t_first = self.t_end = None
-
-    # ---- HTTP side
-    def cancel(self):
-        self._cancel.set()
-
-    @property
-    def cancelled(self):
-        return self._cancel.is_set()
-
-    @property
-    def finished(self):
-        return self._done.is_set()
-
-    def events(self, keepalive_s=15.0):
-        """Yield ("token", text), ("keepalive", None) when idle, then ("done", None) or ("error", ApiError)."""
-        while True:
-            try:
-                kind, payload = self._events.get(timeout=keepalive_s)
-            except queue.Empty:
-                yield "keepalive", None
-                continue
-            yield kind, payload
-            if kind in ("done", "error"):
-                return
-
-    def wait(self, timeout=None):
-        """Block until the engine is done with the job; True if it is."""
-        return self._done.wait(timeout)
-
-    def result(self):
-        """Block until the job ends; the full text, or raise its ApiError."""
-        self._done.wait()
-        if self.error is not None:
-            raise self.error
-        return "".join(self._pieces)
-
-    def timings(self):
-        """Milliseconds: queue (admitted -> engine start), prefill and decode (inference's own
-        figures), first text (admitted -> first piece), total (admitted -> done); decode tokens/s."""
-        end = self.t_end or time.perf_counter()
-        start = self.t_start or end
-        t = self.engine_timings
-        return {
-            "queue_ms": round((start - self.t_submit) * 1e3, 2),
-            "prefill_ms": t.get("prefill_ms"),
-            "decode_ms": t.get("decode_ms"),
-            "first_token_ms": round((self.t_first - self.t_submit) * 1e3, 2) if self.t_first else None,
-            "total_ms": round((end - self.t_submit) * 1e3, 2),
-            "decode_tokens_per_s": t.get("decode_tokens_per_s"),
-        }
-
-    def usage(self):
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    # ---- engine side
-    def start(self):
-        self.t_start = time.perf_counter()
-
-    def emit(self, piece):
-        if piece:
-            if self.t_first is None:
-                self.t_first = time.perf_counter()
-            self._pieces.append(piece)
-            self._events.put(("token", piece))
-
-    def finish(self, reason, completion_tokens, timings=None):
-        self.finish_reason, self.completion_tokens = reason, completion_tokens
-        self.engine_timings = timings or {}
-        self.t_end = time.perf_counter()
-        self._done.set()
-        self._events.put(("done", None))
-
-    def fail(self, error):
-        self.error = error
-        self.finish_reason = "error"
-        self.t_end = time.perf_counter()
-        self._done.set()
-        self._events.put(("error", error))
+def engine_params(given, names, defaults=None):
+    """inference.validate_params over defaults + the given fields; a ParamError becomes a 400 in the client's words."""
+    try:
+        return inference.validate_params(**{**(defaults or {}), **given})
+    except ParamError as e:
+        raise param_error(e, names) from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape validate_params did not expect
+        raise invalid(None, f"invalid generation parameter: {e}") from None
 
 
-class Engine:
-    """Owns the model: loads it in a background thread, then runs admitted jobs in batches.
-
-    state: "loading" -> "ok" | "error". Admission is bounded: at most max_queue jobs are
-    admitted at once; submit() raises QueueFull past that. A job holds its slot from submit()
-    until its HTTP request releases it (response sent or client gone), so a stream that is
-    still being delivered counts too: it holds a server thread and its undelivered tokens.
-    """
-
-    def __init__(self, config, metrics):
-        self.config = config
-        self.metrics = metrics
-        self.state, self.error = "loading", None
-        self.model, self.info = None, {}
-        self.context_length = None
-        self._pending = collections.deque()
-        self._admitted = 0  # jobs submitted and not yet released by their HTTP request
-        self._running = 0
-        self._batch = []  # jobs being decoded
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._main, name="gpt2i-engine", daemon=True)
-
-    # ---- lifecycle
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=5.0):
-        with self._cv:
-            self._stopping = True
-            waiting, self._pending = list(self._pending), collections.deque()
-            for job in self._batch:
-                job.cancel()  # inference ends these rows with finish_reason "cancelled"
-            self._cv.notify_all()
-        for job in waiting:  # never started: answer them rather than leave them hanging
-            job.fail(ApiError(503, "shutting_down", "the server is shutting down; retry shortly",
-                              headers={"Retry-After": "5"}))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wait_ready(self, timeout=None):
-        """Block until loaded or failed; True when ready."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while self.state == "loading":
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._cv.wait(left)
-        return self.state == "ok"
-
-    def _main(self):
-        try:
-            self._load()
-        except Exception as e:  # any load failure is reported by /health, never a crash
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.error(json.dumps({"event": "model_load_failed", "error": msg}))
-            with self._cv:
-                self.state, self.error = "error", msg
-                self._cv.notify_all()
-            return
-        with self._cv:
-            self.state = "ok"
-            self._cv.notify_all()
-        log.info(json.dumps({"event": "model_loaded", **self.describe(), "pid": os.getpid()}))
-        self._loop()
-
-    def _load(self):
-        cfg = self.config
-        self.model, self.info = inference.load_model_from_checkpoint(
-            cfg.ckpt, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
-        self.context_length = int(self.model.config.block_size)
-        if cfg.warmup:  # CUDA graphs for every batch size the engine will use (no-op off CUDA)
-            sizes = sorted({1 << i for i in range(cfg.max_batch.bit_length())} | {cfg.max_batch})
-            self.info["graphs_captured"] = inference.get_engine(self.model).warmup(batch_sizes=sizes)
-
-    def describe(self):
-        """What /health reports about the model."""
-        return {"model": self.config.model_name or default_model_name(self.config.ckpt),
-                "device": self.info.get("device"), "dtype": self.info.get("dtype"),
-                "quantize": self.info.get("quantize"), "decode_mode": self.info.get("decode_mode"),
-                "context_length": self.context_length}
-
-    # ---- admission
-    def submit(self, job):
-        with self._cv:
-            if self._admitted >= self.config.max_queue:
-                raise QueueFull()
-            self._admitted += 1
-            self._pending.append(job)
-            self._cv.notify_all()
-        return job
-
-    def release(self, job):
-        """The HTTP side is done with `job` (idempotent): free its slot; cancel it if still unfinished."""
-        if not job.finished:
-            job.cancel()
-        with self._cv:
-            if not job.released:
-                job.released = True
-                self._admitted -= 1
-
-    def admitted(self):
-        with self._cv:
-            return self._admitted
-
-    def queue_depth(self):
-        with self._cv:
-            return len(self._pending)
-
-    def running(self):
-        with self._cv:
-            return self._running
-
-    # ---- the loop
-    def _take_batch(self):
-        """Wait for jobs; take up to max_batch of them (jobs cancelled while waiting are finished here)."""
-        with self._cv:
-            while not self._pending and not self._stopping:
-                self._cv.wait()
-            if self._stopping:
-                return None
-            batch = []
-            while self._pending and len(batch) < self.config.max_batch:
-                batch.append(self._pending.popleft())
-            self._running, self._batch = len(batch), batch
-            return batch
-
-    def _batch_done(self):
-        with self._cv:
-            self._running, self._batch = 0, []
-
-    def _loop(self):
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            try:
-                live = [job for job in batch if not self._skip_cancelled(job)]
-                if live:
-                    self._run(live)
-            except Exception as e:  # a bug or device error: fail these jobs, keep serving
-                log.exception("generation failed")
-                for job in batch:
-                    if not job.finished:
-                        job.fail(ApiError(500, "server_error", f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                self._batch_done()
-
-    def _run(self, jobs):
-        """Decode `jobs` together with inference.stream_batch (per-row parameters and cancel flags).
-
-        Static batching: the batch runs until its last row ends (finished rows are compacted out
-        by inference); jobs admitted meanwhile wait for the next batch.
-        """
-        for job in jobs:
-            job.start()
-        self.metrics.add_batch(len(jobs))
-        params = {name: [job.params[name] for job in jobs] for name in jobs[0].params}
-        should_stop = [job._cancel.is_set for job in jobs]
-        for event in inference.stream_batch(self.model, [job.prompt for job in jobs],
-                                            should_stop=should_stop, **params):
-            job = jobs[event["index"]]
-            if event.get("done"):
-                job.finish(event["finish_reason"], event["completion_tokens"], event.get("timings"))
-                self._account(job)
-            else:
-                job.emit(event["text"])
-
-    def _skip_cancelled(self, job):
-        if job.cancelled:
-            job.finish("cancelled", 0)
-            self.metrics.add_cancelled()
-            return True
-        return False
-
-    def _account(self, job):
-        self.metrics.add_tokens(prompt=job.prompt_tokens, generated=job.completion_tokens)
-        if job.finish_reason == "cancelled":
-            self.metrics.add_cancelled()
+def param_error(error, names):
+    """A ParamError -> 400 whose param and message use the client's field name (max_new_tokens -> max_tokens)."""
+    message = str(error)
+    for ours, theirs in names.items():
+        if ours != theirs:
+            message = re.sub(rf"\b{ours}\b", theirs, message)
+    return invalid(names.get(error.param, error.param), message)
 
 
-# ============================================================================ OpenAI shapes
+def prompt_list(value, param):
+    """A prompt field (string, list of strings, ids, list of id lists) -> list of str | list[int]."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(type(v) is int for v in value):
+            return [check_ids(value, param)]
+        if all(isinstance(v, list) and v for v in value):
+            return [check_ids(v, f"{param}[{i}]") for i, v in enumerate(value)]
+    raise invalid(param, f"{param} must be a string, a list of strings, a list of token ids, or a list of "
+                         f"token-id lists (none empty), got {short(value)}")
 
 
-def openai_finish_reason(reason):
-    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+def check_ids(ids, param):
+    try:
+        return inference.check_ids(ids, param)
+    except ParamError as e:
+        raise invalid(param, str(e)) from None
 
 
-def sse(obj):
-    """One Server-Sent Event carrying a JSON object."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-SSE_KEEPALIVE = ": keep-alive\n\n"
+# ============================================================================ chat messages -> the template
 
 
 def message_text(message, index):
@@ -794,20 +488,16 @@ def message_text(message, index):
     content = message.get("content")
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise invalid(param, f"{param}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
-            texts.append(part["text"])
-        return "\n".join(texts)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
     if content is None and message.get("role") == "assistant":
         return ""
-    raise invalid(param, f"{param} must be a string or a list of text parts")
+    raise invalid(param, f'{param} must be a string or a list of text parts ({{"type": "text", "text": ...}})')
 
 
 def split_chat(messages):
-    """messages -> (system_text, earlier turns [(role, text)], last user text). Validates roles and order."""
+    """messages -> (system text, earlier turns [(role, text)], last user text); validates roles and order."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "messages must be a non-empty list of {role, content} objects")
     system, turns = [], []
@@ -816,18 +506,19 @@ def split_chat(messages):
             raise invalid(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
         role = m.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise invalid(f"messages[{i}].role",
-                          f"messages[{i}].role must be one of system, user, assistant (got {role!r})")
+            raise invalid(f"messages[{i}].role", f"messages[{i}].role must be one of system, developer, user, "
+                                                 f"assistant, got {short(role)}")
         extra = set(m) - {"role", "content", "name"}
         if extra:
             raise invalid(f"messages[{i}]", f"messages[{i}] has unsupported fields: {', '.join(sorted(extra))}")
         text = message_text(m, i)
-        if role in ("system", "developer"):
-            system.append(text)
-        else:
-            turns.append((role, text))
+        (system if role in ("system", "developer") else turns).append(text if role in ("system", "developer")
+                                                                       else (role, text))
     if not turns or turns[-1][0] != "user":
-        raise invalid("messages", "the last message must have role 'user'")
+        raise invalid("messages", "messages: the last message must have role 'user'")
+    if not turns[-1][1].strip():
+        last = f"messages[{len(messages) - 1}].content"
+        raise invalid(last, f"{last}: the last user message must not be empty")
     return "\n\n".join(s for s in system if s), turns[:-1], turns[-1][1]
 
 
@@ -837,613 +528,1023 @@ def chat_context(system_text, history):
     return "\n\n".join(part for part in (system_text, transcript) if part)
 
 
-# ============================================================================ the Flask app
+def fold_chat(messages, fits):
+    """The templated prompt ids for a chat, keeping the most recent earlier turns for which
+    fits(n_tokens) holds. Binary search on how many of the oldest turns to drop (a few encodings)."""
+    system, history, instruction = split_chat(messages)
 
-OPENAI_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-                 "n", "user", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-                 "top_k", "repetition_penalty"}
-COMPLETION_FIELDS = OPENAI_COMMON | {"prompt", "echo", "best_of", "suffix", "raw"}
-CHAT_FIELDS = OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                               "functions", "function_call", "response_format"}
-OPEN_ENDPOINTS = {"health", "params", "index", "static_file", "static_root"}  # no API key needed
-SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+    def build(drop):
+        return inference.encode_prompt(format_prompt(instruction, chat_context(system, history[drop:])), raw=True)
+
+    best = build(0)
+    if fits(len(best)) or not history:
+        return best
+    lo, hi = 0, len(history)  # dropping lo turns does not fit; dropping hi is the last resort
+    best = build(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ids = build(mid)
+        if fits(len(ids)):
+            hi, best = mid, ids
+        else:
+            lo = mid
+    return best
+
+
+# ============================================================================ logprob shapes
+
+def token_bytes(token_id):
+    return get_tokenizer().decode_single_token_bytes(token_id)
+
+
+def token_str(token_id):
+    return token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def native_logprobs(entries):
+    return [{"token": token_str(e["token_id"]), "token_id": e["token_id"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": token_str(t), "token_id": t, "logprob": lp} for t, lp in e["top"]]}
+            for e in entries]
+
+
+def chat_logprobs(entries):
+    def one(t, lp):
+        return {"token": token_str(t), "logprob": lp, "bytes": list(token_bytes(t))}
+
+    return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries, offset):
+    """OpenAI's legacy shape; offset: characters of text before these tokens. Prompt entries may be None."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        tok = token_str(e["token_id"])
+        out["tokens"].append(tok)
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append(None if e["top"] is None else {token_str(t): lp for t, lp in e["top"]})
+        out["text_offset"].append(offset)
+        offset += len(tok)
+    return out
+
+
+def prompt_entries(ids, prompt_logprobs):
+    """Engine prompt_logprobs (the first None) -> entries shaped like generated ones."""
+    return [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, prompt_logprobs)]
+
+
+# ============================================================================ the server state
+
+
+class Reply:
+    """One HTTP request's engine requests, seen from its request thread: outputs arrive on a queue
+    (put there by the loop thread), in order; an ApiError ends it early (shutdown, engine failure)."""
+
+    def __init__(self, server, n_choices, stream):
+        self.server, self.stream = server, stream
+        self.handles = []  # (engine request, first choice index, prompt ids)
+        self.queue = queue.Queue()  # lists of (choice, Output), or the ApiError that ended the reply
+        self.pending = []  # not streamed: outputs held until a choice ends (no wake-up per step)
+        self.open = n_choices  # choices not finished yet
+        self.started = False  # first output seen: no longer "queued"
+        self.ended = None  # the ApiError that ended it, if any
+        self.t0 = time.perf_counter()
+        self.t_first = self.t_last = self.t_end = None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reasons = {}
+
+    def _next(self):
+        """The next outputs [(choice, Output), ...], [] after POLL_S; raises the ApiError that ended the reply."""
+        try:
+            item = self.queue.get(timeout=POLL_S)
+        except queue.Empty:
+            return []
+        if isinstance(item, ApiError):
+            raise item
+        for index, out in item:
+            if out.finish_reason is not None:
+                self.open -= 1
+                self.finish_reasons[index] = out.finish_reason
+        return item
+
+    def items(self, environ, keepalive=False):
+        """Yield (choice, Output) until every choice has finished (None after KEEPALIVE_S idle, if asked);
+        raises ClientGone once the client has closed its connection."""
+        idle = 0.0
+        while self.open:
+            got = self._next()
+            if client_gone(environ):
+                raise ClientGone()
+            idle = 0.0 if got else idle + POLL_S
+            if keepalive and idle >= KEEPALIVE_S:
+                idle = 0.0
+                yield None  # a keep-alive
+            yield from got
+
+    def drain(self, timeout=2.0):
+        """After a cancel: wait (bounded) for the engine to end every choice, so the log tells the truth."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.open and time.monotonic() < deadline:
+                self._next()
+        except ApiError:
+            pass
+
+    def entries(self, index, out):
+        """The logprob entries of an output: the prompt's first (echo), then the new tokens'."""
+        if not out.prompt_logprobs:
+            return list(out.logprobs or [])
+        ids = next(ids for h, base, ids in self.handles if base <= index < base + h.n)
+        return prompt_entries(ids, out.prompt_logprobs) + list(out.logprobs or [])
+
+    def timings(self):
+        end = self.t_end or time.perf_counter()
+        ms = lambda t: None if t is None else round((t - self.t0) * 1e3, 2)  # noqa: E731
+        return {"first_token_ms": ms(self.t_first), "total_ms": ms(end)}
+
+    def usage(self):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 class Server:
-    """The app's state and views: config, engine, metrics. create_app() builds one."""
+    """The model, the engine and the loop thread; create_app builds one, serve.state(app) returns it."""
 
     def __init__(self, config):
         self.config = config
-        self.metrics = Metrics()
-        self.engine = Engine(config, self.metrics)
-        self.model_name = config.model_name or default_model_name(config.ckpt)
+        self.model_name = config.model_name
+        self.status, self.error = "loading", None
+        self.model = self.engine = None
+        self.info, self.context_length = {}, None
         self.created = int(time.time())
-        self.limiter = None
+        self.accepting = True
+        self._replies = set()  # admitted and not released
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="gpt2i-loop", daemon=True)
+        self._make_metrics()
 
-    # ------------------------------------------------------------------ app assembly
+    # ------------------------------------------------------------------ metrics
 
-    def build_app(self):
-        app = Flask(__name__, static_folder=None)
-        app.config["MAX_CONTENT_LENGTH"] = self.config.max_body_bytes
-        app.json.sort_keys = False
-        app.extensions["gpt2i"] = self
-        if self.config.trust_proxy > 0:
-            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=self.config.trust_proxy)
+    def _make_metrics(self):
+        prom.disable_created_metrics()  # no *_created samples: they double the exposition for nothing
+        r = self.registry = prom.CollectorRegistry()
+        self.m_requests = prom.Counter("gpt2i_requests", "HTTP requests by endpoint and status.",
+                                       ["endpoint", "status"], registry=r)
+        self.m_latency = prom.Histogram("gpt2i_request_latency_seconds", "Request latency (streams: to the end).",
+                                        ["endpoint"], registry=r,
+                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.m_tokens = prom.Counter("gpt2i_tokens", "Tokens processed, by kind (prompt, completion).", ["kind"],
+                                     registry=r)
+        self.m_cancelled = prom.Counter("gpt2i_cancelled", "Generations cancelled (client gone or shutdown).",
+                                        registry=r)
+        self.m_ttft = prom.Histogram("gpt2i_time_to_first_token_seconds", "Admission to first output.", registry=r,
+                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.m_itl = prom.Histogram("gpt2i_inter_token_latency_seconds", "Time between tokens of one choice.",
+                                    registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        for name, help_, key in (("gpt2i_requests_waiting", "Requests waiting for the engine.", "waiting"),
+                                 ("gpt2i_requests_running", "Requests being decoded.", "running"),
+                                 ("gpt2i_kv_slots_used", "KV-cache slots in use.", "slots_used"),
+                                 ("gpt2i_kv_slots_total", "KV-cache slots.", "slots_total")):
+            prom.Gauge(name, help_, registry=r).set_function(lambda key=key: self.stats()[key])
+        prom.Gauge("gpt2i_requests_admitted", "Requests held against --max-queue.",
+                   registry=r).set_function(lambda: len(self._replies))
+        prom.Gauge("gpt2i_model_loaded", "1 when the model is loaded.",
+                   registry=r).set_function(lambda: int(self.status == "ok"))
 
-        app.before_request(self._begin_request)
-        app.before_request(self._check_api_key)
-        app.after_request(self._end_request)
-        app.register_error_handler(ApiError, self._api_error)
-        app.register_error_handler(HTTPException, self._http_error)
-        app.register_error_handler(Exception, self._unexpected_error)
+    def stats(self):
+        if self.engine is None:
+            return {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 0}
+        return self.engine.stats()
 
-        app.url_map.converters["staticfile"] = static_file_converter(self.config.static_dir)
-        limit = self._make_limiter(app)
-        routes = [
-            ("/health", "health", self.health, ["GET"]),
-            ("/params", "params", self.params, ["GET"]),
-            ("/metrics", "metrics", self.metrics_view, ["GET"]),
-            ("/generate", "generate", limit(self.generate), ["POST"]),
-            ("/v1/completions", "completions", limit(self.completions), ["POST"]),
-            ("/v1/chat/completions", "chat_completions", limit(self.chat_completions), ["POST"]),
-            ("/v1/models", "models", self.models, ["GET"]),
-            ("/v1/models/<path:model_id>", "model", self.model, ["GET"]),
-            ("/", "index", self.index, ["GET"]),
-            ("/static/<path:filename>", "static_file", self.static_file, ["GET"]),
-            # every method, so that a POST to an unknown path is a 404 rather than a 405 (the
-            # converter only matches existing files; static_file refuses methods other than GET)
-            ("/<staticfile:filename>", "static_root", self.static_file, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ]
-        for rule, endpoint, view, methods in routes:
-            app.add_url_rule(rule, endpoint, view, methods=methods)
-        if self.config.cors_origins:
-            CORS(app, origins=self.config.cors_origins, methods=["GET", "POST", "OPTIONS"],
-                 allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
-                 expose_headers=["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
-                                 "X-RateLimit-Reset"], max_age=600)
-        return app
+    # ------------------------------------------------------------------ lifecycle
 
-    def _make_limiter(self, app):
-        """flask-limiter on the generation endpoints only (one budget per client shared by all three)."""
-        self.limiter = Limiter(
-            get_remote_address, app=app, default_limits=[], headers_enabled=True,
-            storage_uri=self.config.rate_limit_storage, key_prefix="gpt2i",
-            in_memory_fallback_enabled=True, enabled=rate_limit_enabled(self.config),
-        )
-        if not rate_limit_enabled(self.config):
-            return lambda view: view
-        return self.limiter.shared_limit(self.config.rate_limit, scope="generation", methods=["POST"])
+    def start(self):
+        self._thread.start()
+        return self
 
-    # ------------------------------------------------------------------ per-request bookkeeping
+    def wait_ready(self, timeout=None):
+        """True when the model is loaded, False on timeout; a failed load raises UserError."""
+        self._ready.wait(timeout)
+        if self.status == "error":
+            raise UserError(f"model load failed: {self.error}")
+        return self.status == "ok"
 
-    def _begin_request(self):
+    def begin_shutdown(self):
+        """Stop admission: new requests and those still queued get 503 shutting_down."""
+        with self._lock:
+            self.accepting = False
+            queued = [r for r in self._replies if not r.started and r.ended is None]
+            for r in queued:
+                self._end(r, unavailable("shutting_down", SHUTTING_DOWN, 5))
+
+    def close(self, timeout=0.0):
+        """Shut down: running streams get `timeout` seconds to finish, then end with an error event;
+        the loop thread stops. Idempotent."""
+        self.begin_shutdown()
+        deadline = time.monotonic() + timeout
+        while self._replies and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        with self._lock:
+            for r in list(self._replies):
+                if r.ended is None:
+                    self._end(r, unavailable("shutting_down", "the server shut down before this generation "
+                                                              "finished", 5))
+        deadline = time.monotonic() + 2.0  # let request threads write their last event
+        while self._replies and time.monotonic() < deadline:
+            time.sleep(POLL_S / 2)
+        self._closed = True
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10.0)
+
+    def _end(self, reply, error):
+        """End a reply with an error (under self._lock): its engine requests are cancelled."""
+        reply.ended = error
+        reply.queue.put(error)
+        for handle, _, _ in reply.handles:
+            self.engine.cancel(handle)
+
+    def _run(self):
+        try:
+            self._load()
+        except Exception as e:  # reported by /health and wait_ready, never a crash
+            self.status, self.error = "error", (str(e).splitlines() or [type(e).__name__])[0]
+            log.error({"event": "model_load_failed", "error": self.error})
+            self._ready.set()
+            return
+        self.status = "ok"
+        self._ready.set()
+        log.info({"event": "model_loaded", "model": self.model_name, **self.describe(), "pid": os.getpid()})
+        while not self._closed:
+            self._wake.clear()
+            if not self.engine.has_work():
+                self._wake.wait(1.0)  # add() and close() wake it
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or a device error: fail what runs, keep serving
+                log.exception("engine step failed")
+                with self._lock:
+                    for r in list(self._replies):
+                        if r.ended is None:
+                            self._end(r, ApiError(500, "server_error", f"generation failed: {type(e).__name__}"))
+                continue
+            now = time.perf_counter()
+            with self._lock:
+                for out in outputs:
+                    self._dispatch(out, now)
+
+    def _load(self):
+        cfg = self.config
+        self.model, self.info = inference.load_model_from_checkpoint(
+            cfg.ckpt, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+        self.context_length = int(self.model.config.block_size)
+        self.engine = inference.Engine(self.model, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
+                                       compile=cfg.compile)
+        self.info["graphs_captured"] = self.engine.warmup()  # CUDA: no request waits for a capture
+
+    def _dispatch(self, out, now):
+        """One engine Output -> its reply's queue, with the token metrics (the loop thread, under self._lock)."""
+        reply, base = out.request.tag
+        n_new = len(out.token_ids)
+        self.m_tokens.labels("completion").inc(n_new)
+        if n_new:  # one observation per output: the mean gap of its tokens
+            self.m_ttft.observe(now - reply.t0) if reply.t_last is None else \
+                self.m_itl.observe((now - reply.t_last) / n_new)
+            reply.t_first, reply.t_last = reply.t_first or now, now
+        if out.finish_reason is not None:
+            usage = getattr(out, "usage", None) or {}
+            reply.completion_tokens += usage.get("completion_tokens", 0)
+            if out.finish_reason == "cancelled":
+                self.m_cancelled.inc()
+        if reply.ended is None:
+            reply.started = True
+            reply.pending.append((base + out.index, out))
+            if reply.stream or out.finish_reason is not None:
+                reply.queue.put(reply.pending)
+                reply.pending = []
+
+    # ------------------------------------------------------------------ admission
+
+    def require_ready(self):
+        if self.status == "loading":
+            raise unavailable("model_loading", "the model is still loading; retry shortly", 2)
+        if self.status == "error":
+            raise unavailable("model_error", f"the model failed to load: {self.error}", 60)
+        if not self.accepting:
+            raise unavailable("shutting_down", SHUTTING_DOWN, 5)
+
+    def prompt_limit(self):
+        return min(self.config.max_prompt_tokens or self.context_length - 1, self.context_length - 1)
+
+    def fit(self, ids, params, explicit_max, names, param="prompt"):
+        """Prompt length against --max-prompt-tokens and the context; an unspecified max_new_tokens is
+        lowered to fit, an explicit one that does not fit is a 400 naming it."""
+        limit, ctx = self.prompt_limit(), self.context_length
+        if len(ids) > limit:
+            raise invalid(param, f"{param} is {len(ids)} tokens long; the limit is {limit} tokens "
+                                 f"(the model's context is {ctx})")
+        room = ctx - len(ids)
+        if params["max_new_tokens"] > room:
+            if explicit_max:
+                name = names.get("max_new_tokens", "max_new_tokens")
+                raise invalid(name, f"prompt ({len(ids)} tokens) + {name} ({params['max_new_tokens']}) is more than "
+                                    f"the model's context of {ctx} tokens; {name} can be at most {room} here")
+            params = {**params, "max_new_tokens": room}
+        return params
+
+    def admit(self, prompts, params, names, stream, n=1, logprobs=None, echo=False):
+        """Queue one engine request per prompt (ids) with n choices each -> a Reply; 503 when full."""
+        self.require_ready()
+        reply = Reply(self, len(prompts) * n, stream)
+        with self._lock:
+            if not self.accepting:
+                raise unavailable("shutting_down", SHUTTING_DOWN, 5)
+            if len(self._replies) >= self.config.max_queue:
+                raise unavailable("overloaded", f"the server is busy ({self.config.max_queue} requests in progress); "
+                                                "retry shortly", 1)
+            self._replies.add(reply)
+        g.rq["reply"] = reply
+        try:
+            for i, ids in enumerate(prompts):
+                handle = self.engine.add(ids, params, n=n, logprobs=logprobs, echo=echo, tag=(reply, i * n))
+                reply.handles.append((handle, i * n, ids))
+                reply.prompt_tokens += len(ids)
+        except ParamError as e:
+            self.release(reply)
+            raise param_error(e, names) from None
+        self.m_tokens.labels("prompt").inc(reply.prompt_tokens)
+        self._wake.set()
+        return reply
+
+    def release(self, reply):
+        """The HTTP side is done with a reply (idempotent): cancel what still runs, free its place."""
+        for handle, _, _ in reply.handles:
+            if not handle.done:
+                self.engine.cancel(handle)
+        reply.t_end = reply.t_end or time.perf_counter()
+        with self._lock:
+            self._replies.discard(reply)
+
+    def describe(self):
+        return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),
+                "context_length": self.context_length, "graphs_captured": self.info.get("graphs_captured")}
+
+
+def state(app):
+    """The Server behind an app from create_app (gunicorn's hooks call its wait_ready, begin_shutdown, close)."""
+    return app.extensions["gpt2i"]
+
+
+# ============================================================================ responses
+
+OPEN_ENDPOINTS = {"health", "params", "openapi", "index", "static_file", "static_root"}  # no API key needed
+QUIET_ENDPOINTS = {"health", "index", "static_file", "static_root"}  # logged at debug level
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
+
+
+def openai_finish(reason):
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def create_app(config=None):
+    """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
+    make_config result. The model starts loading in the background; serve.state(app) is its Server."""
+    if not isinstance(config, types.SimpleNamespace):
+        config = make_config(config, environ=os.environ if config is None else None)
+    cfg = config
+    setup_logging(cfg.log_level, cfg.log_format)
+    server = Server(cfg)
+    app = build_app(server)
+    server.start()
+    return app
+
+
+def build_app(server):
+    cfg = server.config
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["gpt2i"] = server
+    if cfg.trust_proxy > 0:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trust_proxy)
+    hosts = allowed_hosts(cfg)
+
+    # ---------------------------------------------------------------- per-request bookkeeping
+
+    @app.before_request
+    def begin():
         rid = request.headers.get("X-Request-ID", "")
-        g.rq = {"request_id": rid if SAFE_REQUEST_ID.match(rid) else uuid.uuid4().hex,
-                "t0": time.perf_counter(), "job": None, "prompt_tokens": None, "completion_tokens": None,
-                "finish_reason": None, "error": None, "stream": False}
+        g.rq = {"request_id": rid if SAFE_REQUEST_ID.match(rid) else uuid.uuid4().hex, "t0": time.perf_counter(),
+                "reply": None, "error": None, "stream": False, "logged": False}
+        if hosts is not None and host_name(request.host) not in hosts:
+            raise invalid(None, f"Host {request.host!r} is not allowed here (see --allowed-hosts)", "invalid_host")
+        if cfg.api_key and request.method != "OPTIONS" and request.endpoint not in OPEN_ENDPOINTS \
+                and request.routing_exception is None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), cfg.api_key.encode()):
+                raise ApiError(401, "authentication_error", "missing or invalid API key: send Authorization: "
+                               "Bearer <key>", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def _check_api_key(self):
-        key = self.config.api_key
-        if not key or request.method == "OPTIONS" or request.endpoint in OPEN_ENDPOINTS:
-            return None
-        if request.routing_exception is not None:
-            return None  # no such route: let the 404 / 405 through
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header:
-            raise ApiError(401, "authentication_error", "missing API key: send Authorization: Bearer <key>",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise ApiError(401, "authentication_error", "invalid API key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        return None
-
-    def _end_request(self, response):
-        rq = getattr(g, "rq", None)
+    @app.after_request
+    def end(response):
+        rq = g.get("rq")
+        response.headers.update(SECURITY_HEADERS)
         if rq is None:
             return response
         response.headers["X-Request-ID"] = rq["request_id"]
         if response.status_code not in (429, 503):
             response.headers.pop("Retry-After", None)  # flask-limiter adds it to every limited response
         elif response.headers.get("Retry-After") == "0":
-            response.headers["Retry-After"] = "1"  # the window ends within the second
+            response.headers["Retry-After"] = "1"
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        if rule in ("/<staticfile:filename>", "/static/<path:filename>"):
-            rule = "/static"
-        info = {"method": request.method, "endpoint": rule, "path": request.path[:200],
-                "client": request.remote_addr, "status": response.status_code}
-        response.call_on_close(lambda: self._log_request(rq, info))
+        info = {"method": request.method, "endpoint": "/static" if "filename" in rule else rule,
+                "path": request.path[:200], "client": request.remote_addr, "status": response.status_code,
+                "quiet": request.endpoint in QUIET_ENDPOINTS}
+        response.call_on_close(lambda: finish_request(server, rq, info))
+        if rq["stream"]:
+            rq["info"] = info
         return response
 
-    def _log_request(self, rq, info):
-        """One JSON log line and the metrics, when the response is fully sent (streams included)."""
-        latency = time.perf_counter() - rq["t0"]
-        job = rq["job"]
-        if job is not None:
-            self.engine.release(job)  # safety net; normally released already
-            if job.t_start is not None:  # cancelled mid-generation: the engine stops it within a step or two;
-                job.wait(2.0)            # wait for it, so the line has the tokens really generated
-            rq["prompt_tokens"] = job.prompt_tokens
-            rq["completion_tokens"] = job.completion_tokens
-            rq["finish_reason"] = job.finish_reason or ("cancelled" if job.cancelled else None)
-        line = {"event": "request", "request_id": rq["request_id"], **info,
-                "prompt_tokens": rq["prompt_tokens"], "completion_tokens": rq["completion_tokens"],
-                "finish_reason": rq["finish_reason"], "stream": rq["stream"],
-                "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
-        if rq["error"]:
-            line["error"] = rq["error"]
-        log.info(json.dumps(line))
-        self.metrics.observe_request(info["endpoint"], info["status"], latency)
+    # flask-limiter after `end` above, so that its after_request (which adds Retry-After) runs before it
+    limiter = Limiter(get_remote_address, app=app, default_limits=[], headers_enabled=True,
+                      storage_uri=cfg.rate_limit_storage, key_prefix="gpt2i", in_memory_fallback_enabled=True,
+                      enabled=rate_limit_enabled(cfg))
+    limited = (limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"])
+               if rate_limit_enabled(cfg) else (lambda view: view))
 
-    # ------------------------------------------------------------------ errors
+    # ---------------------------------------------------------------- errors
 
-    def _error_response(self, status, type_, message, param=None, headers=None):
-        if getattr(g, "rq", None) is not None:
-            g.rq["error"] = type_
-        resp = jsonify({"error": {"type": type_, "message": message, "param": param}})
-        resp.status_code = status
-        for k, v in (headers or {}).items():
-            resp.headers[k] = v
+    def error_response(e):
+        if g.get("rq") is not None:
+            g.rq["error"] = e.code
+        resp = jsonify(e.body())
+        resp.status_code = e.status
+        resp.headers.update(e.headers)
         return resp
 
-    def _api_error(self, e):
-        return self._error_response(e.status, e.type, e.message, e.param, e.headers)
-
-    def _http_error(self, e):
+    @app.errorhandler(HTTPException)
+    def http_error(e):
         code = e.code or 500
         headers = {k: v for k, v in e.get_headers() if k.lower() in ("allow", "retry-after")}
+        message = {404: "no such route or file; GET /openapi.json lists the routes",
+                   405: f"method not allowed; this route accepts {headers.get('Allow', 'other methods')}",
+                   413: f"request body too large; the limit is {cfg.max_body_bytes} bytes"}.get(code, e.description)
         if isinstance(e, RateLimitExceeded):
-            message = f"rate limit exceeded ({e.description}); retry after the Retry-After header's seconds"
+            message = f"rate limit exceeded ({e.description}); retry after Retry-After seconds"
             headers.setdefault("Retry-After", str(int(e.limit.limit.get_expiry())))
-        elif code == 404:
-            message = "no such endpoint or file; see GET /health, POST /generate, /v1/completions, /v1/chat/completions"
-        elif code == 405:
-            message = f"method not allowed; this endpoint accepts {headers.get('Allow', 'other methods')}"
-        elif code == 413:
-            message = f"request body too large; the limit is {self.config.max_body_bytes} bytes"
-        else:
-            message = e.description or e.name
-        return self._error_response(code, _HTTP_TYPES.get(code, "http_error"), message, None, headers)
+        return error_response(ApiError(code, HTTP_TYPES.get(code, "http_error"), message, headers=headers))
 
-    def _unexpected_error(self, e):
+    app.register_error_handler(ApiError, error_response)
+
+    @app.errorhandler(Exception)
+    def unexpected(e):
         log.exception("unhandled error")
-        rid = g.rq["request_id"] if getattr(g, "rq", None) else "?"
-        return self._error_response(500, "server_error", f"internal server error (request id {rid})")
+        rid = g.rq["request_id"] if g.get("rq") else "?"
+        return error_response(ApiError(500, "server_error", f"internal server error (request id {rid})"))
 
-    # ------------------------------------------------------------------ readiness and admission
+    # ---------------------------------------------------------------- generation plumbing
 
-    def require_ready(self):
-        if self.engine.state == "loading":
-            raise ApiError(503, "model_loading", "the model is still loading; retry shortly",
-                           headers={"Retry-After": "2"})
-        if self.engine.state == "error":
-            raise ApiError(503, "model_error", f"the model failed to load: {self.engine.error}",
-                           headers={"Retry-After": "60"})
-
-    def prompt_limit(self):
-        """Longest prompt in tokens: --max-prompt-tokens, never more than the context minus one."""
-        ctx = self.engine.context_length
-        return min(self.config.max_prompt_tokens or ctx - 1, ctx - 1)
-
-    def fit(self, n_prompt, params, explicit_max, names):
-        """Prompt length against --max-prompt-tokens, prompt + max_new_tokens against the context
-        (inference.check_fits): a 422 naming the field; a default max_new_tokens is lowered instead."""
-        ctx, limit = self.engine.context_length, self.prompt_limit()
-        if n_prompt > limit:
-            name = names.get("prompt", "prompt")
-            raise invalid(name, f"{name} is {n_prompt} tokens long; the limit is {limit} tokens "
-                                f"(the model's context is {ctx})")
-        if not explicit_max:
-            params["max_new_tokens"] = min(params["max_new_tokens"], ctx - n_prompt)
+    def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
+        """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
+        Streamed: wait for the first output (so that a queued request can still get a JSON 503), then SSE:
+        head, chunks(choice, Output) for each output (keep-alive comments while idle), tail()."""
+        environ, rq = request.environ, g.rq
+        rq["stream"] = stream
         try:
-            inference.check_fits(n_prompt, params["max_new_tokens"], ctx)
-        except ParamError as e:
-            raise translate(e, names) from None
+            if not stream:
+                choices = {}
+                for index, out in reply.items(environ):
+                    c = choices.setdefault(index, {"text": "", "entries": []})
+                    c["text"] += out.text
+                    c["entries"] += reply.entries(index, out)
+                    c["finish_reason"] = out.finish_reason
+                server.release(reply)
+                return render(choices)
+            items = reply.items(environ, keepalive=True)
+            first = next(items)
+            while first is None:  # still queued: nothing is sent before the first output
+                first = next(items)
+        except ClientGone:
+            server.release(reply)
+            reply.drain()
+            rq["error"] = "client_gone"
+            return Response(status=499)
+        except BaseException:
+            server.release(reply)
+            raise
+        is_openai = request.path.startswith("/v1/")
 
-    def admit(self, prompt, params, explicit_max, names, n_prompt=None):
-        """Count tokens, check the context, queue the job (503 when the queue is full)."""
-        n_prompt = inference.count_tokens(prompt, params["raw"]) if n_prompt is None else n_prompt
-        self.fit(n_prompt, params, explicit_max, names)
-        job = Job(prompt, params, n_prompt)
-        try:
-            self.engine.submit(job)
-        except QueueFull:
-            raise ApiError(503, "overloaded", f"the server is busy ({self.config.max_queue} requests in progress); "
-                                              "retry shortly", headers={"Retry-After": "1"}) from None
-        g.rq["job"] = job
-        return job
-
-    def wait(self, job):
-        """The full text of a non-streamed job (its slot is released whatever happens)."""
-        try:
-            text = job.result()
-        finally:
-            self.engine.release(job)
-        g.rq["finish_reason"] = job.finish_reason
-        return text
-
-    def stream_response(self, job, events):
-        """An SSE response over `events`; closing it early (client gone) cancels the job."""
-        g.rq["stream"] = True
-
-        def guarded():
+        def body():
             try:
-                yield from events
+                yield from head
+                for item in itertools.chain([first], items):
+                    yield from [SSE_KEEPALIVE] if item is None else chunks(*item)
+                yield from tail()
+            except ApiError as e:
+                rq["error"] = e.code
+                yield sse(e.body())
+                if is_openai:
+                    yield SSE_DONE
+            except (ClientGone, GeneratorExit):  # GeneratorExit: the server closed us after a failed write
+                rq["error"] = "client_gone"
+                server.release(reply)
+                reply.drain()
             finally:
-                self.engine.release(job)  # cancels the job when the client went away mid-stream
+                server.release(reply)
+                finish_request(server, rq, rq.get("info"))
 
-        return Response(guarded(), mimetype="text/event-stream",
+        return Response(body(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # ------------------------------------------------------------------ native endpoints
+    # ---------------------------------------------------------------- native routes
 
-    def health(self):
-        state = self.engine.state
-        if state == "ok":
-            return jsonify({"status": "ok", **self.engine.describe(), "model": self.model_name,
-                            "queue": {"waiting": self.engine.queue_depth(), "running": self.engine.running(),
-                                      "max_queue": self.config.max_queue}})
-        body = {"status": state}
-        if state == "error":
-            body["error"] = self.engine.error
-        resp = jsonify(body)
-        resp.status_code = 503
-        resp.headers["Retry-After"] = "2" if state == "loading" else "60"
-        return resp
+    @app.get("/health")
+    def health():
+        if server.status == "ok" and server.accepting:
+            return jsonify({"status": "ok", "model": server.model_name, **server.describe(),
+                            "queue": {**server.stats(), "admitted": len(server._replies),
+                                      "max_queue": cfg.max_queue}})
+        status = server.status if server.status != "ok" else "shutting_down"
+        body = {"status": status, **({"error": server.error} if server.error else {})}
+        return jsonify(body), 503, {"Retry-After": "2" if status == "loading" else "60"}
 
-    def params(self):
-        """Parameter table for clients (the chat page builds its controls from it)."""
-        ctx = self.engine.context_length
+    @app.get("/params")
+    def params():
+        ctx = server.context_length
         table = {name: dict(spec) for name, spec in PARAM_RANGES.items()}
-        if ctx:  # max_new_tokens is bounded by the model: prompt + max_new_tokens <= context
+        if ctx:
             table["max_new_tokens"]["max"] = ctx - 1
-        return jsonify({"params": table, "context_length": ctx,
-                        "max_prompt_tokens": self.prompt_limit() if ctx else None,
-                        "model": self.model_name, "status": self.engine.state})
+        return jsonify({"params": table, "context_length": ctx, "max_prompt_tokens": server.prompt_limit() if ctx
+                        else None, "model": server.model_name, "status": server.status})
 
-    def generate(self):
-        body = parse_json_body(request)
-        prompt, params, stream, explicit_max = native_request(body)
-        self.require_ready()
-        job = self.admit(prompt, params, explicit_max, {})
-        if stream:
-            return self.stream_response(job, self._native_events(job))
-        text = self.wait(job)
-        return jsonify({"id": g.rq["request_id"], "model": self.model_name, "text": text,
-                        "finish_reason": job.finish_reason, "usage": job.usage(), "timings": job.timings()})
+    @app.post("/generate")
+    @limited
+    def generate():
+        body, given, names = read_body(NATIVE_FIELDS, "/generate")
+        p = engine_params(given, names)
+        if not p["raw"] and not body["prompt"].strip():
+            raise invalid("prompt", "prompt must not be empty (an empty prompt is allowed with raw: true)")
+        if body.get("context") and p["raw"]:
+            raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
+        server.require_ready()
+        ids = inference.encode_prompt(format_prompt(body["prompt"], body["context"]), raw=True) \
+            if body.get("context") else inference.encode_prompt(body["prompt"], p["raw"])
+        k = body.get("logprobs")
+        stream = bool(body.get("stream"))
+        reply = server.admit([ids], server.fit(ids, p, "max_new_tokens" in given, names), names, stream, logprobs=k)
 
-    def _native_events(self, job):
-        for kind, payload in job.events(self.config.stream_keepalive_s):
-            if kind == "token":
-                yield sse({"token": payload})
-            elif kind == "keepalive":
-                yield SSE_KEEPALIVE
-            elif kind == "done":
-                yield sse({"done": True, "finish_reason": job.finish_reason, "usage": job.usage(),
-                           "timings": job.timings()})
-            else:
-                yield sse(payload.body())
+        def logprobs(entries):
+            return {"logprobs": native_logprobs(entries)} if k is not None else {}
 
-    # ------------------------------------------------------------------ OpenAI endpoints
+        def render(choices):
+            c = choices[0]
+            return jsonify({"id": g.rq["request_id"], "model": server.model_name, "text": c["text"],
+                            "finish_reason": c["finish_reason"], "usage": reply.usage(), "timings": reply.timings(),
+                            **logprobs(c["entries"])})
 
-    def completions(self):
-        body = parse_json_body(request)
-        reject_unknown(body, COMPLETION_FIELDS, "/v1/completions")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise invalid("prompt", "prompt is required: a non-empty string (or a list holding one string)")
-        refuse_unsupported(body, completion=True)
-        params, explicit_max, stream, include_usage = openai_params(body, default_max_tokens=16, raw=True)
-        self.require_ready()
-        job = self.admit(prompt, params, explicit_max, {"max_new_tokens": "max_tokens"})
-        cid, created = "cmpl-" + g.rq["request_id"], int(time.time())
-        if stream:
-            return self.stream_response(job, self._completion_chunks(job, cid, created, include_usage))
-        text = self.wait(job)
-        return jsonify({
-            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [{"text": text, "index": 0, "logprobs": None,
-                         "finish_reason": openai_finish_reason(job.finish_reason)}],
-            "usage": job.usage(), "system_fingerprint": None, "timings": job.timings(),
-        })
+        def chunks(_, out):
+            if out.text or (k is not None and out.logprobs):
+                yield sse({"token": out.text, **logprobs(out.logprobs)})
+            if out.finish_reason is not None:
+                yield sse({"done": True, "finish_reason": out.finish_reason, "usage": reply.usage(),
+                           "timings": reply.timings()})
 
-    def _completion_chunks(self, job, cid, created, include_usage):
-        def chunk(text, finish, usage=False):
-            obj = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                obj["usage"] = None
-            return obj
+        return respond(reply, stream, render, chunks)
 
-        yield from self._openai_stream(job, chunk, cid, created, "text_completion", include_usage)
+    # ---------------------------------------------------------------- OpenAI routes
 
-    def chat_completions(self):
-        body = parse_json_body(request)
-        reject_unknown(body, CHAT_FIELDS, "/v1/chat/completions")
-        if "messages" not in body:
-            raise invalid("messages", "messages is required: a list of {role, content} objects ending with a user message")
-        system, history, instruction = split_chat(body["messages"])
-        refuse_unsupported(body, completion=False)
-        if body.get("max_completion_tokens") is not None:
-            if body.get("max_tokens") is not None:
-                raise invalid("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
-            body = {**body, "max_tokens": body["max_completion_tokens"]}
-        params, explicit_max, stream, include_usage = openai_params(body, default_max_tokens=None, raw=False)
-        self.require_ready()
-        text, n_prompt = self.fold_chat(system, history, instruction, params["max_new_tokens"] if explicit_max else 1)
-        params["raw"] = True  # fold_chat applied the template (with its Input block) already
-        job = self.admit(text, params, explicit_max,
-                         {"max_new_tokens": "max_tokens", "prompt": "messages"}, n_prompt=n_prompt)
-        cid, created = "chatcmpl-" + g.rq["request_id"], int(time.time())
-        if stream:
-            return self.stream_response(job, self._chat_chunks(job, cid, created, include_usage))
-        text = self.wait(job)
-        return jsonify({
-            "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": openai_finish_reason(job.finish_reason)}],
-            "usage": job.usage(), "system_fingerprint": None, "timings": job.timings(),
-        })
+    def openai_request(route, table):
+        """An OpenAI route's body -> (fields, engine params given, client names, stream, a chunk maker, tail)."""
+        body, given, names = read_body(table, route)
+        names.setdefault("max_new_tokens", "max_tokens")
+        stream, usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+        if "stream_options" in body and not stream:
+            raise invalid("stream_options", "stream_options is only allowed with stream: true")
+        obj = "text_completion" if route == "/v1/completions" else "chat.completion"
+        head = {"id": ("cmpl-" if route == "/v1/completions" else "chatcmpl-") + g.rq["request_id"],
+                "object": obj, "created": int(time.time()), "model": server.model_name, "system_fingerprint": None}
 
-    def fold_chat(self, system, history, instruction, min_new):
-        """The templated prompt for a chat -> (text, n_tokens), keeping the most recent earlier turns
-        that fit: prompt <= the prompt limit and prompt + min_new <= the context. Binary search on how
-        many of the oldest turns to drop (a few encodings however long the history)."""
-        ctx, limit = self.engine.context_length, self.prompt_limit()
+        def make(choices=None, usage_=None, chunk=False):
+            out = {**head, "choices": choices, "usage": usage_}
+            if chunk:
+                out["object"] = obj if obj == "text_completion" else obj + ".chunk"
+                if not usage:
+                    del out["usage"]
+            return out
 
-        def build(drop):
-            text = format_prompt(instruction, chat_context(system, history[drop:]))
-            n = inference.count_tokens(text, raw=True)
-            return text, n, n <= limit and n + min_new <= ctx
+        def tail(reply):
+            if usage:
+                yield sse(make([], reply.usage(), chunk=True))
+            yield SSE_DONE
 
-        text, n, fits = build(0)
-        if fits or not history:
-            return text, n
-        lo, hi = 0, len(history)  # dropping lo turns does not fit; dropping hi is the last resort
-        best = build(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            cand = build(mid)
-            if cand[2]:
-                hi, best = mid, cand
-            else:
-                lo = mid
-        return best[0], best[1]
+        return body, given, names, stream, make, tail
 
-    def _chat_chunks(self, job, cid, created, include_usage):
-        def chunk(text, finish, first=False):
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if finish is None else {})
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "system_fingerprint": None,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if include_usage:
-                obj["usage"] = None
-            return obj
+    @app.post("/v1/completions")
+    @limited
+    def completions():
+        body, given, names, stream, make, tail = openai_request("/v1/completions", COMPLETION_FIELDS)
+        prompts = prompt_list(body["prompt"], "prompt")
+        echo, n, k = bool(body.get("echo")), body.get("n", 1), body.get("logprobs")
+        p = engine_params(given, names, {"raw": True, "max_new_tokens": 16})
+        server.require_ready()
+        ids_list = [inference.encode_prompt(q, p["raw"]) if isinstance(q, str) else q for q in prompts]
+        fitted = [server.fit(ids, p, "max_new_tokens" in given, names, "prompt" if len(prompts) == 1 else
+                             f"prompt[{i}]") for i, ids in enumerate(ids_list)]
+        p = min(fitted, key=lambda q: q["max_new_tokens"])  # one params dict for all the prompts
+        reply = server.admit(ids_list, p, names, stream, n=n, logprobs=k, echo=echo)
+        echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
 
-        yield sse(chunk("", None, first=True))
-        yield from self._openai_stream(job, chunk, cid, created, "chat.completion.chunk", include_usage)
+        def render(choices):
+            return jsonify(make([{"text": echoed.get(i, "") + c["text"], "index": i,
+                                  "logprobs": completion_logprobs(c["entries"], 0) if k is not None else None,
+                                  "finish_reason": openai_finish(c["finish_reason"])}
+                                 for i, c in sorted(choices.items())], reply.usage()))
 
-    def _openai_stream(self, job, chunk, cid, created, object_name, include_usage):
-        """Token chunks, a final chunk with finish_reason, an optional usage chunk, then [DONE]."""
-        for kind, payload in job.events(self.config.stream_keepalive_s):
-            if kind == "token":
-                yield sse(chunk(payload, None))
-            elif kind == "keepalive":
-                yield SSE_KEEPALIVE
-            elif kind == "done":
-                yield sse(chunk("", openai_finish_reason(job.finish_reason)))
-                if include_usage:
-                    yield sse({"id": cid, "object": object_name, "created": created, "model": self.model_name,
-                               "choices": [], "usage": job.usage()})
-            else:
-                yield sse(payload.body())
-        yield SSE_DONE
+        sent = {}  # choice -> characters of its tokens sent so far (text_offset)
 
-    def models(self):
-        return jsonify({"object": "list", "data": [self._model_card()]})
+        def chunks(index, out):
+            lp = completion_logprobs(reply.entries(index, out), sent.get(index, 0)) if k is not None else None
+            text = ("" if index in sent else echoed.get(index, "")) + out.text
+            sent[index] = sent.get(index, 0) + sum(map(len, lp["tokens"] if lp else []))
+            yield sse(make([{"text": text, "index": index, "logprobs": lp,
+                             "finish_reason": openai_finish(out.finish_reason)}], chunk=True))
 
-    def model(self, model_id):
-        if model_id != self.model_name:
-            raise ApiError(404, "not_found", f"model {model_id!r} not found; this server has {self.model_name!r}",
-                           "model")
-        return jsonify(self._model_card())
+        return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
-    def _model_card(self):
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2-instruct",
-                "context_length": self.engine.context_length}
+    @app.post("/v1/chat/completions")
+    @limited
+    def chat_completions():
+        body, given, names, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
+        if "top_logprobs" in body and not body.get("logprobs"):
+            raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+        split_chat(body["messages"])  # validate before anything else
+        p = engine_params(given, names)
+        server.require_ready()
+        explicit = "max_new_tokens" in given
+        limit, min_new = server.prompt_limit(), p["max_new_tokens"] if explicit else 1
+        ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
+        n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
+        reply = server.admit([ids], server.fit(ids, p, explicit, names, "messages"), names, stream, n=n, logprobs=k)
 
-    # ------------------------------------------------------------------ metrics and static files
+        def render(choices):
+            return jsonify(make([{"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                                  "logprobs": chat_logprobs(c["entries"]) if k is not None else None,
+                                  "finish_reason": openai_finish(c["finish_reason"])}
+                                 for i, c in sorted(choices.items())], reply.usage()))
 
-    def metrics_view(self):
-        gauges = {
-            "gpt2i_queue_depth": ("Generation requests waiting for the engine.", self.engine.queue_depth()),
-            "gpt2i_requests_admitted": ("Generation requests in progress (held against --max-queue).",
-                                        self.engine.admitted()),
-            "gpt2i_requests_running": ("Generation requests being decoded.", self.engine.running()),
-            "gpt2i_model_loaded": ("1 when the model is loaded and serving.", int(self.engine.state == "ok")),
-            "gpt2i_max_queue": ("Admission limit (--max-queue).", self.config.max_queue),
-        }
-        return Response(self.metrics.render(gauges), mimetype="text/plain; version=0.0.4")
+        def chunk(index, delta, finish=None, lp=None):
+            return sse(make([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], chunk=True))
 
-    def index(self):
-        if os.path.isfile(os.path.join(self.config.static_dir, "index.html")):
-            return send_from_directory(self.config.static_dir, "index.html")
-        note = ("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title>"
-                "<p>gpt2-instruct server. The chat page is not installed (no index.html in the static folder).</p>"
-                "<p>API: <code>POST /generate</code>, <code>POST /v1/chat/completions</code>, "
-                "<code>GET /health</code>.</p>")
-        return Response(note, mimetype="text/html")
+        def chunks(index, out):
+            lp = chat_logprobs(out.logprobs) if k is not None else None
+            if out.text or (lp and lp["content"]):
+                yield chunk(index, {"content": out.text}, lp=lp)
+            if out.finish_reason is not None:
+                yield chunk(index, {}, openai_finish(out.finish_reason))
 
-    def static_file(self, filename):
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
+        head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+        return respond(reply, stream, render, chunks, head, lambda: tail(reply))
 
-        folder = self.config.static_dir
+    @app.post("/v1/embeddings")
+    @limited
+    def embeddings():
+        body, _, _ = read_body(EMBEDDING_FIELDS, "/v1/embeddings")
+        inputs = prompt_list(body["input"], "input")
+        server.require_ready()
+        ids_list = [inference.encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
         try:
-            return send_from_directory(folder, filename)
-        except NotFound:
-            raise ApiError(404, "not_found", f"no such endpoint or file: /{filename}") from None
+            vectors = server.engine.embed(ids_list)
+        except ParamError as e:
+            raise param_error(e, {}) from None
+        b64 = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else list(v)}
+                for i, v in enumerate(vectors)]
+        n_tokens = sum(len(ids) for ids in ids_list)
+        server.m_tokens.labels("prompt").inc(n_tokens)
+        return jsonify({"object": "list", "data": data, "model": server.model_name,
+                        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
-    def close(self):
-        self.engine.stop()
+    @app.post("/tokenize")
+    def tokenize():
+        body, _, _ = read_body(TOKENIZE_FIELDS, "/tokenize")
+        if ("prompt" in body) == ("messages" in body):
+            raise invalid("prompt", "give exactly one of prompt (text) or messages (a chat)")
+        if "messages" in body:
+            system, history, instruction = split_chat(body["messages"])
+            ids = inference.encode_prompt(format_prompt(instruction, chat_context(system, history)), raw=True)
+        elif body.get("raw", True):
+            ids = encode(body["prompt"])
+        else:
+            ids = inference.encode_prompt(body["prompt"])
+        out = {"count": len(ids), "max_model_len": server.context_length, "tokens": ids}
+        if body.get("return_token_strs"):
+            out["token_strs"] = [token_str(t) for t in ids]
+        return jsonify(out)
 
+    @app.post("/detokenize")
+    def detokenize():
+        body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")
+        if not isinstance(body["tokens"], list):
+            raise invalid("tokens", f"tokens must be a list of token ids, got {short(body['tokens'])}")
+        ids = check_ids(body["tokens"], "tokens") if body["tokens"] else []
+        return jsonify({"prompt": decode(ids)})
 
-def static_file_converter(folder):
-    """A URL converter matching only files that exist in `folder`, so /<file> never shadows the API's 404/405."""
+    @app.get("/v1/models")
+    def models():
+        return jsonify({"object": "list", "data": [model_card(server)]})
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id):
+        if model_id != server.model_name:
+            raise ApiError(404, "not_found", f"model {model_id!r} not found; this server has {server.model_name!r}",
+                           "model", "model_not_found")
+        return jsonify(model_card(server))
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(prom.generate_latest(server.registry), mimetype="text/plain",
+                        headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document(server))
+
+    # ---------------------------------------------------------------- the page
 
     class StaticFile(PathConverter):
+        """Matches only files that exist in the static folder, so /<file> never shadows a 404/405."""
+
         def to_python(self, value):
-            path = safe_join(folder, value)
+            path = safe_join(cfg.static_dir, value)
             if path is None or not os.path.isfile(path):
                 raise ValidationError()
             return value
 
-    return StaticFile
+    app.url_map.converters["staticfile"] = StaticFile
+
+    @app.get("/")
+    def index():
+        if os.path.isfile(os.path.join(cfg.static_dir, "index.html")):
+            return send_from_directory(cfg.static_dir, "index.html")
+        return Response("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title><p>gpt2-instruct server "
+                        "(no chat page installed). API: <code>POST /generate</code>, <code>POST /v1/chat/completions"
+                        "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
+
+    @app.get("/static/<path:filename>", endpoint="static_file")
+    # every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the
+    # method before the converter)
+    @app.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def static_files(filename):
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
+        try:
+            return send_from_directory(cfg.static_dir, filename)
+        except NotFound:
+            raise ApiError(404, "not_found", f"no such route or file: /{filename}") from None
+
+    if cfg.cors_origins:
+        CORS(app, origins=cfg.cors_origins, methods=["GET", "POST", "OPTIONS"],
+             allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+             expose_headers=["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                             "X-RateLimit-Reset"], max_age=600)
+    return app
 
 
-def native_request(body):
-    """Check a /generate body -> (prompt for inference, params, stream, max_new_tokens given?)."""
-    reject_unknown(body, set(NATIVE_FIELDS) | set(PARAM_RANGES), "/generate")
-    v = {name: typed(body, name, kind) for name, kind in NATIVE_FIELDS.items()}
-    if v["prompt"] is None:
-        raise invalid("prompt", "prompt is required: the instruction (with raw: true, the text to continue)")
-    params = check_params({k: body[k] for k in PARAM_RANGES if k in body}, {})
-    if not params["raw"] and not v["prompt"].strip():
-        raise invalid("prompt", "prompt must not be empty (an empty prompt is allowed with raw: true)")
-    prompt = v["prompt"]
-    if v["context"]:
-        if params["raw"]:
-            raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
-        prompt, params["raw"] = format_prompt(prompt, v["context"]), True  # templated here, sent as is
-    return prompt, params, bool(v["stream"]), body.get("max_new_tokens") is not None
+def model_card(server):
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
+            "context_length": server.context_length}
 
 
-OPENAI_TO_OURS = (("max_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                  ("top_k", "top_k"), ("repetition_penalty", "repetition_penalty"), ("seed", "seed"),
-                  ("stop", "stop"))
+def finish_request(server, rq, info):
+    """One log line and the request metrics, once, when the response is done (streams included)."""
+    if info is None or rq["logged"]:
+        return
+    rq["logged"] = True
+    if rq["reply"] is not None:
+        server.release(rq["reply"])
+    latency = time.perf_counter() - rq["t0"]
+    server.m_requests.labels(info["endpoint"], str(info["status"])).inc()
+    server.m_latency.labels(info["endpoint"]).observe(latency)
+    reply = rq["reply"]
+    line = {"event": "request", "request_id": rq["request_id"], **{k: v for k, v in info.items() if k != "quiet"},
+            "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
+    if reply is not None:
+        line.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                    finish_reason=",".join(sorted(set(reply.finish_reasons.values()))) or None)
+    if rq["error"]:
+        line["error"] = rq["error"]
+    log.log(logging.DEBUG if info["quiet"] else logging.INFO, line)
 
 
-def openai_params(body, default_max_tokens, raw):
-    """OpenAI sampling fields -> (our params, max_tokens given?, stream, include_usage).
-
-    raw: the default for our `raw` (the completions endpoint lets the body override it).
-    """
-    n = typed(body, "n", "integer")
-    if n is not None and n != 1:
-        raise invalid("n", f"n must be 1 (one completion per request), got {n}")
-    given = {ours: body.get(theirs) for theirs, ours in OPENAI_TO_OURS}
-    explicit_max = given["max_new_tokens"] is not None
-    if not explicit_max and default_max_tokens is not None:
-        given["max_new_tokens"] = default_max_tokens
-    given["raw"] = body["raw"] if body.get("raw") is not None else raw
-    params = check_params(given, {"max_new_tokens": "max_tokens"})
-    stream = bool(typed(body, "stream", "boolean"))
-    options = typed(body, "stream_options", "object") or {}
-    include_usage = options.get("include_usage") is True
-    typed(body, "model", "string")
-    typed(body, "user", "string")
-    return params, explicit_max, stream, include_usage
+# ============================================================================ OpenAPI
 
 
-def refuse_unsupported(body, completion):
-    """OpenAI fields we accept only at their no-op value; anything else is a 422 that says why."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = typed(body, name, "number")
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise invalid(name, f"{name} must be in [-2, 2], got {value}")
-        if value:
-            raise invalid(name, f"{name} is not supported (only 0); use repetition_penalty (1.0 = off) instead")
-    checks = [
-        ("logit_bias", lambda v: not v, "logit_bias is not supported"),
-        ("tools", lambda v: not v, "tools are not supported by this model"),
-        ("functions", lambda v: not v, "functions are not supported by this model"),
-        ("tool_choice", lambda v: v in (None, "none"), "tool_choice must be 'none'"),
-        ("function_call", lambda v: v in (None, "none"), "function_call must be 'none'"),
-        ("response_format", lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-         'response_format must be {"type": "text"}'),
-        ("top_logprobs", lambda v: not v, "top_logprobs is not supported"),
-        ("echo", lambda v: v in (None, False), "echo is not supported"),
-        ("best_of", lambda v: v in (None, 1), "best_of must be 1"),
-        ("suffix", lambda v: not v, "suffix is not supported"),
-        ("logprobs", lambda v: v is None or v is False or (type(v) is int and v == 0), "logprobs is not supported"),
-    ]
-    for name, ok, message in checks:
-        if name in body and not ok(body[name]):
-            raise invalid(name, message)
+def openapi_document(server):
+    """OpenAPI 3.1 for every route, the request bodies built from the route tables and PARAM_RANGES."""
+
+    def body_schema(table):
+        props = {}
+        for name, spec in table.items():
+            schema = param_schema(spec["param"]) if spec["param"] else dict(spec["schema"])
+            props[name] = {"anyOf": [schema, {"type": "null"}]} if not spec.get("required") else schema
+        return {"type": "object", "properties": props, "additionalProperties": False,
+                "required": [n for n, s in table.items() if s.get("required")]}
+
+    error = {"$ref": "#/components/schemas/Error"}
+    errors = {str(code): {"description": HTTP_TYPES.get(code, "error"), "content": {"application/json": {"schema": error}}}
+              for code in (400, 401, 404, 405, 408, 413, 415, 429, 503)}
+    ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    ok_stream = {"description": "OK (JSON, or Server-Sent Events with stream: true)",
+                 "content": {"application/json": {"schema": {"type": "object"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}
+
+    def post(summary, table, ok=ok_json):
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": body_schema(table)}}}, "responses": {"200": ok, **errors}}}
+
+    def get(summary, ok=ok_json):
+        return {"get": {"summary": summary, "responses": {"200": ok, **errors}}}
+
+    model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpt2-instruct", "version": "1", "description": (
+            "Native and OpenAI-compatible generation. Logprobs are the model's raw log-probabilities (before "
+            "temperature, top-k, top-p and penalties). With n > 1, choice i samples with seed + i when seed is given.")},
+        "paths": {
+            "/health": get("Readiness: 200 when the model is loaded, 503 while loading or shutting down"),
+            "/params": get("Generation parameters: type, range, default; context length"),
+            "/generate": post("Native generation (instruction template unless raw)", NATIVE_FIELDS, ok_stream),
+            "/v1/completions": post("OpenAI text completion", COMPLETION_FIELDS, ok_stream),
+            "/v1/chat/completions": post("OpenAI chat completion", CHAT_FIELDS, ok_stream),
+            "/v1/embeddings": post("Mean-pooled, L2-normalised final hidden states", EMBEDDING_FIELDS),
+            "/tokenize": post("Text or chat -> token ids", TOKENIZE_FIELDS),
+            "/detokenize": post("Token ids -> text", DETOKENIZE_FIELDS),
+            "/v1/models": get("The served model"),
+            "/v1/models/{model_id}": {"get": {"summary": "One model", "parameters": model_param,
+                                              "responses": {"200": ok_json, **errors}}},
+            "/metrics": get("Prometheus metrics", {"description": "OK", "content": {"text/plain": {
+                "schema": {"type": "string"}}}}),
+            "/openapi.json": get("This document"),
+        },
+        "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["type", "message"], "properties": {
+                "type": {"type": "string"}, "message": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}},
+    }
 
 
-# ============================================================================ create_app and the CLI
+# ============================================================================ logging and the CLI
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
+    """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
+
+    json_lines = True
 
     @property
     def stream(self):
-        import sys
-
         return sys.stderr
 
     @stream.setter
     def stream(self, _):
         pass
 
+    def format(self, record):
+        msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
+        if record.exc_info:  # unexpected errors keep their traceback
+            msg = f"{msg}\n{logging.Formatter().formatException(record.exc_info)}" if isinstance(msg, str) else msg
+        if self.json_lines:
+            return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
+                                                                  "message": msg})
+        if isinstance(msg, dict):
+            msg = " ".join(f"{k}={v}" for k, v in msg.items() if v is not None and k != "event")
+        return f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} {msg}"
 
-def setup_logging(level):
-    """JSON lines on stderr from the 'gpt2i.serve' logger (one handler, however many apps are created)."""
+
+def setup_logging(level, fmt="auto"):
+    """One handler on the 'gpt2i.serve' logger, however many apps are created."""
     log.setLevel(getattr(logging, level.upper()))
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+    log.propagate = False
+    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-        log.propagate = False
+    handler.json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # our own line per request replaces its access log
 
 
-def create_app(config=None):
-    """The Flask app. config: None (read GPT2I_* environment variables), a dict, or a ServeConfig.
+class _Handler(WSGIRequestHandler):
+    """HTTP/1.0 (one request per connection), a read timeout, no access log of its own."""
 
-    The model starts loading in a background thread before this returns. The Server object
-    (config, engine, metrics) is at app.extensions["gpt2i"]; call its close() to stop the engine.
-    """
-    cfg = make_config(config, environ=os.environ if config is None else None)
-    setup_logging(cfg.log_level)
-    server = Server(cfg)
-    app = server.build_app()
-    server.engine.start()
-    return app
+    protocol_version = "HTTP/1.0"
+
+    def setup(self):
+        self.timeout = self.server.read_timeout
+        super().setup()
+
+    def log_request(self, *args):
+        pass
+
+    def log(self, type, message, *args):
+        log.debug(message % args if args else message)
+
+
+class PooledServer(BaseWSGIServer):
+    """werkzeug's server with a fixed pool of request threads (connections past it wait their turn)."""
+
+    multithread = True
+
+    def __init__(self, host, port, app, threads, read_timeout):
+        self.read_timeout = read_timeout
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # bound here: werkzeug would print its own message and exit 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            super().__init__(host, port, app, handler=_Handler, fd=sock.fileno())
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        finally:
+            sock.close()  # werkzeug holds a duplicate
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt2i-http")
+
+    def process_request(self, request, client_address):
+        self.pool.submit(self._serve_one, request, client_address)
+
+    def _serve_one(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Serve a gpt2-instruct checkpoint: POST /generate, OpenAI-compatible /v1/*, the chat page at /. "
+        description="Serve a gpt2-instruct model: POST /generate, OpenAI-compatible /v1/*, the chat page at /. "
                     "Every flag can also be set by an environment variable (shown); the flag wins.",
-        epilog='production: GPT2I_CKPT=PATH gunicorn -c gunicorn.conf.py "serve:create_app()"',
-    )
-    for f in fields(ServeConfig):
-        if f.name in _INTERNAL_ONLY:
-            continue
-        default = f.default_factory() if callable(f.default_factory) else f.default
+        epilog='production: GPT2I_CKPT=PATH gunicorn -c gunicorn.conf.py "serve:create_app()"')
+    for name, (default, _, help_) in OPTIONS.items():
         shown = ",".join(default) if isinstance(default, list) else default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                            help=f"{_HELP[f.name]} [env {env_name(f.name)}; default: {shown if shown else 'none'}]")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
+                            help=f"{help_} [env {env_name(name)}; default: {shown if shown else 'none'}]")
+    parser.error = refuse  # a bad flag is one line and exit 2, as every other user mistake
     return parser
 
 
-def main(argv=None):
-    import sys
+def refuse(message):
+    raise UserError(message)
 
+
+def main(argv=None):
     args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if v is not None}
-    cfg = make_config(values, environ=os.environ)
+    cfg = make_config({k: v for k, v in vars(args).items() if v is not None}, environ=os.environ)
+    httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads, cfg.read_timeout)
     app = create_app(cfg)
-    print(f"gpt2-instruct: http://{cfg.host}:{cfg.port} (model {cfg.ckpt} loading in the background; "
-          f"GET /health says when it is ready)", file=sys.stderr)
+    httpd.app = app
+    server = state(app)
+
+    def stop(signum, frame):
+        def shut():
+            server.close(cfg.graceful_timeout)
+            httpd.shutdown()
+
+        threading.Thread(target=shut, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info({"event": "listening", "url": f"http://{cfg.host}:{httpd.port}", "model": cfg.ckpt,
+              "note": "the model loads in the background; GET /health says when it is ready"})
     try:
-        app.run(host=cfg.host, port=cfg.port, threaded=True, use_reloader=False)
+        httpd.serve_forever()
     finally:
-        app.extensions["gpt2i"].close()
+        httpd.server_close()
+        httpd.pool.shutdown(wait=False, cancel_futures=True)
+        server.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """
-Generation speed: inference.py (ours) against transformers' GPT2LMHeadModel.generate on the same
-weights, device and prompts, in one run. Greedy, a --prompt-len token prompt per row (32 by
+Generation speed: the inference.py Engine (ours) against transformers' GPT2LMHeadModel.generate on the
+same weights, device and prompts, in one run. Greedy, a --prompt-len token prompt per row (32 by
 default), --n-new tokens per row (end-of-text ignored, so every row decodes all of them).
 
-    python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32
+    python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32/64
     python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
     python bench/generate.py --device cpu --batch-sizes 1,8 --n-new 32             # CPU, a few minutes
     python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
 
-Ours is run once per decode mode in --modes (CUDA default: "graphs" = CUDA-graph decode steps and
-"graphs+compile" = the same with torch.compile; elsewhere "eager"), each after a warm-up run of
-the same shape (graph capture and compilation happen there). Numbers are the best of --repeats.
-prefill tok/s = rows x prompt tokens / time to the first token; decode tok/s = rows x (n_new - 1)
-/ time from the first token to the last, i.e. aggregate over the batch. transformers: prefill
-from generate(max_new_tokens=1), decode from the difference to the full run.
+Ours runs once per mode in --modes (CUDA default: "graphs" = CUDA-graph decode steps and
+"graphs+compile" = the same with torch.compile; elsewhere "eager"; "static" = the graph path's
+bucketed shapes uncaptured), one Engine per mode with max(batch sizes) slots, each batch after a
+warm-up run of the same shape (graph capture and compilation happen there). All rows are added at
+once and the engine is stepped until idle. Numbers are the best of --repeats. tok/s = rows x
+n_new / the whole run (what an offline batch gets); prefill ms = until every row has its first
+token; decode tok/s = rows x (n_new - 1) / the time after that. transformers: prefill from
+generate(max_new_tokens=1), decode from the difference to the full run.
 Also checks that ours and transformers produce the same greedy tokens (row 0).
 Prints a table; the last line is JSON.
 """
@@ -32,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from common import UserError, pick_device, pick_dtype, run_cli  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
 from tokenizer import encode  # noqa: E402
@@ -42,6 +45,8 @@ WORDS = [" the", " of", " and", " to", " in", " is", " was", " that", " for", " 
          " this", " which", " have", " one", " all", " had", " were", " there", " been", " more", " when",
          " time", " who", " will", " would", " said", " what", " about", " out", " up", " into", " new"]
 TARGETS = {"cuda_batch1_decode_tok_s": 2000, "cuda_batch32_decode_tok_s": 30000, "cpu_batch1_vs_hf": 2.0}
+MODES = {"eager": dict(graphs=False), "static": dict(graphs=False, static=True), "graphs": dict(graphs=True),
+         "graphs+compile": dict(graphs=True, compile=True)}
 
 
 def parse_args(argv):
@@ -52,24 +57,29 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--hf-dtype", default=None, help="transformers' dtype if different (e.g. float32)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
-    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,8,32,64 on CUDA, 1,8 elsewhere)")
     p.add_argument("--n-new", type=int, default=None, help="new tokens per row (default 256 on CUDA, 32 on CPU)")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--modes", default=None, help="ours' decode modes, comma-separated: eager, static, graphs, "
-                                                 "graphs+compile (default: graphs,graphs+compile on CUDA, else eager)")
+    p.add_argument("--modes", default=None, help=f"ours' modes, comma-separated: {', '.join(MODES)} "
+                                                 "(default: graphs,graphs+compile on CUDA, else eager)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="Engine prefill_chunk")
+    p.add_argument("--decode-chunk", type=int, default=None, help="Engine decode_chunk (default: 8 on CUDA, 1 else)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise UserError("--batch-sizes needs positive integers")
+    if args.batch_sizes is not None:
+        try:
+            args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+        if not args.batch_sizes or min(args.batch_sizes) < 1:
+            raise UserError("--batch-sizes needs positive integers")
     if args.prompt_len < 1 or (args.n_new is not None and args.n_new < 2):
         raise UserError("--prompt-len must be >= 1 and --n-new >= 2")
+    if args.modes and not set(args.modes.split(",")) <= set(MODES):
+        raise UserError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     return args
 
 
@@ -82,8 +92,8 @@ def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
     quantize = None if args.quantize == "none" else args.quantize
     if args.ckpt:
-        ours, info = inference.load_weights(args.ckpt)  # fp32 on CPU, not yet prepared
-        name = info["model"]
+        ours, info = load_model(args.ckpt)  # fp32 on CPU, not yet prepared
+        name = info["name"]
     else:
         torch.manual_seed(args.seed)
         ours = GPT(GPTConfig()).eval().requires_grad_(False)  # GPT-2 124M shapes, vocab padded to 50304
@@ -116,19 +126,27 @@ def make_prompts(n, length, seed):
     return prompts
 
 
-def time_ours(model, prompts, n_new, repeats):
-    """Best (prefill_s, decode_s, token ids of row 0) over `repeats` runs after one warm-up run."""
-    params = dict(max_new_tokens=n_new, temperature=0, raw=True, ignore_eos=True)
-    inference.generate_batch(model, prompts, **params)  # warm-up: graph capture / compilation
-    best = None
-    for _ in range(repeats):
-        results = inference.generate_batch(model, prompts, **params)
-        prefill = max(r["timings"]["prefill_ms"] for r in results) / 1e3
-        decode = max(r["timings"]["decode_ms"] for r in results) / 1e3
-        assert all(r["completion_tokens"] == n_new for r in results)
-        if best is None or prefill + decode < best[0] + best[1]:
-            best = (prefill, decode, results[0]["token_ids"])
-    return best
+def time_ours(engine, prompts, n_new, repeats):
+    """Best (prefill_s, decode_s, total_s, token ids of row 0) over `repeats` runs after one warm-up run."""
+    params = inference.validate_params(max_new_tokens=n_new, temperature=0, ignore_eos=True)
+    ids = [encode(p) for p in prompts]
+
+    def once():
+        sync(engine.device)
+        t0 = time.perf_counter()
+        reqs = [engine.add(x, params) for x in ids]
+        got, first = {r.id: [] for r in reqs}, None
+        while engine.has_work():
+            for o in engine.step():
+                got[o.request.id] += o.token_ids
+            if first is None and all(got.values()):
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert all(len(t) == n_new for t in got.values())
+        return first - t0, end - first, end - t0, got[reqs[0].id]
+
+    once()  # warm-up: graph capture / compilation
+    return min((once() for _ in range(repeats)), key=lambda run: run[2])
 
 
 def time_hf(hf, prompts, n_new, repeats, device):
@@ -147,7 +165,7 @@ def time_hf(hf, prompts, n_new, repeats, device):
     run(2)  # warm-up
     first = min(run(1)[0] for _ in range(repeats))
     full, tokens = min((run(n_new) for _ in range(repeats)), key=lambda x: x[0])
-    return first, max(full - first, 1e-9), tokens
+    return first, max(full - first, 1e-9), full, tokens
 
 
 def is_oom(e):
@@ -165,18 +183,19 @@ def common_prefix(a, b):
 
 def run_config(impl, mode, fn, B, prompt_len, n_new):
     try:
-        prefill, decode, tokens = fn()
+        prefill, decode, total, tokens = fn()
     except Exception as e:  # one configuration failing (OOM, capture) must not hide the others
         if not is_oom(e) and not isinstance(e, RuntimeError):
             raise
         return {"impl": impl, "mode": mode, "batch": B, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}, None
-    return {"impl": impl, "mode": mode, "batch": B,
+    return {"impl": impl, "mode": mode, "batch": B, "tok_s": round(B * n_new / total, 1),
             "prefill_tok_s": round(B * prompt_len / prefill, 1), "decode_tok_s": round(B * (n_new - 1) / decode, 1),
             "prefill_ms": round(prefill * 1e3, 2), "decode_ms_per_step": round(decode / (n_new - 1) * 1e3, 3)}, tokens
 
 
 def print_table(rows):
-    head = f"{'impl':<13}{'mode':<16}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>10}{'vs hf':>8}"
+    head = (f"{'impl':<13}{'mode':<16}{'batch':>6}{'tok/s':>12}{'prefill ms':>12}{'decode tok/s':>14}{'ms/step':>10}"
+            f"{'vs hf':>8}")
     print(head)
     print("-" * len(head))
     hf = {r["batch"]: r.get("decode_tok_s") for r in rows if r["impl"] == "transformers"}
@@ -186,8 +205,8 @@ def print_table(rows):
             continue
         ratio = r["decode_tok_s"] / hf[r["batch"]] if hf.get(r["batch"]) else None
         r["decode_vs_hf"] = round(ratio, 2) if ratio else None
-        print(f"{r['impl']:<13}{r['mode']:<16}{r['batch']:>6}{r['prefill_tok_s']:>15,.0f}{r['decode_tok_s']:>14,.1f}"
-              f"{r['decode_ms_per_step']:>10.2f}{(f'{ratio:.1f}x' if ratio else ''):>8}")
+        print(f"{r['impl']:<13}{r['mode']:<16}{r['batch']:>6}{r['tok_s']:>12,.0f}{r['prefill_ms']:>12,.1f}"
+              f"{r['decode_tok_s']:>14,.1f}{r['decode_ms_per_step']:>10.2f}{(f'{ratio:.1f}x' if ratio else ''):>8}")
 
 
 def check_targets(rows, device):
@@ -219,6 +238,7 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
     n_new = args.n_new or (256 if device.type == "cuda" else 32)
     modes = (args.modes or ("graphs,graphs+compile" if device.type == "cuda" else "eager")).split(",")
+    batch_sizes = args.batch_sizes or ([1, 8, 32, 64] if device.type == "cuda" else [1, 8])
     ours, hf, name = build_models(args, device, dtype)
     if args.prompt_len + n_new > ours.config.block_size:
         raise UserError(f"--prompt-len + --n-new must be <= block_size {ours.config.block_size}")
@@ -227,24 +247,22 @@ def main(argv=None):
     print(f"model: {name}; device: {device} ({hw}); dtype: {dtype}; quantize: {args.quantize}; "
           f"prompt {args.prompt_len} tokens, {n_new} new, greedy; torch {torch.__version__}")
     rows, agree = [], {}
-    for B in args.batch_sizes:
+    engines = {mode: inference.Engine(ours, max_batch=max(batch_sizes), prefill_chunk=args.prefill_chunk,
+                                      decode_chunk=args.decode_chunk, **MODES[mode]) for mode in modes}
+    for B in batch_sizes:
         prompts = make_prompts(B, args.prompt_len, args.seed)
         hf_tokens = None
         if hf is not None:
             row, hf_tokens = run_config("transformers", "generate", lambda: time_hf(hf, prompts, n_new, args.repeats, device),
                                         B, args.prompt_len, n_new)
             rows.append(row)
-        for mode in modes:
-            base, _, compiled = mode.partition("+")
-            inference.configure_engine(ours, mode=base, compile=bool(compiled))
-            row, tokens = run_config("ours", mode, lambda: time_ours(ours, prompts, n_new, args.repeats),
+        for mode, engine in engines.items():
+            row, tokens = run_config("ours", mode, lambda: time_ours(engine, prompts, n_new, args.repeats),
                                      B, args.prompt_len, n_new)
-            row["engine_notes"] = inference.get_engine(ours).notes[:]
+            row["engine_notes"] = engine.notes[:]
             rows.append(row)
             if tokens is not None and hf_tokens is not None:
                 agree[f"{mode}/b{B}"] = common_prefix(tokens, hf_tokens)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     print()
     print_table(rows)
     print(f"\ngreedy tokens shared with transformers (row 0, of {n_new}): {agree}")

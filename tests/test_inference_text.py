@@ -16,47 +16,43 @@ from tokenizer import EOT_ID, decode, encode, get_tokenizer
 class ScriptedLM(nn.Module):
     """Emits `script` after any prompt of `prompt_len` tokens, then <|endoftext|>.
 
-    Follows model.GPT's cache protocol: a row's position is its cache slot minus its left padding;
-    eager calls advance kv_cache.pos.
+    Speaks model.GPT's protocol: its "hidden state" is each token's position, lm_head turns a
+    position into the scripted next token.
     """
 
     def __init__(self, prompt_len, script, block_size=128):
         super().__init__()
         self.config = GPTConfig(block_size=block_size, n_layer=1, n_head=1, n_embd=8)
         self.anchor = nn.Parameter(torch.zeros(1))  # device / dtype for the engine
-        self.prompt_len, self.script = prompt_len, list(script)
+        self.prompt_len, self.table = prompt_len, torch.tensor(list(script) + [EOT_ID])
 
-    def forward(self, idx, targets=None, kv_cache=None, input_pos=None):
+    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
         B, T = idx.shape
-        if kv_cache is None:
-            slots = torch.arange(T)
-        elif input_pos is not None:
-            slots = input_pos
-        else:
-            slots = torch.arange(kv_cache.pos, kv_cache.pos + T)
-            kv_cache.pos += T
-        pad = kv_cache.pad if kv_cache is not None and kv_cache.pad is not None else torch.zeros(B, dtype=torch.long)
-        step = slots.view(1, T) - pad.view(B, 1) - (self.prompt_len - 1)  # (B, T) index of the next token
-        table = torch.tensor(self.script + [EOT_ID])
-        nxt = table[step.clamp(0, len(self.script))]
-        logits = torch.full((B, T, self.config.vocab_size), -1e4)
-        logits.scatter_(2, nxt.unsqueeze(-1), 0.0)
-        return logits, None
+        start = torch.zeros(B, dtype=torch.long) if pos is None else pos
+        return (start.view(B, 1) + torch.arange(T)).unsqueeze(-1)  # (B, T, 1)
+
+    def lm_head(self, h):
+        step = (h.squeeze(-1) - (self.prompt_len - 1)).clamp(0, len(self.table) - 1)  # index of the next token
+        logits = torch.full((*step.shape, self.config.vocab_size), -1e4)
+        return logits.scatter_(-1, self.table[step].unsqueeze(-1), 0.0)
+
+    def forward(self, idx, targets=None, **cache):
+        return self.lm_head(self.hidden(idx, **cache)), None
 
 
-def scripted(text, prompt="Q", mode="eager", **engine):
+MODES = {"eager": dict(), "static": dict(static=True), "pipelined": dict(static=True, pipeline=True)}
+
+
+def scripted(text, prompt="Q", mode="eager", chunk=1):
     model = ScriptedLM(len(encode(prompt)), encode(text))
-    if mode == "pipelined":  # static mode, next chunk queued before the current one is read
-        mode, engine = "static", dict(engine, pipeline=True)
-    inf.configure_engine(model, mode=mode, **engine)
-    return model
+    return inf.Engine(model, max_batch=4, decode_chunk=chunk, **MODES[mode])
 
 
-def run_both(model, prompt="Q", **kw):
+def run_both(engine, prompt="Q", **kw):
     """(non-streamed result, streamed pieces) with the same parameters."""
     kw = dict(dict(raw=True, max_new_tokens=60, temperature=0), **kw)
-    result = inf.generate_text(model, prompt, **kw)
-    pieces = list(inf.stream_text(model, prompt, **kw))
+    result = inf.generate_text(engine, prompt, **kw)
+    pieces = list(inf.stream_text(engine, prompt, **kw))
     assert "".join(pieces) == result["text"]
     return result, pieces
 
@@ -66,7 +62,7 @@ def token_texts(text):
     return [enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in encode(text)]
 
 
-MODES = pytest.mark.parametrize("mode", ["eager", "static", "pipelined"])
+ALL_MODES = pytest.mark.parametrize("mode", list(MODES))
 
 
 # ---------------------------------------------------------------- StopFilter and the UTF-8 decoder
@@ -102,12 +98,12 @@ def test_incremental_utf8_decoder_never_splits_a_character():
 # ---------------------------------------------------------------- end to end through the engine
 
 
-@MODES
+@ALL_MODES
 def test_stop_string_across_token_boundaries(mode):
     text = "The answer is 42. Next question"
     stop = "is 4"
     assert not any(stop in t for t in token_texts(text)), "the stop string must span tokens"
-    model = scripted(text, mode=mode, chunk=3, bucket=16)
+    model = scripted(text, mode=mode, chunk=3)
     result, pieces = run_both(model, stop=[stop])
     assert result["text"] == "The answer " and result["finish_reason"] == "stop"
     assert not any("is" in p for p in pieces)  # held back, then dropped: nothing of it leaked
@@ -115,16 +111,16 @@ def test_stop_string_across_token_boundaries(mode):
     assert result["completion_tokens"] == 4 and decode(ids[:4]).endswith("is 42")  # up to the completing token
 
 
-@MODES
+@ALL_MODES
 def test_first_completed_stop_string_wins_and_str_is_accepted(mode):
-    model = scripted("The answer is 42. Next", mode=mode, chunk=2, bucket=16)
+    model = scripted("The answer is 42. Next", mode=mode, chunk=2)
     result, _ = run_both(model, stop=["42.", "answer"])
     assert result["text"] == "The " and result["finish_reason"] == "stop"
     result, _ = run_both(model, stop="42")
     assert result["text"] == "The answer is "
 
 
-@MODES
+@ALL_MODES
 def test_partial_stop_is_released_when_it_does_not_complete(mode):
     model = scripted("a ## b ### c", mode=mode)
     result, pieces = run_both(model, stop=["###"])
@@ -134,13 +130,13 @@ def test_partial_stop_is_released_when_it_does_not_complete(mode):
     assert result["text"] == "hello world" and result["finish_reason"] == "eos"
 
 
-@MODES
+@ALL_MODES
 def test_stream_never_emits_broken_utf8(mode):
     text = "日本語 🙂 ok 🎉🎉 café"
     enc = get_tokenizer()
     partial = [t for t in encode(text) if not _is_valid_utf8(enc.decode_single_token_bytes(t))]
     assert len(partial) >= 6, "the script must contain tokens that are pieces of characters"
-    model = scripted(text, mode=mode, chunk=4, bucket=16)
+    model = scripted(text, mode=mode, chunk=4)
     result, pieces = run_both(model)
     assert result["text"] == text and result["finish_reason"] == "eos"
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
@@ -155,7 +151,7 @@ def _is_valid_utf8(b):
         return False
 
 
-@MODES
+@ALL_MODES
 def test_stop_string_with_multibyte_characters(mode):
     model = scripted("日本語 🙂 ok", mode=mode)
     result, pieces = run_both(model, stop=["🙂"])
@@ -183,10 +179,16 @@ def test_eos_finish_and_usage():
     assert result["text"] == decode(encode(text)[:2])
 
 
-@MODES
+@ALL_MODES
 def test_batch_rows_with_their_own_stop_strings(mode):
-    model = scripted("The answer is 42. Next question", mode=mode, chunk=2, bucket=16)
-    rows = inf.generate_batch(model, ["Q", "Q", "Q"], stop=[["is 4"], None, ["Next"]], max_new_tokens=[60, 60, 3],
-                              temperature=[0, 0.7, 0], seed=1, raw=True)
-    assert [r["text"] for r in rows] == ["The answer ", "The answer is 42. Next question", "The answer is"]
-    assert [r["finish_reason"] for r in rows] == ["stop", "eos", "length"]
+    engine = scripted("The answer is 42. Next question", mode=mode, chunk=2)
+    rows = [dict(stop=["is 4"]), dict(temperature=0.7, seed=1), dict(stop=["Next"], max_new_tokens=3)]
+    reqs = [engine.add(encode("Q"), inf.validate_params(**dict(dict(max_new_tokens=60, temperature=0), **kw)))
+            for kw in rows]
+    text, reasons = {}, {}
+    while engine.has_work():
+        for o in engine.step():
+            text[o.request.id] = text.get(o.request.id, "") + o.text
+            reasons[o.request.id] = o.finish_reason
+    assert [text[r.id] for r in reqs] == ["The answer ", "The answer is 42. Next question", "The answer is"]
+    assert [reasons[r.id] for r in reqs] == ["stop", "eos", "length"]

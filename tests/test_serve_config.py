@@ -1,13 +1,14 @@
-"""serve.py configuration (flags, GPT2I_* environment variables, gunicorn.conf.py) and the helpers
+"""serve.py configuration (flags, GPT2I_* environment variables), fail-fast startup, and the helpers
 the other test_serve_* files share: a tiny random checkpoint, free ports, a live server, SSE parsing."""
 
+import http.client
 import json
 import os
-import runpy
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -26,21 +27,19 @@ def make_checkpoint(folder, **overrides):
     """A tiny GPT with random weights saved as an sft checkpoint; returns the ckpt.pt path."""
     torch.manual_seed(0)
     cfg = tiny_config(**overrides)
-    model = GPT(cfg)
-    return save_checkpoint(os.path.join(folder, "ckpt.pt"), kind="sft", model_state=model.state_dict(),
+    return save_checkpoint(os.path.join(folder, "ckpt.pt"), kind="sft", model_state=GPT(cfg).state_dict(),
                            config=cfg.to_dict(), step=0)
 
 
 def make_app(ckpt, **overrides):
-    """create_app with a loaded model (rate limiting off unless asked); close with close_app."""
-    config = {"ckpt": ckpt, "rate_limit": "none", "log_level": "info", **overrides}
-    app = serve.create_app(config)
-    assert app.extensions["gpt2i"].engine.wait_ready(120), app.extensions["gpt2i"].engine.error
+    """create_app with its model loaded (rate limiting off unless asked); close with close_app."""
+    app = serve.create_app({"ckpt": ckpt, "rate_limit": "none", **overrides})
+    assert serve.state(app).wait_ready(120)
     return app
 
 
 def close_app(app):
-    app.extensions["gpt2i"].close()
+    serve.state(app).close()
 
 
 def free_port():
@@ -50,21 +49,54 @@ def free_port():
 
 
 class LiveServer:
-    """The app on 127.0.0.1:<free port> in a thread (werkzeug's threaded server, as `python serve.py`)."""
+    """An app served on 127.0.0.1:<free port> by the server `python serve.py` runs (bounded thread pool)."""
 
-    def __init__(self, app):
-        from werkzeug.serving import make_server
-
-        self.app = app
-        self.server = make_server("127.0.0.1", free_port(), app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def __init__(self, app, threads=8):
+        self.app, self.state = app, serve.state(app)
+        self.httpd = serve.PooledServer("127.0.0.1", 0, app, threads, read_timeout=30)
+        self.port = self.httpd.port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def request(self, method, path, body=None, headers=None):
+        return fetch(self.port, method, path, body, headers)
+
+    def health(self):
+        return json.loads(self.request("GET", "/health")[2])
+
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
         close_app(self.app)
+
+
+def fetch(port, method, path, body=None, headers=None):
+    """One request on its own connection -> (status, headers, text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
+    finally:
+        conn.close()
+
+
+def healthy(port):
+    try:
+        return fetch(port, "GET", "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout=120.0):
+    """Poll until predicate() is true (a bound on a hang, never an assertion about speed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def sse_events(text):
@@ -81,7 +113,7 @@ def sse_events(text):
 
 
 def metric(text, name):
-    """The value of an unlabelled Prometheus sample, or of `name{labels}` given in full."""
+    """The value of a Prometheus sample given in full (`name{labels}`), or None."""
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
@@ -91,32 +123,45 @@ def metric(text, name):
 # ---------------------------------------------------------------------- configuration
 
 
-def test_config_from_env_and_dict_types():
-    env = {"GPT2I_CKPT": "x/ckpt.pt", "GPT2I_PORT": "8080", "GPT2I_CORS_ORIGINS": "http://a.example, http://b.example",
-           "GPT2I_MAX_QUEUE": "3", "GPT2I_RATE_LIMIT": "none", "GPT2I_API_KEY": "k", "GPT2I_TRUST_PROXY": "1"}
+def test_config_from_env_and_dict_types(tmp_path):
+    env = {"GPT2I_CKPT": str(tmp_path), "GPT2I_PORT": "8080", "GPT2I_CORS_ORIGINS": "http://a.example, http://b.example",
+           "GPT2I_MAX_QUEUE": "3", "GPT2I_RATE_LIMIT": "none", "GPT2I_API_KEY": "k", "GPT2I_COMPILE": "0",
+           "GPT2I_ALLOWED_HOSTS": "example.com"}
     cfg = serve.make_config(environ=env)
-    assert (cfg.ckpt, cfg.port, cfg.max_queue, cfg.api_key, cfg.trust_proxy) == ("x/ckpt.pt", 8080, 3, "k", 1)
-    assert cfg.cors_origins == ["http://a.example", "http://b.example"]
-    assert not serve.rate_limit_enabled(cfg)
-    # explicit values win over the environment
-    cfg = serve.make_config({"port": "9000", "max_queue": 5}, environ=env)
-    assert (cfg.port, cfg.max_queue, cfg.ckpt) == (9000, 5, "x/ckpt.pt")
-    # a dict config alone ignores the environment
-    assert serve.make_config({"ckpt": "y"}).max_queue == serve.ServeConfig().max_queue
+    assert (cfg.port, cfg.max_queue, cfg.api_key, cfg.compile) == (8080, 3, "k", False)
+    assert cfg.cors_origins == ["http://a.example", "http://b.example"] and not serve.rate_limit_enabled(cfg)
+    assert serve.allowed_hosts(cfg) == {"example.com"}
+    cfg = serve.make_config({"port": "9000", "max_queue": 5}, environ=env)  # explicit values win
+    assert (cfg.port, cfg.max_queue, cfg.ckpt) == (9000, 5, str(tmp_path))
+    assert serve.make_config({"ckpt": "gpt2"}).model_name == "gpt2-instruct"  # a dict alone ignores the env
+    hosts = serve.allowed_hosts(serve.make_config({"ckpt": "gpt2", "host": "10.0.0.5"}))
+    assert hosts == {"localhost", "127.0.0.1", "[::1]", "10.0.0.5"}
+    assert serve.allowed_hosts(serve.make_config({"ckpt": "gpt2", "allowed_hosts": "*"})) is None
 
 
 @pytest.mark.parametrize("values, env, needle", [
     ({}, {}, "no checkpoint"),
-    ({"ckpt": "x"}, {"GPT2I_PORT": "abc"}, "GPT2I_PORT"),
-    ({"ckpt": "x", "rate_limit": "lots"}, {}, "invalid rate limit"),
-    ({"ckpt": "x", "rate_limit_storage": "redis"}, {}, "rate-limit-storage"),
-    ({"ckpt": "x", "max_queue": 0}, {}, "max-queue"),
-    ({"ckpt": "x", "colour": "red"}, {}, "unknown serve config key"),
-    ({"ckpt": "x", "log_level": "loud"}, {}, "log-level"),
+    ({"ckpt": "no/such/ckpt.pt"}, {}, "checkpoint not found"),
+    ({"ckpt": "gpt2"}, {"GPT2I_PORT": "abc"}, "GPT2I_PORT"),
+    ({"ckpt": "gpt2", "rate_limit": "lots"}, {}, "--rate-limit"),
+    ({"ckpt": "gpt2", "rate_limit_storage": "redis"}, {}, "rate-limit-storage"),
+    ({"ckpt": "gpt2", "max_queue": 0}, {}, "max-queue"),
+    ({"ckpt": "gpt2", "colour": "red"}, {}, "unknown serve option"),
+    ({"ckpt": "gpt2", "log_level": "loud"}, {}, "log-level"),
+    ({"ckpt": "gpt2", "quantize": "int4"}, {}, "--quantize must be one of none, int8"),
+    ({"ckpt": "gpt2", "dtype": "float8"}, {}, "--dtype"),
+    ({"ckpt": "gpt2", "device": "tpu"}, {}, "--device"),
+    ({"ckpt": "gpt2", "quantize": "int8", "dtype": "bfloat16"}, {}, "int8 runs on CPU in float32"),
 ])
 def test_config_errors_are_one_line_user_errors(values, env, needle):
     with pytest.raises(UserError, match=needle):
         serve.make_config(values, environ=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for an absent CUDA")
+def test_unusable_device_fails_fast():
+    with pytest.raises(UserError, match="CUDA is not available"):
+        serve.make_config({"ckpt": "gpt2", "device": "cuda"})
 
 
 def test_help_lists_flags_and_env_vars(capsys):
@@ -124,41 +169,31 @@ def test_help_lists_flags_and_env_vars(capsys):
         serve.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag, env in (("--rate-limit", "GPT2I_RATE_LIMIT"), ("--rate-limit-storage", "GPT2I_RATE_LIMIT_STORAGE"),
-                      ("--cors-origins", "GPT2I_CORS_ORIGINS"), ("--api-key", "GPT2I_API_KEY"),
-                      ("--max-queue", "GPT2I_MAX_QUEUE"), ("--trust-proxy", "GPT2I_TRUST_PROXY"),
-                      ("--quantize", "GPT2I_QUANTIZE"), ("--ckpt", "GPT2I_CKPT")):
-        assert flag in out and env in out
+    for name in serve.OPTIONS:
+        assert "--" + name.replace("_", "-") in out and serve.env_name(name) in out, name
 
 
-def test_cli_without_checkpoint_fails_in_one_line():
+@pytest.mark.parametrize("args, message", [
+    ([], "error: no checkpoint: pass --ckpt PATH or set GPT2I_CKPT"),
+    (["--ckpt", "missing/ckpt.pt"], "error: checkpoint not found: missing/ckpt.pt"),
+    (["--ckpt", "gpt2", "--quantize", "int4"], "error: --quantize must be one of none, int8, got 'int4'"),
+    (["--ckpt", "gpt2", "--max-batch", "many"], "error: --max-batch must be an integer, got 'many'"),
+    (["--ckpt", "gpt2", "--colour", "red"], "error: unrecognized arguments: --colour red"),
+])
+def test_cli_fails_fast_in_one_line_before_binding(args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPT2I_")}
-    proc = subprocess.run([sys.executable, "serve.py", "--port", "1"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    port = free_port()
+    proc = subprocess.run([sys.executable, "serve.py", "--port", str(port), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: no checkpoint: pass --ckpt PATH or set GPT2I_CKPT"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
 
 
-def test_gunicorn_conf_reads_environment(monkeypatch):
-    monkeypatch.setenv("GPT2I_BIND", "127.0.0.1:7001")
-    monkeypatch.setenv("GPT2I_WORKERS", "2")
-    monkeypatch.setenv("GPT2I_THREADS", "4")
-    conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
-    assert conf["bind"] == ["127.0.0.1:7001"]
-    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (2, 4, "gthread")
-    assert conf["timeout"] >= 60 and conf["graceful_timeout"] >= 30
-    monkeypatch.delenv("GPT2I_BIND")
-    monkeypatch.setenv("GPT2I_HOST", "0.0.0.0")
-    monkeypatch.setenv("GPT2I_PORT", "8000")
-    assert runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))["bind"] == ["0.0.0.0:8000"]
-
-
-def test_docstring_documents_every_flag():
-    """The README table (serve.py's docstring) has a row for every flag and env var."""
-    doc = serve.__doc__
-    for name in serve._HELP:
-        if name in serve._INTERNAL_ONLY:
-            continue
-        assert "--" + name.replace("_", "-") in doc, name
-        assert serve.env_name(name) in doc, name
-    json.dumps(serve.ServeConfig().__dict__)  # plain values only
+def test_cli_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(tmp_path), "--port",
+                               str(s.getsockname()[1])], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot listen on 127.0.0.1:"), proc.stderr

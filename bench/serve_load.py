@@ -1,0 +1,318 @@
+"""
+Server load: the production server (gunicorn, as the README starts it) under N concurrent HTTP
+clients, against the engine's own offline throughput at the same batch, in one run.
+
+    python bench/serve_load.py                                  # GPU: random GPT-2 124M, 64 clients, 256 new tokens
+    python bench/serve_load.py --ckpt out/demo/sft --dtype bfloat16
+    python bench/serve_load.py --model tiny --clients 8 --duration 20    # CPU, a few minutes
+
+Phases, each a steady state of --duration seconds after --warmup seconds:
+1. engine: inference.Engine in this process, --clients rows kept full (a finished request is
+   replaced at once) with the same prompt length and new tokens; then the model is freed.
+2. server: `gunicorn -c gunicorn.conf.py "serve:create_app()"` configured by GPT2I_* variables,
+   --clients threads each sending /v1/completions requests back to back over one keep-alive
+   loopback connection (http.client), non-streaming then streaming.
+3. newcomer: while --newcomer-streams streams of --newcomer-tokens tokens run, a 16-token request
+   (16-token prompt) is sent every --probe-every seconds; its time to first token is recorded.
+Throughput: completion tokens made inside the measured window, divided by it (the engine counts
+them per step; over HTTP, each request's usage.completion_tokens is spread evenly over its
+lifetime and the share inside the window counts). Prompts are token ids, end-of-text ignored, so
+every request generates exactly --new-tokens tokens. Prints a table; the last line is JSON.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import inference  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+MODELS = {  # random weights: the speed does not depend on them
+    "gpt2": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),  # GPT-2 124M
+    "tiny": dict(block_size=1024, n_layer=2, n_head=4, n_embd=64),  # CPU smoke runs
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="gpt2", help="random-weight model (without --ckpt)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint to serve instead of random weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (engine and server alike)")
+    p.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients = the engine's batch")
+    p.add_argument("--new-tokens", type=int, default=256, help="completion tokens per request")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens per request")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per phase")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds before each measurement starts")
+    p.add_argument("--newcomer-streams", type=int, default=32, help="background streams in the newcomer phase")
+    p.add_argument("--newcomer-tokens", type=int, default=512, help="tokens of each background stream")
+    p.add_argument("--probe-every", type=float, default=0.25, help="seconds between newcomer probes")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer")
+    args = p.parse_args(argv)
+    for name in ("clients", "new_tokens", "prompt_tokens", "newcomer_streams", "newcomer_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.duration <= 0 or args.warmup < 0:
+        raise UserError("--duration must be > 0 and --warmup >= 0")
+    if args.ckpt and not os.path.exists(args.ckpt):
+        raise UserError(f"checkpoint not found: {args.ckpt}")
+    return args
+
+
+def make_random_checkpoint(name, folder):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**MODELS[name])
+    return save_checkpoint(os.path.join(folder, "ckpt.pt"), kind="sft", model_state=GPT(cfg).state_dict(),
+                           config=cfg.to_dict(), step=0)
+
+
+def prompt_ids(n, rng):
+    return [rng.randrange(1000, 50000) for _ in range(n)]
+
+
+def request_body(prompt_tokens, max_tokens, stream):
+    """A /v1/completions body; "prompt" holds the prompt length (each request draws its own ids)."""
+    body = {"prompt": prompt_tokens, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    return {**body, "stream_options": {"include_usage": True}} if stream else body
+
+
+def pct(values, q):
+    """q-th percentile (nearest rank) of a non-empty list."""
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
+
+
+# ---------------------------------------------------------------------- phase 1: the engine alone
+
+
+def engine_offline(args, ckpt):
+    """tokens/s of inference.Engine with --clients rows kept full, in this process."""
+    model, info = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
+    engine = inference.Engine(model, max_batch=args.clients, prefill_chunk=args.prefill_chunk, compile=args.compile)
+    engine.warmup()  # CUDA graphs captured up front, as the server does before it is healthy
+    params = inference.validate_params(max_new_tokens=args.new_tokens, temperature=0.8, ignore_eos=True)
+    rng = random.Random(0)
+    for _ in range(args.clients):
+        engine.add(prompt_ids(args.prompt_tokens, rng), params)
+    t0 = time.perf_counter()
+    start, end = t0 + args.warmup, t0 + args.warmup + args.duration
+    tokens = 0
+    while True:
+        outs = engine.step()
+        now = time.perf_counter()
+        if now >= end:
+            break
+        for o in outs:
+            if now >= start:
+                tokens += len(o.token_ids)
+            if o.finish_reason is not None:
+                engine.add(prompt_ids(args.prompt_tokens, rng), params)
+    result = {"tokens_per_s": round(tokens / args.duration, 1), "device": info["device"], "dtype": info["dtype"]}
+    del engine, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------------- phases 2 and 3: HTTP
+
+
+class Client(threading.Thread):
+    """Sends /v1/completions requests back to back on one keep-alive connection until told to stop.
+    Records (start, end, completion tokens, time to first token or None, gaps between chunks)."""
+
+    def __init__(self, port, body, stop, seed, once=False):
+        super().__init__(daemon=True)
+        self.port, self.body, self.stop, self.once = port, body, stop, once
+        self.rng = random.Random(seed)
+        self.records, self.errors = [], []
+
+    def run(self):
+        conn = None
+        while not self.stop.is_set():
+            body = {**self.body, "prompt": prompt_ids(self.body["prompt"], self.rng)}
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+                self.records.append(self.one(conn, body))
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                self.errors.append(f"{type(e).__name__}: {e}")
+                conn = None
+                time.sleep(0.1)
+            if self.once:
+                return
+
+    def one(self, conn, body):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        if not body.get("stream"):
+            usage = json.loads(resp.read())["usage"]
+            return t0, time.perf_counter(), usage["completion_tokens"], None, []
+        first, last, gaps, usage = None, None, [], None
+        for line in resp:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"]:
+                if first is None:
+                    first = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+        return t0, time.perf_counter(), usage["completion_tokens"], first, gaps
+
+
+def run_clients(port, n, body, args, seed=0):
+    """n clients for warmup + duration seconds -> (tokens/s in the window, requests, ttfts, gaps, errors)."""
+    stop = threading.Event()
+    clients = [Client(port, body, stop, seed + i) for i in range(n)]
+    t0 = time.perf_counter()
+    for c in clients:
+        c.start()
+    time.sleep(args.warmup + args.duration)
+    stop.set()
+    start, end = t0 + args.warmup, t0 + args.warmup + args.duration
+    for c in clients:
+        c.join(600)
+    records = [r for c in clients for r in c.records]
+    tokens = sum(n * max(0.0, min(b, end) - max(a, start)) / max(b - a, 1e-9) for a, b, n, _, _ in records)
+    done = [r for r in records if start <= r[1] <= end]
+    return {"tokens_per_s": round(tokens / args.duration, 1), "requests": len(done),
+            "ttft": [r[3] for r in done if r[3] is not None], "gaps": [g for r in done for g in r[4]],
+            "errors": [e for c in clients for e in c.errors]}
+
+
+def newcomer(port, args):
+    """Time to first token of a 16-token request while --newcomer-streams long streams run."""
+    stop = threading.Event()
+    background = [Client(port, request_body(args.prompt_tokens, args.newcomer_tokens, True), stop, 1000 + i)
+                  for i in range(args.newcomer_streams)]
+    for c in background:
+        c.start()
+    time.sleep(args.warmup)
+    ttfts, errors, end = [], [], time.perf_counter() + args.duration
+    while time.perf_counter() < end:
+        probe = Client(port, request_body(16, 16, True), stop, len(ttfts), once=True)
+        probe.run()
+        ttfts += [r[3] for r in probe.records]
+        errors += probe.errors
+        time.sleep(args.probe_every)
+    stop.set()
+    for c in background:
+        c.join(600)
+        errors += c.errors
+    return {"probes": len(ttfts), "ttft_p50_ms": round(pct(ttfts, 50) * 1e3, 1) if ttfts else None,
+            "ttft_p95_ms": round(pct(ttfts, 95) * 1e3, 1) if ttfts else None, "errors": errors}
+
+
+def start_gunicorn(args, ckpt, log_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = max(args.clients, args.newcomer_streams + 1)
+    env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_BIND": f"127.0.0.1:{port}", "GPT2I_WORKERS": "1",
+           "GPT2I_THREADS": str(rows + 8), "GPT2I_MAX_BATCH": str(rows), "GPT2I_MAX_QUEUE": str(rows + 8),
+           "GPT2I_PREFILL_CHUNK": str(args.prefill_chunk), "GPT2I_RATE_LIMIT": "none", "GPT2I_DEVICE": args.device,
+           "GPT2I_DTYPE": args.dtype, "GPT2I_COMPILE": "1" if args.compile else "0", "GPT2I_LOG_LEVEL": "warning"}
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "serve:create_app()"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = open(log_path).read().strip().splitlines()[-5:]
+            raise UserError(f"gunicorn exited with {proc.returncode}: " + " | ".join(tail))
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise UserError(f"the server did not become healthy in 600 s; its log: {log_path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    folder = tempfile.mkdtemp(prefix="serve_load_")
+    results = {"config": {k: v for k, v in vars(args).items()}}
+    try:
+        ckpt = args.ckpt or make_random_checkpoint(args.model, folder)
+        if "engine" not in skip:
+            print(f"engine: {args.clients} rows, {args.new_tokens} new tokens ...", file=sys.stderr)
+            results["engine"] = engine_offline(args, ckpt)
+        proc, port = start_gunicorn(args, ckpt, os.path.join(folder, "gunicorn.log"))
+        try:
+            for mode in ("nonstream", "stream"):
+                if mode in skip:
+                    continue
+                print(f"server {mode}: {args.clients} clients ...", file=sys.stderr)
+                r = run_clients(port, args.clients, request_body(args.prompt_tokens, args.new_tokens, mode == "stream"),
+                                args)
+                results[mode] = {"tokens_per_s": r["tokens_per_s"], "requests": r["requests"],
+                                 "errors": len(r["errors"]), "first_errors": r["errors"][:3]}
+                if r["ttft"]:
+                    results[mode].update(ttft_p50_ms=round(pct(r["ttft"], 50) * 1e3, 1),
+                                         ttft_p95_ms=round(pct(r["ttft"], 95) * 1e3, 1))
+                if r["gaps"]:
+                    results[mode].update(itl_p50_ms=round(pct(r["gaps"], 50) * 1e3, 2),
+                                         itl_p95_ms=round(pct(r["gaps"], 95) * 1e3, 2))
+            if "newcomer" not in skip:
+                print(f"newcomer: {args.newcomer_streams} streams of {args.newcomer_tokens} tokens ...",
+                      file=sys.stderr)
+                r = newcomer(port, args)
+                results["newcomer"] = {**r, "errors": len(r["errors"]), "first_errors": r["errors"][:3]}
+        finally:
+            proc.terminate()
+            proc.wait(120)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    engine_tps = results.get("engine", {}).get("tokens_per_s")
+    print(f"\n{'phase':<12} {'tokens/s':>10} {'vs engine':>10} {'requests':>9} {'TTFT p50/p95 ms':>17} "
+          f"{'ITL p50/p95 ms':>16} {'errors':>7}")
+    for name in ("engine", "nonstream", "stream", "newcomer"):
+        r = results.get(name)
+        if r is None:
+            continue
+        tps = r.get("tokens_per_s")
+        ratio = f"{tps / engine_tps:.0%}" if tps and engine_tps else ""
+        ttft = f"{r['ttft_p50_ms']}/{r['ttft_p95_ms']}" if r.get("ttft_p95_ms") is not None else ""
+        itl = f"{r['itl_p50_ms']}/{r['itl_p95_ms']}" if r.get("itl_p95_ms") is not None else ""
+        n = r.get("requests", r.get("probes", ""))
+        print(f"{name:<12} {tps if tps is not None else '':>10} {ratio:>10} {n:>9} {ttft:>17} {itl:>16} "
+              f"{r.get('errors', 0):>7}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
