@@ -4,7 +4,6 @@ The folder holds config.json + model.safetensors and GPT-2's tokenizer files (vo
 tokenizer.json, tokenizer_config.json), all built from the bundled BPE ranks: no hub lookup needed.
 """
 
-import argparse
 import json
 import os
 
@@ -12,7 +11,7 @@ from safetensors.torch import save
 from tiktoken.load import load_tiktoken_bpe
 
 from checkpoint import load_model
-from common import UserError, atomic_path, run_cli
+from common import CLIParser, UserError, atomic_path, clean_stale_temps, run_cli
 from model import GPT2_VOCAB, ours_to_hf
 from tokenizer import BPE_FILE, EOT_ID, EOT_TOKEN
 
@@ -35,7 +34,10 @@ def vocab_and_merges(ranks):
     exactly the pair the merge joins.
     """
     spell = bytes_to_unicode()
-    text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+
+    def text(token):
+        return "".join(spell[b] for b in token)
+
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])[256:]:
         parts = [bytes([b]) for b in token]
@@ -110,7 +112,7 @@ def export(model, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         description="Export a checkpoint as a Hugging Face GPT-2 folder (weights, config and GPT-2's "
                     "tokenizer files) that transformers, vLLM, TGI and lm-eval load offline.")
     parser.add_argument("--ckpt", required=True,
@@ -120,14 +122,13 @@ def main(argv=None):
                         help="replace the exported files in a non-empty --out-dir (other files there stay)")
     args = parser.parse_args(argv)
 
-    if os.path.exists(args.out_dir):
-        if not os.path.isdir(args.out_dir):
-            raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
-        if os.listdir(args.out_dir) and not args.overwrite:
-            raise UserError(f"--out-dir {args.out_dir} is not empty; pass --overwrite to replace its exported files")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
+    clean_stale_temps(args.out_dir)  # what an interrupted export left
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not args.overwrite:
+        raise UserError(f"--out-dir {args.out_dir} is not empty; pass --overwrite to replace its exported files")
     model, _ = load_model(args.ckpt)
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
         names = export(model, args.out_dir)
     except OSError as e:
         raise UserError(f"cannot write {args.out_dir}: {e.strerror or e}") from None

@@ -103,6 +103,9 @@ def _cli(argv, capsys):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, exported):
     _, out = exported
+    code, err = _cli(["--ckpt", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "--out-dir" in err and err.count("\n") == 1
+
     code, err = _cli(["--ckpt", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "x")], capsys)
     assert code == 2 and err.startswith("error: ") and "missing" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
@@ -125,10 +128,12 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsys, exported)
                            config=model.config.to_dict(), step=7)
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".config.json.abcd1234.tmp").write_text("left by an interrupted export")
+    export_hf.main(["--ckpt", ckpt, "--out-dir", str(out)])  # such leftovers do not make the folder "not empty"
     (out / "notes.txt").write_text("mine")
     code, err = _cli(["--ckpt", ckpt, "--out-dir", str(out)], capsys)
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
-    assert os.listdir(out) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
 
     export_hf.main(["--ckpt", ckpt, "--out-dir", str(out), "--overwrite"])
     assert (out / "notes.txt").read_text() == "mine"  # only the exported files are replaced
