@@ -4,8 +4,8 @@
 import contextlib
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,30 +35,25 @@ def make_checkpoint(folder, block_size=256):
     return path, model_from_checkpoint(load_checkpoint(path)).eval()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_py(ckpt, log_path):
-    """`python serve.py` on a free loopback port, as a user starts it; yields its base URL once /health is ok."""
-    port = free_port()
-    cmd = [sys.executable, "serve.py", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+    """`python serve.py` as a user starts it, on a free loopback port (--port 0; it logs the URL it bound).
+    Yields that URL once /health is ok; stops the server after."""
+    cmd = [sys.executable, "serve.py", "--ckpt", str(ckpt), "--host", "127.0.0.1", "--port", "0",
            "--rate-limit", "none", "--model-name", MODEL]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180  # the model loads in the background; busy machines are slow
         while True:
-            assert proc.poll() is None, f"serve.py exited with {proc.returncode}:\n{open(log_path).read()}"
-            if healthy(url):
+            output = open(log_path).read()
+            assert proc.poll() is None, f"serve.py exited with {proc.returncode}:\n{output}"
+            bound = re.search(r"http://127\.0\.0\.1:\d+", output)
+            if bound and healthy(bound.group(0)):
                 break
-            assert time.monotonic() < deadline, f"serve.py never became healthy:\n{open(log_path).read()}"
+            assert time.monotonic() < deadline, f"serve.py never became healthy:\n{output}"
             time.sleep(0.2)
-        yield url
+        yield bound.group(0)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
