@@ -1,22 +1,36 @@
 """gunicorn settings for serve.py:  gunicorn -c gunicorn.conf.py "serve:create_app()"
 
 The app itself is configured by GPT2I_* environment variables (see serve.py's docstring);
-these ones shape the gunicorn process:
+these ones shape the gunicorn process (any other gunicorn setting: its own flags or GUNICORN_CMD_ARGS):
 
 | variable | default | meaning |
 |---|---|---|
-| GPT2I_BIND | GPT2I_HOST:GPT2I_PORT (127.0.0.1:5000) | address(es) to bind, comma-separated |
+| GPT2I_BIND | GPT2I_HOST:GPT2I_PORT (127.0.0.1:5000) | address(es) gunicorn binds, comma-separated |
 | GPT2I_WORKERS | 1 | worker processes; each loads its own model and engine (one per GPU, or a few on CPU) |
 | GPT2I_THREADS | 32 | threads per worker: the most requests a worker handles at once (streams hold one each) |
-| GPT2I_TIMEOUT | 120 | seconds a silent worker may stall before the master restarts it |
-| GPT2I_GRACEFUL_TIMEOUT | 120 | seconds running requests (streams) get to finish on reload/shutdown |
-| GPT2I_KEEPALIVE | 5 | seconds an idle keep-alive connection stays open |
+| GPT2I_NGINX_LISTEN | (none) | when set (e.g. 0.0.0.0:8000), nginx listens there in front of gunicorn (below) |
+| GPT2I_RUN_DIR | out/prod | with nginx: its config, pid, temp files and gunicorn's unix socket |
+
+With GPT2I_NGINX_LISTEN (`make serve-prod`, the Docker image), gunicorn binds a unix socket in
+GPT2I_RUN_DIR instead of GPT2I_BIND, fills in nginx.conf, starts nginx as a child of its master once
+the socket is bound, and stops it when it stops itself: one process to run, signal and supervise.
+Clients then reach the app by nginx's address: list the names they use in GPT2I_ALLOWED_HOSTS.
 
 With more than one worker, set GPT2I_RATE_LIMIT_STORAGE=redis://host:port so the workers
 share one rate-limit budget (memory:// counts per worker).
 """
 
+import ctypes
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
+#                              so a reload waits for the model's load, not for torch's import too
+from gunicorn.arbiter import Arbiter
 
 
 def _env_int(name, default):
@@ -27,23 +41,151 @@ def _env_int(name, default):
         raise SystemExit(f"error: {name} must be an integer, got {value!r}") from None
 
 
-bind = [b.strip() for b in os.environ.get(
-    "GPT2I_BIND", f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
-).split(",") if b.strip()]
+NGINX_LISTEN = os.environ.get("GPT2I_NGINX_LISTEN", "").strip()
+RUN_DIR = os.path.abspath(os.environ.get("GPT2I_RUN_DIR", "out/prod"))
+
+if NGINX_LISTEN:
+    bind = [f"unix:{RUN_DIR}/gunicorn.sock"]
+else:
+    bind = [b.strip() for b in os.environ.get(
+        "GPT2I_BIND", f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
+    ).split(",") if b.strip()]
 workers = _env_int("GPT2I_WORKERS", 1)
 # gthread: a thread per connection, so a long SSE stream ties up one thread, not a whole worker;
 # the worker's main loop keeps heart-beating while requests stream, so `timeout` does not cut streams.
 worker_class = "gthread"
 threads = _env_int("GPT2I_THREADS", 32)
-timeout = _env_int("GPT2I_TIMEOUT", 120)
-graceful_timeout = _env_int("GPT2I_GRACEFUL_TIMEOUT", 120)
-keepalive = _env_int("GPT2I_KEEPALIVE", 5)
-# Each worker builds its own app (and loads the model in its own background thread): a model
-# loaded before fork would share a CUDA context across processes, which does not work.
+# Each worker builds its own app (and loads its own model): a model loaded before fork would share
+# a CUDA context across processes, and a HUP reload would keep running the old code.
 preload_app = False
-# serve.py writes one JSON line per request itself; gunicorn's access log would duplicate it.
-accesslog = None
-errorlog = "-"
 loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
-# X-Forwarded-For is handled by the app (GPT2I_TRUST_PROXY), not by gunicorn.
-forwarded_allow_ips = os.environ.get("GPT2I_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# gunicorn's runtime control socket lives in ~/.gunicorn, shared by every instance of the user; unused here.
+control_socket_disable = True
+# Seconds running requests (streams) get to finish on reload or stop; past that they end with an
+# error event (worker_exit below).
+graceful_timeout = 30
+STOP_MARGIN = 5  # of those, seconds kept for ending streams and joining the engine thread before SIGKILL
+
+
+# ---------------------------------------------------------------------------- worker hooks
+
+def app_state(app):
+    """serve.state(app), the model, engine and loop thread of this worker's app."""
+    import serve  # in the worker only: a master that imported serve would keep its old code across a reload
+
+    return serve.state(app)
+
+
+def post_worker_init(worker):
+    """Accept connections only once this worker's model is loaded. On a reload the old workers
+    stop accepting at once; requests meanwhile wait in the listen backlog, not on a 503 loading."""
+    state = app_state(worker.wsgi)
+    # this worker's own graceful window ends before the master's SIGKILL deadline, leaving time to
+    # close() its streams (worker_exit): a stream past the deadline ends with an error event.
+    worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
+    try:
+        while not state.wait_ready(timeout=1.0):
+            worker.notify()  # a long load is not a hung worker
+    except Exception as e:  # the load failed (its one-line message)
+        worker.log.error("error: %s", e)
+        sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the master stops instead of respawning forever
+
+
+def _shutdown(worker):
+    """Stop admission, end running streams with an error event, stop and join the engine thread:
+    no thread may still be inside torch when the interpreter exits (SIGABRT)."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        state = app_state(app)
+        state.begin_shutdown()
+        state.close(0)  # the graceful time is up, or this is a quick stop
+
+
+def worker_int(worker):
+    _shutdown(worker)  # Ctrl+C, quick stop (SIGINT, SIGQUIT)
+
+
+def worker_exit(server, worker):
+    _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
+    if worker.booted:
+        # Streams are ended and the engine thread joined: skip the interpreter's teardown, which
+        # under load can take longer than the master waits (then it dies by SIGTERM/SIGKILL) and
+        # is where torch's threads used to abort ("terminate called without an active exception").
+        # A worker that failed to boot keeps its exit status (the master stops on it).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+# ---------------------------------------------------------------------------- nginx in front
+
+def nginx_config():
+    """nginx.conf with its @FIELDS@ filled in for this run."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
+        text = f.read()
+    fields = {"LISTEN": NGINX_LISTEN, "RUN_DIR": RUN_DIR, "UPSTREAM": f"unix:{RUN_DIR}/gunicorn.sock",
+              "STATIC_DIR": os.path.abspath(os.environ.get("GPT2I_STATIC_DIR", "static"))}
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+def nginx_exe():
+    return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
+
+
+def on_starting(server):
+    """Before gunicorn binds: the run folder exists and nginx is installed."""
+    if not NGINX_LISTEN:
+        return
+    if nginx_exe() is None:
+        print("error: nginx is not installed (apt-get install nginx)", file=sys.stderr)
+        raise SystemExit(2)
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
+
+
+def _die_with_parent():
+    """In nginx's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def when_ready(server):
+    """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
+    if not NGINX_LISTEN:
+        return
+    conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")
+    with open(conf + ".tmp", "w") as f:
+        f.write(nginx_config())
+    os.replace(conf + ".tmp", conf)
+    if os.path.exists(pid_file):
+        os.remove(pid_file)  # left by a run that was killed; nginx writes it once it listens
+    # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
+    # as root, nginx would hand its workers to "nobody", who cannot write the temp folders.
+    cmd = [nginx_exe(), "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
+    # its own process group: a Ctrl+C reaches gunicorn, which ends its streams (an error event each)
+    # before it stops nginx; and nginx ends with gunicorn's master, even one killed by SIGKILL
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    while not os.path.exists(pid_file):  # written once nginx has bound its port
+        if proc.poll() is not None:  # it said why on stderr (port in use, bad address...)
+            print(f"error: nginx did not start (exit {proc.returncode}); see its message above", file=sys.stderr)
+            raise SystemExit(2)
+        time.sleep(0.05)
+    # nginx is the one proxy hop: the app takes the client's address from the X-Forwarded-For it sets
+    os.environ.setdefault("GPT2I_TRUST_PROXY", "1")
+    server.nginx = proc  # on the arbiter: a reload re-reads this file but keeps the arbiter
+    server.log.info("nginx listening at %s in front of gunicorn (pid %s)", NGINX_LISTEN, proc.pid)
+
+
+def on_exit(server):
+    """Stop nginx with gunicorn; its own in-flight requests are done by now."""
+    proc = getattr(server, "nginx", None)
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGQUIT)  # graceful: stop listening, finish what is in flight
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

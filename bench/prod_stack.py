@@ -1,0 +1,243 @@
+"""Slow clients and a reload against the production stack (nginx in front of gunicorn) or gunicorn alone.
+
+    python bench/prod_stack.py --ckpt out/demo/sft                    # nginx + gunicorn (make serve-prod)
+    python bench/prod_stack.py --ckpt out/demo/sft --stack gunicorn   # gunicorn alone on its port
+
+slowloris: --slow connections each send half a request (a header without its end, or a header and
+half its body) and hold it; meanwhile GET /health and a small POST /generate are probed once a second
+for --hold seconds: how many are answered within 2 s, and did any slow connection get a reply.
+reload: --streams streams run while gunicorn's master gets SIGHUP; /health and /generate are probed
+until the new worker has served and the old one has exited: 503s and connection errors are counted,
+every stream is checked for a terminal event, gunicorn's log for a worker ended by a signal.
+Prints a table, then one JSON line.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_TIMEOUT = 2.0  # seconds a probe may take to count as answered
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1."""
+
+    def __init__(self, ckpt, folder, nginx=True, env=None, args=(), repo=ROOT):
+        """folder: holds gunicorn's log; the stack makes its run folder (folder/run) itself."""
+        self.port = free_port()
+        self.log_path = os.path.join(folder, "gunicorn.log")
+        self.run_dir = os.path.join(folder, "run")
+        env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_RATE_LIMIT": "none", **(env or {})}
+        if nginx:
+            env.update(GPT2I_NGINX_LISTEN=f"127.0.0.1:{self.port}", GPT2I_RUN_DIR=self.run_dir)
+        else:
+            env["GPT2I_BIND"] = f"127.0.0.1:{self.port}"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "serve:create_app()"],
+                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_healthy(self, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the stack exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            try:
+                if request(self.port, "GET", "/health", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"not healthy after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def request(port, method, path, body=None, headers=None, timeout=PROBE_TIMEOUT):
+    """One request on a fresh connection -> (status, headers, body text). OSError when unanswered."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body) if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def stream(port, body, timeout=120.0, on_event=None):
+    """POST /generate with stream: true -> (status, [(monotonic arrival, event dict), ...])."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    events = []
+    try:
+        conn.request("POST", "/generate", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, [(time.monotonic(), json.loads(resp.read() or b"{}"))]
+        for line in resp:
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), json.loads(line[6:])))
+                if on_event:
+                    on_event(events[-1][1])
+        return resp.status, events
+    finally:
+        conn.close()
+
+
+def terminal(events):
+    """The stream's last event is a terminal one: done or error."""
+    return bool(events) and ("done" in events[-1][1] or "error" in events[-1][1])
+
+
+def probe_once(port, timeout=PROBE_TIMEOUT):
+    """(GET /health, small POST /generate): each a status, or "timeout"/"refused"/... when unanswered."""
+    out = []
+    for method, path, body in (("GET", "/health", None), ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 2})):
+        try:
+            out.append(request(port, method, path, body, timeout=timeout)[0])
+        except OSError as e:
+            out.append("timeout" if isinstance(e, socket.timeout) else type(e).__name__)
+    return out
+
+
+def slowloris(port, n=200, hold=5.0):
+    """n half-requests held for `hold` s while probing once a second -> result dict."""
+    socks = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if i % 2:  # a header that never ends
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        else:  # a whole header, half the body
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 200\r\n\r\n{\"prompt\": ")
+        socks.append(s)
+    probes, end = [], time.monotonic() + hold
+    while time.monotonic() < end:
+        started = time.monotonic()
+        probes.append(probe_once(port))
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    replied = 0  # slow connections that got any bytes back (an answer to half a request)
+    for s in socks:
+        s.setblocking(False)
+        try:
+            replied += bool(s.recv(1))
+        except (BlockingIOError, ConnectionError):
+            pass
+        s.close()
+    ok = lambda i: sum(p[i] == 200 for p in probes)  # noqa: E731
+    return {"slow_connections": n, "probes": len(probes), "health_ok": ok(0), "generate_ok": ok(1),
+            "slow_replied": replied, "failures": sorted({str(x) for p in probes for x in p if x != 200})}
+
+
+def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
+    """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict.
+
+    Probes wait up to `timeout` for an answer: a request that arrives while the new worker loads
+    waits for it (the slowest probe is reported), a 503 or a refused connection is a failure."""
+    results, started = [None] * streams, threading.Semaphore(0)
+
+    def run(i):
+        first = []
+
+        def on_event(_):
+            if not first:
+                first.append(1)
+                started.release()
+        try:
+            results[i] = stream(stack.port, {"prompt": f"Story {i}:", "max_new_tokens": max_new_tokens,
+                                             "ignore_eos": True}, on_event=on_event)
+        except OSError as e:
+            results[i] = (type(e).__name__, [])
+        if not first:
+            started.release()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        started.acquire()
+    before = stack.log().count("Worker exiting")
+    os.kill(stack.proc.pid, signal.SIGHUP)
+    probes, t0 = [], time.monotonic()
+    # until the new worker answered and the old one exited
+    while time.monotonic() < t0 + timeout:
+        done = stack.log().count("Worker exiting") > before
+        sent = time.monotonic()
+        probes.append((sent - t0, probe_once(stack.port, timeout), time.monotonic() - sent))
+        if done and probes[-1][1] == [200, 200]:
+            break
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout)
+    results = [r or ("unfinished", []) for r in results]  # a stream still open after `timeout`
+    log = stack.log()
+    flat = [x for _, p, _ in probes for x in p]
+    failed_at = [t for t, p, _ in probes if p != [200, 200]]
+    ended = [r[1] for r in results if r[0] == 200 and terminal(r[1])]
+    return {"streams": streams, "streams_ended": len(ended), "streams_cut": sum("error" in e[-1][1] for e in ended),
+            "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
+            "failing_s": round(failed_at[-1] - failed_at[0], 1) if failed_at else 0.0,
+            "slowest_probe_s": round(max(d for _, _, d in probes), 1),
+            "worker_signalled": sum(s in log for s in ("was sent SIG", "terminate called", "WORKER TIMEOUT")),
+            "failures": sorted({str(x) for x in flat if x != 200})}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint to serve (file or folder)")
+    parser.add_argument("--stack", choices=("nginx", "gunicorn"), default="nginx",
+                        help="nginx in front of gunicorn (make serve-prod), or gunicorn alone")
+    parser.add_argument("--slow", type=int, default=200, help="slow connections held open (0: reload only)")
+    parser.add_argument("--hold", type=float, default=20.0, help="seconds they are held while probing")
+    parser.add_argument("--streams", type=int, default=4, help="streams running during the reload")
+    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reload stream")
+    args = parser.parse_args(argv)
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder, \
+            Stack(os.path.abspath(args.ckpt), folder, nginx=args.stack == "nginx") as stack:
+        stack.wait_healthy()
+        if args.slow:
+            rows["slowloris"] = slowloris(stack.port, args.slow, args.hold)
+        rows["reload"] = reload(stack, args.streams, args.max_new_tokens)
+    print(f"stack: {args.stack}")
+    for name, row in rows.items():
+        print(f"{name:10s} " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    print(json.dumps({"stack": args.stack, **rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The production stack for real: nginx in front of gunicorn, started as `make serve-prod` starts it
+(gunicorn -c gunicorn.conf.py with GPT2I_NGINX_LISTEN), on 127.0.0.1 with a tiny model.
+
+nginx is a Debian package (`apt-get install nginx`; .ci/run installs it). Without it these tests are
+skipped, unless CI_REQUIRE_ALL is set (CI), where they fail instead.
+"""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+
+from bench.prod_stack import Stack, request, reload, slowloris, stream
+from conftest import require
+from test_serve_config import make_checkpoint
+
+GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
+
+
+def need_nginx():
+    require(shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin") is not None,
+            "nginx is not installed (apt-get install nginx)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    need_nginx()
+    folder = tmp_path_factory.mktemp("prod")
+    ckpt = make_checkpoint(str(folder), block_size=1024)
+    with Stack(ckpt, str(folder), args=["--graceful-timeout", str(GRACEFUL)]) as s:
+        s.wait_healthy()
+        yield s
+
+
+def security_headers_ok(headers):
+    return ("frame-ancestors 'none'" in headers.get("content-security-policy", "")
+            and headers.get("x-content-type-options") == "nosniff" and "referrer-policy" in headers)
+
+
+def test_headers_hosts_and_content_types_through_nginx(stack):
+    status, headers, body = request(stack.port, "GET", "/", timeout=30)
+    assert status == 200 and headers["content-type"].startswith("text/html") and security_headers_ok(headers)
+    status, headers, body = request(stack.port, "GET", "/health", timeout=30)
+    assert status == 200 and json.loads(body)["status"] == "ok" and security_headers_ok(headers)
+    # a page asset comes from nginx itself, locked down as well
+    status, headers, body = request(stack.port, "GET", "/app.js", timeout=30)
+    assert status == 200 and "javascript" in headers["content-type"] and security_headers_ok(headers)
+    assert headers.get("x-request-id") is None  # nginx answered, not the app
+
+    status, headers, body = request(stack.port, "GET", "/health", headers={"Host": "evil.example"}, timeout=30)
+    assert status == 400 and "error" in json.loads(body)
+    status, _, body = request(stack.port, "POST", "/generate", body=json.dumps({"prompt": "Hi", "max_new_tokens": 1}),
+                              headers={"Content-Type": "text/plain"}, timeout=30)
+    assert status == 415 and "error" in json.loads(body)
+
+    # a body over nginx's ceiling is refused from its Content-Length, before any of it is read
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000\r\n\r\n")
+        reply = s.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413") and '"request_too_large"' in reply
+
+
+def test_stream_arrives_as_it_is_generated(stack):
+    status, events = stream(stack.port, {"prompt": "Once", "max_new_tokens": 200, "ignore_eos": True})
+    assert status == 200 and "done" in events[-1][1], events[-1]
+    tokens = [t for t, e in events if "token" in e]
+    timings = events[-1][1]["timings"]
+    generating = (timings["total_ms"] - timings["first_token_ms"]) / 1000  # the server's own span
+    assert len(tokens) > 10 and generating > 0
+    # Buffered by nginx, every event would arrive in one burst at the end (a span near 0): here the
+    # first token arrives while the rest is still being generated.
+    assert tokens[-1] - tokens[0] > 0.5 * generating, (tokens[-1] - tokens[0], generating)
+
+
+def test_slow_clients_hold_nothing(stack):
+    # 200 connections each send half a request (half a header, or a header and half a body) and
+    # hold it; meanwhile /health and a small /generate are answered, each within 2 s.
+    result = slowloris(stack.port, n=200, hold=3.0)
+    assert result["probes"] >= 2, result
+    assert result["health_ok"] == result["generate_ok"] == result["probes"], result
+    assert result["slow_replied"] == 0, result  # half a request gets no answer
+
+
+def test_reload_under_streams_without_503_or_signals(stack):
+    # SIGHUP while streams run: the new worker accepts only once loaded (requests meanwhile wait),
+    # the old one lets its streams run for the graceful time, then ends them with an error event
+    # and exits by itself.
+    result = reload(stack, streams=3, max_new_tokens=900)
+    assert result["streams_ended"] == 3, result  # each with "done" or an error event
+    assert result["probes_503"] == 0 and result["probes_unanswered"] == 0, result
+    assert result["worker_signalled"] == 0, stack.log()[-3000:]
+    assert "Traceback" not in stack.log(), stack.log()[-3000:]
+
+
+def test_stop_takes_nginx_down_too(stack):
+    with open(os.path.join(stack.run_dir, "nginx.pid")) as f:
+        nginx_pid = int(f.read())
+    assert stack.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(nginx_pid, 0)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", stack.port), timeout=5).close()
+
+
+def test_a_model_that_fails_to_load_stops_the_stack(tmp_path):
+    need_nginx()
+    with open(make_checkpoint(str(tmp_path), block_size=64), "r+b") as f:
+        f.truncate(1000)  # a checkpoint cut short
+    with Stack(str(tmp_path / "ckpt.pt"), str(tmp_path)) as s:
+        assert s.proc.wait(120) != 0
+        log = s.log()
+    assert "[ERROR] error: " in log and "Traceback" not in log, log[-3000:]  # one line says why
+    assert "Worker failed to boot" in log  # the master stopped instead of respawning it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", s.port), timeout=5).close()  # nginx went with it
