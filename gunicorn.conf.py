@@ -70,10 +70,9 @@ STOP_MARGIN = 5  # of those, seconds kept for ending streams and joining the eng
 # ---------------------------------------------------------------------------- worker hooks
 
 def app_state(app):
-    """serve.state(app), the model, engine and loop thread of this worker's app."""
-    import serve  # in the worker only: a master that imported serve would keep its old code across a reload
-
-    return serve.state(app)
+    """serve.state(app), the model, engine and loop thread of this worker's app, read off the app
+    itself: the master never imports serve, so a reload runs the new code."""
+    return app.extensions["gpt2i"]
 
 
 def post_worker_init(worker):

@@ -1,7 +1,7 @@
 """
 GPT-2, written from scratch, with a KV-cache of per-sequence slots for batched decoding.
 
-Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, LinearCrossEntropy, GPT.
+Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT.
 Parameter names match Hugging Face's GPT-2 (transformer.wte / wpe / h.N.attn.c_attn / ...,
 lm_head), so OpenAI's weights map one to one (HF stores Conv1D weights transposed; see
 hf_to_ours and ours_to_hf). Attention goes through F.scaled_dot_product_attention, which
@@ -12,8 +12,6 @@ D head size (C // H), V vocab.
 """
 
 import inspect
-import json
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -139,66 +137,6 @@ class KVCache:
             t[dst].copy_(t[src])
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ W.T, targets), chunk by chunk: the (N, V) logits never exist at once.
-
-    Gradients are computed during forward, while each chunk's softmax is at hand, so nothing
-    is recomputed: the FLOPs of the plain path, a fraction of its memory and bytes moved.
-    Matmuls run in `compute_dtype` (bf16 under autocast), softmax and the loss in fp32.
-    targets == -1 are ignored; reduction "mean" divides by the number of counted targets.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, reduction, chunk_size, compute_dtype):
-        # x: (N, C), weight: (V, C), targets: (N,)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        valid = targets != -1  # (N,)
-        safe_targets = targets.clamp_min(0).unsqueeze(1)  # (N, 1)
-        scale = 1.0 / valid.sum().clamp_min(1).float() if reduction == "mean" else None  # device scalar: no sync
-        xc, wc = x.to(compute_dtype), weight.to(compute_dtype)
-        loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(xc) if need_grad else None  # (N, C)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
-        with torch.autocast(x.device.type, enabled=False):
-            for s in range(0, x.size(0), chunk_size):
-                e = s + chunk_size
-                logits = (xc[s:e] @ wc.t()).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                target_logit = logits.gather(1, safe_targets[s:e]).squeeze(1)  # (n,)
-                loss += ((lse - target_logit) * valid[s:e]).sum()
-                if need_grad:  # d loss / d logits = softmax - onehot(target), rows of ignored targets zero
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()  # (n, V) softmax, in place
-                    probs.scatter_add_(1, safe_targets[s:e], -valid[s:e].float().unsqueeze(1))
-                    probs.mul_(valid[s:e].unsqueeze(1))
-                    if scale is not None:
-                        probs.mul_(scale)
-                    d_logits = probs.to(compute_dtype)
-                    grad_x[s:e] = d_logits @ wc  # (n, C)
-                    grad_w += (d_logits.t() @ xc[s:e]).float()  # (V, C)
-        if scale is not None:
-            loss = loss * scale
-        if need_grad:
-            ctx.save_for_backward(grad_x, grad_w)
-        ctx.dtypes = (x.dtype, weight.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
-        return (grad_x.to(x_dtype) * grad_loss, (grad_w * grad_loss).to(w_dtype), None, None, None, None)
-
-
-@torch.compiler.disable  # a graph break: the compiled model ends at the hidden states
-def linear_cross_entropy(x, weight, targets, reduction="mean", chunk_size=8192):
-    """Loss of the LM head on hidden states x (N, C) against targets (N,), without full logits."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return LinearCrossEntropy.apply(x, weight, targets, reduction, chunk_size, dtype)
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -212,9 +150,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        # Training loss: 0 = plain cross-entropy over full logits; N = LinearCrossEntropy in
-        # chunks of N tokens (same result, without the (B*T, V) logits in memory).
-        self.loss_chunk_size = 0
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -241,11 +176,6 @@ class GPT(nn.Module):
         x = self.hidden(idx, **cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
-        B, T = idx.size()
-        if self.loss_chunk_size:  # never builds the (B*T, V) logits; returns no logits
-            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                        reduction, self.loss_chunk_size)
-            return None, loss
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
@@ -307,36 +237,6 @@ class GPT(nn.Module):
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
-
-    # ------------------------------------------------------------------ HF weights out
-
-    def export_hf(self, out_dir):
-        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads (and vLLM / TGI serve)."""
-        from safetensors.torch import save_file
-
-        cfg = self.config
-        vocab = min(cfg.vocab_size, GPT2_VOCAB)  # padding rows are never produced: drop them
-        state = ours_to_hf(self.state_dict(), vocab)
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": vocab, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "initializer_range": 0.02, "bos_token_id": GPT2_VOCAB - 1, "eos_token_id": GPT2_VOCAB - 1,
-            "tie_word_embeddings": True, "torch_dtype": "float32",
-        }
-        if not cfg.bias:
-            raise ValueError("HF GPT-2 has biases everywhere: a bias=False model cannot be exported")
-        os.makedirs(out_dir, exist_ok=True)
-        from common import atomic_path
-
-        with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        with atomic_path(os.path.join(out_dir, "config.json")) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(hf_config, f, indent=2)
-        return out_dir
 
 
 def hf_to_ours(hf_state):

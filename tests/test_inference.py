@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+import export_hf
 import inference as inf
 from checkpoint import save_checkpoint
 from common import UserError, run_cli
@@ -560,7 +561,7 @@ def test_in_out_layout_matches_linear(model):
 
 
 def test_load_hf_folder(tmp_path, model):
-    model.export_hf(tmp_path / "hf")
+    export_hf.export(model, tmp_path / "hf")
     loaded, info = inf.load_model_from_checkpoint(tmp_path / "hf", device="cpu")
     idx = torch.randint(0, N_VOCAB, (1, 9))
     with torch.no_grad():

@@ -39,23 +39,6 @@ def test_logits_match_transformers_both_ways(tmp_path, shape):
         got, _ = ours(idx)
     assert (got - expected).abs().max().item() <= 1e-4
 
-    ours.export_hf(tmp_path / "export")
-    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    with torch.no_grad():
-        again = back(idx).logits
-    assert (again - expected).abs().max().item() <= 1e-4
-
-
-def test_export_drops_vocab_padding(tmp_path, tiny_model):
-    tiny_model.export_hf(tmp_path / "export")
-    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
-    assert back.config.vocab_size == 50257
-    idx = torch.randint(0, 50257, (1, 10))
-    with torch.no_grad():
-        ours, _ = tiny_model(idx)
-        theirs = back(idx).logits
-    assert (ours[..., :50257] - theirs).abs().max().item() <= 1e-4
-
 
 def test_param_count_124M():
     model = GPT(GPTConfig(vocab_size=50257))
@@ -167,24 +150,3 @@ def test_config_validation():
         GPTConfig(n_embd=100, n_head=3)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunked_linear_cross_entropy_equals_plain(reduction):
-    torch.manual_seed(3)
-    plain = GPT(tiny_config())
-    chunked = GPT(tiny_config())
-    chunked.load_state_dict(plain.state_dict())
-    chunked.loss_chunk_size = 7  # not a divisor of B*T: exercises the ragged last chunk
-    idx = torch.randint(0, 50257, (3, 16))
-    targets = torch.randint(0, 50257, (3, 16))
-    targets[0, :5] = -1
-    _, loss_a = plain(idx, targets, reduction=reduction)
-    logits_b, loss_b = chunked(idx, targets, reduction=reduction)
-    assert logits_b is None
-    (loss_a * 0.5).backward()
-    (loss_b * 0.5).backward()
-    assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-6)
-    for (name, pa), pb in zip(plain.named_parameters(), chunked.parameters()):
-        rel = ((pa.grad - pb.grad).norm() / pa.grad.norm()).item()  # fp32 summation order differs
-        assert rel <= 1e-5, (name, rel)
-    with torch.no_grad():  # eval path: no gradients computed, same loss
-        assert torch.allclose(chunked(idx, targets)[1], plain(idx, targets)[1], atol=1e-6)
