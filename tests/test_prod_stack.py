@@ -13,15 +13,14 @@ import socket
 import pytest
 
 from bench.prod_stack import Stack, request, reload, slowloris, stream
-from conftest import require
 from test_serve_config import make_checkpoint
 
 GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
 
 
 def need_nginx():
-    require(shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin") is not None,
-            "nginx is not installed (apt-get install nginx)")
+    assert shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin"), \
+        "nginx is not installed (apt-get install nginx)"
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
 """Production setup: `gunicorn -c gunicorn.conf.py "serve:create_app()"` with two gthread workers
 sharing one rate limit through a real redis-server, and a non-streaming client hanging up under gunicorn.
 
-redis-server is a Debian package (`apt-get install redis-server`; .ci/run installs it). Without it
-the shared-limit test is skipped, unless CI_REQUIRE_ALL is set (CI), where it fails instead.
+redis-server is a Debian package (`apt-get install redis-server`; .ci/run installs it).
 """
 
 import json
@@ -25,11 +24,7 @@ LIMIT = 5  # requests per minute per client
 
 @pytest.fixture(scope="module")
 def redis_port():
-    if REDIS_SERVER is None:
-        if os.environ.get("CI_REQUIRE_ALL"):
-            pytest.fail("redis-server is not installed but CI_REQUIRE_ALL is set (apt-get install redis-server)")
-        yield None
-        return
+    assert REDIS_SERVER, "redis-server is not installed (apt-get install redis-server)"
     port = free_port()
     proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -60,7 +55,7 @@ def gunicorn(tmp_path_factory, redis_port):
     log_path = folder / "gunicorn.log"
     env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_BIND": f"127.0.0.1:{port}", "GPT2I_WORKERS": "2",
            "GPT2I_THREADS": "8", "GPT2I_RATE_LIMIT": f"{LIMIT}/minute", "GPT2I_TRUST_PROXY": "1",
-           "GPT2I_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{redis_port}" if redis_port else "memory://",
+           "GPT2I_RATE_LIMIT_STORAGE": f"redis://127.0.0.1:{redis_port}",
            "GPT2I_LOG_LEVEL": "info"}
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "serve:create_app()"],
@@ -93,8 +88,6 @@ def request_log(log_path):
 
 
 def test_two_workers_share_one_rate_limit_through_redis(gunicorn, redis_port):
-    if redis_port is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI sets CI_REQUIRE_ALL")
     port, log_path = gunicorn
     client = {"X-Forwarded-For": "7.7.7.7"}  # gunicorn trusts one proxy hop here (GPT2I_TRUST_PROXY=1)
     body = {"prompt": "hi", "max_new_tokens": 1}
