@@ -241,6 +241,7 @@
       // An open end ("min_exclusive", top_p's (0, 1]) starts the slider one step up.
       if (spec.min_exclusive) min += range.step;
       if (name === "top_k") max = Math.min(max, UI_MAX_TOP_K);
+      if (name === "max_new_tokens") min = Math.max(min, 1); // 0 is for echo (scoring a prompt), never a chat answer
       range.min = min;
       range.max = Math.max(min, max);
       const def = Number(spec.default);
