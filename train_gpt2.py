@@ -41,7 +41,7 @@ from common import (CLIParser, UserError, atomic_path, bounded, clean_stale_temp
 from fineweb import list_shards, read_shard
 from hellaswag import evaluate as hellaswag_accuracy
 from hellaswag import load_examples
-from inference import generate_text
+from inference import Engine, generate_text
 from lora import has_lora, merged_state_dict
 from tokenizer import N_VOCAB
 
@@ -347,9 +347,11 @@ class Trainer:
     def write_samples(self):
         """Continue each prompt (inference.generate_text, seeded; the training RNG is untouched); print and save."""
         a = self.args
+        # eager: a few short samples never repay capturing CUDA graphs, and the graphs' memory would stay
+        engine = Engine(self.raw_model, max_batch=1, graphs=False)
         with open(os.path.join(a.out_dir, "samples.jsonl"), "a") as f:
             for i, prompt in enumerate(self.prompts):
-                text = generate_text(self.raw_model, prompt, max_new_tokens=a.sample_tokens, raw=True,
+                text = generate_text(engine, prompt, max_new_tokens=a.sample_tokens, raw=True,
                                      temperature=a.sample_temperature, top_k=50, seed=a.seed + 1000 * self.step + i)["text"]
                 print(f"  sample> {prompt[-40:] + text!r}", flush=True)
                 f.write(json.dumps({"step": self.step, "prompt": prompt, "text": text}) + "\n")
