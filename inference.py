@@ -216,6 +216,21 @@ def check_ids(ids, name="prompt"):
     return list(ids)
 
 
+def check_request(prompt_ids, params, n, logprobs, echo, max_batch, block_size):
+    """What Engine.add refuses, checked without an engine -> the prompt ids; raises ParamError."""
+    ids = check_ids(prompt_ids)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_batch:
+        raise ParamError("n", f"n must be an integer between 1 and {max_batch}, got {_fmt(n)}")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise ParamError("logprobs", f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, "
+                                     f"got {_fmt(logprobs)}")
+    if params["max_new_tokens"] == 0 and not echo:
+        raise ParamError("max_new_tokens", "max_new_tokens must be at least 1 (0 only with echo)")
+    check_fits(len(ids), params["max_new_tokens"], block_size)
+    return ids
+
+
 def encode_prompt(prompt, raw=False):
     """Prompt text -> token ids: the instruction template (prompt.format_prompt) unless raw.
 
@@ -426,7 +441,7 @@ def sample(logits, p, u, n_cand, penalties=None):
     full sort. Sampling is inverse-CDF over the kept tokens in vocabulary order (the first id whose
     cumulative probability passes u * total), so the id a given u picks never depends on the path.
     """
-    logits = logits[:, :N_VOCAB].float()  # (B, V)
+    logits = logits[:, :N_VOCAB].to(torch.promote_types(logits.dtype, torch.float32))  # (B, V); float64 stays
     if penalties is not None:
         bias, seen, counts = penalties
         logits = logits + bias
@@ -563,16 +578,7 @@ class Engine:
         """Queue a request -> its handle. params: validate_params output (None: defaults).
         Raises ParamError for a bad prompt, n, logprobs or a prompt + max_new_tokens over block_size."""
         params = validate_params() if params is None else params
-        ids = check_ids(prompt_ids)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_batch:
-            raise ParamError("n", f"n must be an integer between 1 and {self.max_batch}, got {_fmt(n)}")
-        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                     or not 0 <= logprobs <= MAX_LOGPROBS):
-            raise ParamError("logprobs", f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, "
-                                         f"got {_fmt(logprobs)}")
-        if params["max_new_tokens"] == 0 and not echo:
-            raise ParamError("max_new_tokens", "max_new_tokens must be at least 1 (0 only with echo)")
-        check_fits(len(ids), params["max_new_tokens"], self.config.block_size)
+        ids = check_request(prompt_ids, params, n, logprobs, echo, self.max_batch, self.config.block_size)
         req = Request(ids, params, n, logprobs, bool(echo), tag)
         with self._q_lock:
             self._waiting.append(req)
