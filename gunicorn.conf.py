@@ -64,13 +64,13 @@ control_socket_disable = True
 # Seconds running requests (streams) get to finish on reload or stop; past that they end with an
 # error event (worker_exit below).
 graceful_timeout = 30
-STOP_MARGIN = 5  # of those, seconds kept for ending streams and joining the engine thread before SIGKILL
+STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
 
 
 # ---------------------------------------------------------------------------- worker hooks
 
 def app_state(app):
-    """serve.state(app), the model, engine and loop thread of this worker's app, read off the app
+    """serve.state(app), the engine process and reader thread of this worker's app, read off the app
     itself: the master never imports serve, so a reload runs the new code."""
     return app.extensions["gpt2i"]
 
@@ -91,8 +91,8 @@ def post_worker_init(worker):
 
 
 def _shutdown(worker):
-    """Stop admission, end running streams with an error event, stop and join the engine thread:
-    no thread may still be inside torch when the interpreter exits (SIGABRT)."""
+    """Stop admission, end running streams with an error event, stop the engine process and join
+    the reader thread."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
         state = app_state(app)
@@ -107,7 +107,7 @@ def worker_int(worker):
 def worker_exit(server, worker):
     _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
     if worker.booted:
-        # Streams are ended and the engine thread joined: skip the interpreter's teardown, which
+        # Streams are ended and the engine process stopped: skip the interpreter's teardown, which
         # under load can take longer than the master waits (then it dies by SIGTERM/SIGKILL) and
         # is where torch's threads used to abort ("terminate called without an active exception").
         # A worker that failed to boot keeps its exit status (the master stops on it).

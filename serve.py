@@ -6,20 +6,24 @@
 Every flag has a GPT2I_* environment variable (`python serve.py --help` lists both); the flag wins.
 The routes, their fields and errors are in GET /openapi.json; docs/design.md has the contracts.
 
-Concurrency: one loop thread calls engine.step() (inference.Engine: continuous batching, requests
-join and leave the running batch between steps); request threads only add and cancel engine
-requests and read their outputs from a per-request queue. A request counts against --max-queue
-from admission until its response is done. A client that goes away is noticed by a peek at its
-socket (and by a failed write when streaming) and its engine request is cancelled.
+Concurrency: the engine (inference.Engine: continuous batching, requests join and leave the
+running batch between steps) runs in a process of its own, whose one loop calls engine.step(), so
+request threads never hold up the GPU by holding the interpreter lock. Request threads send adds
+and cancels over a pipe; one reader thread here puts each step's outputs into per-request queues.
+A request counts against --max-queue from admission until its response is done. A client that
+goes away is noticed by a peek at its socket (and by a failed write when streaming) and its
+engine request is cancelled.
 """
 
 import argparse
 import base64
+import gc
 import hmac
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import queue
 import re
@@ -31,6 +35,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +65,7 @@ ENV_PREFIX = "GPT2I_"
 MAX_N = 8  # choices per request (n): they share one prefill
 KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
+EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 log = logging.getLogger("gpt2i.serve")
 
 # ============================================================================ configuration
@@ -598,11 +604,11 @@ def prompt_entries(ids, prompt_logprobs):
 
 class Reply:
     """One HTTP request's engine requests, seen from its request thread: outputs arrive on a queue
-    (put there by the loop thread), in order; an ApiError ends it early (shutdown, engine failure)."""
+    (put there by the reader thread), in order; an ApiError ends it early (shutdown, engine failure)."""
 
     def __init__(self, server, n_choices, stream):
         self.server, self.stream = server, stream
-        self.handles = []  # (engine request, first choice index, prompt ids)
+        self.handles = []  # a Handle per prompt
         self.queue = queue.Queue()  # lists of (choice, Output), or the ApiError that ended the reply
         self.pending = []  # not streamed: outputs held until a choice ends (no wake-up per step)
         self.open = n_choices  # choices not finished yet
@@ -654,7 +660,7 @@ class Reply:
         """The logprob entries of an output: the prompt's first (echo), then the new tokens'."""
         if not out.prompt_logprobs:
             return list(out.logprobs or [])
-        ids = next(ids for h, base, ids in self.handles if base <= index < base + h.n)
+        ids = next(h.ids for h in self.handles if h.base <= index < h.base + h.n)
         return prompt_entries(ids, out.prompt_logprobs) + list(out.logprobs or [])
 
     def timings(self):
@@ -667,22 +673,36 @@ class Reply:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+class Handle:
+    """The server's side of one engine request: `n` choices, `done` once all have finished."""
+
+    def __init__(self, rid, n, reply, base, ids):
+        self.id, self.n, self.reply, self.base, self.ids = rid, n, reply, base, ids
+        self.open, self.done = n, False
+
+
 class Server:
-    """The model, the engine and the loop thread; create_app builds one, serve.state(app) returns it."""
+    """The HTTP side of one model: the engine runs in a process of its own (engine_process), so its
+    loop never waits for the interpreter lock behind request threads; a reader thread here puts
+    what it sends into each reply's queue. create_app builds one, serve.state(app) returns it."""
 
     def __init__(self, config):
         self.config = config
         self.model_name = config.model_name
         self.status, self.error = "loading", None
-        self.model = self.engine = None
         self.info, self.context_length = {}, None
         self.created = int(time.time())
         self.accepting = True
         self._replies = set()  # admitted and not released
+        self._handles = {}  # engine request id -> Handle, until every choice has finished
+        self._embeds = {}  # embedding call id -> [threading.Event, result]
+        self._ids = itertools.count()
+        self._stats = {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 0}  # as of the last step
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # a pipe takes one sender at a time
         self._ready = threading.Event()
-        self._wake = threading.Event()
         self._closed = False
+        self._conn = self._proc = None
         self._thread = threading.Thread(target=self._run, name="gpt2i-loop", daemon=True)
         self._make_metrics()
 
@@ -715,13 +735,20 @@ class Server:
                    registry=r).set_function(lambda: int(self.status == "ok"))
 
     def stats(self):
-        if self.engine is None:
-            return {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 0}
-        return self.engine.stats()
+        return dict(self._stats)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self):
+        """Start the engine process (it loads the model) and the thread that reads it."""
+        cfg = self.config
+        options = {"ckpt": cfg.ckpt, "device": cfg.device, "dtype": cfg.dtype, "quantize": cfg.quantize,
+                   "max_batch": cfg.max_batch, "prefill_chunk": cfg.prefill_chunk, "compile": cfg.compile}
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=engine_process, args=(child, options), name="gpt2i-engine", daemon=True)
+        self._proc.start()
+        child.close()
         self._thread.start()
         return self
 
@@ -742,7 +769,7 @@ class Server:
 
     def close(self, timeout=0.0):
         """Shut down: running streams get `timeout` seconds to finish, then end with an error event;
-        the loop thread stops. Idempotent."""
+        the engine process and the reader thread stop. Idempotent."""
         self.begin_shutdown()
         deadline = time.monotonic() + timeout
         while self._replies and time.monotonic() < deadline:
@@ -756,73 +783,104 @@ class Server:
         while self._replies and time.monotonic() < deadline:
             time.sleep(POLL_S / 2)
         self._closed = True
-        self._wake.set()
+        if self._proc is not None:
+            self._send(("stop",))
+            self._proc.join(10.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5.0)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10.0)
+
+    def _send(self, message):
+        """One message to the engine process; False when it is gone."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, ValueError):
+            return False
 
     def _end(self, reply, error):
         """End a reply with an error (under self._lock): its engine requests are cancelled."""
         reply.ended = error
         reply.queue.put(error)
-        for handle, _, _ in reply.handles:
-            self.engine.cancel(handle)
+        for handle in reply.handles:
+            self._send(("cancel", handle.id))
 
     def _run(self):
+        """The reader thread: the engine's load result, then its outputs, until it stops."""
         try:
-            self._load()
-        except Exception as e:  # reported by /health and wait_ready, never a crash
-            self.status, self.error = "error", (str(e).splitlines() or [type(e).__name__])[0]
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            message = ("error", "the engine process exited while loading")
+        if message[0] == "error":  # reported by /health and wait_ready, never a crash
+            self.status, self.error = "error", message[1]
             log.error({"event": "model_load_failed", "error": self.error})
             self._ready.set()
             return
+        _, self.info, self.context_length, self._stats = message
         self.status = "ok"
         self._ready.set()
         log.info({"event": "model_loaded", "model": self.model_name, **self.describe(), "pid": os.getpid()})
-        while not self._closed:
-            self._wake.clear()
-            if not self.engine.has_work():
-                self._wake.wait(1.0)  # add() and close() wake it
-                continue
+        while True:
             try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug or a device error: fail what runs, keep serving
-                log.exception("engine step failed")
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "outputs":
+                now = time.perf_counter()
                 with self._lock:
-                    for r in list(self._replies):
-                        if r.ended is None:
-                            self._end(r, ApiError(500, "server_error", f"generation failed: {type(e).__name__}"))
-                continue
-            now = time.perf_counter()
+                    for out in message[1]:
+                        self._dispatch(out, now)
+                self._stats = message[2]
+            elif kind == "embedded":
+                call = self._embeds.get(message[1])
+                if call is not None:
+                    call[1] = message[2]
+                    call[0].set()
+            elif kind in ("rejected", "failed"):
+                error = ApiError(500, "server_error", f"generation failed: {message[2]}") if kind == "failed" \
+                    else invalid(*message[2])
+                with self._lock:
+                    for rid in message[1]:
+                        handle = self._handles.pop(rid, None)
+                        if handle is not None and handle.reply.ended is None:
+                            self._end(handle.reply, error)
+        if not self._closed:  # the engine process died: fail what runs, refuse what comes
+            self.status, self.error = "error", "the engine process exited"
+            log.error({"event": "engine_exited", "exitcode": self._proc.exitcode if self._proc else None})
             with self._lock:
-                for out in outputs:
-                    self._dispatch(out, now)
-
-    def _load(self):
-        cfg = self.config
-        self.model, self.info = inference.load_model_from_checkpoint(
-            cfg.ckpt, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
-        self.context_length = int(self.model.config.block_size)
-        self.engine = inference.Engine(self.model, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
-                                       compile=cfg.compile)
-        self.info["graphs_captured"] = self.engine.warmup()  # CUDA: no request waits for a capture
+                for r in list(self._replies):
+                    if r.ended is None:
+                        self._end(r, ApiError(500, "server_error", "generation failed: the engine stopped"))
+            for call in list(self._embeds.values()):
+                call[0].set()
 
     def _dispatch(self, out, now):
-        """One engine Output -> its reply's queue, with the token metrics (the loop thread, under self._lock)."""
-        reply, base = out.request.tag
-        n_new = len(out.token_ids)
+        """One engine Output -> its reply's queue, with the token metrics (the reader thread, under self._lock)."""
+        handle = self._handles.get(out.request)
+        if handle is None:
+            return
+        reply, n_new = handle.reply, len(out.token_ids)
+        out.request = handle
         self.m_tokens.labels("completion").inc(n_new)
         if n_new:  # one observation per output: the mean gap of its tokens
             self.m_ttft.observe(now - reply.t0) if reply.t_last is None else \
                 self.m_itl.observe((now - reply.t_last) / n_new)
             reply.t_first, reply.t_last = reply.t_first or now, now
         if out.finish_reason is not None:
-            usage = getattr(out, "usage", None) or {}
-            reply.completion_tokens += usage.get("completion_tokens", 0)
+            handle.open -= 1
+            if not handle.open:
+                handle.done = True
+                del self._handles[handle.id]
+            reply.completion_tokens += (out.usage or {}).get("completion_tokens", 0)
             if out.finish_reason == "cancelled":
                 self.m_cancelled.inc()
         if reply.ended is None:
             reply.started = True
-            reply.pending.append((base + out.index, out))
+            reply.pending.append((handle.base + out.index, out))
             if reply.stream or out.finish_reason is not None:
                 reply.queue.put(reply.pending)
                 reply.pending = []
@@ -859,6 +917,11 @@ class Server:
     def admit(self, prompts, params, names, stream, n=1, logprobs=None, echo=False):
         """Queue one engine request per prompt (ids) with n choices each -> a Reply; 503 when full."""
         self.require_ready()
+        try:  # what the engine would refuse, refused here: a 400 before anything is queued
+            prompts = [inference.check_request(ids, params, n, logprobs, echo, self.config.max_batch,
+                                               self.context_length) for ids in prompts]
+        except ParamError as e:
+            raise param_error(e, names) from None
         reply = Reply(self, len(prompts) * n, stream)
         with self._lock:
             if not self.accepting:
@@ -867,31 +930,107 @@ class Server:
                 raise unavailable("overloaded", f"the server is busy ({self.config.max_queue} requests in progress); "
                                                 "retry shortly", 1)
             self._replies.add(reply)
-        g.rq["reply"] = reply
-        try:
             for i, ids in enumerate(prompts):
-                handle = self.engine.add(ids, params, n=n, logprobs=logprobs, echo=echo, tag=(reply, i * n))
-                reply.handles.append((handle, i * n, ids))
+                handle = Handle(next(self._ids), n, reply, i * n, ids)
+                self._handles[handle.id] = handle
+                reply.handles.append(handle)
                 reply.prompt_tokens += len(ids)
-        except ParamError as e:
-            self.release(reply)
-            raise param_error(e, names) from None
+        g.rq["reply"] = reply
+        for handle in reply.handles:
+            if not self._send(("add", handle.id, handle.ids, params, n, logprobs, echo)):
+                self.release(reply)
+                raise ApiError(500, "server_error", "generation failed: the engine stopped")
         self.m_tokens.labels("prompt").inc(reply.prompt_tokens)
-        self._wake.set()
         return reply
 
     def release(self, reply):
         """The HTTP side is done with a reply (idempotent): cancel what still runs, free its place."""
-        for handle, _, _ in reply.handles:
+        for handle in reply.handles:
             if not handle.done:
-                self.engine.cancel(handle)
+                self._send(("cancel", handle.id))
         reply.t_end = reply.t_end or time.perf_counter()
         with self._lock:
             self._replies.discard(reply)
 
+    def embed(self, inputs):
+        """Embeddings of id lists, computed by the engine between steps; ParamError for a bad input."""
+        self.require_ready()
+        eid = next(self._ids)
+        call = self._embeds[eid] = [threading.Event(), None]
+        try:
+            if not self._send(("embed", eid, inputs)) or not call[0].wait(EMBED_TIMEOUT_S) or call[1] is None:
+                raise ApiError(500, "server_error", "embedding failed: the engine did not answer")
+        finally:
+            self._embeds.pop(eid, None)
+        if isinstance(call[1], tuple):
+            raise ParamError(*call[1])
+        return call[1]
+
     def describe(self):
         return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),
                 "context_length": self.context_length, "graphs_captured": self.info.get("graphs_captured")}
+
+
+def engine_process(conn, options):
+    """The engine's process: load the model, then add / cancel / embed as the server asks and step
+    while there is work, sending each step's outputs as plain tuples. Ends when the server says
+    stop or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the server decides
+    try:
+        model, info = inference.load_model_from_checkpoint(options["ckpt"], device=options["device"],
+                                                           dtype=options["dtype"], quantize=options["quantize"])
+        engine = inference.Engine(model, max_batch=options["max_batch"], prefill_chunk=options["prefill_chunk"],
+                                  compile=options["compile"])
+        info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
+    except Exception as e:
+        conn.send(("error", (str(e).splitlines() or [type(e).__name__])[0]))
+        return
+    gc.collect()
+    gc.freeze()  # the model, modules and graphs live as long as the process: later collections skip them
+    conn.send(("ready", info, int(model.config.block_size), engine.stats()))
+    try:
+        engine_loop(conn, engine)
+    except (EOFError, OSError):
+        pass  # the server is gone
+
+
+def engine_loop(conn, engine):
+    requests = {}  # id -> engine Request, until it is done
+    while True:
+        while conn.poll(0 if engine.has_work() else 1.0):
+            message = conn.recv()
+            kind = message[0]
+            if kind == "add":
+                rid, ids, params, n, logprobs, echo = message[1:]
+                try:
+                    requests[rid] = engine.add(ids, params, n=n, logprobs=logprobs, echo=echo, tag=rid)
+                except ParamError as e:
+                    conn.send(("rejected", [rid], (e.param, str(e))))
+            elif kind == "cancel" and message[1] in requests:
+                engine.cancel(requests[message[1]])
+            elif kind == "embed":
+                try:
+                    conn.send(("embedded", message[1], engine.embed(message[2])))
+                except ParamError as e:
+                    conn.send(("embedded", message[1], (e.param, str(e))))
+            elif kind == "stop":
+                return
+        if not engine.has_work():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as e:  # a bug or a device error: fail what runs, keep serving
+            traceback.print_exc()
+            for r in requests.values():
+                engine.cancel(r)
+            conn.send(("failed", list(requests), type(e).__name__))
+            requests.clear()
+            continue
+        for o in outputs:  # the server knows a request by its id: the handle stays here
+            handle, o.request = o.request, o.request.tag
+            if handle.done:
+                requests.pop(handle.tag, None)
+        conn.send(("outputs", outputs, engine.stats()))
 
 
 def state(app):
@@ -1233,7 +1372,7 @@ def build_app(server):
         server.require_ready()
         ids_list = [inference.encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
         try:
-            vectors = server.engine.embed(ids_list)
+            vectors = server.embed(ids_list)
         except ParamError as e:
             raise param_error(e, {}) from None
         b64 = body.get("encoding_format") == "base64"

@@ -65,7 +65,7 @@ def bad_field(client, path, body, param):
 
 def model_logprobs(app, ids):
     """log_softmax over the vocabulary of the model's own forward pass: row i predicts ids[i+1]."""
-    model = serve.state(app).model
+    model = inference.load_model_from_checkpoint(serve.state(app).config.ckpt)[0]
     with torch.no_grad():
         logits = model(torch.tensor([ids]))[0]
     return torch.log_softmax(logits[0, :-1, :N_VOCAB].float(), dim=-1)
@@ -127,7 +127,8 @@ def test_generate_plain_reply_matches_inference(app):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert {"first_token_ms", "total_ms"} <= set(body["timings"])
     assert post(client, "/generate", req).get_json()["text"] == body["text"]  # seeded: reproducible
-    direct = inference.generate_text(serve.state(app).model, "Write a word.", max_new_tokens=12, seed=123,
+    model = inference.load_model_from_checkpoint(serve.state(app).config.ckpt)[0]
+    direct = inference.generate_text(model, "Write a word.", max_new_tokens=12, seed=123,
                                      temperature=0.9, top_k=40)
     assert body["text"] == direct["text"]
     r = post(client, "/generate", {"prompt": "x", "max_new_tokens": 1}, headers={"X-Request-ID": "bad id <x>"})

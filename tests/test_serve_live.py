@@ -1,5 +1,6 @@
 """serve.py on a real socket: clients that hang up are cancelled (streaming or not) and their places
 come back; shutdown answers queued requests with 503 and ends running streams with a terminal event;
+a dead engine process ends what runs with an error and shows in /health;
 `python serve.py` itself: one log line per request, no banner, SIGTERM exits cleanly."""
 
 import json
@@ -120,6 +121,21 @@ def test_shutdown_refuses_queued_and_ends_running_streams(live):
     native, openai = (sse_events(f.read().decode().lstrip("\n")) for f in files)
     assert json.loads(native[-1])["error"]["type"] == "shutting_down"
     assert openai[-1] == "[DONE]" and json.loads(openai[-2])["error"]["type"] == "shutting_down"
+
+
+def test_a_dead_engine_process_fails_running_requests_and_is_reported(live):
+    stream = open_request(live.port, "/v1/completions", {"prompt": "x", "max_tokens": MAX_NEW, "ignore_eos": True,
+                                                         "stream": True})
+    f = stream.makefile("rb")
+    read_events(f, 1)
+    live.state._proc.kill()  # what an out-of-memory kill or a driver crash would do
+    rest = sse_events(f.read().decode().lstrip("\n"))  # the stream ends with an error event, not a bare EOF
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "server_error"
+    assert wait_until(lambda: live.request("GET", "/health")[0] == 503)
+    health = json.loads(live.request("GET", "/health")[2])
+    assert health["status"] == "error" and "engine" in health["error"]
+    status, _, text = live.request("POST", "/generate", {"prompt": "hi", "max_new_tokens": 1})
+    assert status == 503 and json.loads(text)["error"]["type"] == "model_error"
 
 
 def test_python_serve_py_logs_and_stops_on_sigterm(ckpt):
