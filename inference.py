@@ -29,7 +29,6 @@ import codecs
 import heapq
 import itertools
 import math
-import os
 import random
 import secrets
 import sys
@@ -49,7 +48,6 @@ from model import KVCache
 from prompt import format_prompt
 from tokenizer import EOT_ID, N_VOCAB, encode, get_tokenizer
 
-FINISH_REASONS = ("eos", "stop", "length", "cancelled")
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
@@ -242,11 +240,6 @@ def encode_prompt(prompt, raw=False):
     return ids or [EOT_ID]
 
 
-def count_tokens(prompt, raw=False):
-    """How many tokens the model reads for this prompt (the usage's prompt_tokens)."""
-    return len(encode_prompt(prompt, raw))
-
-
 # ====================================================================== text assembly
 
 
@@ -318,7 +311,7 @@ class Output:
     token_ids: list = field(default_factory=list)  # new ids
     logprobs: list = None  # per new id {"token_id", "logprob", "top": [(id, logprob), ...]} if asked
     prompt_logprobs: list = None  # echo: on the first Output, one entry per prompt token, the first None
-    finish_reason: str = None  # None while running; else one of FINISH_REASONS
+    finish_reason: str = None  # None while running; else "eos", "stop", "length" or "cancelled"
     usage: dict = None  # when finished: {"prompt_tokens", "completion_tokens"}
 
 

@@ -420,7 +420,7 @@ def test_finish_reasons_and_usage(model):
     assert r["prompt_tokens"] == 1 and r["completion_tokens"] == len(r["token_ids"]) <= 7
     assert r["text"] == decode([t for t in r["token_ids"] if t != EOT_ID])
     t = inf.generate_text(model, "Hello", max_new_tokens=1, temperature=0)  # the template counts
-    assert t["prompt_tokens"] == inf.count_tokens("Hello") > 20
+    assert t["prompt_tokens"] == len(inf.encode_prompt("Hello")) > 20
 
 
 def test_eos_ends_generation(model):
@@ -437,7 +437,7 @@ def test_eos_ends_generation(model):
 
 def test_block_size_overflow_is_a_clear_error(model):
     prompt = " a" * 120
-    assert inf.count_tokens(prompt, raw=True) == 120
+    assert len(inf.encode_prompt(prompt, raw=True)) == 120
     r = inf.generate_text(model, prompt, max_new_tokens=8, temperature=0, raw=True, ignore_eos=True)  # fits exactly
     assert r["completion_tokens"] == 8
     with pytest.raises(ValueError, match=r"max_new_tokens.*block_size 128.*at most 8 ") as e:

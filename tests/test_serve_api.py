@@ -123,7 +123,7 @@ def test_generate_plain_reply_matches_inference(app):
     body = r.get_json()
     assert body["finish_reason"] in ("eos", "stop", "length")
     usage = body["usage"]
-    assert usage["prompt_tokens"] == inference.count_tokens("Write a word.") and 1 <= usage["completion_tokens"] <= 12
+    assert usage["prompt_tokens"] == len(inference.encode_prompt("Write a word.")) and 1 <= usage["completion_tokens"] <= 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert {"first_token_ms", "total_ms"} <= set(body["timings"])
     assert post(client, "/generate", req).get_json()["text"] == body["text"]  # seeded: reproducible
@@ -138,7 +138,7 @@ def test_generate_plain_reply_matches_inference(app):
 def test_generate_context_raw_and_stream(app):
     client = app.test_client()
     body = post(client, "/generate", {"prompt": "Summarize.", "context": "Cats sleep.", "max_new_tokens": 2}).get_json()
-    assert body["usage"]["prompt_tokens"] == inference.count_tokens(format_prompt("Summarize.", "Cats sleep."), raw=True)
+    assert body["usage"]["prompt_tokens"] == len(inference.encode_prompt(format_prompt("Summarize.", "Cats sleep."), raw=True))
     body = post(client, "/generate", {"prompt": "Once upon a time", "raw": True, "max_new_tokens": 2}).get_json()
     assert body["usage"]["prompt_tokens"] == len(encode("Once upon a time"))
     bad_field(client, "/generate", {"prompt": "x", "context": "y", "raw": True}, "context")
@@ -375,7 +375,7 @@ def test_completions_shape_and_stream(app):
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] in ("stop", "length")
     assert body["usage"]["prompt_tokens"] == len(encode("The sky is"))  # raw by default
     assert post(client, "/v1/completions", {"prompt": "a b", "raw": False, "max_tokens": 1}).get_json()[
-        "usage"]["prompt_tokens"] == inference.count_tokens("a b")
+        "usage"]["prompt_tokens"] == len(inference.encode_prompt("a b"))
     assert post(client, "/v1/completions", {"prompt": "a b", "ignore_eos": True}).get_json()[
         "usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
     req = {"prompt": "One two", "max_tokens": 6, "temperature": 0}
@@ -455,7 +455,7 @@ def test_chat_completion_shape_and_stream(app):
     (choice,) = body["choices"]
     assert choice["message"]["role"] == "assistant" and choice["logprobs"] is None
     folded = format_prompt("Bye", "Be brief.\n\nUser: Hi\nAssistant: Hello.")
-    assert body["usage"]["prompt_tokens"] == inference.count_tokens(folded, raw=True)
+    assert body["usage"]["prompt_tokens"] == len(inference.encode_prompt(folded, raw=True))
     events = sse_events(post(client, "/v1/chat/completions", {**req, "stream": True}).get_data(as_text=True))
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -596,7 +596,7 @@ def test_one_log_line_per_request(app, capsys):
     assert [line["request_id"] for line in lines] == ["log-1", "log-2"]
     for line, stream in zip(lines, (False, True)):
         assert line["endpoint"] == "/generate" and line["status"] == 200 and line["stream"] is stream
-        assert line["prompt_tokens"] == inference.count_tokens("hi") and 1 <= line["completion_tokens"] <= 2
+        assert line["prompt_tokens"] == len(inference.encode_prompt("hi")) and 1 <= line["completion_tokens"] <= 2
 
 
 def test_index_and_static_files(guarded, ckpt, tmp_path):
