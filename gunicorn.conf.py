@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
-#                              so a reload waits for the model's load, not for torch's import too
+#                              so only its engine process (a fresh interpreter) imports torch before the load
 from gunicorn.arbiter import Arbiter
 
 
