@@ -17,7 +17,6 @@ engine request is cancelled.
 
 import argparse
 import base64
-import gc
 import hmac
 import itertools
 import json
@@ -985,13 +984,11 @@ def engine_process(conn, options):
     except Exception as e:
         conn.send(("error", (str(e).splitlines() or [type(e).__name__])[0]))
         return
-    gc.collect()
-    gc.freeze()  # the model, modules and graphs live as long as the process: later collections skip them
     conn.send(("ready", info, int(model.config.block_size), engine.stats()))
     try:
         engine_loop(conn, engine)
     except (EOFError, OSError):
-        pass  # the server is gone
+        return  # the server is gone
 
 
 def engine_loop(conn, engine):
