@@ -8,8 +8,7 @@ Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): o
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
     python inference.py --ckpt out/dolly --prompt "Name three primary colours."
 
-The loop is train_gpt2.Trainer with instruction rows and keep_best. It takes every flag of
-train_gpt2.py's training flags (same names, fine-tuning defaults) plus the ones below.
+The loop is train_gpt2's with instruction rows and keep_best; the flags are train_flags.py's.
 
 Rows: padded, not packed. Each row is one whole example (prompt, response, <|endoftext|>); targets
 are -1 on the padding and wherever the next token is a prompt token, so the loss is on the response
@@ -25,11 +24,10 @@ longest, rounded up to --pad-multiple (tensor-core friendly widths, few compiled
 takes rows r, r + W, ... of the step, so DDP trains on the same examples as one process. The last
 (n mod E) examples of each epoch's shuffle sit that epoch out (different ones each epoch).
 
-Defaults (full fine-tuning): lr 5e-5 (HF's for GPT-2: 12x below the 6e-4 pretraining peak, so the
-pretrained features survive ~3 epochs), cosine to 0 after a warmup of 3% of the steps, weight decay
-0.01, 3 epochs, 32 examples a step. LoRA: lr 3e-4 (adapters start at zero and are low-rank: they need
-a ~10x larger step), rank 8, alpha 16, dropout 0.05, on every Linear of the blocks. Evaluation (masked
-val loss, greedy answers to held-out val instructions) 4 times an epoch and at the end.
+Defaults: lr 5e-5 (HF's for GPT-2: 12x below the pretraining peak, so the pretrained features survive
+~3 epochs), cosine to 0 after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they
+need a ~10x larger step). Evaluation (masked val loss, greedy answers to held-out val instructions) 4
+times an epoch and at the end.
 
 Output in --out-dir: ckpt.pt (the best val loss, LoRA merged, no optimizer: what inference and the
 server load), last.pt (for --init-from resume; LoRA: base + adapters), log.jsonl, samples.jsonl, loss.png.

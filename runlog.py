@@ -16,10 +16,8 @@ HIDDEN = ("step", "elapsed_s", "eta_s", "peak_mem_gib", "epoch")  # in log.jsonl
 
 def duration(seconds):
     """4321.0 -> '1h12m', 75.0 -> '1m15s', 9.5 -> '9.5s'."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, s = divmod(int(seconds), 60)
-    return f"{minutes}m{s:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+    m, s = divmod(int(seconds), 60)
+    return f"{seconds:.1f}s" if seconds < 60 else f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 class RunLog:

@@ -1,23 +1,17 @@
 """
-Time to a target val loss: GPT-2 trained by train_gpt2's own loop (fit) once per configuration, on the
-same shards, the same data order and the same initial weights; the target defaults to the final val
-loss of the first AdamW run.
+Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
+configuration, same shards, data order and initial weights. Also tokens/s, MFU and peak memory: the
+training-throughput bench too (e.g. --runs adamw:batch_size=16,adamw:batch_size=64,adamw:no_compile).
 
-    python bench/time_to_loss.py --data-dir data/books --out-dir runs/ttl --runs adamw,muon
-    python bench/time_to_loss.py --data-dir data/books --runs adamw:lr=3e-4,adamw:lr=6e-4,muon:muon_lr=0.03:lr=1e-3
-    python bench/time_to_loss.py --device cpu --no-compile --n-layer 2 --n-head 2 --n-embd 64 --block-size 64 \\
-        --batch-size 2 --total-batch-size 256 --max-steps 4 --eval-interval 2 --eval-steps 1   # a CPU smoke run
+    python bench/time_to_loss.py --data-dir data/books --out-dir out/ttl --runs adamw:lr=6e-4,muon:muon_lr=0.02
 
---runs: configurations separated by commas, each an optimizer followed by `:flag=value` overrides of
-train_gpt2.py flags (underscores or dashes). Every other train_gpt2.py flag passes through to all runs;
-the defaults here are the README's short GPU run: 300 steps of 131,072 tokens, warmup 30, val loss on
-8 batches every 25 steps. One model object serves every run (its initial weights restored before
-each), so torch.compile compiles once; with --compile a 2-step warm-up run goes first, untimed.
-Time to the target is training time (the loop's own timing, evaluations excluded) up to the first
-evaluation at or below it, and wall time (elapsed_s, evaluations included). Each run also reports
-tokens/s, MFU and peak memory, so this is the training-throughput bench too (e.g. --runs
-adamw:batch_size=16,adamw:batch_size=64,adamw:no_compile). Writes OUT_DIR/<run>/log.jsonl,
-OUT_DIR/time_to_loss.png and OUT_DIR/results.json; prints a table, then one JSON line.
+--runs: comma-separated configurations, each an optimizer then `:flag=value` (or `:switch`) overrides
+of train_gpt2.py flags; other train_gpt2.py flags pass through to every run. Defaults: the README's
+short run, 300 steps of 131,072 tokens, warmup 30, val loss on 8 batches every 25 steps. One model
+object serves every run (initial weights restored in place), so torch.compile compiles once, in an
+untimed 2-step warm-up run. Time to the target: training seconds (the loop's own timing, evaluations
+excluded) and wall time (elapsed_s) at the first evaluation at or below it. Writes OUT_DIR/<run>/
+log.jsonl and OUT_DIR/time_to_loss.png; prints a table, then one JSON line.
 """
 
 import argparse
@@ -112,7 +106,7 @@ def parse_runs(argv):
                   "loop; other train_gpt2.py flags pass through).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", default="adamw,muon", help="comma-separated OPTIMIZER[:flag=value...] configurations")
     p.add_argument("--target", type=float, default=None, help="val loss to reach (default: the first AdamW run's final)")
-    p.add_argument("--out-dir", default="out/time_to_loss", help="runs' logs, time_to_loss.png, results.json")
+    p.add_argument("--out-dir", default="out/time_to_loss", help="the runs' logs and time_to_loss.png")
     p.add_argument("--data-dir", default="data/fineweb", help="token shards (fineweb.py output)")
     args, common = p.parse_known_args(argv)
     specs = [s for s in args.runs.split(",") if s.strip()]
@@ -129,7 +123,7 @@ def parse_runs(argv):
 
 
 def report(args, runs, device):
-    """Each run's curve, the target, steps / tokens / seconds to it; the table, the PNG, results.json, the JSON."""
+    """Each run's curve, the target, steps / tokens / seconds to it; the table, the PNG, the JSON line."""
     results = []
     for label, a in runs:
         points, tps, last = curve(os.path.join(a.out_dir, "log.jsonl"), a.total_batch_size)
@@ -153,8 +147,6 @@ def report(args, runs, device):
     plot(results, target, os.path.join(args.out_dir, "time_to_loss.png"))
     summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
                "torch": torch.__version__, "data_dir": args.data_dir, "target": target, "runs": results}
-    with atomic_path(os.path.join(args.out_dir, "results.json")) as tmp, open(tmp, "w") as f:
-        json.dump(summary, f)
     print(json.dumps(summary))
     return summary
 
