@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,8 @@ DEFAULTS = ["--max-steps", "300", "--total-batch-size", "131072", "--warmup-step
 def run_argv(spec, common, out_dir, index):
     """'muon:muon_lr=0.02' -> (label, train_gpt2 argv): the common flags, then the run's own."""
     name, *pairs = spec.strip().split(":")
-    argv = [*DEFAULTS, *common, "--optimizer", name, "--out-dir", os.path.join(out_dir, f"{index:02d}_{spec.strip()}")]
+    folder = f"{index:02d}_" + re.sub(r"[^A-Za-z0-9.-]+", "_", spec.strip())  # 00_muon_muon_lr_0.02: a plain name
+    argv = [*DEFAULTS, *common, "--optimizer", name, "--out-dir", os.path.join(out_dir, folder)]
     for pair in pairs:  # flag=value, or a switch: no_compile
         key, eq, value = pair.partition("=")
         argv += [f"--{key.strip().replace('_', '-')}"] + ([value.strip()] if eq else [])

@@ -26,6 +26,6 @@ def test_time_to_loss_smoke_on_cpu(shards, tmp_path):  # noqa: F811
     assert adamw["curve"][0][3] == muon["curve"][0][3]  # same initial weights, same val data
     assert adamw["steps"] in (2, 4) and adamw["tokens"] == adamw["steps"] * 128 and adamw["time_ratio"] == 1.0
     assert all(r["tokens_per_sec"] > 0 and r["mfu"] is None for r in summary["runs"])  # CPU: no MFU
-    assert (out / "time_to_loss.png").stat().st_size > 1000 and not (out / "00_adamw:lr=3e-3" / "ckpt.pt").exists()
+    assert (out / "time_to_loss.png").stat().st_size > 1000 and not (out / "00_adamw_lr_3e-3" / "ckpt.pt").exists()
     bad = subprocess.run(cmd[:-2] + ["--optimizer", "sgd"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'sgd'" in bad.stderr
