@@ -330,7 +330,7 @@ class MaskedRows:
 
 def make_args(tmp_path, **flags):
     args = pretrain_parser().parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--no-compile",
-                                                 "--warmup-steps", "0", "--max-steps", "10", "--prefetch", "2"])
+                                         "--warmup-steps", "0", "--max-steps", "10", "--prefetch", "2"])
     vars(args).update({"min_lr": args.lr, **flags})
     return args
 
