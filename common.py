@@ -1,6 +1,5 @@
 """Small shared helpers: user-facing errors, atomic writes, device and dtype choice, distributed setup."""
 
-import argparse
 import bz2
 import contextlib
 import gzip
@@ -8,46 +7,12 @@ import json
 import lzma
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad flag value, bad data): shown as one line, no traceback."""
-
-
-def run_cli(main, argv=None):
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-class CLIParser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors: one line and exit 2 under run_cli, not a usage dump."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def bounded(kind, low, inclusive=True):
-    """An argparse type: `kind` (int or float) at least `low` (above it when not inclusive)."""
-    def convert(text):
-        value = kind(text)
-        if value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
-    return convert
+from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI edge, re-exported)
 
 
 @contextlib.contextmanager

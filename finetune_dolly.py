@@ -8,8 +8,7 @@ Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): o
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
     python inference.py --ckpt out/dolly --prompt "Name three primary colours."
 
-The loop is train_gpt2.Trainer with instruction rows and keep_best. It takes every flag of
-train_gpt2.py's training flags (same names, fine-tuning defaults) plus the ones below.
+The loop is train_gpt2's with instruction rows and keep_best; the flags are train_flags.py's.
 
 Rows: padded, not packed. Each row is one whole example (prompt, response, <|endoftext|>); targets
 are -1 on the padding and wherever the next token is a prompt token, so the loss is on the response
@@ -25,11 +24,10 @@ longest, rounded up to --pad-multiple (tensor-core friendly widths, few compiled
 takes rows r, r + W, ... of the step, so DDP trains on the same examples as one process. The last
 (n mod E) examples of each epoch's shuffle sit that epoch out (different ones each epoch).
 
-Defaults (full fine-tuning): lr 5e-5 (HF's for GPT-2: 12x below the 6e-4 pretraining peak, so the
-pretrained features survive ~3 epochs), cosine to 0 after a warmup of 3% of the steps, weight decay
-0.01, 3 epochs, 32 examples a step. LoRA: lr 3e-4 (adapters start at zero and are low-rank: they need
-a ~10x larger step), rank 8, alpha 16, dropout 0.05, on every Linear of the blocks. Evaluation (masked
-val loss, greedy answers to held-out val instructions) 4 times an epoch and at the end.
+Defaults: lr 5e-5 (HF's for GPT-2: 12x below the pretraining peak, so the pretrained features survive
+~3 epochs), cosine to 0 after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they
+need a ~10x larger step). Evaluation (masked val loss, greedy answers to held-out val instructions) 4
+times an epoch and at the end.
 
 Output in --out-dir: ckpt.pt (the best val loss, LoRA merged, no optimizer: what inference and the
 server load), last.pt (for --init-from resume; LoRA: base + adapters), log.jsonl, samples.jsonl, loss.png.
@@ -39,18 +37,23 @@ import json
 import os
 import zlib
 
-import numpy as np
-import torch
+from cli import help_requested, run_cli
+from train_flags import DEFAULT_LORA_LR, DEFAULT_LR, finetune_parser
 
-from common import CLIParser, UserError, bounded, run_cli, setup_distributed, teardown_distributed
-from lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, describe_memory, parse_targets
-from model import PRETRAINED_CONFIGS
-from prepare_dolly import load_split
-from prompt import TEMPLATE_VERSION, format_prompt
-from tokenizer import EOT_ID, N_VOCAB, decode
-from train_gpt2 import add_train_args, initial_model, parse_args, run
+if __name__ == "__main__" and help_requested():
+    finetune_parser().parse_args()  # --help answers here, before the ~2 s import of torch below
 
-DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 3e-4
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import UserError, setup_distributed, teardown_distributed  # noqa: E402
+from lora import LoRAConfig, apply_lora, describe_memory, parse_targets  # noqa: E402
+from model import PRETRAINED_CONFIGS  # noqa: E402
+from prepare_dolly import load_split  # noqa: E402
+from prompt import TEMPLATE_VERSION, format_prompt  # noqa: E402
+from tokenizer import EOT_ID, N_VOCAB, decode  # noqa: E402
+from train_gpt2 import initial_model, parse_args, run  # noqa: E402
+
 WARMUP_FRACTION = 0.03
 EVALS_PER_EPOCH = 4
 PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real tokens: causal)
@@ -62,13 +65,15 @@ def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: no such folder (write it with prepare_dolly.py --out-dir DIR)")
+        raise UserError(f"--data-dir {data_dir}: no such folder (default data/dolly): make it with "
+                        f"python prepare_dolly.py --out-dir {data_dir}")
     meta_path = os.path.join(data_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{meta_path}: not found; --data-dir must be a prepare_dolly.py output folder") from None
+        raise UserError(f"{meta_path}: not found (--data-dir, default data/dolly): make the folder with "
+                        f"python prepare_dolly.py --out-dir {data_dir}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{meta_path}: not readable JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("template_version") != TEMPLATE_VERSION:
@@ -174,38 +179,16 @@ def held_out_prompts(split, count, max_prompt_len):
 
 # ====================================================================== CLI
 
-def build_parser():
-    p = CLIParser(description="Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning or LoRA; python "
-                  "or torchrun; bf16, exact resume). Writes OUT_DIR/ckpt.pt (best val loss, for inference), last.pt "
-                  "(resume), log.jsonl, samples.jsonl.")
-    add_train_args(p)
-    f = p.add_argument_group("fine-tuning")
-    f.add_argument("--examples-per-step", type=bounded(int, 1), default=32,
-                   help="examples per optimizer step (all GPUs); gradient accumulation fills the gap")
-    f.add_argument("--epochs", type=bounded(float, 0, inclusive=False), default=None, help="passes over the training examples (default 3; or --max-steps)")
-    f.add_argument("--pad-multiple", type=bounded(int, 1), default=64,
-                   help="pad rows to a multiple of this many tokens (the block size: one fixed shape)")
-    f.add_argument("--eval-examples", type=bounded(int, 1), default=None, help="val examples per evaluation (default: all)")
-    f.add_argument("--sample-count", type=bounded(int, 0), default=4, help="held-out val instructions answered at evaluations")
-    lo = p.add_argument_group("LoRA (off unless --lora-rank is given)")
-    lo.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (e.g. 8); the base stays frozen")
-    lo.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale is alpha / r")
-    lo.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    lo.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
-                    help="comma-separated Linear layers: c_attn, attn.c_proj, mlp.c_fc (= c_fc), mlp.c_proj; "
-                         "c_proj = both projections")
-    p.set_defaults(data_dir="data/dolly", out_dir="out/dolly", batch_size=32, min_lr=0.0, weight_decay=0.01,
-                   sample_tokens=128, sample_temperature=0.0)
-    return p
-
-
 def check_args(args):
     """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""
     if args.epochs is not None and args.max_steps is not None:
         raise UserError("give --epochs or --max-steps, not both")
-    if args.init_from in (None, "scratch"):
+    if args.init_from == "scratch":
         raise UserError("--init-from: fine-tuning starts from a trained model (a checkpoint, "
                         f"{', '.join(PRETRAINED_CONFIGS)}, an HF GPT-2 folder, or resume)")
+    if args.init_from not in ("resume", *PRETRAINED_CONFIGS) and not os.path.exists(args.init_from):
+        raise UserError(f"model not found: {args.init_from} (--init-from, default out/pretrain): make it with python "
+                        f"train_gpt2.py --out-dir {args.init_from}, or pass gpt2 or a local HF GPT-2 folder")
     if args.lora_rank is None:
         return None
     return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -213,7 +196,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    args, ckpt = parse_args(build_parser(), argv, "sft")
+    args, ckpt = parse_args(finetune_parser(), argv, "sft")
     lora = check_args(args)
     dist = setup_distributed(args.device)
     try:

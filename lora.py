@@ -31,8 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of every block (QLoRA: all layers is best)
+from train_flags import DEFAULT_TARGETS  # every Linear of every block (QLoRA: all layers is best)
 LORA_KEYS = ("lora_A", "lora_B")
 ADAM_STATES_PER_PARAM = 2  # exp_avg and exp_avg_sq, fp32
 

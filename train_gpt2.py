@@ -5,21 +5,18 @@ Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under to
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
 
-Trainer.fit is the loop, read top to bottom: log, evaluate, checkpoint, step. A step takes this
-rank's rows of the step (a pure function of the step number, so a resume continues exactly and a
-thread can load steps ahead), splits them into micro-batches, runs forward + backward under bf16
-autocast with reduction="sum" scaled by 1 / (targets counted over the whole step and all ranks),
-all-reduces gradients on the last micro-batch only (DDP), clips the norm, sets the warmup + cosine
-LR and steps fused AdamW. The loss stays on the device until a log step: no host sync in between.
-On CUDA out-of-memory (one process) the micro-batch halves and the same step runs again.
-
-finetune_dolly.py runs the same loop with instruction rows (targets -1 on prompts and padding, so
-the loss is on responses only) and keep_best (ckpt.pt = the best val loss; last.pt resumes).
-torch.compile (--compile, default on CUDA) compiles the model of the training step and the val
-loss; HellaSwag and samples use the eager raw_model (same weights): their shapes change per call.
+fit() is the loop, read top to bottom: log, evaluate, checkpoint, step. A step takes this rank's rows
+of the step (a pure function of the step number, so a resume continues exactly and a thread can load
+steps ahead), splits them into micro-batches, runs forward + backward under bf16 autocast with
+reduction="sum" scaled by 1 / (targets counted over the whole step and all ranks), all-reduces
+gradients on the last micro-batch only (DDP), clips the norm, scales every group's peak LR by the
+warmup + cosine schedule and steps the optimizer (optim.py: AdamW, or Muon + AdamW). The loss stays
+on the device until a log step: no host sync in between. On CUDA out-of-memory (one process) the
+micro-batch halves and the same step runs again. finetune_dolly.py runs the same loop with
+instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes). --compile compiles
+the model of the training step and the val loss; HellaSwag and samples use the eager raw_model.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -31,19 +28,26 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import torch
+from cli import help_requested, run_cli
+from train_flags import MUON_LR_RATIO, pretrain_parser
 
-from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint, load_model,
-                        model_from_checkpoint, restore_rng_state, save_checkpoint)
-from common import (CLIParser, UserError, atomic_path, bounded, clean_stale_temps, pick_dtype, run_cli,
-                    setup_distributed, teardown_distributed)
-from fineweb import list_shards, read_shard
-from hellaswag import evaluate as hellaswag_accuracy
-from hellaswag import load_examples
-from inference import Engine, generate_text
-from lora import has_lora, merged_state_dict
-from tokenizer import N_VOCAB
+if __name__ == "__main__" and help_requested():
+    pretrain_parser().parse_args()  # --help answers here, before the ~2 s import of torch below
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint,  # noqa: E402
+                        load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
+from common import UserError, clean_stale_temps, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
+from fineweb import MANIFEST, list_shards, read_shard  # noqa: E402
+from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
+from hellaswag import load_examples  # noqa: E402
+from inference import Engine, generate_text  # noqa: E402
+from lora import has_lora, merged_state_dict  # noqa: E402
+from optim import Optimizer  # noqa: E402
+from runlog import RunLog  # noqa: E402
+from tokenizer import N_VOCAB  # noqa: E402
 
 LAST_NAME = "last.pt"  # with keep_best: the resumable state; ckpt.pt holds the best weights
 RUN_FILES = (CKPT_NAME, LAST_NAME, "log.jsonl", "samples.jsonl", "loss.png")
@@ -80,6 +84,15 @@ def lr_at(step, max_steps, warmup_steps, lr, min_lr):
         return min_lr
     ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def autocast(device, dtype):
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def lr_factor(a, step):
+    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike)."""
+    return lr_at(step, a.max_steps, a.warmup_steps, 1.0, a.min_lr / a.lr)
 
 
 # ====================================================================== data
@@ -151,8 +164,52 @@ def val_windows(paths, seq_len, batch_size, max_windows, rank=0, world_size=1):
 
 # ====================================================================== the training loop
 
+def fit(t):
+    """Train Trainer t to --max-steps or a signal / --stop-at-step. Returns the metrics (val loss, best, stopped)."""
+    a, start = t.args, t.step
+    t.begin()
+    t_last, timed_steps, timed_tokens, loss = time.time(), 0, 0, None
+    with t.stopper.installed():  # from here SIGTERM / SIGINT mean: checkpoint after this step, exit
+        while True:
+            step = t.step
+            last = step >= a.max_steps
+            stop = step > start and (t.stopper.agreed() or (a.stop_at_step is not None and step >= a.stop_at_step))
+            eval_due = a.eval_interval > 0 and (step % a.eval_interval == 0 or last) and (step > start or start == 0)
+            record = {"step": step}
+
+            # ---- log: the steps since the last log line (the only host sync)
+            if loss is not None and (step % a.log_interval == 0 or last or stop or eval_due):
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize(t.device)  # time the GPU's work, not the CPU's queueing
+                record.update(t.train_record(loss, norm, timed_steps, timed_tokens, time.time() - t_last))
+                timed_steps, timed_tokens = 0, 0
+
+            # ---- eval: val loss, HellaSwag, samples; keep_best saves a new best as ckpt.pt
+            if eval_due:
+                record.update(t.evaluate())
+            if len(record) > 1:
+                t.runlog.log(record)
+
+            # ---- checkpoint
+            if step > start and (last or stop or (a.ckpt_interval > 0 and step % a.ckpt_interval == 0)):
+                t.save(t.ckpt_path)
+                if t.keep_best and last and "best_step" not in t.metrics:  # no val loss: the final model
+                    t.metrics["best_step"] = step
+                    t.save(os.path.join(a.out_dir, CKPT_NAME), best=True)
+            if last or stop:
+                break
+            if timed_steps == 0:
+                t_last = time.time()  # throughput counts training time only
+
+            # ---- step
+            loss, norm, tokens = t.train_step()
+            timed_steps, timed_tokens = timed_steps + 1, timed_tokens + tokens
+    t.end(stopped=stop)
+    return t.metrics
+
+
 class Trainer:
-    """The loop of both scripts; `args` are the flags of add_train_args (plus the script's own).
+    """The state of a run of either script; `args` are the flags of train_flags.add_train_args (plus the script's).
 
     train_data.batch(step) -> this rank's (x, y) of a step, CPU int64, y = -1 where no loss is wanted;
     train_data.rows (rows per step, all ranks), .seq_len, .steps_per_epoch, .signature (checked at resume).
@@ -169,8 +226,7 @@ class Trainer:
         if self.ptdtype == torch.float16:
             raise UserError("--dtype float16 needs loss scaling, which this loop does not do: use bfloat16 or float32")
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
         if train_data.seq_len > model.config.block_size:
             raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {model.config.block_size}")
         self.raw_model = model.to(self.device).train()
@@ -180,67 +236,21 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids,
                                                                    gradient_as_bucket_view=True)
-        self.optimizer = self.raw_model.configure_optimizers(args.weight_decay, args.lr, device_type=self.device.type)
+        args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
+        self.optimizer = Optimizer(self.raw_model, args, self.device.type)
         self.train_data, self.val_batches, self.hellaswag = train_data, val_batches, hellaswag
         self.prompts = prompts if model.config.vocab_size >= N_VOCAB else ()  # a toy vocabulary cannot read GPT-2 ids
-        self.per_rank = train_data.rows // self.dist.world_size
-        self.micro = args.batch_size
+        self.per_rank, self.micro = train_data.rows // self.dist.world_size, args.batch_size
         if train_data.rows % (self.micro * self.dist.world_size):
             raise UserError(f"a step of {train_data.rows} sequences does not split into micro-batches of --batch-size "
                             f"{self.micro} on {self.dist.world_size} process(es)")
-        self.step, self.metrics, self.elapsed_before = 0, {}, 0.0
+        self.step, self.metrics = 0, {}
         self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if keep_best else CKPT_NAME)
-        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        self.runlog, self.stopper = RunLog(args.out_dir, args.max_steps, self.dist.is_main), StopSignal(self.dist)
         self.peak_flops = detect_peak_flops(self.device)
         self.flops_per_token = self.raw_model.flops_per_token(train_data.seq_len)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if args.prefetch > 0 else None
         self.ahead = {}  # step -> Future of its rows
-        self.stop_requested, self.control_group, self.wandb = False, None, None
-
-    # ------------------------------------------------------------------ the loop
-
-    def fit(self):
-        """Train to --max-steps or a signal / --stop-at-step. Returns the metrics (val loss, best, stopped)."""
-        a, start = self.args, self.step
-        self.begin()
-        t_last, timed_steps, timed_tokens, loss = time.time(), 0, 0, None
-        with self.signal_handlers():  # from here SIGTERM / SIGINT mean: checkpoint after this step, exit
-            while True:
-                step = self.step
-                last = step >= a.max_steps
-                stop = step > start and (self.stop_agreed() or (a.stop_at_step is not None and step >= a.stop_at_step))
-                eval_due = a.eval_interval > 0 and (step % a.eval_interval == 0 or last) and (step > start or start == 0)
-                record = {"step": step}
-
-                # ---- log: the steps since the last log line (the only host sync)
-                if loss is not None and (step % a.log_interval == 0 or last or stop or eval_due):
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)  # time the GPU's work, not the CPU's queueing
-                    record.update(self.train_record(loss, norm, timed_steps, timed_tokens, time.time() - t_last))
-                    timed_steps, timed_tokens = 0, 0
-
-                # ---- eval: val loss, HellaSwag, samples; keep_best saves a new best as ckpt.pt
-                if eval_due:
-                    record.update(self.evaluate())
-                if len(record) > 1:
-                    self.log(record)
-
-                # ---- checkpoint
-                if step > start and (last or stop or (a.ckpt_interval > 0 and step % a.ckpt_interval == 0)):
-                    self.save(self.ckpt_path)
-                    if self.keep_best and last and "best_step" not in self.metrics:  # no val loss: the final model
-                        self.metrics["best_step"] = step
-                        self.save(os.path.join(a.out_dir, CKPT_NAME), best=True)
-                if last or stop:
-                    break
-                if timed_steps == 0:
-                    t_last = time.time()  # throughput counts training time only
-
-                # ---- step
-                loss, norm, tokens = self.train_step()
-                timed_steps, timed_tokens = timed_steps + 1, timed_tokens + tokens
-        self.end(stopped=stop)
-        return self.metrics
 
     def train_step(self):
         """One optimizer step on this rank's rows of the step -> (loss, grad norm) device tensors, tokens (all ranks)."""
@@ -250,17 +260,13 @@ class Trainer:
                 loss = self.forward_backward(x, y)
                 break
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()
                 self.shrink_micro_batch()
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.grad_clip or float("inf"))
-        a = self.args
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, a.max_steps, a.warmup_steps, a.lr, a.min_lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(lr_factor(self.args, self.step))
+        self.optimizer.zero_grad()
         self.step += 1
         return loss, norm, x.numel() * self.dist.world_size
-
     def forward_backward(self, x, y):
         """Accumulate the gradients of sum(token losses) / (targets counted over the step and all ranks)."""
         count = int((y != -1).sum())  # CPU tensors: no device sync
@@ -275,7 +281,7 @@ class Trainer:
             xm, ym = xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)  # (b, T)
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
-                with self.autocast():
+                with autocast(self.device, self.ptdtype):
                     loss = self.model(xm, ym, reduction="sum")[1] * scale  # logits are freed right here
                 loss.backward()
             loss_sum += loss.detach()
@@ -290,7 +296,7 @@ class Trainer:
         old, self.micro = self.micro, max(1, self.micro // 2)
         while self.per_rank % self.micro:
             self.micro -= 1
-        self.log({"step": self.step, "event": "oom", "micro_batch": self.micro}, f"CUDA out of memory: micro batch "
+        self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro}, f"CUDA out of memory: micro batch "
                  f"{old} -> {self.micro}, accumulation {self.per_rank // self.micro} (the same tokens per step)")
 
     def fetch(self, step):
@@ -306,13 +312,6 @@ class Trainer:
         x, y = self.train_data.batch(step)
         return (x.pin_memory(), y.pin_memory()) if self.device.type == "cuda" else (x, y)
 
-    def autocast(self):
-        if self.ptdtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.ptdtype)
-
-    # ------------------------------------------------------------------ eval
-
     @torch.no_grad()
     def evaluate(self):
         """Val loss, HellaSwag acc_norm and samples (rank 0) of the current weights; keep_best saves a new best."""
@@ -323,7 +322,7 @@ class Trainer:
             for x, y in self.val_batches:
                 for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
                     xm, ym = xm.to(self.device), ym.to(self.device)
-                    with self.autocast():
+                    with autocast(self.device, self.ptdtype):
                         total[0] += self.fwd_model(xm, ym, reduction="sum")[1].double()
                     total[1] += (ym != -1).sum()
             if self.dist.enabled:
@@ -334,7 +333,7 @@ class Trainer:
                                                       self.dist.world_size, autocast_dtype=self.ptdtype)["acc_norm"]
         every = a.sample_interval or 1
         if self.prompts and a.sample_tokens > 0 and self.dist.is_main and (self.step % every == 0 or self.step >= a.max_steps):
-            self.write_samples()
+            write_samples(self.raw_model, self.prompts, a, self.step)
         self.raw_model.train()
         self.metrics.update(out)
         if self.keep_best and "val_loss" in out and self.step > 0:  # step 0, the initial model, is no candidate
@@ -344,19 +343,6 @@ class Trainer:
             out["best_val_loss"] = self.metrics.get("best_val_loss")
         return {k: v for k, v in out.items() if v is not None}
 
-    def write_samples(self):
-        """Continue each prompt (inference.generate_text, seeded; the training RNG is untouched); print and save."""
-        a = self.args
-        # eager: a few short samples never repay capturing CUDA graphs, and the graphs' memory would stay
-        engine = Engine(self.raw_model, max_batch=1, graphs=False)
-        with open(os.path.join(a.out_dir, "samples.jsonl"), "a") as f:
-            for i, prompt in enumerate(self.prompts):
-                text = generate_text(engine, prompt, max_new_tokens=a.sample_tokens, raw=True,
-                                     temperature=a.sample_temperature, top_k=50, seed=a.seed + 1000 * self.step + i)["text"]
-                print(f"  sample> {prompt[-40:] + text!r}", flush=True)
-                f.write(json.dumps({"step": self.step, "prompt": prompt, "text": text}) + "\n")
-
-    # ------------------------------------------------------------------ checkpoints
 
     def save(self, path, best=False):
         """Our checkpoint (rank 0). best: inference weights only (LoRA merged), no optimizer or RNG state."""
@@ -367,12 +353,12 @@ class Trainer:
         save_checkpoint(
             path, kind=self.kind, model_state=merged_state_dict(raw) if best and has_lora(raw) else raw.state_dict(),
             config=raw.config.to_dict(), step=self.step, optimizer=None if best else self.optimizer.state_dict(),
-            train_state={"data": self.train_data.signature, "elapsed_s": self.elapsed()},
+            train_state={"data": self.train_data.signature, "elapsed_s": self.runlog.elapsed()},
             rng=None if best else capture_rng_state(), args=vars(self.args), metrics=self.metrics,
             lora=lora.to_dict() if lora and not best else None)
 
     def restore(self, ckpt):
-        """--init-from resume: optimizer, step, RNG and metrics (the weights came with the model)."""
+        """--init-from resume: optimizer, step, RNG, metrics and wall time (the weights came with the model)."""
         state = ckpt.get("train_state") or {}
         if state.get("data") != self.train_data.signature:
             raise UserError(f"the training data changed since the checkpoint ({state.get('data')} -> "
@@ -382,98 +368,76 @@ class Trainer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
         self.step, self.metrics = int(ckpt["step"]), dict(ckpt.get("metrics") or {})
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.runlog.elapsed_before = float(state.get("elapsed_s", 0.0))
         restore_rng_state(ckpt.get("rng"))
 
-    # ------------------------------------------------------------------ logging
-
     def begin(self):
-        """Rank 0: the run's folder, its log cut back to the checkpoint's step on resume, a header, wandb."""
-        a, self.t_start = self.args, time.time()
+        a = self.args
         if self.dist.enabled:
-            self.stop_agreed()  # every rank creates the control group now, in step
-        if not self.dist.is_main:
-            return
-        os.makedirs(a.out_dir, exist_ok=True)
-        for path in (self.log_path, os.path.join(a.out_dir, "samples.jsonl")):  # an interrupted run's later lines go
-            if self.step > 0 and os.path.isfile(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-                with atomic_path(path) as tmp, open(tmp, "w") as f:
-                    f.writelines(keep)
-        print(f"training {self.raw_model.num_params() / 1e6:.1f}M parameters on {self.dist.world_size} x "
-              f"{self.device.type} ({self.ptdtype}), micro batch {self.micro} x {self.train_data.seq_len}, "
-              f"{self.train_data.rows} sequences a step, steps {self.step} -> {a.max_steps}"
-              + (", compiled" if a.compile else ""), flush=True)
-        if a.wandb:
-            import wandb  # optional dependency: only with --wandb
-
-            self.wandb = wandb.init(project=a.wandb_project, name=a.wandb_run, dir=a.out_dir, config=vars(a))
+            self.stopper.agreed()  # every rank creates the control group now, in step
+        header = (f"training {self.raw_model.num_params() / 1e6:.1f}M parameters on {self.dist.world_size} x "
+                  f"{self.device.type} ({self.ptdtype}), micro batch {self.micro} x {self.train_data.seq_len}, "
+                  f"{self.train_data.rows} sequences a step, steps {self.step} -> {a.max_steps}, "
+                  f"{self.optimizer.describe()}" + (", compiled" if a.compile else ""))
+        wandb = dict(project=a.wandb_project, name=a.wandb_run, config=vars(a)) if a.wandb else None
+        self.runlog.begin(self.step, header, wandb)
 
     def end(self, stopped):
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         if self.dist.enabled:
-            torch.distributed.barrier(group=self.control_group)
+            torch.distributed.barrier(group=self.stopper.group)
         self.metrics["stopped"] = stopped
-        if not self.dist.is_main:
-            return
-        if stopped:
+        if stopped and self.dist.is_main:
             print(f"stopped at step {self.step}; checkpoint saved in {self.args.out_dir}", file=sys.stderr, flush=True)
-        if self.args.plot:
-            plot_log(self.log_path, os.path.join(self.args.out_dir, "loss.png"))
-        if self.wandb is not None:
-            self.wandb.finish()
-
-    def elapsed(self):
-        return self.elapsed_before + time.time() - self.t_start
+        self.runlog.end(self.args.plot)
 
     def train_record(self, loss, norm, steps, tokens, seconds):
-        """The last step's loss (mean over ranks), grad norm, LR; throughput since the last log line."""
+        """The last step's loss (mean over ranks), grad norm, LR; throughput and time left since the last log line."""
         if self.dist.enabled:  # each rank holds sum(its token losses) x W / N: sum over ranks, divide by W
             torch.distributed.all_reduce(loss)
             loss /= self.dist.world_size
         loss_v, a = float(loss.item()), self.args
         if not math.isfinite(loss_v):
             raise UserError(f"training diverged: loss is {loss_v} at step {self.step}; lower --lr")
-        rec = {"train_loss": loss_v, "lr": lr_at(self.step - 1, a.max_steps, a.warmup_steps, a.lr, a.min_lr),
-               "grad_norm": float(norm.item()), "tokens_per_sec": tokens / max(seconds, 1e-9),
-               "epoch": round(self.step / self.train_data.steps_per_epoch, 3)}
+        rec = {"train_loss": loss_v, "lr": a.lr * lr_factor(a, self.step - 1), "grad_norm": float(norm.item()),
+               "tokens_per_sec": tokens / max(seconds, 1e-9), "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
+               "eta_s": round((a.max_steps - self.step) * seconds / max(steps, 1), 1)}
         if self.peak_flops:
             rec["mfu"] = rec["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         if self.device.type == "cuda":
             rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         return rec
 
-    def log(self, record, message=None):
-        """Rank 0: one line on stdout (or `message` on stderr), one line of log.jsonl, one wandb row."""
-        if not self.dist.is_main:
-            return
-        record = {**record, "elapsed_s": round(self.elapsed(), 3)}
-        if message:
-            print(message, file=sys.stderr, flush=True)
-        else:
-            parts = [f"step {record['step']}/{self.args.max_steps}"] + [
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                if k not in ("step", "elapsed_s", "peak_mem_gib", "epoch")]
-            print(" | ".join(parts), flush=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    # ------------------------------------------------------------------ signals
+def write_samples(model, prompts, a, step):
+    """Continue each prompt (inference.generate_text, seeded; the training RNG is untouched); print and save."""
+    # eager: a few short samples never repay capturing CUDA graphs, and the graphs' memory would stay
+    engine = Engine(model, max_batch=1, graphs=False)
+    with open(os.path.join(a.out_dir, "samples.jsonl"), "a") as f:
+        for i, prompt in enumerate(prompts):
+            text = generate_text(engine, prompt, max_new_tokens=a.sample_tokens, raw=True,
+                                 temperature=a.sample_temperature, top_k=50, seed=a.seed + 1000 * step + i)["text"]
+            print(f"  sample> {prompt[-40:] + text!r}", flush=True)
+            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT: checkpoint after this step, then exit; under DDP every rank stops at the same step."""
+
+    def __init__(self, dist):
+        self.dist, self.requested, self.group = dist, False, None
 
     def on_signal(self, signum, frame):
-        if self.stop_requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays whole)
-        self.stop_requested = True
+        self.requested = True
         if self.dist.is_main:
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
                   file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
-    def signal_handlers(self):
+    def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -484,92 +448,19 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def stop_agreed(self):
+    def agreed(self):
         """True when any rank got SIGTERM / SIGINT (a CPU all-reduce over gloo: no GPU sync)."""
         if not self.dist.enabled:
-            return self.stop_requested
-        if self.control_group is None:
-            self.control_group = (torch.distributed.new_group(backend="gloo") if self.device.type == "cuda"
-                                  else torch.distributed.group.WORLD)
-        flag = torch.tensor([int(self.stop_requested)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.control_group)
+            return self.requested
+        if self.group is None:
+            self.group = (torch.distributed.new_group(backend="gloo") if self.dist.device.type == "cuda"
+                          else torch.distributed.group.WORLD)
+        flag = torch.tensor([int(self.requested)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
-def plot_log(log_path, png_path):
-    """Loss curves (train, val) and HellaSwag from log.jsonl, as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in ("train_loss", "val_loss", "hellaswag_acc")}
-    if not series["train_loss"] and not series["val_loss"]:
-        return None
-    fig, axes = plt.subplots(1, 2 if series["hellaswag_acc"] else 1, figsize=(11, 4), squeeze=False)
-    for key, style in (("train_loss", "-"), ("val_loss", "o-"), ("hellaswag_acc", "o-")):
-        if series[key]:
-            ax = axes[0][1 if key == "hellaswag_acc" else 0]
-            ax.plot(*zip(*series[key]), style, label=key.replace("_", " "), markersize=3)
-            ax.set_xlabel("step")
-            ax.legend()
-            ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return png_path
-
-
-# ====================================================================== the flags of both scripts
-
-def add_train_args(p):
-    """The training flags of train_gpt2.py and finetune_dolly.py, defined once (each script sets its defaults)."""
-    a = p.add_argument_group("data and output")
-    a.add_argument("--data-dir", help="the training data folder")
-    a.add_argument("--out-dir", help="checkpoints, log.jsonl, samples.jsonl, loss.png")
-    a.add_argument("--init-from", help="scratch | resume (continue OUT_DIR's run exactly; flags not given again are "
-                   "the run's) | our checkpoint (file or folder) | gpt2, gpt2-medium, ... | a local HF GPT-2 folder")
-    a.add_argument("--overwrite", action="store_true", help="start afresh in an OUT_DIR holding a run (its files go)")
-    a.add_argument("--block-size", type=bounded(int, 2), help="sequence length (tokens)")
-    a.add_argument("--dropout", type=float, default=None, help="dropout (default: 0, or the initial model's)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=bounded(int, 1), help="micro batch: sequences per GPU per micro-step")
-    o.add_argument("--max-steps", type=bounded(int, 1), help="optimizer steps")
-    o.add_argument("--warmup-steps", type=bounded(int, 0), help="linear LR warmup steps")
-    o.add_argument("--lr", type=bounded(float, 0, inclusive=False), help="peak learning rate")
-    o.add_argument("--min-lr", type=bounded(float, 0), default=None, help="learning rate at the end of the cosine")
-    o.add_argument("--weight-decay", type=bounded(float, 0))
-    o.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="gradient norm clip (0: none)")
-    o.add_argument("--seed", type=int, default=1337, help="model init, data order, dropout, samples")
-    e = p.add_argument_group("evaluation, logging, checkpoints")
-    e.add_argument("--eval-interval", type=bounded(int, 0), help="steps between evaluations (0: none)")
-    e.add_argument("--ckpt-interval", type=bounded(int, 0), help="steps between checkpoints (0: only at the end)")
-    e.add_argument("--log-interval", type=bounded(int, 1), default=10, help="steps between log lines (host syncs)")
-    e.add_argument("--stop-at-step", type=bounded(int, 1), default=None,
-                   help="checkpoint and exit after this step, schedule unchanged (continue with --init-from resume)")
-    e.add_argument("--hellaswag", default=None, metavar="FILE", help="HellaSwag .jsonl[.xz] to score at evaluations")
-    e.add_argument("--hellaswag-limit", type=bounded(int, 1), default=None, help="score the first N examples only")
-    e.add_argument("--sample-prompt", action="append", default=None, help="prompt continued at evaluations (repeatable)")
-    e.add_argument("--sample-tokens", type=bounded(int, 0), help="tokens per sample (0: no samples)")
-    e.add_argument("--sample-temperature", type=bounded(float, 0), help="sampling temperature (0: greedy)")
-    e.add_argument("--sample-interval", type=bounded(int, 1), default=None,
-                   help="samples only at evaluations whose step is a multiple of this")
-    e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_DIR/loss.png")
-    e.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
-    e.add_argument("--wandb-project", default="gpt2-instruct")
-    e.add_argument("--wandb-run", default=None, help="run name (default: wandb's)")
-    s = p.add_argument_group("system")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
-    s.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, else float32) | bfloat16 | float32")
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
-    s.add_argument("--prefetch", type=bounded(int, 0), default=4, help="steps loaded ahead in a thread (0: none)")
-    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
-    return p
-
+# ====================================================================== the scripts' start and end
 
 def parse_args(parser, argv, kind):
     """Parse; with --init-from resume, flags not given again take the run's own values (from its checkpoint).
@@ -581,7 +472,9 @@ def parse_args(parser, argv, kind):
         return args, None
     path = os.path.join(args.out_dir, LAST_NAME if kind == "sft" else CKPT_NAME)
     if not os.path.isfile(path):
-        raise UserError(f"--init-from resume: no checkpoint at {path}")
+        script = "train_gpt2.py" if kind == "pretrain" else "finetune_dolly.py"
+        raise UserError(f"--init-from resume: no checkpoint at {path} (--out-dir, default {parser.get_default('out_dir')}"
+                        f"): start the run with python {script} --out-dir {args.out_dir}")
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != kind:
         raise UserError(f"--init-from resume: {path} is a {ckpt['kind']!r} checkpoint, this run trains {kind!r}")
@@ -623,30 +516,19 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
     prepare_out_dir(args, dist)
     if ckpt is not None:
         trainer.restore(ckpt)
-    return trainer.fit()
+    return fit(trainer)
 
 
-def build_parser():
-    p = CLIParser(description="Pretrain GPT-2 on token shards (python or torchrun; DDP, bf16, exact "
-                                "resume).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_args(p)
-    m = p.add_argument_group("pretraining")
-    m.add_argument("--data-prefix", default=None, help="shard prefix, when the folder holds several")
-    m.add_argument("--n-layer", type=int, default=12, help="model shape (scratch)")
-    m.add_argument("--n-head", type=int, default=12)
-    m.add_argument("--n-embd", type=int, default=768)
-    m.add_argument("--vocab-size", type=int, default=50304, help="embedding rows (50257 padded for speed)")
-    m.add_argument("--total-batch-size", type=bounded(int, 1), default=524288,
-                   help="tokens per optimizer step (all GPUs); gradient accumulation fills the gap")
-    m.add_argument("--eval-steps", type=bounded(int, 0), default=20, help="val batches of --batch-size per evaluation")
-    p.set_defaults(data_dir="data/fineweb", out_dir="out/pretrain", init_from="scratch", block_size=1024,
-                   batch_size=64, max_steps=19073, warmup_steps=715, lr=6e-4, weight_decay=0.1, eval_interval=250,
-                   ckpt_interval=1000, sample_tokens=48, sample_temperature=1.0)
-    return p
+def train_shards(args, split):
+    """The shards of a split; a folder that holds none names the default and the command that makes them."""
+    if not os.path.isfile(os.path.join(args.data_dir, MANIFEST)):
+        raise UserError(f"no {split} shards in {args.data_dir} (--data-dir, default data/fineweb): make them with "
+                        f"python fineweb.py --out-dir {args.data_dir}")
+    return list_shards(args.data_dir, split, args.data_prefix)
 
 
 def main(argv=None):
-    args, ckpt = parse_args(build_parser(), argv, "pretrain")
+    args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if args.total_batch_size % args.block_size:
         raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
@@ -656,12 +538,12 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         config = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout or 0.0)
+        train = TokenWindows(train_shards(args, "train"), args.block_size, args.total_batch_size // args.block_size,
+                             dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt, config)
-        train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
-                             args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         val = []
         if args.eval_interval > 0 and args.eval_steps > 0:
-            val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
+            val = val_windows(train_shards(args, "val"), args.block_size, args.batch_size,
                               args.eval_steps * args.batch_size, dist.rank, dist.world_size)
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:

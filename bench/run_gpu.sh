@@ -18,9 +18,14 @@ stage_tokenize() {  # the corpus -> llm.c shards: 2M val tokens, 10M-token train
   python3 fineweb.py --input "$CORPUS" --out-dir "$DATA" --prefix books \
     --shard-size 10000000 --val-tokens 2000000 --workers 16 --no-progress && touch "$DATA/.done"
 }
-stage_throughput() {  # training step throughput: B = 16/32/64, compile off/on, random tokens
-  python3 bench/train_throughput.py --batch-sizes ${BATCHES:-16,32,64} --compile ${COMPILE:-both} \
-    --warmup 3 --steps ${STEPS:-6} ${THROUGHPUT_ARGS:-} | tee "$OUT/throughput${TAG:-}.txt"
+stage_throughput() {  # training step throughput (tokens/s, MFU, peak memory): B = 16/32/64, compiled, real shards
+  python3 bench/time_to_loss.py --data-dir "$DATA" --out-dir "$OUT/throughput${TAG:-}" --total-batch-size 524288 \
+    --max-steps ${STEPS:-10} --eval-interval ${STEPS:-10} --eval-steps 1 \
+    --runs "${RUNS:-adamw:batch_size=16,adamw:batch_size=32,adamw:batch_size=64}" ${THROUGHPUT_ARGS:-} | tee "$OUT/throughput${TAG:-}.txt"
+}
+stage_time_to_loss() {  # each optimizer's time to the first AdamW run's final val loss (300 steps of 131,072 tokens)
+  python3 bench/time_to_loss.py --data-dir "$DATA" --out-dir "$OUT/time_to_loss${TAG:-}" --runs "${RUNS:-adamw,muon}" \
+    ${TTL_ARGS:-} | tee "$OUT/time_to_loss${TAG:-}.txt"
 }
 stage_generate() {  # decoding: ours (CUDA graphs) vs transformers, batch 1/8/32
   python3 bench/generate.py --batch-sizes 1,8,32 ${GENERATE_ARGS:-} | tee "$OUT/generate${TAG:-}.txt"

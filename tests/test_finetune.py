@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT
 
 import finetune_dolly
+import train_flags
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import UserError
 from finetune_dolly import InstructionBatches, example_rows, held_out_prompts, prompt_length, val_batches
@@ -408,10 +409,8 @@ def test_cli_exit_code_2_and_one_line(data80, tmp_path):
 
 
 def test_every_training_flag_of_pretraining_is_a_fine_tuning_flag():
-    """The training flags are defined once (train_gpt2.add_train_args): fine-tuning has all of them."""
-    import train_gpt2
-
-    shared = {a.dest for a in train_gpt2.add_train_args(argparse.ArgumentParser())._actions}
-    assert {"hellaswag", "wandb", "prefetch", "stop_at_step", "sample_temperature", "overwrite"} <= shared
-    assert shared <= {a.dest for a in finetune_dolly.build_parser()._actions}
-    assert shared <= {a.dest for a in train_gpt2.build_parser()._actions}
+    """The training flags are defined once (train_flags.add_train_args): fine-tuning has all of them."""
+    shared = {a.dest for a in train_flags.add_train_args(argparse.ArgumentParser())._actions}
+    assert {"hellaswag", "wandb", "prefetch", "stop_at_step", "optimizer", "muon_lr", "overwrite"} <= shared
+    assert shared <= {a.dest for a in train_flags.finetune_parser()._actions}
+    assert shared <= {a.dest for a in train_flags.pretrain_parser()._actions}

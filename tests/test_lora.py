@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from common import UserError
 from lora import (LoRAConfig, LoRALinear, apply_lora, count_parameters, find_targets, lora_modules, merged_state_dict,
                   parse_targets, training_state_bytes)
 from model import GPT
+from optim import Optimizer
 
 CFG = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -131,3 +133,12 @@ def test_training_memory_counts_match_the_measured_bench():
             (measured[name]["grad_bytes"], measured[name]["optimizer_bytes"])
     assert measured["lora"]["bytes"] * 10 < measured["full"]["bytes"]  # grads + AdamW moments only for the adapters
     assert training_state_bytes(lora, full=True)["bytes"] == training_state_bytes(full)["bytes"]
+
+
+def test_muon_leaves_the_adapters_to_adamw():
+    """--optimizer muon: full fine-tuning gives Muon the blocks' matrices; with LoRA the adapters stay with AdamW."""
+    args = SimpleNamespace(optimizer="muon", lr=1e-3, weight_decay=0.0, muon_lr=0.02, muon_weight_decay=0.0)
+    assert len(Optimizer(base_model(), args, "cpu").muon.param_groups[0]["params"]) == 4 * CFG["n_layer"]
+    opt = Optimizer(lora_model(LoRAConfig(rank=2, alpha=4, dropout=0.0)), args, "cpu")
+    assert opt.muon is None and opt.describe() == "AdamW" and "muon" not in opt.state_dict()
+    assert sum(len(g["params"]) for g in opt.adamw.param_groups) == 2 * 4 * CFG["n_layer"]

@@ -19,7 +19,8 @@ from checkpoint import load_checkpoint
 from common import UserError
 from fineweb import list_shards, write_manifest, write_shard, write_token_shards
 from model import GPT
-from train_gpt2 import TokenWindows, Trainer, lr_at, peak_flops_for_name, val_windows
+from train_flags import pretrain_parser
+from train_gpt2 import TokenWindows, Trainer, fit, lr_at, peak_flops_for_name, val_windows
 
 BOOKS = os.path.join(ROOT, "demo_data", "books.jsonl.xz")
 HELLASWAG = os.path.join(ROOT, "tests", "data", "hellaswag_val_200.jsonl")
@@ -105,11 +106,28 @@ def test_tiny_model_drives_the_loss_down(periodic_shards, tmp_path):
     assert os.path.getsize(os.path.join(tmp_path, "loss.png")) > 1000
 
 
-def test_resume_continues_exactly(shards, tmp_path):
+def test_tiny_muon_run_drives_the_loss_down(periodic_shards, tmp_path):
+    """--optimizer muon: Muon trains exactly the blocks' matrices, AdamW the rest; the loss falls as fast as AdamW's."""
+    train(periodic_shards, tmp_path, "--max-steps", "40", "--lr", "1e-2", "--muon-lr", "0.02", "--optimizer", "muon",
+          "--eval-interval", "20", "--ckpt-interval", "0", "--vocab-size", "128", "--n-embd", "64")
+    curve = losses(tmp_path)
+    assert curve[1] > 4.5 and np.mean([curve[s] for s in range(36, 41)]) < 0.5
+    opt = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["optimizer"]
+    model = GPT(tiny_config(vocab_size=128, n_embd=64, block_size=32))
+    names = [n for n, _ in model.named_parameters()]
+    matrices = [n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")]
+    assert len(opt["muon"]["param_groups"][0]["params"]) == len(matrices) == 4 * 2  # c_attn, c_proj, c_fc, c_proj
+    assert sum(len(g["params"]) for g in opt["adamw"]["param_groups"]) == len(names) - len(matrices)
+    assert opt["muon"]["param_groups"][0]["peak_lr"] == 0.02 and opt["adamw"]["param_groups"][0]["peak_lr"] == 1e-2
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(shards, tmp_path, optimizer):
     """Bitwise: a run stopped at step 6 and resumed (every flag from the checkpoint) equals an uninterrupted one."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["--max-steps", "12", "--eval-interval", "6", "--ckpt-interval", "5", "--lr", "3e-3",
-              "--dropout", "0.1", "--hellaswag", HELLASWAG, "--hellaswag-limit", "4", "--sample-tokens", "6"]
+              "--dropout", "0.1", "--hellaswag", HELLASWAG, "--hellaswag-limit", "4", "--sample-tokens", "6",
+              "--optimizer", optimizer]
     train(shards, straight, *common)
     first = train(shards, split, *common, "--stop-at-step", "6")
     assert first["stopped"] and load_checkpoint(split / "ckpt.pt")["step"] == 6
@@ -126,8 +144,12 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert wa["step"] == wb["step"] == 12
     for key in wa["model"]:
         assert torch.equal(wa["model"][key], wb["model"][key]), key
-    for key, state in wa["optimizer"]["state"].items():
-        assert all(torch.equal(v, wb["optimizer"]["state"][key][k]) for k, v in state.items())
+    pairs = [(wa["optimizer"], wb["optimizer"])] if optimizer == "adamw" else [
+        (wa["optimizer"][name], wb["optimizer"][name]) for name in ("adamw", "muon")]
+    for oa, ob in pairs:
+        assert oa["state"] and oa["param_groups"] == ob["param_groups"]
+        for key, state in oa["state"].items():
+            assert all(torch.equal(v, ob["state"][key][k]) for k, v in state.items())
     samples = [json.loads(line) for line in open(straight / "samples.jsonl")]
     assert [s["step"] for s in samples] == [0, 0, 6, 6, 12, 12] and all(s["text"] for s in samples)
     assert samples == [json.loads(line) for line in open(split / "samples.jsonl")]
@@ -224,7 +246,8 @@ def test_user_mistakes_are_one_line(shards, tmp_path):
                            (["--n-embd", "31"], "n_embd (31) must be divisible by n_head (2)"),
                            (["--n-embd", "1000000", "--n-head", "1"], "GiB of weights"),
                            (["--dtype", "float16"], "float16"),
-                           (["--nonsense"], "unrecognized arguments: --nonsense")):
+                           (["--nonsense"], "unrecognized arguments: --nonsense"),
+                           (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'")):
         proc = run_cli("--data-dir", shards, "--out-dir", tmp_path / "o", *TINY, "--max-steps", "1", *flags)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (flags, proc.stderr)
         assert message in proc.stderr, (flags, proc.stderr)
@@ -306,8 +329,8 @@ class MaskedRows:
 
 
 def make_args(tmp_path, **flags):
-    args = train_gpt2.build_parser().parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--no-compile",
-                                                 "--warmup-steps", "0", "--max-steps", "10", "--prefetch", "2"])
+    args = pretrain_parser().parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--no-compile",
+                                         "--warmup-steps", "0", "--max-steps", "10", "--prefetch", "2"])
     vars(args).update({"min_lr": args.lr, **flags})
     return args
 
