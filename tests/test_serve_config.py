@@ -197,3 +197,4 @@ def test_cli_refuses_a_port_in_use(tmp_path):
         proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(tmp_path), "--port",
                                str(s.getsockname()[1])], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot listen on 127.0.0.1:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--port" in proc.stderr  # names the fix
