@@ -630,6 +630,7 @@ def test_cli_generates(tmp_path, model, capsys):
     (["--max-new-tokens", "500"], "block_size 128"),
     (["--max-new-tokens", "0"], "0 only with echo"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--prompt", ""], "prompt must not be empty (an empty prompt is allowed with --raw)"),  # as the API
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, model, capsys, argv, match):
     path = save_tiny(tmp_path, model)
@@ -643,6 +644,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, model, capsys, argv, matc
 def test_cli_help_and_missing_checkpoint_exit_codes(capsys):
     ok = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "--quantize" in ok.stdout and "--stream" in ok.stdout
+    assert "(default: 128)" in ok.stdout and "(default: 0.8)" in ok.stdout  # every default shown
     with pytest.raises(SystemExit) as e:
         run_cli(inf.main, ["--ckpt", "/nope/ckpt.pt", "--prompt", "x"])
     err = capsys.readouterr().err
