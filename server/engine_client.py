@@ -1,5 +1,5 @@
-"""The engine client: the engine's process, the typed messages of the pipe between it and the server,
-and the server's one reader thread.
+"""The engine client: the server's half of the pipe to the engine's process (server/engine_worker.py),
+admission, and the one reader thread.
 
 The engine runs in a process of its own (spawned: a fresh interpreter, CUDA and threads do not survive
 fork), whose one loop steps the engine, so request threads never hold it up by holding the
@@ -10,130 +10,16 @@ says "restarting" until the new one is ready.
 
 import itertools
 import logging
-import multiprocessing
 import os
-import signal
 import threading
 import time
-import traceback
-from dataclasses import dataclass
 
 from common import UserError
-from engine.loader import load_model_from_checkpoint
-from engine.llm_engine import Engine
-from engine.sampling_params import SamplingParams
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
-from server.reply import POLL_S, Handle, Reply
+from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
+from server.reply import POLL_S, Embeddings, Handle, Reply
 
-EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 log = logging.getLogger("gpt2i.serve")
-
-
-# ---------------------------------------------------------------- messages: server -> engine
-
-@dataclass
-class Add:
-    request_id: int
-    ids: list
-    params: SamplingParams
-    n: int
-    logprobs: int  # or None
-    echo: bool
-    group: int  # the HTTP request: the scheduler's fairness turn
-
-
-@dataclass
-class Cancel:
-    request_id: int
-
-
-@dataclass
-class Embed:
-    job_id: int
-    inputs: list
-
-
-@dataclass
-class Stop:
-    pass
-
-
-# ---------------------------------------------------------------- messages: engine -> server
-
-@dataclass
-class Ready:
-    info: dict
-    context_length: int
-    stats: dict
-
-
-@dataclass
-class LoadFailed:
-    error: str
-
-
-@dataclass
-class Step:
-    outputs: list  # engine Outputs
-    embedded: list  # (job id, vectors)
-    stats: dict
-
-
-@dataclass
-class Failed:
-    request_ids: list
-    error: str
-
-
-def engine_process(conn, options):
-    """The engine's process: load the model, then serve the pipe until Stop or the server is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the server decides
-    try:
-        model, info = load_model_from_checkpoint(options["ckpt"], device=options["device"],
-                                                 dtype=options["dtype"], quantize=options["quantize"])
-        engine = Engine(model, max_batch=options["max_batch"], prefill_chunk=options["prefill_chunk"],
-                        compile=options["compile"])
-        info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
-    except Exception as e:
-        conn.send(LoadFailed((str(e).splitlines() or [type(e).__name__])[0]))
-        return
-    conn.send(Ready(info, int(model.config.block_size), engine.stats()))
-    try:
-        engine_loop(conn, engine)
-    except (EOFError, OSError):
-        return  # the server is gone
-
-
-def engine_loop(conn, engine):
-    requests = {}  # id -> engine Request, until it is done
-    while True:
-        while conn.poll(0 if engine.has_work() else 1.0):
-            match conn.recv():
-                case Add() as m:
-                    requests[m.request_id] = engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id,
-                                                        m.group)
-                case Cancel(request_id) if request_id in requests:
-                    engine.cancel(requests[request_id])
-                case Embed(job_id, inputs):
-                    engine.add_embedding(job_id, inputs)
-                case Stop():
-                    return
-        if not engine.has_work():
-            continue
-        try:
-            outputs = engine.step()
-        except Exception as e:  # a bug or a device error: fail what runs, keep serving
-            traceback.print_exc()
-            for r in requests.values():
-                engine.cancel(r)
-            conn.send(Failed(list(requests), type(e).__name__))
-            requests.clear()
-            continue
-        for o in outputs:
-            if o.finish_reason is not None and o.request_id in requests and requests[o.request_id].done:
-                del requests[o.request_id]
-        embedded, engine.embedded = engine.embedded, []
-        conn.send(Step(outputs, embedded, engine.stats()))
 
 
 class EngineClient:
@@ -148,7 +34,7 @@ class EngineClient:
         self.created, self.accepting = int(time.time()), True
         self._replies = set()  # admitted and not released
         self._handles = {}  # engine request id -> Handle, until every choice has finished
-        self._embeds = {}  # embedding job id -> [threading.Event, vectors]
+        self.embeddings = Embeddings()  # jobs waiting for their vectors
         self._ids = itertools.count()
         self._lock, self._send_lock = threading.Lock(), threading.Lock()  # a pipe takes one sender at a time
         self._ready, self._closed = threading.Event(), False
@@ -159,23 +45,11 @@ class EngineClient:
     def admitted(self):
         return sum(r.size for r in self._replies)
 
-    # ------------------------------------------------------------------ lifecycle
-
     def start(self):
         """Start the engine process (it loads the model) and the thread that reads it."""
-        self._spawn()
+        self._conn, self._proc = spawn_engine(self.config)
         self._thread.start()
         return self
-
-    def _spawn(self):
-        cfg = self.config
-        options = {"ckpt": cfg.ckpt, "device": cfg.device, "dtype": cfg.dtype, "quantize": cfg.quantize,
-                   "max_batch": cfg.max_batch, "prefill_chunk": cfg.prefill_chunk, "compile": cfg.compile}
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=engine_process, args=(child, options), name="gpt2i-engine", daemon=True)
-        self._proc.start()
-        child.close()
 
     def wait_ready(self, timeout=None):
         """True when the model is loaded, False on timeout; a failed load raises UserError."""
@@ -195,9 +69,11 @@ class EngineClient:
         """Shut down: running streams get `timeout` seconds to finish, then end with an error event;
         the engine process and the reader thread stop. Idempotent."""
         self.begin_shutdown()
-        self._wait_replies(timeout)
-        self._fail_all(unavailable("shutting_down", "the server shut down before this generation finished", 5))
-        self._wait_replies(2.0)  # let request threads write their last event
+        for wait in (timeout, 2.0):  # running streams finish; then they end and write their last event
+            deadline = time.monotonic() + wait
+            while self._replies and time.monotonic() < deadline:
+                time.sleep(POLL_S / 2)
+            self._fail_all(unavailable("shutting_down", "the server shut down before this generation finished", 5))
         self._closed = True
         if self._proc is not None:
             self._send(Stop())
@@ -207,11 +83,6 @@ class EngineClient:
                 self._proc.join(5.0)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10.0)
-
-    def _wait_replies(self, timeout):
-        deadline = time.monotonic() + timeout
-        while self._replies and time.monotonic() < deadline:
-            time.sleep(POLL_S / 2)
 
     def _send(self, message):
         """One message to the engine process; False when it is gone."""
@@ -234,8 +105,6 @@ class EngineClient:
             for r in list(self._replies):
                 if r.ended is None:
                     self._end(r, error)
-
-    # ------------------------------------------------------------------ the reader thread
 
     def _run(self):
         """Per engine process: its load result, then its messages until it stops; a dead one is replaced."""
@@ -268,13 +137,12 @@ class EngineClient:
                     now = time.perf_counter()
                     with self._lock:
                         for out in outputs:
-                            self._dispatch(out, now)
+                            handle = self._handles.get(out.request_id)
+                            if handle is not None and handle.reply.deliver(handle, out, now, self.metrics):
+                                del self._handles[handle.id]
                     self.stats = stats
                     for job_id, vectors in embedded:
-                        call = self._embeds.get(job_id)
-                        if call is not None:
-                            call[1] = vectors
-                            call[0].set()
+                        self.embeddings.answer(job_id, vectors)
                 case Failed(request_ids, error):
                     with self._lock:
                         for rid in request_ids:
@@ -293,46 +161,15 @@ class EngineClient:
         self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
         with self._lock:
             self._handles.clear()
-        for call in list(self._embeds.values()):
-            call[0].set()
-        self._spawn()
-
-    def _dispatch(self, out, now):
-        """One engine Output -> its reply's queue, with the token metrics (under self._lock)."""
-        handle = self._handles.get(out.request_id)
-        if handle is None:
-            return
-        reply, n_new, m = handle.reply, len(out.token_ids), self.metrics
-        m.tokens.labels("completion").inc(n_new)
-        if n_new:  # one observation per output: the mean gap of its tokens
-            m.ttft.observe(now - reply.t0) if reply.t_last is None else m.itl.observe((now - reply.t_last) / n_new)
-            reply.t_first, reply.t_last = reply.t_first or now, now
-        if out.finish_reason is not None:
-            handle.open -= 1
-            if not handle.open:
-                handle.done = True
-                del self._handles[handle.id]
-            reply.completion_tokens += (out.usage or {}).get("completion_tokens", 0)
-            if out.finish_reason == "cancelled":
-                m.cancelled.inc()
-        if reply.ended is None:
-            reply.started = True
-            reply.pending.append((handle.base + out.index, out))
-            if reply.stream or out.finish_reason is not None:
-                reply.queue.put(reply.pending)
-                reply.pending = []
-
-    # ------------------------------------------------------------------ admission (request threads)
+        self.embeddings.abort()
+        self._conn, self._proc = spawn_engine(self.config)
 
     def require_ready(self):
-        if self.status == "loading":
-            raise unavailable("model_loading", "the model is still loading; retry shortly", 2)
-        if self.status == "restarting":
-            raise unavailable("engine_restarting", f"{self.error}; retry shortly", 2)
-        if self.status == "error":
-            raise unavailable("model_error", f"the model failed to load: {self.error}", 60)
-        if not self.accepting:
-            raise unavailable("shutting_down", SHUTTING_DOWN, 5)
+        if self.status != "ok" or not self.accepting:
+            raise unavailable(*{"loading": ("model_loading", "the model is still loading; retry shortly", 2),
+                                "restarting": ("engine_restarting", f"{self.error}; retry shortly", 2),
+                                "error": ("model_error", f"the model failed to load: {self.error}", 60),
+                                }.get(self.status, ("shutting_down", SHUTTING_DOWN, 5)))
 
     def prompt_limit(self):
         return min(self.config.max_prompt_tokens or self.context_length - 1, self.context_length - 1)
@@ -378,14 +215,7 @@ class EngineClient:
     def embed(self, inputs):
         """Embeddings of id lists (checked), computed by the engine a slice per step."""
         self.require_ready()
-        job = next(self._ids)
-        call = self._embeds[job] = [threading.Event(), None]
-        try:
-            if not self._send(Embed(job, inputs)) or not call[0].wait(EMBED_TIMEOUT_S) or call[1] is None:
-                raise ApiError(500, "server_error", "embedding failed: the engine did not answer")
-        finally:
-            self._embeds.pop(job, None)
-        return call[1]
+        return self.embeddings.ask(next(self._ids), lambda job: self._send(Embed(job, inputs)))
 
     def describe(self):
         return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),

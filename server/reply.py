@@ -2,6 +2,7 @@
 outputs on the reply's queue; an ApiError put there ends it early (shutdown, engine failure)."""
 
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from server.render import prompt_entries
 
 KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
+EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 
 
 @dataclass(eq=False)
@@ -97,3 +99,52 @@ class Reply:
     def usage(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def deliver(self, handle, out, now, metrics):
+        """One engine Output of one of its handles -> the queue, with the token metrics (the reader
+        thread, under the client's lock) -> True once the handle's last choice has finished."""
+        n_new = len(out.token_ids)
+        metrics.tokens.labels("completion").inc(n_new)
+        if n_new:  # one observation per output: the mean gap of its tokens
+            metrics.ttft.observe(now - self.t0) if self.t_last is None else \
+                metrics.itl.observe((now - self.t_last) / n_new)
+            self.t_first, self.t_last = self.t_first or now, now
+        if out.finish_reason is not None:
+            handle.open -= 1
+            handle.done = not handle.open
+            self.completion_tokens += (out.usage or {}).get("completion_tokens", 0)
+            if out.finish_reason == "cancelled":
+                metrics.cancelled.inc()
+        if self.ended is None:
+            self.started = True
+            self.pending.append((handle.base + out.index, out))
+            if self.stream or out.finish_reason is not None:
+                self.queue.put(self.pending)
+                self.pending = []
+        return handle.done
+
+
+class Embeddings:
+    """Embedding calls waiting for their vectors: ask() from a request thread, answer() from the reader."""
+
+    def __init__(self):
+        self.calls = {}  # job id -> [threading.Event, vectors]
+
+    def ask(self, job, send):
+        call = self.calls[job] = [threading.Event(), None]
+        try:
+            if not send(job) or not call[0].wait(EMBED_TIMEOUT_S) or call[1] is None:
+                raise ApiError(500, "server_error", "embedding failed: the engine did not answer")
+        finally:
+            self.calls.pop(job, None)
+        return call[1]
+
+    def answer(self, job, vectors):
+        call = self.calls.get(job)
+        if call is not None:
+            call[1] = vectors
+            call[0].set()
+
+    def abort(self):
+        for call in list(self.calls.values()):
+            call[0].set()
