@@ -21,6 +21,7 @@ share one rate-limit budget (memory:// counts per worker).
 """
 
 import ctypes
+import multiprocessing
 import os
 import shutil
 import signal
@@ -30,7 +31,6 @@ import time
 
 import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
 #                              so only its engine process (a fresh interpreter) imports torch before the load
-from gunicorn.arbiter import Arbiter
 
 
 def _env_int(name, default):
@@ -65,6 +65,7 @@ control_socket_disable = True
 # error event (worker_exit below).
 graceful_timeout = 30
 STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
+BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers: set by one whose model failed
 
 
 # ---------------------------------------------------------------------------- worker hooks
@@ -85,9 +86,19 @@ def post_worker_init(worker):
     try:
         while not state.wait_ready(timeout=1.0):
             worker.notify()  # a long load is not a hung worker
-    except Exception as e:  # the load failed (its one-line message)
-        worker.log.error("error: %s", e)
-        sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the master stops instead of respawning forever
+    except Exception as e:  # the load failed: its one line, then the master stops with exit 2 (child_exit)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        BOOT_FAILED.value = 1
+        os._exit(0)  # a silent exit: gunicorn would log a nonzero one, then its own reason, in three lines
+
+
+def child_exit(server, worker):
+    """In the master: a worker that could not load its model stops the whole server, quietly, with
+    exit 2 (instead of respawning forever); its one line is said."""
+    if BOOT_FAILED.value:
+        server.kill_workers(signal.SIGKILL)
+        on_exit(server)
+        os._exit(2)
 
 
 def _shutdown(worker):

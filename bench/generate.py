@@ -138,7 +138,7 @@ def time_ours(engine, prompts, n_new, repeats):
         got, first = {r.id: [] for r in reqs}, None
         while engine.has_work():
             for o in engine.step():
-                got[o.request.id] += o.token_ids
+                got[o.request_id] += o.token_ids
             if first is None and all(got.values()):
                 first = time.perf_counter()
         end = time.perf_counter()

@@ -15,6 +15,8 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    loopback connection (http.client), non-streaming then streaming.
 3. newcomer: while --newcomer-streams streams of --newcomer-tokens tokens run, a 16-token request
    (16-token prompt) is sent every --probe-every seconds; its time to first token is recorded.
+4. embeddings: the inter-token latency of --newcomer-streams streams alone, then during a burst of
+   --embed-clients clients sending /v1/embeddings (16 inputs of --prompt-tokens tokens) back to back.
 Throughput: completion tokens made inside the measured window, divided by it (the engine counts
 them per step; over HTTP, each request's usage.completion_tokens is spread evenly over its
 lifetime and the share inside the window counts). Prompts are token ids, end-of-text ignored, so
@@ -68,7 +70,9 @@ def parse_args(argv):
     p.add_argument("--newcomer-tokens", type=int, default=512, help="tokens of each background stream")
     p.add_argument("--probe-every", type=float, default=0.25, help="seconds between newcomer probes")
     p.add_argument("--prefill-chunk", type=int, default=512)
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer")
+    p.add_argument("--embed-clients", type=int, default=8, help="embedding clients in the embeddings phase")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer, "
+                                              "embeddings")
     args = p.parse_args(argv)
     for name in ("clients", "new_tokens", "prompt_tokens", "newcomer_streams", "newcomer_tokens"):
         if getattr(args, name) < 1:
@@ -247,6 +251,43 @@ def newcomer(port, args):
             "ttft_p95_ms": round(pct(ttfts, 95) * 1e3, 1) if ttfts else None, "errors": errors}
 
 
+def embed_loop(port, stop, rng, calls, errors):
+    """POST /v1/embeddings back to back until stopped; counts the calls answered."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    while not stop.is_set():
+        body = json.dumps({"input": [prompt_ids(16, rng) for _ in range(16)]})
+        try:
+            conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            calls.append(resp.status) if resp.status == 200 else errors.append(f"HTTP {resp.status}")
+        except (OSError, http.client.HTTPException) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+
+def embeddings(port, args):
+    """Inter-token p95 of running streams alone, then while --embed-clients send embedding calls."""
+    out, errors = {}, []
+    for label, n_embed in (("idle", 0), ("burst", args.embed_clients)):
+        stop, calls = threading.Event(), []
+        streams = [Client(port, request_body(args.prompt_tokens, args.newcomer_tokens, True), stop, 2000 + i)
+                   for i in range(args.newcomer_streams)]
+        embedders = [threading.Thread(target=embed_loop, args=(port, stop, random.Random(i), calls, errors),
+                                      daemon=True) for i in range(n_embed)]
+        for t in streams + embedders:
+            t.start()
+        time.sleep(args.warmup + args.duration)
+        stop.set()
+        for t in streams + embedders:
+            t.join(600)
+        gaps = [g for c in streams for r in c.records for g in r[4]]
+        errors += [e for c in streams for e in c.errors]
+        out[f"itl_p95_ms_{label}"] = round(pct(gaps, 95) * 1e3, 2) if gaps else None
+        out[f"embedding_calls_{label}"] = len(calls)
+    return {**out, "errors": errors}
+
+
 def start_gunicorn(args, ckpt, log_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,6 +348,11 @@ def main(argv=None):
                       file=sys.stderr)
                 r = newcomer(port, args)
                 results["newcomer"] = {**r, "errors": len(r["errors"]), "first_errors": r["errors"][:3]}
+            if "embeddings" not in skip:
+                print(f"embeddings: {args.newcomer_streams} streams, then with {args.embed_clients} embedding "
+                      f"clients ...", file=sys.stderr)
+                r = embeddings(port, args)
+                results["embeddings"] = {**r, "errors": len(r["errors"]), "first_errors": r["errors"][:3]}
         finally:
             proc.terminate()
             proc.wait(120)
@@ -328,6 +374,10 @@ def main(argv=None):
         n = r.get("requests", r.get("probes", ""))
         print(f"{name:<12} {tps if tps is not None else '':>10} {ratio:>10} {n:>9} {ttft:>17} {itl:>16} "
               f"{r.get('errors', 0):>7}")
+    if "embeddings" in results:
+        r = results["embeddings"]
+        print(f"stream inter-token p95: {r['itl_p95_ms_idle']} ms alone, {r['itl_p95_ms_burst']} ms during "
+              f"{r['embedding_calls_burst']} embedding calls (target: within 2x)")
     if chunk_ms is not None:
         print(f"one prefill chunk ({args.prefill_chunk} tokens, idle engine): {chunk_ms} ms; newcomer target: "
               f"TTFT p95 <= 50 ms + {chunk_ms} ms")

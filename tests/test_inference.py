@@ -53,8 +53,8 @@ def run_all(engine):
     while engine.has_work():
         steps += 1
         for o in engine.step():
-            ids, _ = got.get(o.request.id, ([], None))
-            got[o.request.id] = (ids + o.token_ids, o.finish_reason)
+            ids, _ = got.get(o.request_id, ([], None))
+            got[o.request_id] = (ids + o.token_ids, o.finish_reason)
     return got, steps
 
 
@@ -111,7 +111,7 @@ def test_joining_mid_way_changes_nothing(model, mode):
         for i in join_at.get(step, []):
             reqs.append(engine.add(ids_of(jobs[i][0]), params(**jobs[i][1])))
         for o in engine.step():
-            got.setdefault(o.request.id, []).extend(o.token_ids)
+            got.setdefault(o.request_id, []).extend(o.token_ids)
         if step > 8 and not engine.has_work():
             break
     assert [got[r.id] for r in reqs] == alone
@@ -158,7 +158,7 @@ def test_newcomer_gets_its_first_token_while_long_requests_run(model, mode):
     steps = 0
     while True:
         steps += 1
-        if any(o.request is short and o.token_ids for o in engine.step()):
+        if any(o.request_id == short.id and o.token_ids for o in engine.step()):
             break
     assert steps == 1 and not any(r.done for r in longs)
     assert engine.stats()["running"] == 3
@@ -173,8 +173,8 @@ def test_chunked_prefill_never_stalls_running_rows(model):
     per_step, first_at = [], None
     for step in range(1, 12):
         outs = engine.step()
-        per_step.append(sum(len(o.token_ids) for o in outs if o.request is running))
-        if first_at is None and any(o.request is late and o.token_ids for o in outs):
+        per_step.append(sum(len(o.token_ids) for o in outs if o.request_id == running.id))
+        if first_at is None and any(o.request_id == late.id and o.token_ids for o in outs):
             first_at = step
     assert per_step == [1] * 11  # one token every step while 50 prompt tokens prefill 8 at a time
     assert first_at == math.ceil(50 / 8)
@@ -191,11 +191,11 @@ def test_cancel_frees_the_slot(model, mode):
     assert engine.stats() == {"running": 1, "waiting": 1, "slots_used": 1, "slots_total": 2}
     engine.cancel(b)
     outs = engine.step()
-    assert sorted(o.finish_reason for o in outs if o.request is b) == ["cancelled", "cancelled"]
+    assert sorted(o.finish_reason for o in outs if o.request_id == b.id) == ["cancelled", "cancelled"]
     assert b.done and engine.stats()["waiting"] == 0
     engine.cancel(a)
     ends = [o for _ in range(3) for o in engine.step() if o.finish_reason]
-    assert [(o.request, o.finish_reason) for o in ends] == [(a, "cancelled")]
+    assert [(o.request_id, o.finish_reason) for o in ends] == [(a.id, "cancelled")]
     assert ends[0].usage["completion_tokens"] < 50 and a.done
     assert engine.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 2}
     assert not engine.has_work() and engine.step() == []
@@ -247,8 +247,8 @@ def test_echo_with_no_new_tokens(model):
     want = [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
     assert outs[0].prompt_logprobs[0] is None and np.allclose(got, want, atol=1e-4)
     assert all(e["top"] == [] for e in outs[0].prompt_logprobs[1:])
-    with pytest.raises(inf.ParamError, match="0 only with echo") as e:
-        engine.add(prompt, params(max_new_tokens=0))
+    with pytest.raises(inf.ParamError, match="0 only with echo") as e:  # checked at the edge
+        inf.check_request(prompt, params(max_new_tokens=0), context=engine.config.block_size)
     assert e.value.param == "max_new_tokens"
 
 
@@ -292,7 +292,7 @@ def test_embed_is_mean_pooled_and_normalised(model):
 
 def sample(logits, u, top_k, top_p, n_cand, temperature=1.0, min_p=0.0, penalties=None):
     B = logits.size(0)
-    p = dict(inf.DEFAULTS, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    p = inf.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rows = torch.tensor([inf.param_row(p)] * B)
     return inf.sample(logits, rows, u, n_cand, penalties)
 
@@ -354,10 +354,10 @@ def test_tiny_temperature_and_top_p_are_greedy(model):
 def test_penalties_and_logit_bias_as_defined():
     logits = torch.zeros(1, N_VOCAB)
     logits[0, 1], logits[0, 2], logits[0, 3], logits[0, 4] = 2.0, 1.5, -1.0, 1.9
-    greedy = dict(inf.DEFAULTS, temperature=0, logit_bias={})
+    greedy = inf.SamplingParams(temperature=0)
 
     def pick(seen=(), counts=None, bias=None, **kw):
-        p = torch.tensor([inf.param_row(dict(greedy, **kw))])
+        p = torch.tensor([inf.param_row(greedy.replace(**kw))])
         s = torch.zeros(1, N_VOCAB, dtype=torch.bool)
         s[0, list(seen)] = True
         c = torch.zeros(1, N_VOCAB)
@@ -454,8 +454,9 @@ def test_bad_requests_are_param_errors(model):
                          (dict(prompt_ids=[1, -1]), "prompt"), (dict(prompt_ids="abc"), "prompt"),
                          (dict(n=0), "n"), (dict(n=3), "n"), (dict(logprobs=21), "logprobs"),
                          (dict(logprobs=True), "logprobs")]:
-        with pytest.raises(inf.ParamError) as e:
-            engine.add(**dict(dict(prompt_ids=[1, 2]), **kwargs))
+        with pytest.raises(inf.ParamError) as e:  # the edge's check, before anything reaches the engine
+            inf.check_request(**dict(dict(prompt_ids=[1, 2], params=inf.validate_params(), max_n=engine.max_batch,
+                                          context=engine.config.block_size), **kwargs))
         assert e.value.param == name
     assert engine.stats()["waiting"] == 0
 
@@ -508,12 +509,12 @@ def test_streaming_validates_before_the_first_piece(model):
 
 def test_validate_params_normalizes_and_rejects_unknown():
     p = inf.validate_params(stop="###", max_new_tokens=64.0, temperature=0, logit_bias={"50256": -100, 7: 1})
-    assert p["stop"] == ("###",) and p["max_new_tokens"] == 64 and isinstance(p["max_new_tokens"], int)
-    assert p["logit_bias"] == {50256: -100.0, 7: 1.0}
-    assert p["top_k"] == inf.PARAM_RANGES["top_k"]["default"] and p["seed"] is None
+    assert p.stop == ("###",) and p.max_new_tokens == 64 and isinstance(p.max_new_tokens, int)
+    assert p.logit_bias == {50256: -100.0, 7: 1.0}
+    assert p.top_k == inf.PARAM_RANGES["top_k"]["default"] and p.seed is None
     with pytest.raises(inf.ParamError, match="unknown generation parameter 'beam'"):
         inf.validate_params(beam=4)
-    assert inf.validate_params(stop=["a", "b", "a"])["stop"] == ("a", "b")
+    assert inf.validate_params(stop=["a", "b", "a"]).stop == ("a", "b")
 
 
 def test_prompt_must_be_text(model):
@@ -629,6 +630,7 @@ def test_cli_generates(tmp_path, model, capsys):
     (["--max-new-tokens", "500"], "block_size 128"),
     (["--max-new-tokens", "0"], "0 only with echo"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--prompt", ""], "prompt must not be empty (an empty prompt is allowed with --raw)"),  # as the API
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, model, capsys, argv, match):
     path = save_tiny(tmp_path, model)
@@ -642,6 +644,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, model, capsys, argv, matc
 def test_cli_help_and_missing_checkpoint_exit_codes(capsys):
     ok = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "--quantize" in ok.stdout and "--stream" in ok.stdout
+    assert "(default: 128)" in ok.stdout and "(default: 0.8)" in ok.stdout  # every default shown
     with pytest.raises(SystemExit) as e:
         run_cli(inf.main, ["--ckpt", "/nope/ckpt.pt", "--prompt", "x"])
     err = capsys.readouterr().err

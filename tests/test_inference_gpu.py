@@ -108,7 +108,7 @@ def test_joining_mid_way_changes_nothing_in_graph_mode():
         for i in join_at.get(step, []):
             reqs.append(engine.add(inf.encode_prompt(jobs[i][0], raw=True), inf.validate_params(**jobs[i][1])))
         for o in engine.step():
-            got.setdefault(o.request.id, []).extend(o.token_ids)
+            got.setdefault(o.request_id, []).extend(o.token_ids)
         if step > 9 and not engine.has_work():
             break
     assert [got[r.id] for r in reqs] == alone

@@ -188,7 +188,7 @@ def test_batch_rows_with_their_own_stop_strings(mode):
     text, reasons = {}, {}
     while engine.has_work():
         for o in engine.step():
-            text[o.request.id] = text.get(o.request.id, "") + o.text
-            reasons[o.request.id] = o.finish_reason
+            text[o.request_id] = text.get(o.request_id, "") + o.text
+            reasons[o.request_id] = o.finish_reason
     assert [text[r.id] for r in reqs] == ["The answer ", "The answer is 42. Next question", "The answer is"]
     assert [reasons[r.id] for r in reqs] == ["stop", "eos", "length"]

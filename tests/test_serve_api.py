@@ -11,6 +11,9 @@ import torch
 import inference
 import serve
 from prompt import format_prompt
+from server.chat import fold_chat, split_chat
+from server.engine_client import EngineClient
+from server.metrics import Metrics
 from test_serve_config import close_app, make_app, make_checkpoint, metric, sse_events
 from tokenizer import N_VOCAB, decode, encode
 
@@ -78,7 +81,7 @@ CHAT = [{"role": "user", "content": "Say hi."}]
 
 
 def test_health_is_503_while_loading_then_200(ckpt):
-    server = serve.Server(serve.make_config({"ckpt": ckpt, "rate_limit": "none", "model_name": "m"}))
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none", "model_name": "m"}), Metrics)
     client = serve.build_app(server).test_client()  # not started yet: the model is "loading"
     r = client.get("/health")
     assert r.status_code == 503 and r.get_json() == {"status": "loading"} and int(r.headers["Retry-After"]) > 0
@@ -278,7 +281,7 @@ def test_404_405_413_415_500_are_json(app, guarded, ckpt):
     r = guarded.test_client().post("/generate", data=json.dumps({"prompt": "x" * 5000}),
                                    content_type="application/json", headers=AUTH)
     assert error_of(r, 413)["type"] == "request_too_large"
-    server = serve.Server(serve.make_config({"ckpt": ckpt, "rate_limit": "none"}))
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none"}), Metrics)
     broken = serve.build_app(server)
     broken.add_url_rule("/boom", "boom", lambda: 1 / 0)
     err = error_of(broken.test_client().get("/boom", headers={"X-Request-ID": "r500"}), 500)
@@ -485,7 +488,7 @@ def test_chat_logprobs_and_n(app):
 
 
 def test_chat_folding_keeps_recent_turns(app):
-    assert serve.split_chat([
+    assert split_chat([
         {"role": "system", "content": "S1"}, {"role": "user", "content": "U1"},
         {"role": "assistant", "content": "A1"}, {"role": "system", "content": "S2"}, {"role": "user", "content": "U2"},
     ]) == ("S1\n\nS2", [("user", "U1"), ("assistant", "A1")], "U2")
@@ -494,7 +497,7 @@ def test_chat_folding_keeps_recent_turns(app):
     body = post(app.test_client(), "/v1/chat/completions", {"messages": msgs + [{"role": "user", "content": "LAST"}],
                                                             "max_tokens": 1}).get_json()
     assert body["usage"]["prompt_tokens"] <= CTX - 1
-    ids = serve.fold_chat(msgs + [{"role": "user", "content": "LAST"}], lambda n: n <= CTX - 1)
+    ids = fold_chat(msgs + [{"role": "user", "content": "LAST"}], lambda n: n <= CTX - 1)
     text = decode(ids)
     assert "SYSTEM" in text and "LAST" in text and "turn11" in text and "turn0 " not in text
     assert len(ids) == body["usage"]["prompt_tokens"]
@@ -605,6 +608,6 @@ def test_index_and_static_files(guarded, ckpt, tmp_path):
     assert client.get("/app.js").data == b"console.log(1)" and client.get("/static/app.js").status_code == 200
     assert error_of(client.get("/missing.js"), 404)["type"] == "not_found"
     error_of(client.get("/static/../serve.py"), 404)
-    server = serve.Server(serve.make_config({"ckpt": ckpt, "static_dir": str(tmp_path / "none")}))
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "static_dir": str(tmp_path / "none")}), Metrics)
     r = serve.build_app(server).test_client().get("/")
     assert r.status_code == 200 and r.mimetype == "text/html" and b"/generate" in r.data

@@ -197,3 +197,14 @@ def test_cli_refuses_a_port_in_use(tmp_path):
         proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(tmp_path), "--port",
                                str(s.getsockname()[1])], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot listen on 127.0.0.1:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--port" in proc.stderr  # names the fix
+
+
+def test_cli_with_a_checkpoint_that_cannot_load_exits_2(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPT2I_")}
+    proc = subprocess.run([sys.executable, "serve.py", "--ckpt", str(bad), "--port", "0", "--log-level", "warning"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: model load failed: "), proc.stderr

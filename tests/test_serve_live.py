@@ -123,19 +123,25 @@ def test_shutdown_refuses_queued_and_ends_running_streams(live):
     assert openai[-1] == "[DONE]" and json.loads(openai[-2])["error"]["type"] == "shutting_down"
 
 
-def test_a_dead_engine_process_fails_running_requests_and_is_reported(live):
+def test_a_killed_engine_process_is_replaced(live):
     stream = open_request(live.port, "/v1/completions", {"prompt": "x", "max_tokens": MAX_NEW, "ignore_eos": True,
                                                          "stream": True})
     f = stream.makefile("rb")
     read_events(f, 1)
-    live.state._proc.kill()  # what an out-of-memory kill or a driver crash would do
+    waiting = {}
+    thread = threading.Thread(target=lambda: waiting.update(r=live.request("POST", "/generate", LONG)))
+    thread.start()
+    assert wait_until(lambda: live.health()["queue"]["running"] == 2)
+    os.kill(live.state._proc.pid, signal.SIGKILL)  # what an out-of-memory kill or a driver crash would do
     rest = sse_events(f.read().decode().lstrip("\n"))  # the stream ends with an error event, not a bare EOF
     assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "server_error"
-    assert wait_until(lambda: live.request("GET", "/health")[0] == 503)
-    health = json.loads(live.request("GET", "/health")[2])
-    assert health["status"] == "error" and "engine" in health["error"]
-    status, _, text = live.request("POST", "/generate", {"prompt": "hi", "max_new_tokens": 1})
-    assert status == 503 and json.loads(text)["error"]["type"] == "model_error"
+    thread.join(60)
+    assert waiting["r"][0] == 500 and json.loads(waiting["r"][2])["error"]["type"] == "server_error"
+    status, _, text = live.request("GET", "/health")  # meanwhile /health says what happened
+    assert status == 503 and json.loads(text)["status"] == "restarting" and "exit code -9" in json.loads(text)["error"]
+    ok = lambda: live.request("POST", "/generate", {"prompt": "hi", "max_new_tokens": 1})[0] == 200  # noqa: E731
+    assert wait_until(ok, timeout=10.0), "no new engine process served within 10 s"
+    assert live.health()["status"] == "ok" and live.health()["restarts"] == 1
 
 
 def test_python_serve_py_logs_and_stops_on_sigterm(ckpt):

@@ -1,0 +1,164 @@
+"""The engine: continuous batching for one model. Requests join the running batch between steps and
+leave it when they finish; step() is the algorithm: schedule, run (and sample, on the device), emit.
+
+    engine = Engine(model, max_batch=64, prefill_chunk=512)
+    req = engine.add(prompt_ids, SamplingParams.make(temperature=0.7), n=1)   # checked at the edge first
+    while engine.has_work(): for out in engine.step(): ...                  # Output: text, token_ids, ...
+
+On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps
+working while the host makes text; a request's tokens never depend on what else runs.
+"""
+
+import threading
+from collections import deque
+
+import torch
+
+from engine.model_runner import CACHE_BUCKET, ModelRunner, PrefillWork
+from engine.sampler import TOPK_CANDIDATES, entry
+from engine.sampling_params import check_inputs
+from engine.scheduler import Scheduler
+from engine.sequence import Request
+
+
+class Engine:
+    """max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt tokens prefilled
+    per step at most (embeddings get as many again). decode_chunk: decode steps per host sync
+    (default 8 on CUDA, 1 elsewhere). graphs: capture decode steps in CUDA graphs (default: on CUDA).
+    static: bucketed fixed shapes without graphs (default: = graphs; True on CPU runs the graph path's
+    logic). compile: torch.compile the decode forward. pipeline: queue a chunk before reading the
+    previous one (default: on CUDA). add / cancel / add_embedding / stats / has_work / embed are
+    thread-safe; step is called by one thread.
+    """
+
+    def __init__(self, model, max_batch=64, prefill_chunk=512, decode_chunk=None, graphs=None, compile=False,
+                 static=None, pipeline=None):
+        self.runner = ModelRunner(model, max_batch, decode_chunk, graphs, compile, static)
+        self.config, self.device, self.max_batch = model.config, self.runner.device, max_batch
+        self.scheduler = Scheduler(max_batch, prefill_chunk, model.config.block_size)
+        self.pipeline = self.device.type == "cuda" if pipeline is None else bool(pipeline)
+        self._lock = threading.Lock()  # the device state: step, embed
+        self._inflight = []  # queued work whose results are not read yet (pipeline)
+        self._embeds = deque()  # [job id, id lists, vectors so far] not done yet
+        self.embedded = []  # (job id, vectors) done, for the caller to take
+
+    graphs = property(lambda self: self.runner.graphs.enabled)
+    notes = property(lambda self: self.runner.graphs.notes)
+    compile = property(lambda self: self.runner.compile)
+    kmax = property(lambda self: self.runner.kmax)
+
+    def describe(self):
+        r = self.runner
+        return {"graphs": self.graphs, "static": r.static, "compile": r.compile, "decode_chunk": r.kmax,
+                "pipeline": self.pipeline, "max_batch": self.max_batch,
+                "prefill_chunk": self.scheduler.prefill_chunk, "graphs_captured": len(r.graphs),
+                "notes": list(self.notes)}
+
+    # -------------------------------------------------------------- thread-safe API
+
+    def add(self, prompt_ids, params, n=1, logprobs=None, echo=False, request_id=None, group=None):
+        """Queue a request -> its Request. Checked at the edge (sampling_params.check_request)."""
+        req = Request(list(prompt_ids), params, n, logprobs, echo, request_id, group)
+        self.scheduler.add(req)
+        return req
+
+    def cancel(self, request):
+        """End a request: its choices finish with "cancelled" at the next step."""
+        request.cancelled = True
+
+    def add_embedding(self, job_id, inputs):
+        """Queue embeddings of id lists (checked at the edge); step() computes them a bounded slice at a
+        time, and puts (job_id, vectors) in self.embedded."""
+        self._embeds.append([job_id, inputs, []])
+
+    def stats(self):
+        return self.scheduler.stats()
+
+    def has_work(self):
+        return bool(self._inflight or self._embeds) or self.scheduler.has_work()
+
+    @torch.no_grad()
+    def embed(self, inputs):
+        """Mean-pooled final hidden states of each id list, L2-normalised -> list of lists of floats."""
+        check_inputs(inputs, self.config.block_size)  # the Python API's edge
+        with self._lock:
+            return [self.runner.embed(ids) for ids in inputs]
+
+    @torch.no_grad()
+    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+        """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
+        kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
+        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        block = self.config.block_size
+        batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
+        lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
+        with self._lock:
+            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], kinds)
+
+    # -------------------------------------------------------------- the loop
+
+    @torch.no_grad()
+    def step(self):
+        """Prefill up to prefill_chunk prompt tokens, decode one chunk for every running row, embed a
+        slice; return the Outputs of what finished computing ([] when idle)."""
+        with self._lock:
+            emitted = []
+            for r in self.scheduler.cancelled():
+                for c in r.choices:
+                    if c.finish_reason is None:
+                        c.finish("cancelled", emitted)
+            rows, admitted = self.scheduler.schedule()  # schedule
+            for r in admitted:
+                self.runner.load(r)
+            prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
+            decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
+            self._embed_slice()
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
+            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
+            self._inflight = [decode] if self.pipeline and decode else []
+            for work in filter(None, done):  # emit
+                (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
+            self.scheduler.release(emitted)
+            return [c.take() for c in emitted]
+
+    def _emit_prefill(self, work, emitted):
+        values = work.fetch.get()
+        for _, r, _ in work.finals:
+            if r.echo and r.prompt_lp:
+                lp, ids, top = values[:3]
+                values = values[3:]
+                entries = [None] + [entry(t, *x, r.logprobs) for t, x in zip(r.prompt[1:], zip(lp, ids, top))]
+            elif r.echo:
+                entries = [None]
+            for c in r.choices:
+                if r.echo and c.finish_reason is None:
+                    c.output(emitted).prompt_logprobs = entries
+        if work.choices:
+            nxt, *lps = values
+            for i, c in enumerate(work.choices):
+                if c.finish_reason is None:
+                    c.feed(nxt[i], entry(nxt[i], *(x[i] for x in lps), c.request.logprobs) if lps else None, emitted)
+        for _, r, _ in work.finals:
+            for c in r.choices:
+                if r.params.max_new_tokens == 0 and c.finish_reason is None:
+                    c.finish("length", emitted)
+
+    def _emit_decode(self, work, emitted):
+        ids, *lps = work.fetch.get()
+        for b, c in enumerate(work.rows):
+            for k in range(work.steps):
+                if c is None or c.finish_reason is not None:
+                    break
+                lp = entry(ids[b][k], *(x[b][k] for x in lps), c.request.logprobs) if lps else None
+                c.feed(ids[b][k], lp, emitted)
+
+    def _embed_slice(self):
+        """Embed queued inputs, at most prefill_chunk tokens (at least one input) this step."""
+        budget = self.scheduler.prefill_chunk
+        while self._embeds and budget > 0:
+            job = self._embeds[0]
+            ids = job[1][len(job[2])]
+            job[2].append(self.runner.embed(ids))
+            budget -= len(ids)
+            if len(job[2]) == len(job[1]):
+                self.embedded.append((job[0], self._embeds.popleft()[2]))

@@ -1,0 +1,243 @@
+"""The model runner: the device side of the engine. It owns the KV-cache and every decode tensor,
+runs the prefill and decode forwards and samples on the device; what it queues comes back to the
+host through one Fetch per piece of work (the one sync of a chunk).
+
+Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab (ids >= N_VOCAB,
+the padding of the embedding, are never sampled), L cache positions read.
+"""
+
+import types
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from engine.cuda_graphs import DecodeGraphs
+from engine.sampler import logprobs, param_row, sample, sampler_kind
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from model import KVCache
+from tokenizer import EOT_ID, N_VOCAB
+
+CACHE_BUCKET = 128  # static / graph decode reads a multiple of this many cache positions
+# Prefill and embed attention: not cuDNN, torch's first choice on Hopper, which builds a plan for every new
+# shape (about 70 ms on an H200) and so would delay the first token of each new prompt width by that much.
+# Decode keeps it: its shapes are bucketed and captured up front, and there it is faster (H200, graphs,
+# batch 64: 68.7k against 54.2k decode tokens/s without it).
+ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class Fetch:
+    """Device tensors on their way to the host; get() waits for them (the one sync of a chunk).
+
+    On CUDA the copies to pinned memory are queued behind the work that makes them, so the host can
+    queue more work before it reads these.
+    """
+
+    def __init__(self, tensors):
+        if tensors and tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self.host, tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = [t.clone() for t in tensors], None
+
+    def get(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.tolist() for t in self.host]
+
+
+@dataclass
+class PrefillWork:
+    finals: list  # [(batch row, request, last position)] of the prompts this prefill completed
+    choices: list  # the choices whose first token was sampled
+    fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
+
+
+@dataclass
+class DecodeWork:
+    rows: list  # slot -> Choice decoding in this chunk, or None
+    steps: int  # K
+    fetch: Fetch  # sampled ids (B, K) (and their logprobs)
+
+
+def _call_model(model, idx, cache, pos, kv_len):
+    """The decode forward as a function of the model, so a compiled copy holds no reference to it."""
+    return model(idx, cache=cache, pos=pos, kv_len=kv_len)[0]
+
+
+def _own_copy(fn):
+    """fn with a code object of its own: dynamo keeps compiled code, and its recompile limit, per
+    code object, so each engine's compiled forward gets its own cache."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
+def device_dtype(model):
+    """Device and compute dtype of a model (a quantized model keeps float embeddings)."""
+    p = next(p for p in model.parameters() if p.is_floating_point())
+    return p.device, p.dtype
+
+
+class ModelRunner:
+    """See Engine for the options. Every decode tensor is allocated once and written in place
+    (CUDA graphs read them)."""
+
+    def __init__(self, model, max_batch, decode_chunk=None, graphs=None, compile=False, static=None):
+        self.model, self.config = model, model.config
+        self.device, self.dtype = device_dtype(model)
+        cuda = self.device.type == "cuda"
+        self.compile = bool(compile)
+        self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
+        self.max_batch, self.kmax = max_batch, decode_chunk or (8 if cuda else 1)
+        S, V, dev = max_batch, N_VOCAB, self.device
+        self.cache = KVCache(self.config, S, device=dev, dtype=self.dtype)
+        self.params = torch.tensor([param_row(SamplingParams())] * S, device=dev)  # per-slot sampling parameters
+        self.bias = torch.zeros(S, V, device=dev)
+        self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(S, V, device=dev)
+        self.tok = torch.zeros(S, 1, dtype=torch.long, device=dev)  # next input id of each slot
+        self.pos = torch.zeros(S, dtype=torch.long, device=dev)  # its cache position
+        self.u = torch.zeros(S, self.kmax, device=dev)  # this chunk's uniforms
+        self.j = torch.zeros(1, dtype=torch.long, device=dev)  # step within the chunk
+        self.out = torch.zeros(S, self.kmax, dtype=torch.long, device=dev)  # sampled ids
+        self.out_lp = torch.zeros(S, self.kmax, device=dev)  # their raw log-probabilities
+        self.top_ids = torch.zeros(S, self.kmax, MAX_LOGPROBS, dtype=torch.long, device=dev)
+        self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev)
+        self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
+        self.static = self.graphs.enabled or bool(static)
+
+    def upload(self, values, dtype):
+        """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def load(self, r):
+        """An admitted request's sampling parameters into its slots' rows."""
+        slots = [c.slot for c in r.choices]
+        idx = self.upload(slots, torch.long)
+        self.params.index_copy_(0, idx, self.upload([param_row(r.params)] * r.n, torch.float32))
+        self.bias.index_fill_(0, idx, 0)
+        if r.params.logit_bias:
+            toks = self.upload(list(r.params.logit_bias), torch.long)
+            vals = self.upload(list(r.params.logit_bias.values()), torch.float32)
+            for s in slots:
+                self.bias[s, toks] = vals
+
+    def prefill(self, rows):
+        """Queue one batched forward over the prompt chunks [(request, start, n)]; prompts completed by it
+        sample their first tokens -> PrefillWork, or None."""
+        if not rows:
+            return None
+        block, width = self.config.block_size, max(n for _, _, n in rows)
+        # right padding writes past each prompt's end, where nothing is read before it is overwritten
+        idx = self.upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
+        starts = [s for _, s, _ in rows]
+        pos = self.upload(starts, torch.long)
+        slots = self.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
+        with sdpa_kernel(ATTENTION):
+            h = self.model.hidden(idx, cache=self.cache, pos=pos, slots=slots, kv_len=max(starts) + width)  # (B, T, C)
+        # idle slots decode at the prefilled length, so their garbage lands past it
+        self.pos.index_copy_(0, slots, self.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
+        finals = []
+        for b, (r, s, n) in enumerate(rows):
+            r.filled = s + n
+            m = min(n, len(r.prompt) - s - 1)  # positions predicting a prompt token
+            if r.echo and m > 0:
+                targets = self.upload(r.prompt[s + 1:s + 1 + m], torch.long)
+                r.prompt_lp.append(logprobs(self.model.lm_head(h[b, :m]), targets))
+            if r.filled == len(r.prompt):
+                finals.append((b, r, n - 1))
+        return self._first_tokens(h, finals) if finals else None
+
+    def _first_tokens(self, h, finals):
+        """Fork each completed prompt into its choices' slots and sample their first tokens."""
+        choices, at, fetch = [], [], []
+        for b, r, last in finals:
+            for c in r.choices[1:]:
+                self.cache.copy_slot(r.choices[0].slot, c.slot)
+            for c in r.choices:
+                c.pos = len(r.prompt)
+                if r.params.max_new_tokens > 0 and c.finish_reason is None:
+                    c.queued = 1
+                    choices.append(c)
+                    at.append((b, last))
+            if sampler_kind([r.params])[1]:  # now, not at admission: idle rows of decode steps scribble on these
+                slots = self.upload([c.slot for c in r.choices], torch.long)
+                self.seen.index_fill_(0, slots, False)
+                self.counts.index_fill_(0, slots, 0)
+                self.seen[slots.view(-1, 1), self.upload(r.prompt, torch.long)] = True
+            if r.echo and r.prompt_lp:
+                fetch += [torch.cat(parts) for parts in zip(*r.prompt_lp)]
+        if choices:
+            b_idx, t_idx = (self.upload(list(x), torch.long) for x in zip(*at))
+            logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
+            slots = self.upload([c.slot for c in choices], torch.long)
+            kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
+            u = self.upload([[0.0 if c.greedy else c.rng.random()] for c in choices], torch.float32)
+            pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
+            nxt = sample(logits, self.params[slots], u, kind[0], pen)
+            if kind[1]:
+                self.seen[slots, nxt] = True
+                self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
+            self.tok.index_copy_(0, slots, nxt.view(-1, 1))
+            self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
+            fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
+        return PrefillWork(finals, choices, Fetch(fetch))
+
+    def decode(self, rows_by_slot, live):
+        """Queue K decode steps for every live choice (one host upload of uniforms, no sync) -> DecodeWork or None."""
+        if not live:
+            return None
+        B = max(c.slot for c in live) + 1
+        K = min(self.kmax, max(c.p.max_new_tokens - c.queued for c in live))
+        L = max(c.pos for c in live) + K  # the steps write positions pos .. pos + K - 1
+        if self.static:
+            B = min(self.max_batch, 1 << (B - 1).bit_length())
+            L = -(-L // CACHE_BUCKET) * CACHE_BUCKET
+        L = min(L, self.config.block_size)
+        kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
+        rows = [c if c is not None and c.live() else None for c in rows_by_slot[:B]]
+        if kind[0] != 0:
+            zeros = [0.0] * self.kmax
+            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.greedy else zeros
+                 for c in rows]
+            self.u[:B].copy_(self.upload(u, torch.float32))
+        self.j.zero_()
+        for _ in range(K):
+            if not self.graphs.replay(B, L, kind):
+                self.decode_step(B, L, kind)
+        for c in live:
+            c.queued += K
+            c.pos += K
+        lps = [self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []
+        return DecodeWork(rows, K, Fetch([self.out[:B]] + lps))
+
+    def decode_step(self, B, L, kind):
+        """One decode step of slots 0..B-1 reading L cache positions: the unit captured in a CUDA
+        graph. No host sync; every result lands in the runner's tensors."""
+        n_cand, penalize, want_logprobs = kind
+        logits = self.forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1]  # (B, V')
+        u = self.u[:B].index_select(1, self.j)  # (B, 1) this step's uniforms
+        pen = (self.bias[:B], self.seen[:B], self.counts[:B]) if penalize else None
+        nxt = sample(logits, self.params[:B], u, n_cand, pen).view(B, 1)
+        if penalize:
+            self.seen[:B].scatter_(1, nxt, True)
+            self.counts[:B].scatter_add_(1, nxt, torch.ones_like(nxt, dtype=torch.float32))
+        if want_logprobs:
+            lp, top_ids, top_lp = logprobs(logits, nxt)
+            self.out_lp[:B].index_copy_(1, self.j, lp.view(B, 1))
+            self.top_ids[:B].index_copy_(1, self.j, top_ids.unsqueeze(1))
+            self.top_lp[:B].index_copy_(1, self.j, top_lp.unsqueeze(1))
+        self.out[:B].index_copy_(1, self.j, nxt)
+        self.tok[:B].copy_(nxt)
+        self.pos[:B].add_(1).clamp_(max=self.config.block_size - 1)  # idle rows drift; stay inside the cache
+        self.j.add_(1)
+
+    def embed(self, ids):
+        """Mean-pooled final hidden states of one id list, L2-normalised -> list of floats."""
+        with sdpa_kernel(ATTENTION):
+            h = self.model.hidden(torch.tensor([ids], device=self.device))[0].float()  # (T, C)
+        return F.normalize(h.mean(dim=0), dim=0).tolist()

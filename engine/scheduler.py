@@ -1,0 +1,108 @@
+"""The scheduler: which requests wait and which run, their KV-cache slots, and what each step prefills.
+
+A request takes n slots (one per choice) from admission until it finishes. Admission is fair between
+groups (a server groups the prompts of one HTTP request): when slots free up, the group with the
+fewest running choices goes first, the oldest among equals, so one client's 500 prompts do not hold
+another's request back until they are all done. A step prefills at most prefill_chunk prompt tokens,
+padding included: prompts already prefilling first, then newly admitted ones; a long prompt takes
+several steps, and running rows keep decoding meanwhile.
+"""
+
+import heapq
+import threading
+from collections import Counter, deque
+
+
+class Scheduler:
+    """add / cancel / stats / has_work are thread-safe; the rest runs on the engine's one loop."""
+
+    def __init__(self, max_batch, prefill_chunk, block_size):
+        self.max_batch, self.prefill_chunk, self.block_size = max_batch, prefill_chunk, block_size
+        self.lock = threading.Lock()  # the waiting queues and the running list
+        self.waiting = {}  # group -> deque of Requests in arrival order; the dict keeps the groups' order
+        self.running = []  # admitted Requests: prefilling or decoding
+        self.free = list(range(max_batch))  # a heap of free slots: the lowest first keeps batches small
+        self.rows = [None] * max_batch  # slot -> Choice
+
+    def add(self, request):
+        assert request.n <= self.max_batch and len(request.prompt) <= self.block_size
+        with self.lock:
+            self.waiting.setdefault(request.group, deque()).append(request)
+
+    def stats(self):
+        with self.lock:
+            return {"running": len(self.running), "waiting": sum(map(len, self.waiting.values())),
+                    "slots_used": self.max_batch - len(self.free), "slots_total": self.max_batch}
+
+    def has_work(self):
+        with self.lock:
+            return bool(self.waiting or self.running)
+
+    def cancelled(self):
+        """Requests cancelled and not ended yet; the waiting ones leave their queue."""
+        with self.lock:
+            gone = [r for queue in self.waiting.values() for r in queue if r.cancelled]
+            for group in [g for g, queue in self.waiting.items() if any(r.cancelled for r in queue)]:
+                kept = deque(r for r in self.waiting[group] if not r.cancelled)
+                if kept:
+                    self.waiting[group] = kept
+                else:
+                    del self.waiting[group]
+        return gone + [r for r in self.running if r.cancelled]
+
+    def _admit(self):
+        """The next waiting request, given slots for its choices, or None (none waiting, or too few free)."""
+        with self.lock:
+            if not self.waiting:
+                return None
+            busy = Counter()
+            for r in self.running:
+                busy[r.group] += r.n
+            group = min(self.waiting, key=lambda g: busy[g])  # ties: the first in order, the oldest
+            r = self.waiting[group][0]
+            if len(self.free) < r.n:
+                return None
+            self.waiting[group].popleft()
+            if not self.waiting[group]:
+                del self.waiting[group]
+            self.running.append(r)
+            slots = [heapq.heappop(self.free) for _ in range(r.n)]
+        for c, s in zip(r.choices, slots):
+            c.slot = s
+            self.rows[s] = c
+        return r
+
+    def schedule(self):
+        """This step's prefill -> (rows [(request, start, n tokens)], requests admitted for it, slots set)."""
+        rows, admitted, width, budget = [], [], 0, self.prefill_chunk
+        pending = [r for r in self.running if r.filled < len(r.prompt) and not r.done]
+        while not rows or (len(rows) + 1) * width <= budget:
+            if pending:
+                r = pending.pop(0)
+            else:
+                r = self._admit()
+                if r is None:
+                    break
+                admitted.append(r)
+            start = r.filled
+            n = min(len(r.prompt) - start, budget // (len(rows) + 1))
+            w = max(width, n)
+            if n == 0 or max([s for _, s, _ in rows] + [start]) + w > self.block_size:
+                break  # padding would run past the cache: it prefills next step (an admitted one stays running)
+            rows.append((r, start, n))
+            width = w
+        return rows, admitted
+
+    def decoding(self):
+        """The choices that run a decode step now."""
+        return [c for c in self.rows if c is not None and c.live()]
+
+    def release(self, choices):
+        """Free the slots of choices that finished; drop finished requests."""
+        for c in choices:
+            if c.finish_reason is not None and c.slot is not None:
+                self.rows[c.slot] = None
+                heapq.heappush(self.free, c.slot)
+                c.slot = None
+        with self.lock:
+            self.running = [r for r in self.running if not r.done]

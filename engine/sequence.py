@@ -1,0 +1,109 @@
+"""A request's state: its prompt, parameters and choices; and what a step emits for a choice (Output)."""
+
+import itertools
+import random
+import secrets
+from dataclasses import dataclass, field
+
+from engine.detokenizer import StopFilter, token_bytes, utf8_decoder
+from engine.sampling_params import SEED_MAX, SamplingParams
+from tokenizer import EOT_ID
+
+
+@dataclass
+class Output:
+    """What one step produced for one choice of a request: new text and ids, maybe its end.
+
+    Plain data (it crosses the server's pipe as is): the request is named by its id."""
+
+    request_id: int
+    index: int  # the choice
+    text: str = ""  # new text: UTF-8 safe, stop strings held back
+    token_ids: list = field(default_factory=list)  # new ids
+    logprobs: list = None  # per new id {"token_id", "logprob", "top": [(id, logprob), ...]} if asked
+    prompt_logprobs: list = None  # echo: on the first Output, one entry per prompt token, the first None
+    finish_reason: str = None  # None while running; else "eos", "stop", "length" or "cancelled"
+    usage: dict = None  # when finished: {"prompt_tokens", "completion_tokens"}
+
+
+class Request:
+    """One request: `n` choices of one prompt; `done` once every choice has ended.
+
+    group: requests of one group (one HTTP request's prompts) share the scheduler's fairness turn."""
+
+    _ids = itertools.count(1 << 62)  # ids the caller did not choose: far from the ones it does
+
+    def __init__(self, ids, params, n=1, logprobs=None, echo=False, request_id=None, group=None):
+        assert isinstance(params, SamplingParams) and ids and 1 <= n and (params.max_new_tokens or echo)
+        self.id = next(Request._ids) if request_id is None else request_id
+        self.group = self.id if group is None else group
+        self.prompt, self.params, self.n, self.logprobs, self.echo = ids, params, n, logprobs, bool(echo)
+        self.choices = [Choice(self, i) for i in range(n)]
+        self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
+        self.filled = 0  # prompt tokens prefilled so far
+        self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
+
+    @property
+    def done(self):
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class Choice:
+    """One sequence of a request: its slot, private RNG and text assembly."""
+
+    def __init__(self, request, index):
+        p = request.params
+        self.request, self.index, self.p = request, index, p
+        seed = (p.seed + index) % (SEED_MAX + 1) if p.seed is not None else secrets.randbits(63)
+        self.rng = random.Random(seed)  # private: one uniform per sampled token
+        self.greedy = p.greedy
+        self.slot = None
+        self.pos = 0  # host mirror of the slot's next cache position once decoding
+        self.queued = 0  # tokens whose computation has been queued
+        self.decoder = utf8_decoder()
+        self.stops = StopFilter(p.stop)
+        self.token_ids = []
+        self.finish_reason = None
+        self.out = None  # the Output of the current step
+
+    def live(self):
+        """Decoding and still owing tokens (as far as the host has queued)."""
+        return self.finish_reason is None and self.slot is not None and 0 < self.queued < self.p.max_new_tokens
+
+    def output(self, emitted):
+        """This step's Output of the choice (the choice joins `emitted` on its first one)."""
+        if self.out is None:
+            self.out = Output(self.request.id, self.index, logprobs=[] if self.request.logprobs is not None else None)
+            emitted.append(self)
+        return self.out
+
+    def feed(self, token, logprob, emitted):
+        """One generated id (and its logprob entry or None); may finish the choice."""
+        out = self.output(emitted)
+        self.token_ids.append(token)
+        out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(logprob)
+        if token == EOT_ID and not self.p.ignore_eos:
+            return self.finish("eos", emitted)
+        text, hit = self.stops.push(self.decoder.decode(token_bytes(token)))
+        out.text += text
+        if hit:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.p.max_new_tokens:
+            self.finish("length", emitted)
+
+    def finish(self, reason, emitted):
+        """End the choice: flush the decoder and the held-back text (a stop string may still complete)."""
+        out = self.output(emitted)
+        text, hit = self.stops.push(self.decoder.decode(b"", final=True))
+        out.text += text if hit else text + self.stops.flush()
+        self.finish_reason = "stop" if hit else reason
+
+    def take(self):
+        """The Output of this step, completed (finish reason, usage); the next step starts a new one."""
+        out, self.out = self.out, None
+        out.finish_reason = self.finish_reason
+        if self.finish_reason is not None:
+            out.usage = {"prompt_tokens": len(self.request.prompt), "completion_tokens": len(self.token_ids)}
+        return out

@@ -1,0 +1,234 @@
+"""The Flask app: create_app() builds the engine client and the app around it: request ids, Host and
+API-key checks, rate limits, security headers, the error model, logging, and the two route blueprints."""
+
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+import types
+import uuid
+
+from flask import Flask, g, jsonify, request
+from flask_cors import CORS
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from limits import parse_many
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import PathConverter, ValidationError
+from werkzeug.security import safe_join
+
+from server import routes_native, routes_openai
+from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
+                           make_config, rate_limit_enabled)
+from server.engine_client import EngineClient
+from server.metrics import Metrics
+from server.respond import finish_request, log
+
+OPEN_ENDPOINTS = {"native." + name for name in ("health", "params", "openapi", "index", "static_file",
+                                                "static_root")}  # no API key needed
+QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
+GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings")
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def create_app(config=None):
+    """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
+    make_config result. The model starts loading in the background; serve.state(app) is its EngineClient."""
+    if not isinstance(config, types.SimpleNamespace):
+        config = make_config(config, environ=os.environ if config is None else None)
+    setup_logging(config.log_level, config.log_format)
+    client = EngineClient(config, Metrics)
+    app = build_app(client)
+    client.start()
+    return app
+
+
+def state(app):
+    """The EngineClient behind an app from create_app (gunicorn's hooks call its wait_ready, begin_shutdown, close)."""
+    return app.extensions["gpt2i"]
+
+
+def build_app(client):
+    cfg = client.config
+    app = Flask(__name__, static_folder=None)
+    app.config.update(MAX_CONTENT_LENGTH=cfg.max_body_bytes, STATIC_DIR=cfg.static_dir)
+    app.json.sort_keys = False
+    app.extensions["gpt2i"] = client
+    if cfg.trust_proxy > 0:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trust_proxy)
+
+    class StaticFile(PathConverter):
+        """Matches only files that exist in the static folder, so /<file> never shadows a 404/405."""
+
+        def to_python(self, value):
+            path = safe_join(cfg.static_dir, value)
+            if path is None or not os.path.isfile(path):
+                raise ValidationError()
+            return value
+
+    app.url_map.converters["staticfile"] = StaticFile
+    app.register_blueprint(routes_native.bp)
+    app.register_blueprint(routes_openai.bp)
+    limiter = Limiter(get_remote_address, default_limits=[], headers_enabled=True, key_prefix="gpt2i",
+                      storage_uri=cfg.rate_limit_storage, in_memory_fallback_enabled=True)
+    install_hooks(app, client)
+    install_auth(app, cfg, limiter)
+    install_limits(app, cfg, limiter)
+    install_errors(app, cfg)
+    if cfg.cors_origins:
+        CORS(app, origins=cfg.cors_origins, methods=["GET", "POST", "OPTIONS"],
+             allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+             expose_headers=["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                             "X-RateLimit-Reset"], max_age=600)
+    return app
+
+
+def install_hooks(app, client):
+    """A request id and the Host check first; security headers, the log line and metrics at the end."""
+    hosts = allowed_hosts(client.config)
+
+    @app.before_request
+    def begin():
+        rid = request.headers.get("X-Request-ID", "")
+        g.rq = {"request_id": rid if SAFE_REQUEST_ID.match(rid) else uuid.uuid4().hex, "t0": time.perf_counter(),
+                "reply": None, "error": None, "stream": False, "logged": False}
+        if hosts is not None and host_name(request.host) not in hosts:
+            raise invalid(None, f"Host {request.host!r} is not allowed here (see --allowed-hosts)", "invalid_host")
+
+    @app.after_request
+    def end(response):
+        rq = g.get("rq")
+        response.headers.update(SECURITY_HEADERS)
+        if rq is None:
+            return response
+        response.headers["X-Request-ID"] = rq["request_id"]
+        if response.status_code not in (429, 503):
+            response.headers.pop("Retry-After", None)  # flask-limiter adds it to every limited response
+        elif response.headers.get("Retry-After") == "0":
+            response.headers["Retry-After"] = "1"
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        info = {"method": request.method, "endpoint": "/static" if "filename" in rule else rule,
+                "path": request.path[:200], "client": request.remote_addr, "status": response.status_code,
+                "quiet": request.endpoint in QUIET_ENDPOINTS}
+        response.call_on_close(lambda: finish_request(rq, info, client))
+        if rq["stream"]:
+            rq["info"] = info
+        return response
+
+
+def install_limits(app, cfg, limiter):
+    """Per-client limits on the generation routes, shared between them; loopback clients (local tools,
+    evaluators, benchmarks) are exempt. Installed after `end` above, so that flask-limiter's own
+    after_request (which adds Retry-After) runs before it."""
+    limiter.init_app(app)
+    if rate_limit_enabled(cfg):
+        limited = limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"],
+                                       exempt_when=lambda: is_loopback(request.remote_addr))
+        for endpoint in GENERATION:
+            app.view_functions[endpoint] = limited(app.view_functions[endpoint])
+
+
+def install_auth(app, cfg, limiter):
+    """With --api-key, every route but the open ones needs it; a client's failed attempts are limited
+    (--auth-rate-limit, loopback included) in the rate limiter's storage. Checked before the rate limit."""
+    limits = parse_many(cfg.auth_rate_limit) if limit_enabled(cfg.auth_rate_limit) else []
+    if not cfg.api_key:
+        return
+
+    @app.before_request
+    def authenticate():
+        if request.method == "OPTIONS" or request.endpoint in OPEN_ENDPOINTS or request.routing_exception is not None:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), cfg.api_key.encode()):
+            return
+        if not all(limiter.limiter.hit(item, "gpt2i-auth", request.remote_addr or "") for item in limits):
+            raise ApiError(429, "rate_limit_exceeded", "too many failed API-key attempts from this client; retry "
+                           "after Retry-After seconds", code="auth_rate_limited",
+                           headers={"Retry-After": str(max(item.get_expiry() for item in limits))})
+        raise ApiError(401, "authentication_error", "missing or invalid API key: send Authorization: "
+                       "Bearer <key>", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def install_errors(app, cfg):
+    """Every error as {"error": {...}}: ours (ApiError), werkzeug's and flask-limiter's, and a 500 for the rest."""
+
+    def error_response(e):
+        if g.get("rq") is not None:
+            g.rq["error"] = e.code
+        resp = jsonify(e.body())
+        resp.status_code = e.status
+        resp.headers.update(e.headers)
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        code = e.code or 500
+        headers = {k: v for k, v in e.get_headers() if k.lower() in ("allow", "retry-after")}
+        message = {404: "no such route or file; GET /openapi.json lists the routes",
+                   405: f"method not allowed; this route accepts {headers.get('Allow', 'other methods')}",
+                   413: f"request body too large; the limit is {cfg.max_body_bytes} bytes"}.get(code, e.description)
+        if isinstance(e, RateLimitExceeded):
+            message = f"rate limit exceeded ({e.description}); retry after Retry-After seconds"
+            headers.setdefault("Retry-After", str(int(e.limit.limit.get_expiry())))
+        return error_response(ApiError(code, HTTP_TYPES.get(code, "http_error"), message, headers=headers))
+
+    app.register_error_handler(ApiError, error_response)
+
+    @app.errorhandler(Exception)
+    def unexpected(e):
+        log.exception("unhandled error")
+        rid = g.rq["request_id"] if g.get("rq") else "?"
+        return error_response(ApiError(500, "server_error", f"internal server error (request id {rid})"))
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
+
+    json_lines = True
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+    def format(self, record):
+        msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
+        if record.exc_info:  # unexpected errors keep their traceback
+            msg = f"{msg}\n{logging.Formatter().formatException(record.exc_info)}" if isinstance(msg, str) else msg
+        if self.json_lines:
+            return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
+                                                                  "message": msg})
+        if isinstance(msg, dict):
+            msg = " ".join(f"{k}={v}" for k, v in msg.items() if v is not None and k != "event")
+        return f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} {msg}"
+
+def setup_logging(level, fmt="auto"):
+    """One handler on the 'gpt2i.serve' logger, however many apps are created."""
+    log.setLevel(getattr(logging, level.upper()))
+    log.propagate = False
+    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        log.addHandler(handler)
+    handler.json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # our own line per request replaces its access log

@@ -1,0 +1,222 @@
+"""The engine client: the server's half of the pipe to the engine's process (server/engine_worker.py),
+admission, and the one reader thread.
+
+The engine runs in a process of its own (spawned: a fresh interpreter, CUDA and threads do not survive
+fork), whose one loop steps the engine, so request threads never hold it up by holding the
+interpreter lock. Request threads send Add / Cancel / Embed; the reader puts each Step's outputs on
+the replies' queues. An engine process that dies is replaced: what ran ends with an error, /health
+says "restarting" until the new one is ready.
+"""
+
+import itertools
+import logging
+import os
+import threading
+import time
+
+from common import UserError
+from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
+from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
+from server.reply import POLL_S, Embeddings, Handle, Reply
+
+log = logging.getLogger("gpt2i.serve")
+
+
+class EngineClient:
+    """The server's half of the pipe: starts (and restarts) the engine process, admits generations
+    against --max-queue, and runs the one reader thread. create_app builds one; serve.state(app) is it."""
+
+    def __init__(self, config, metrics_class):
+        self.config, self.model_name = config, config.model_name
+        self.status, self.error, self.restarts = "loading", None, 0
+        self.info, self.context_length, self.stats = {}, None, {"running": 0, "waiting": 0, "slots_used": 0,
+                                                               "slots_total": 0}  # as of the last step
+        self.created, self.accepting = int(time.time()), True
+        self._replies = set()  # admitted and not released
+        self._handles = {}  # engine request id -> Handle, until every choice has finished
+        self.embeddings = Embeddings()  # jobs waiting for their vectors
+        self._ids = itertools.count()
+        self._lock, self._send_lock = threading.Lock(), threading.Lock()  # a pipe takes one sender at a time
+        self._ready, self._closed = threading.Event(), False
+        self._conn = self._proc = None
+        self._thread = threading.Thread(target=self._run, name="gpt2i-reader", daemon=True)
+        self.metrics = metrics_class(self)
+
+    def admitted(self):
+        return sum(r.size for r in self._replies)
+
+    def start(self):
+        """Start the engine process (it loads the model) and the thread that reads it."""
+        self._conn, self._proc = spawn_engine(self.config)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout=None):
+        """True when the model is loaded, False on timeout; a failed load raises UserError."""
+        self._ready.wait(timeout)
+        if self.status == "error":
+            raise UserError(f"model load failed: {self.error}")
+        return self.status == "ok"
+
+    def begin_shutdown(self):
+        """Stop admission: new requests and those still queued get 503 shutting_down."""
+        with self._lock:
+            self.accepting = False
+            for r in [r for r in self._replies if not r.started and r.ended is None]:
+                self._end(r, unavailable("shutting_down", SHUTTING_DOWN, 5))
+
+    def close(self, timeout=0.0):
+        """Shut down: running streams get `timeout` seconds to finish, then end with an error event;
+        the engine process and the reader thread stop. Idempotent."""
+        self.begin_shutdown()
+        for wait in (timeout, 2.0):  # running streams finish; then they end and write their last event
+            deadline = time.monotonic() + wait
+            while self._replies and time.monotonic() < deadline:
+                time.sleep(POLL_S / 2)
+            self._fail_all(unavailable("shutting_down", "the server shut down before this generation finished", 5))
+        self._closed = True
+        if self._proc is not None:
+            self._send(Stop())
+            self._proc.join(10.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5.0)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10.0)
+
+    def _send(self, message):
+        """One message to the engine process; False when it is gone."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _end(self, reply, error):
+        """End a reply with an error (under self._lock): its engine requests are cancelled."""
+        reply.ended = error
+        reply.queue.put(error)
+        for handle in reply.handles:
+            self._send(Cancel(handle.id))
+
+    def _fail_all(self, error):
+        with self._lock:
+            for r in list(self._replies):
+                if r.ended is None:
+                    self._end(r, error)
+
+    def _run(self):
+        """Per engine process: its load result, then its messages until it stops; a dead one is replaced."""
+        while True:
+            try:
+                first = self._conn.recv()
+            except (EOFError, OSError):
+                first = LoadFailed(f"the engine process exited while loading (exit code {self._proc.exitcode})")
+            if isinstance(first, LoadFailed):  # reported by /health and wait_ready, never a crash
+                self.status, self.error = "error", first.error
+                self._ready.set()
+                return
+            self.info, self.context_length, self.stats = first.info, first.context_length, first.stats
+            self.status = "ok"
+            self._ready.set()
+            log.info({"event": "model_loaded", "model": self.model_name, **self.describe(), "pid": os.getpid()})
+            self._read()
+            if self._closed:
+                return
+            self._replace_engine()
+
+    def _read(self):
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                return
+            match message:
+                case Step(outputs, embedded, stats):
+                    now = time.perf_counter()
+                    with self._lock:
+                        for out in outputs:
+                            handle = self._handles.get(out.request_id)
+                            if handle is not None and handle.reply.deliver(handle, out, now, self.metrics):
+                                del self._handles[handle.id]
+                    self.stats = stats
+                    for job_id, vectors in embedded:
+                        self.embeddings.answer(job_id, vectors)
+                case Failed(request_ids, error):
+                    with self._lock:
+                        for rid in request_ids:
+                            handle = self._handles.pop(rid, None)
+                            if handle is not None and handle.reply.ended is None:
+                                self._end(handle.reply, ApiError(500, "server_error", f"generation failed: {error}"))
+
+    def _replace_engine(self):
+        """The engine process died: end what ran with an error, start a new one (the loop reads it)."""
+        self._proc.join(1.0)
+        code = self._proc.exitcode
+        self.status, self.restarts = "restarting", self.restarts + 1
+        self.error = f"the engine process exited (exit code {code}); a new one is loading"
+        self.metrics.restarts.inc()
+        log.error({"event": "engine_exited", "exitcode": code, "restarts": self.restarts})
+        self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
+        with self._lock:
+            self._handles.clear()
+        self.embeddings.abort()
+        self._conn, self._proc = spawn_engine(self.config)
+
+    def require_ready(self):
+        if self.status != "ok" or not self.accepting:
+            raise unavailable(*{"loading": ("model_loading", "the model is still loading; retry shortly", 2),
+                                "restarting": ("engine_restarting", f"{self.error}; retry shortly", 2),
+                                "error": ("model_error", f"the model failed to load: {self.error}", 60),
+                                }.get(self.status, ("shutting_down", SHUTTING_DOWN, 5)))
+
+    def prompt_limit(self):
+        return min(self.config.max_prompt_tokens or self.context_length - 1, self.context_length - 1)
+
+    def admit(self, prompts, stream, n=1, logprobs=None, echo=False):
+        """Queue one engine request per prompt [(ids, fitted SamplingParams)] with n choices each -> a
+        Reply. Each prompt x n counts against --max-queue: 503 when full, 400 when it never fits."""
+        self.require_ready()
+        size, cap = len(prompts) * n, self.config.max_queue
+        if size > cap:
+            raise invalid("n" if len(prompts) == 1 else "prompt",
+                          f"this request asks for {size} generations (prompts x n); the server admits at most "
+                          f"{cap} at once (--max-queue)")
+        reply = Reply(size, stream)
+        with self._lock:
+            if not self.accepting:
+                raise unavailable("shutting_down", SHUTTING_DOWN, 5)
+            if self.admitted() + size > cap:
+                raise unavailable("overloaded", f"the server is busy ({cap} generations in progress); retry shortly", 1)
+            self._replies.add(reply)
+            group = next(self._ids)
+            for i, (ids, _) in enumerate(prompts):
+                handle = Handle(next(self._ids), n, reply, i * n, ids)
+                self._handles[handle.id] = handle
+                reply.handles.append(handle)
+                reply.prompt_tokens += len(ids)
+        for handle, (ids, p) in zip(reply.handles, prompts):
+            if not self._send(Add(handle.id, ids, p, n, logprobs, echo, group)):
+                self.release(reply)
+                raise ApiError(500, "server_error", "generation failed: the engine stopped")
+        self.metrics.tokens.labels("prompt").inc(reply.prompt_tokens)
+        return reply
+
+    def release(self, reply):
+        """The HTTP side is done with a reply (idempotent): cancel what still runs, free its place."""
+        for handle in reply.handles:
+            if not handle.done:
+                self._send(Cancel(handle.id))
+        reply.t_end = reply.t_end or time.perf_counter()
+        with self._lock:
+            self._replies.discard(reply)
+
+    def embed(self, inputs):
+        """Embeddings of id lists (checked), computed by the engine a slice per step."""
+        self.require_ready()
+        return self.embeddings.ask(next(self._ids), lambda job: self._send(Embed(job, inputs)))
+
+    def describe(self):
+        return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),
+                "context_length": self.context_length, "graphs_captured": self.info.get("graphs_captured")}

@@ -1,0 +1,131 @@
+"""The engine's process and the typed messages of the pipe between it and the server: the server sends
+Add / Cancel / Embed / Stop; the engine answers Ready or LoadFailed once, then a Step per engine step
+(or Failed when a step raised)."""
+
+import multiprocessing
+import signal
+import traceback
+from dataclasses import dataclass
+
+from engine.llm_engine import Engine
+from engine.loader import load_model_from_checkpoint
+from engine.sampling_params import SamplingParams
+
+
+# ---------------------------------------------------------------- messages: server -> engine
+
+@dataclass
+class Add:
+    request_id: int
+    ids: list
+    params: SamplingParams
+    n: int
+    logprobs: int  # or None
+    echo: bool
+    group: int  # the HTTP request: the scheduler's fairness turn
+
+
+@dataclass
+class Cancel:
+    request_id: int
+
+
+@dataclass
+class Embed:
+    job_id: int
+    inputs: list
+
+
+@dataclass
+class Stop:
+    pass
+
+
+# ---------------------------------------------------------------- messages: engine -> server
+
+@dataclass
+class Ready:
+    info: dict
+    context_length: int
+    stats: dict
+
+
+@dataclass
+class LoadFailed:
+    error: str
+
+
+@dataclass
+class Step:
+    outputs: list  # engine Outputs
+    embedded: list  # (job id, vectors)
+    stats: dict
+
+
+@dataclass
+class Failed:
+    request_ids: list
+    error: str
+
+
+def engine_process(conn, options):
+    """The engine's process: load the model, then serve the pipe until Stop or the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the server decides
+    try:
+        model, info = load_model_from_checkpoint(options["ckpt"], device=options["device"],
+                                                 dtype=options["dtype"], quantize=options["quantize"])
+        engine = Engine(model, max_batch=options["max_batch"], prefill_chunk=options["prefill_chunk"],
+                        compile=options["compile"])
+        info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
+    except Exception as e:
+        conn.send(LoadFailed((str(e).splitlines() or [type(e).__name__])[0]))
+        return
+    conn.send(Ready(info, int(model.config.block_size), engine.stats()))
+    try:
+        engine_loop(conn, engine)
+    except (EOFError, OSError):
+        return  # the server is gone
+
+
+def engine_loop(conn, engine):
+    requests = {}  # id -> engine Request, until it is done
+    while True:
+        while conn.poll(0 if engine.has_work() else 1.0):
+            match conn.recv():
+                case Add() as m:
+                    requests[m.request_id] = engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id,
+                                                        m.group)
+                case Cancel(request_id) if request_id in requests:
+                    engine.cancel(requests[request_id])
+                case Embed(job_id, inputs):
+                    engine.add_embedding(job_id, inputs)
+                case Stop():
+                    return
+        if not engine.has_work():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as e:  # a bug or a device error: fail what runs, keep serving
+            traceback.print_exc()
+            for r in requests.values():
+                engine.cancel(r)
+            conn.send(Failed(list(requests), type(e).__name__))
+            requests.clear()
+            continue
+        for o in outputs:
+            if o.finish_reason is not None and o.request_id in requests and requests[o.request_id].done:
+                del requests[o.request_id]
+        embedded, engine.embedded = engine.embedded, []
+        conn.send(Step(outputs, embedded, engine.stats()))
+
+
+def spawn_engine(config):
+    """Start an engine process for this config -> (the server's end of its pipe, the process)."""
+    options = {"ckpt": config.ckpt, "device": config.device, "dtype": config.dtype, "quantize": config.quantize,
+               "max_batch": config.max_batch, "prefill_chunk": config.prefill_chunk, "compile": config.compile}
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=engine_process, args=(child, options), name="gpt2i-engine", daemon=True)
+    proc.start()
+    child.close()
+    return conn, proc

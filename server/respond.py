@@ -1,0 +1,117 @@
+"""What every generation route shares: the app's engine client, the reply written out (JSON, or SSE
+with keep-alives and a final error event), and the one log line and metrics of a finished request."""
+
+import itertools
+import logging
+import os
+import time
+
+from flask import Response, current_app, g, request
+
+from engine.sampling_params import ParamError, fit
+from server.config import ApiError, ClientGone, invalid, param_error
+from server.render import SSE_DONE, SSE_KEEPALIVE, sse
+
+log = logging.getLogger("gpt2i.serve")
+
+
+def client():
+    """The EngineClient of the app handling this request."""
+    return current_app.extensions["gpt2i"]
+
+
+def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
+    """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
+    Streamed: wait for the first output (so that a queued request can still get a JSON 503), then SSE:
+    head, chunks(choice, Output) for each output (keep-alive comments while idle), tail()."""
+    environ, rq, server = request.environ, g.rq, client()
+    rq["stream"] = stream
+    try:
+        if not stream:
+            choices = {}
+            for index, out in reply.items(environ):
+                c = choices.setdefault(index, {"text": "", "entries": []})
+                c["text"] += out.text
+                c["entries"] += reply.entries(index, out)
+                c["finish_reason"] = out.finish_reason
+            server.release(reply)
+            return render(choices)
+        items = reply.items(environ, keepalive=True)
+        first = next(items)
+        while first is None:  # still queued: nothing is sent before the first output
+            first = next(items)
+    except ClientGone:
+        server.release(reply)
+        reply.drain()
+        rq["error"] = "client_gone"
+        return Response(status=499)
+    except BaseException:
+        server.release(reply)
+        raise
+    is_openai = request.path.startswith("/v1/")
+
+    def body():
+        try:
+            yield from head
+            for item in itertools.chain([first], items):
+                yield from [SSE_KEEPALIVE] if item is None else chunks(*item)
+            yield from tail()
+        except ApiError as e:
+            rq["error"] = e.code
+            yield sse(e.body())
+            if is_openai:
+                yield SSE_DONE
+        except (ClientGone, GeneratorExit):  # GeneratorExit: the server closed us after a failed write
+            rq["error"] = "client_gone"
+            server.release(reply)
+            reply.drain()
+        finally:
+            server.release(reply)
+            finish_request(rq, rq.get("info"), server)
+
+    return Response(body(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+# ---------------------------------------------------------------- native routes
+
+
+
+def finish_request(rq, info, server=None):
+    """One log line and the request metrics, once, when the response is done (streams included)."""
+    if info is None or rq["logged"]:
+        return
+    rq["logged"] = True
+    server = server or client()
+    if rq["reply"] is not None:
+        server.release(rq["reply"])
+    latency = time.perf_counter() - rq["t0"]
+    server.metrics.requests.labels(info["endpoint"], str(info["status"])).inc()
+    server.metrics.latency.labels(info["endpoint"]).observe(latency)
+    reply = rq["reply"]
+    line = {"event": "request", "request_id": rq["request_id"], **{k: v for k, v in info.items() if k != "quiet"},
+            "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
+    if reply is not None:
+        line.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                    finish_reason=",".join(sorted(set(reply.finish_reasons.values()))) or None)
+    if rq["error"]:
+        line["error"] = rq["error"]
+    log.log(logging.DEBUG if info["quiet"] else logging.INFO, line)
+
+
+def fit_prompt(ids, params, given, names, prompt_name="prompt", echo=False):
+    """The prompt against --max-prompt-tokens and the context: an unspecified max_new_tokens is lowered
+    to fit, an explicit one that does not fit is a 400 naming it as the client did."""
+    server = client()
+    try:
+        return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
+                   prompt_name, names)
+    except ParamError as e:
+        raise param_error(e) from None
+
+
+def admit(prompts, stream, n=1, logprobs=None, echo=False):
+    """client().admit, the reply noted for the request's log line and release."""
+    if n > client().config.max_batch:
+        raise invalid("n", f"n must be at most {client().config.max_batch} here (--max-batch)")
+    g.rq["reply"] = client().admit(prompts, stream, n, logprobs, echo)
+    return g.rq["reply"]

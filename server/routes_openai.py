@@ -1,0 +1,137 @@
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models."""
+
+import base64
+import struct
+
+from flask import Blueprint, g, jsonify
+
+from engine.detokenizer import encode_prompt
+from engine.sampling_params import ParamError, check_inputs
+from server.chat import fold_chat, split_chat
+from server.config import ApiError, invalid, param_error
+from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
+from server.respond import admit, client, fit_prompt, respond
+from server.schema import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, prompt_list, read_body, sampling_params
+from tokenizer import decode
+
+bp = Blueprint("openai", __name__)
+
+
+def openai_request(route, table, defaults=None):
+    """An OpenAI route's body -> (fields, params given, client names, SamplingParams, stream, make, tail)."""
+    body, given, names = read_body(table, route)
+    names.setdefault("max_new_tokens", "max_tokens")
+    stream, usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+    if "stream_options" in body and not stream:
+        raise invalid("stream_options", "stream_options is only allowed with stream: true")
+    make = openai_envelope(route, g.rq["request_id"], client().model_name, usage)
+
+    def tail(reply):
+        if usage:
+            yield sse(make([], reply.usage(), chunk=True))
+        yield SSE_DONE
+
+    return body, given, names, sampling_params(given, names, defaults), stream, make, tail
+
+
+@bp.post("/v1/completions")
+def completions():
+    body, given, names, p, stream, make, tail = openai_request("/v1/completions", COMPLETION_FIELDS,
+                                                               {"raw": True, "max_new_tokens": 16})
+    prompts = prompt_list(body["prompt"], "prompt")
+    echo, n, k = bool(body.get("echo")), body.get("n", 1), body.get("logprobs")
+    client().require_ready()
+    ids_list = [encode_prompt(q, p.raw) if isinstance(q, str) else q for q in prompts]
+    reply = admit([(ids, fit_prompt(ids, p, given, names, "prompt" if len(prompts) == 1 else f"prompt[{i}]", echo))
+                   for i, ids in enumerate(ids_list)], stream, n=n, logprobs=k, echo=echo)
+    echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
+
+    def render(choices):
+        return jsonify(make([{"text": echoed.get(i, "") + c["text"], "index": i,
+                              "logprobs": completion_logprobs(c["entries"], 0) if k is not None else None,
+                              "finish_reason": openai_finish(c["finish_reason"])}
+                             for i, c in sorted(choices.items())], reply.usage()))
+
+    sent = {}  # choice -> characters of its tokens sent so far (text_offset)
+
+    def chunks(index, out):
+        lp = completion_logprobs(reply.entries(index, out), sent.get(index, 0)) if k is not None else None
+        text = ("" if index in sent else echoed.get(index, "")) + out.text
+        sent[index] = sent.get(index, 0) + sum(map(len, lp["tokens"] if lp else []))
+        yield sse(make([{"text": text, "index": index, "logprobs": lp,
+                         "finish_reason": openai_finish(out.finish_reason)}], chunk=True))
+
+    return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions():
+    body, given, names, p, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
+    if "top_logprobs" in body and not body.get("logprobs"):
+        raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+    split_chat(body["messages"])  # validate before anything else
+    server = client()
+    server.require_ready()
+    limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
+    ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
+    n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
+    reply = admit([(ids, fit_prompt(ids, p, given, names, "messages"))], stream, n=n, logprobs=k)
+
+    def render(choices):
+        return jsonify(make([{"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                              "logprobs": chat_logprobs(c["entries"]) if k is not None else None,
+                              "finish_reason": openai_finish(c["finish_reason"])}
+                             for i, c in sorted(choices.items())], reply.usage()))
+
+    def chunk(index, delta, finish=None, lp=None):
+        return sse(make([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], chunk=True))
+
+    def chunks(index, out):
+        lp = chat_logprobs(out.logprobs) if k is not None else None
+        if out.text or (lp and lp["content"]):
+            yield chunk(index, {"content": out.text}, lp=lp)
+        if out.finish_reason is not None:
+            yield chunk(index, {}, openai_finish(out.finish_reason))
+
+    head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+    return respond(reply, stream, render, chunks, head, lambda: tail(reply))
+
+
+@bp.post("/v1/embeddings")
+def embeddings():
+    body, _, _ = read_body(EMBEDDING_FIELDS, "/v1/embeddings")
+    inputs = prompt_list(body["input"], "input")
+    server = client()
+    server.require_ready()
+    ids_list = [encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
+    try:
+        check_inputs(ids_list, server.context_length)
+    except ParamError as e:
+        raise param_error(e) from None
+    b64 = body.get("encoding_format") == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else list(v)}
+            for i, v in enumerate(server.embed(ids_list))]
+    n_tokens = sum(len(ids) for ids in ids_list)
+    server.metrics.tokens.labels("prompt").inc(n_tokens)
+    return jsonify({"object": "list", "data": data, "model": server.model_name,
+                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+
+def model_card(server):
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
+            "context_length": server.context_length}
+
+
+@bp.get("/v1/models")
+def models():
+    return jsonify({"object": "list", "data": [model_card(client())]})
+
+
+@bp.get("/v1/models/<path:model_id>")
+def model(model_id):
+    server = client()
+    if model_id != server.model_name:
+        raise ApiError(404, "not_found", f"model {model_id!r} not found; this server has {server.model_name!r}",
+                       "model", "model_not_found")
+    return jsonify(model_card(server))
