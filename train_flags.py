@@ -1,7 +1,7 @@
 """The flags of train_gpt2.py and finetune_dolly.py, defined once and torch-free (--help answers at once).
 
 add_train_args holds the training flags both scripts share; each parser adds its own and sets the
-defaults of its kind of run. The optimizer default is DEFAULT_OPTIMIZER (one line to change).
+defaults of its kind of run.
 """
 
 import argparse
@@ -9,7 +9,6 @@ import argparse
 from cli import CLIParser, DefaultsFormatter, bounded
 
 OPTIMIZERS = ("adamw", "muon")
-DEFAULT_OPTIMIZER = "adamw"
 MUON_LR_RATIO = 100 / 3  # Muon's default peak LR per unit of --lr: 0.02 at the pretraining lr 6e-4
 DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 3e-4  # fine-tuning (see finetune_dolly.py)
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # LoRA on every Linear of every block (QLoRA: all layers is best)
@@ -29,7 +28,7 @@ def add_train_args(p):
     o.add_argument("--batch-size", type=bounded(int, 1), help="micro batch: sequences per GPU per micro-step")
     o.add_argument("--max-steps", type=bounded(int, 1), help="optimizer steps")
     o.add_argument("--warmup-steps", type=bounded(int, 0), help="linear LR warmup steps")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER, help="adamw: AdamW for every "
+    o.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: AdamW for every "
                    "weight | muon: Muon for the blocks' matrices, AdamW (--lr, --weight-decay) for the rest")
     o.add_argument("--lr", type=bounded(float, 0, inclusive=False), help="AdamW's peak learning rate")
     o.add_argument("--min-lr", type=bounded(float, 0), default=None,
@@ -80,9 +79,10 @@ def pretrain_parser():
     m.add_argument("--total-batch-size", type=bounded(int, 1), default=524288,
                    help="tokens per optimizer step (all GPUs); gradient accumulation fills the gap")
     m.add_argument("--eval-steps", type=bounded(int, 0), default=20, help="val batches of --batch-size per evaluation")
-    p.set_defaults(data_dir="data/fineweb", out_dir="out/pretrain", init_from="scratch", block_size=1024,
-                   batch_size=64, max_steps=19073, warmup_steps=715, lr=6e-4, weight_decay=0.1, eval_interval=250,
-                   ckpt_interval=1000, sample_tokens=48, sample_temperature=1.0)
+    # muon: on one H100 it reached AdamW's 300-step val loss in 0.43x the time, at 96% of its tokens/s
+    p.set_defaults(data_dir="data/fineweb", out_dir="out/pretrain", init_from="scratch", optimizer="muon",
+                   block_size=1024, batch_size=64, max_steps=19073, warmup_steps=715, lr=6e-4, weight_decay=0.1,
+                   eval_interval=250, ckpt_interval=1000, sample_tokens=48, sample_temperature=1.0)
     return p
 
 
@@ -107,8 +107,9 @@ def finetune_parser():
     lo.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated Linear layers: c_attn, attn.c_proj, mlp.c_fc (= c_fc), mlp.c_proj; "
                          "c_proj = both projections")
-    p.set_defaults(data_dir="data/dolly", out_dir="out/dolly", init_from="out/pretrain", batch_size=32, min_lr=0.0,
-                   weight_decay=0.01, sample_tokens=128, sample_temperature=0.0)
+    # adamw: Muon was measured on pretraining only; fine-tuning keeps the optimizer its LRs were tuned for
+    p.set_defaults(data_dir="data/dolly", out_dir="out/dolly", init_from="out/pretrain", optimizer="adamw",
+                   batch_size=32, min_lr=0.0, weight_decay=0.01, sample_tokens=128, sample_temperature=0.0)
     decided = {"lr": f"{DEFAULT_LR:g}, LoRA {DEFAULT_LORA_LR:g}", "max_steps": "3 epochs", "warmup_steps": "3%% of "
                "the steps", "eval_interval": "a quarter epoch", "ckpt_interval": "--eval-interval", "block_size":
                "the model's", "muon_lr": f"--lr x {MUON_LR_RATIO:.4g}"}

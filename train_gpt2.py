@@ -479,7 +479,8 @@ def parse_args(parser, argv, kind):
     if ckpt["kind"] != kind:
         raise UserError(f"--init-from resume: {path} is a {ckpt['kind']!r} checkpoint, this run trains {kind!r}")
     known = {action.dest for action in parser._actions}
-    parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k in known and k not in RESUME_FIXED})
+    saved = {"optimizer": "adamw", **ckpt["args"]}  # runs saved before --optimizer existed trained with AdamW
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in RESUME_FIXED})
     return parser.parse_args(argv), ckpt
 
 
