@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -96,19 +97,54 @@ def open_compressed(path, mode="rt"):
     return opener(path, mode, encoding="utf-8") if "t" in mode else opener(path, mode)
 
 
-def iter_jsonl(path):
-    """Yield (line number, parsed object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "array",
+              dict: "object"}
+MAX_LINE_BYTES = 64 << 20  # one record a line: a longer "line" is a file without newlines, not a record
 
-    Bad JSON is a UserError naming the line; read errors (OSError, lzma.LZMAError, ...) pass through.
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for messages: "array", "string", ..."""
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def parse_json(data, where, kind=dict):
+    """JSON bytes (one JSONL line, or a whole .json file) -> the value, which must be a `kind`;
+    any problem is a UserError starting with `where`."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise UserError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+    except ValueError as e:  # a number too long to convert
+        raise UserError(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{where}: expected a JSON {json_type(kind())}, got {json_type(value)}")
+    return value
+
+
+def iter_jsonl(path):
+    """Yield (line number, object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+
+    The one JSONL reader: every problem is a UserError `path:line: message` naming the line, be it
+    bytes that are not UTF-8, invalid or too deeply nested JSON, a value that is not an object, a
+    line over MAX_LINE_BYTES, or a read or decompression error.
     """
-    with open_compressed(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    lineno = 0
+    try:
+        with open_compressed(path, "rb") as f:
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                    f"(JSONL holds one JSON object a line)")
+                if line.strip():
+                    yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
 def pick_device(device=None):

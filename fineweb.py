@@ -17,9 +17,10 @@ leaves nothing it accepts, and two runs never mix: a folder that holds shards is
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import hashlib
 import json
-import lzma
 import multiprocessing as mp
 import os
 import re
@@ -33,6 +34,7 @@ from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 MANIFEST = "manifest.json"
+LOCK = ".fineweb.lock"  # held (flock) by the run writing the folder
 SHARD_RE = re.compile(r"^.+_(?P<split>train|val)_\d{6}\.bin$")
 DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
@@ -143,15 +145,10 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
 # ---------------------------------------------------------------------- documents in
 
 def _iter_jsonl(path, field):
-    lineno = 0
-    try:
-        for lineno, row in iter_jsonl(path):
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                got = sorted(row)[:8] if isinstance(row, dict) else type(row).__name__
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a string {field!r} field, got {got}")
-            yield row[field]
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".split("\n")[0]) from None
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row.get(field), str):
+            raise UserError(f"{path}:{lineno}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
+        yield row[field]
 
 
 def _iter_parquet(path, field):
@@ -304,6 +301,56 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     return {"shards": shards, "tokens": total, "documents": n_docs}
 
 
+@contextlib.contextmanager
+def locked_out_dir(out_dir):
+    """Hold out_dir for this run: a second run into it is refused (one line) while this one lives.
+
+    The lock is an flock on a file in the folder, removed when the run ends (a killed run's lock
+    frees itself). On failure, what this run made goes: its shards, and the folders it created
+    if they are left empty. Nothing that was there before is touched (prepare_out_dir keeps an
+    old set unless --overwrite).
+    """
+    missing, made, folder = [], [], os.path.abspath(out_dir)
+    while not os.path.isdir(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for path in missing:
+        try:
+            os.mkdir(path)
+            made.insert(0, path)  # deepest first
+        except FileExistsError:  # a concurrent run made it first: not ours
+            pass
+    lock_path = os.path.join(out_dir, LOCK)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:  # a failed run removed it meanwhile
+            raise BlockingIOError
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{out_dir} is being written by another fineweb.py run: wait for it to finish, "
+                        f"or choose another --out-dir") from None
+    def shards():  # {inode: path}: a shard this run writes is a new file (atomic_path), a new inode
+        return {e.inode(): e.path for e in os.scandir(out_dir) if SHARD_RE.match(e.name)}
+
+    before = shards()
+    try:
+        yield
+    except BaseException:
+        for inode, path in shards().items():
+            if inode not in before:
+                os.remove(path)
+        os.remove(lock_path)
+        for path in made:
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                os.rmdir(path)
+        raise
+    else:
+        os.remove(lock_path)  # still held: a run that opened it meanwhile finds it unlinked, and stops
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------- CLI
 
 def build_parser():
@@ -344,6 +391,11 @@ def main(argv=None):
               if args.input else [args.dataset, args.name, args.split])
     options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
     fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
+    with locked_out_dir(args.out_dir):
+        return write_set(args, fingerprint)
+
+
+def write_set(args, fingerprint):
     if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
         print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
         return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
@@ -358,7 +410,6 @@ def main(argv=None):
           f"shard(s) in {args.out_dir} (1 val of {len(read_shard(result['shards'][0])):,} tokens, "
           f"{len(result['shards']) - 1} train)")
     return result
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -31,7 +31,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, iter_jsonl, open_compressed, run_cli
+from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, parse_json, run_cli
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -42,8 +42,6 @@ SPLITS = ("train", "val")
 SPLIT_DTYPES = {"tokens": np.dtype(np.uint16), "loss_mask": np.dtype(np.uint8), "offsets": np.dtype(np.int64)}
 DEFAULT_VAL_FRACTION = 0.05  # ~750 of Dolly's 15,011 rows: a low-noise val loss, 95% still trains
 DEFAULT_MAX_LEN = 1024  # GPT-2's context length
-JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "array",
-              dict: "object"}
 
 
 # ---------------------------------------------------------------------- reading
@@ -51,14 +49,12 @@ JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str:
 def validate_row(obj, where):
     """One input record -> dict of the four string fields; UserError naming `where` and the field."""
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, "
-                        f"got {JSON_TYPES.get(type(obj), type(obj).__name__)}")
+        raise UserError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {json_type(obj)}")
     for field in FIELDS:
         if field not in obj:
             raise UserError(f'{where}: field "{field}" is missing')
         if not isinstance(obj[field], str):
-            kind = JSON_TYPES.get(type(obj[field]), type(obj[field]).__name__)
-            raise UserError(f'{where}: field "{field}" must be a string, got {kind}')
+            raise UserError(f'{where}: field "{field}" must be a string, got {json_type(obj[field])}')
     return {field: obj[field] for field in FIELDS}
 
 
@@ -70,26 +66,20 @@ def read_file_rows(path, limit=None):
                         "optionally compressed as .xz, .gz or .bz2")
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path}")
+    if kind[1] == "jsonl":
+        records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
+    else:
+        try:
+            with open_compressed(path, "rb") as f:
+                data = f.read()
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
+            raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
+        records = ((f"{path}: item {i}", obj) for i, obj in enumerate(parse_json(data, path, list), 1))
     rows = []
-    try:
-        if kind[1] == "jsonl":
-            records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
-        else:
-            with open_compressed(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{path}: expected a JSON array of row objects (for one object a line, "
-                                f"name the file .jsonl)")
-            records = ((f"{path}: item {i}", obj) for i, obj in enumerate(data, 1))
-        for where, obj in records:
-            if limit is not None and len(rows) >= limit:
-                break
-            rows.append(validate_row(obj, where))
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # truncated archive, not UTF-8, ...
-        raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".split("\n")[0]) from None
+    for where, obj in records:
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append(validate_row(obj, where))
     if not rows:
         raise UserError(f"{path}: no rows (the file is empty)")
     return rows
