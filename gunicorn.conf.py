@@ -76,8 +76,8 @@ def app_state(app):
 
 
 def post_worker_init(worker):
-    """Accept connections only once this worker's model is loaded. On a reload the old workers
-    stop accepting at once; requests meanwhile wait in the listen backlog, not on a 503 loading."""
+    """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
+    listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
     state = app_state(worker.wsgi)
     # this worker's own graceful window ends before the master's SIGKILL deadline, leaving time to
     # close() its streams (worker_exit): a stream past the deadline ends with an error event.
@@ -88,6 +88,16 @@ def post_worker_init(worker):
     except Exception as e:  # the load failed (its one-line message)
         worker.log.error("error: %s", e)
         sys.exit(Arbiter.WORKER_BOOT_ERROR)  # the master stops instead of respawning forever
+    if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
+        os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
+
+
+def on_reload(server):
+    """SIGHUP: the new workers start beside the old ones, which keep taking connections until each
+    new worker has loaded its model and asked the master (SIGTTOU) to stop the oldest: no request
+    waits on a load. Meanwhile both sets of models are in memory."""
+    server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
+    server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 
 
 def _shutdown(worker):

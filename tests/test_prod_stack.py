@@ -95,14 +95,23 @@ def test_slow_clients_hold_nothing(stack):
 
 
 def test_reload_under_streams_without_503_or_signals(stack):
-    # SIGHUP while streams run: the new worker accepts only once loaded (requests meanwhile wait),
-    # the old one lets its streams run for the graceful time, then ends them with an error event
-    # and exits by itself.
+    # SIGHUP while streams run: the new worker accepts only once loaded, the old one serves until
+    # then, lets its streams run for the graceful time, then ends them with an error event and
+    # exits by itself.
     result = reload(stack, streams=3, max_new_tokens=900)
     assert result["streams_ended"] == 3, result  # each with "done" or an error event
     assert result["probes_503"] == 0 and result["probes_unanswered"] == 0, result
     assert result["worker_signalled"] == 0, stack.log()[-3000:]
     assert "Traceback" not in stack.log(), stack.log()[-3000:]
+    # the old worker took requests until the new one had loaded its model, and only then stopped
+    log = stack.log().splitlines()
+    hup = max(i for i, line in enumerate(log) if "Handling signal: hup" in line)
+    events = [(i, json.loads(line)) for i, line in enumerate(log) if i > hup and line.startswith("{")]
+    new_loaded, new_pid = next((i, e["pid"]) for i, e in events if e.get("event") == "model_loaded")
+    old_served = [i for i, e in events if e.get("event") == "request" and not e.get("stream")  # a probe, not a stream
+                  and e["pid"] != new_pid and i < new_loaded]
+    old_exit = next(i for i, line in enumerate(log) if i > hup and "Worker exiting" in line)
+    assert old_served and new_loaded < old_exit, "\n".join(log[hup:])[-3000:]
 
 
 def test_drain_is_a_json_503_then_stop_takes_nginx_down_too(stack):
