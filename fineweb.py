@@ -15,7 +15,6 @@ leaves nothing it accepts, and two runs never mix: a folder that holds shards is
 --overwrite (a re-run with the same inputs and options finds the set done and returns).
 """
 
-import argparse
 import collections
 import contextlib
 import fcntl
@@ -28,7 +27,7 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, clean_stale_temps, iter_jsonl, run_cli
+from common import CLIParser, UserError, atomic_path, bounded, clean_stale_temps, iter_jsonl, run_cli
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -63,7 +62,7 @@ def read_shard(path):
     """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"token shard not found: {path}")
+        raise UserError(f"token shard not found: {path} (fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS) if size >= HEADER_BYTES else [0, 0]
     if header[0] != MAGIC or header[1] != VERSION:
@@ -90,8 +89,9 @@ def write_manifest(out_dir, paths, fingerprint=None):
 def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards "
-                        f"(no {MANIFEST}, which fineweb.py writes last)")
+        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
+                        f"which fineweb.py writes last); make them with: python fineweb.py --out-dir {data_dir} "
+                        f"[--input FILE...]")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -261,8 +261,7 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     The first tokens are held back until the total is known: val takes val_tokens of them (default
     1/VAL_SHARE of the total, capped at one shard) and the rest become the last train shard.
     """
-    if shard_size < 1 or (val_tokens is not None and val_tokens < 1):
-        raise UserError("--shard-size and --val-tokens must be >= 1")
+    assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
     os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
 
@@ -354,24 +353,24 @@ def locked_out_dir(out_dir):
 # ---------------------------------------------------------------------- CLI
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards (llm.c .bin) "
-                    "and a manifest.json listing them.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CLIParser(description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards "
+                              "(llm.c .bin) and a manifest.json listing them.")
     p.add_argument("--input", nargs="+", metavar="FILE",
-                   help="local files (.jsonl[.gz|.xz|.bz2] with a text field, .txt, .parquet); "
-                        "without it the dataset is streamed from the Hugging Face hub")
-    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset (online only)")
-    p.add_argument("--name", default="sample-10BT", help="HF dataset config name")
-    p.add_argument("--split", default="train", help="HF dataset split to stream")
-    p.add_argument("--text-field", default="text", help="field / column holding the document text")
-    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go")
-    p.add_argument("--prefix", default="fineweb", help="shard file name prefix")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="tokens per shard")
-    p.add_argument("--val-tokens", type=int, default=None, metavar="N",
-                   help="tokens in the val shard; default: 1%% of all tokens, at most --shard-size")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="stop after this many tokens")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizer processes (1: tokenize in this process)")
+                   help="local files (.jsonl[.gz|.xz|.bz2] with a text field, .txt, .parquet) "
+                        "(default: stream --dataset from the Hugging Face hub)")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset (default: %(default)s)")
+    p.add_argument("--name", default="sample-10BT", help="HF dataset config name (default: %(default)s)")
+    p.add_argument("--split", default="train", help="HF dataset split to stream (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="field / column holding the text (default: %(default)s)")
+    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go (default: %(default)s)")
+    p.add_argument("--prefix", default="fineweb", help="shard file name prefix (default: %(default)s)")
+    p.add_argument("--shard-size", type=bounded(int, 1), default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help="tokens per shard (default: %(default)s)")
+    p.add_argument("--val-tokens", type=bounded(int, 1), metavar="N",
+                   help="tokens in the val shard (default: 1%% of all tokens, at most --shard-size)")
+    p.add_argument("--max-tokens", type=bounded(int, 1), metavar="N", help="stop after N tokens (default: all)")
+    p.add_argument("--workers", type=bounded(int, 1), default=max(1, (os.cpu_count() or 2) - 1), metavar="N",
+                   help="tokenizer processes, 1: in this process (default: CPU cores - 1, here %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -379,8 +378,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_tokens is not None and args.val_tokens is not None and args.val_tokens >= args.max_tokens:
         raise UserError(f"--val-tokens {args.val_tokens} leaves no training tokens of --max-tokens "
                         f"{args.max_tokens}: pass a smaller --val-tokens")
