@@ -91,25 +91,21 @@ def clean_stale_temps(folder):
     return stale
 
 
-def open_compressed(path, mode="rt"):
-    """Open a file, decompressing .xz / .gz / .bz2 by suffix. Text modes read UTF-8."""
-    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-    return opener(path, mode, encoding="utf-8") if "t" in mode else opener(path, mode)
+def open_compressed(path):
+    """Open a file to read bytes, decompressing .xz / .gz / .bz2 by suffix."""
+    return {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)(path, "rb")
 
 
-JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "array",
-              dict: "object"}
 MAX_LINE_BYTES = 64 << 20  # one record a line: a longer "line" is a file without newlines, not a record
 
 
 def json_type(value):
-    """The JSON name of a parsed value's type, for messages: "array", "string", ..."""
-    return JSON_TYPES.get(type(value), type(value).__name__)
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def parse_json(data, where, kind=dict):
-    """JSON bytes (one JSONL line, or a whole .json file) -> the value, which must be a `kind`;
-    any problem is a UserError starting with `where`."""
+    """JSON bytes (a JSONL line, or a .json file) -> a `kind`; any problem is a UserError `where: ...`."""
     try:
         value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -127,20 +123,17 @@ def parse_json(data, where, kind=dict):
 
 
 def iter_jsonl(path):
-    """Yield (line number, object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+    """The one JSONL reader: (line number, object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
 
-    The one JSONL reader: every problem is a UserError `path:line: message` naming the line, be it
-    bytes that are not UTF-8, invalid or too deeply nested JSON, a value that is not an object, a
-    line over MAX_LINE_BYTES, or a read or decompression error.
-    """
+    Every problem is a UserError `path:line: message`: not UTF-8, not JSON or nested too deeply, not
+    an object, a line over MAX_LINE_BYTES, a read or decompression error."""
     lineno = 0
     try:
-        with open_compressed(path, "rb") as f:
+        with open_compressed(path) as f:
             while line := f.readline(MAX_LINE_BYTES + 1):
                 lineno += 1
                 if len(line) > MAX_LINE_BYTES:
-                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
-                                    f"(JSONL holds one JSON object a line)")
+                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB (one object a line?)")
                 if line.strip():
                     yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:

@@ -125,7 +125,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     Temp files of killed writes go first. A finished set or an unfinished run's shards are refused
     unless --overwrite; then the manifest goes before the shards, so no moment leaves a readable mix.
     """
-    os.makedirs(out_dir, exist_ok=True)
     clean_stale_temps(out_dir)
     names = os.listdir(out_dir)
     ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
@@ -143,13 +142,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
 
 
 # ---------------------------------------------------------------------- documents in
-
-def _iter_jsonl(path, field):
-    for lineno, row in iter_jsonl(path):
-        if not isinstance(row.get(field), str):
-            raise UserError(f"{path}:{lineno}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
-        yield row[field]
-
 
 def _iter_parquet(path, field):
     import pyarrow as pa  # only parquet inputs need it
@@ -172,7 +164,10 @@ def iter_local_documents(paths, field="text"):
         if not os.path.isfile(path):
             raise UserError(f"input file not found: {path}")
         if re.search(r"\.(jsonl|ndjson)(\.(gz|xz|bz2))?$", path.lower()):
-            yield from _iter_jsonl(path, field)
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row.get(field), str):
+                    raise UserError(f"{path}:{lineno}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
+                yield row[field]
         elif path.lower().endswith(".txt"):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -302,52 +297,44 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Hold out_dir for this run: a second run into it is refused (one line) while this one lives.
+    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused.
 
-    The lock is an flock on a file in the folder, removed when the run ends (a killed run's lock
-    frees itself). On failure, what this run made goes: its shards, and the folders it created
-    if they are left empty. Nothing that was there before is touched (prepare_out_dir keeps an
-    old set unless --overwrite).
+    On failure, what this run made goes: its shards, and the folders it created if left empty.
+    Nothing that was there before is touched (prepare_out_dir keeps an old set unless --overwrite).
     """
-    missing, made, folder = [], [], os.path.abspath(out_dir)
-    while not os.path.isdir(folder):
-        missing.insert(0, folder)
+    made, folder = [], os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folders this run makes, deepest first
+        made.append(folder)
         folder = os.path.dirname(folder)
-    for path in missing:
-        try:
-            os.mkdir(path)
-            made.insert(0, path)  # deepest first
-        except FileExistsError:  # a concurrent run made it first: not ours
-            pass
-    lock_path = os.path.join(out_dir, LOCK)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.makedirs(out_dir, exist_ok=True)
+    lock, fd = os.path.join(out_dir, LOCK), -1
     try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:  # a failed run removed it meanwhile
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the run that held it removed it meanwhile
             raise BlockingIOError
     except OSError:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise UserError(f"{out_dir} is being written by another fineweb.py run: wait for it to finish, "
                         f"or choose another --out-dir") from None
-    def shards():  # {inode: path}: a shard this run writes is a new file (atomic_path), a new inode
+
+    def shards():  # {inode: path}; a shard this run writes is a new file (atomic_path), a new inode
         return {e.inode(): e.path for e in os.scandir(out_dir) if SHARD_RE.match(e.name)}
 
     before = shards()
     try:
         yield
     except BaseException:
-        for inode, path in shards().items():
-            if inode not in before:
-                os.remove(path)
-        os.remove(lock_path)
+        for path in (path for inode, path in shards().items() if inode not in before):
+            os.remove(path)
+        raise
+    finally:
+        os.remove(lock)  # still held: a run that opened it meanwhile finds it unlinked, and stops
+        os.close(fd)
         for path in made:
             with contextlib.suppress(OSError):  # only an empty folder goes
                 os.rmdir(path)
-        raise
-    else:
-        os.remove(lock_path)  # still held: a run that opened it meanwhile finds it unlinked, and stops
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -378,9 +365,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.max_tokens is not None and args.val_tokens is not None and args.val_tokens >= args.max_tokens:
-        raise UserError(f"--val-tokens {args.val_tokens} leaves no training tokens of --max-tokens "
-                        f"{args.max_tokens}: pass a smaller --val-tokens")
     for path in args.input or []:
         if not os.path.isfile(path):
             raise UserError(f"input file not found: {path}")
@@ -389,24 +373,21 @@ def main(argv=None):
     options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
     fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
     with locked_out_dir(args.out_dir):
-        return write_set(args, fingerprint)
-
-
-def write_set(args, fingerprint):
-    if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
-        print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
-        return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
-    if args.input:
-        docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
-    else:
-        docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
-        source = f"{args.dataset} ({args.name})"
-    result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
-                                args.max_tokens, args.workers, not args.no_progress, fingerprint)
+        if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
+            print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
+            return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+        if args.input:
+            docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
+        else:
+            docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
+            source = f"{args.dataset} ({args.name})"
+        result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
+                                    args.max_tokens, args.workers, not args.no_progress, fingerprint)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "
           f"shard(s) in {args.out_dir} (1 val of {len(read_shard(result['shards'][0])):,} tokens, "
           f"{len(result['shards']) - 1} train)")
     return result
+
 
 if __name__ == "__main__":
     run_cli(main)

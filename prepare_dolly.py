@@ -70,7 +70,7 @@ def read_file_rows(path, limit=None):
         records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
     else:
         try:
-            with open_compressed(path, "rb") as f:
+            with open_compressed(path) as f:
                 data = f.read()
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
             raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
