@@ -4,15 +4,12 @@ Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one sh
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-Inputs: --input FILE... (.jsonl[.gz|.xz|.bz2] with a string `text` field, .txt = one document, .parquet
-with a `text` column); without --input the dataset streams from the Hugging Face hub. Each document is
-<|endoftext|> then its tokens, and documents flow across shard boundaries. A shard is a header of 256
-int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16.
-
-A set is `{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last, which
-lists every shard and its token count. Training reads only what a manifest lists, so an interrupted run
-leaves nothing it accepts, and two runs never mix: a folder that holds shards is refused unless
---overwrite (a re-run with the same inputs and options finds the set done and returns).
+Each document is <|endoftext|> then its tokens; documents flow across shard boundaries. A shard is a
+header of 256 int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16. A set is
+`{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last: training
+reads only what a manifest lists, so an interrupted run leaves nothing it accepts. A folder that
+holds shards is refused unless --overwrite (the same inputs and options find the set done), and
+so is a folder another run is writing.
 """
 
 import collections
@@ -160,9 +157,7 @@ def _iter_parquet(path, field):
 
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"input file not found: {path}")
+    for path in paths:  # main() has checked that they exist
         if re.search(r"\.(jsonl|ndjson)(\.(gz|xz|bz2))?$", path.lower()):
             for lineno, row in iter_jsonl(path):
                 if not isinstance(row.get(field), str):

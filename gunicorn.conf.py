@@ -93,9 +93,8 @@ def post_worker_init(worker):
 
 
 def on_reload(server):
-    """SIGHUP: the new workers start beside the old ones, which keep taking connections until each
-    new worker has loaded its model and asked the master (SIGTTOU) to stop the oldest: no request
-    waits on a load. Meanwhile both sets of models are in memory."""
+    """SIGHUP: new workers start beside the old ones, which serve until each new worker has loaded its
+    model and asked the master (SIGTTOU) to stop the oldest: no request waits on a load."""
     server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 

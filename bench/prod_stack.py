@@ -9,8 +9,7 @@ for --hold seconds: how many are answered within 2 s, and did any slow connectio
 reload: --streams streams run while gunicorn's master gets SIGHUP; /health and /generate are probed
 until the new worker has served and the old one has exited: 503s and connection errors are counted,
 every stream is checked for a terminal event, gunicorn's log for a worker ended by a signal.
-steady: the same streams and probes for 10 s without a reload, the baseline for the probes' latency
-(a reload should add none: new workers load before the old ones stop taking connections).
+steady: the same streams and probes for 10 s without a reload, the baseline for the probes' latency.
 Prints a table, then one JSON line.
 """
 
@@ -212,11 +211,9 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady
     log = stack.log()
     flat = [s for _, p in probes for s, _ in p]
     latency = sorted(d for _, p in probes for _, d in p)
-    failed_at = [t for t, p in probes if [s for s, _ in p] != [200, 200]]
     ended = [r[1] for r in results if r[0] == 200 and terminal(r[1])]
     return {"streams": streams, "streams_ended": len(ended), "streams_cut": sum("error" in e[-1][1] for e in ended),
             "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
-            "failing_s": round(failed_at[-1] - failed_at[0], 1) if failed_at else 0.0,
             "latency_p50_s": round(latency[len(latency) // 2], 3), "latency_max_s": round(latency[-1], 3),
             "worker_signalled": sum(s in log for s in ("was sent SIG", "terminate called", "WORKER TIMEOUT")),
             "failures": sorted({str(x) for x in flat if x != 200})}
