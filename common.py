@@ -133,7 +133,8 @@ def iter_jsonl(path):
             while line := f.readline(MAX_LINE_BYTES + 1):
                 lineno += 1
                 if len(line) > MAX_LINE_BYTES:
-                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB (one object a line?)")
+                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                    f"(one object a line?)")
                 if line.strip():
                     yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:

@@ -59,7 +59,8 @@ def read_shard(path):
     """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"token shard not found: {path} (fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
+        raise UserError(f"token shard not found: {path} "
+                        f"(fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS) if size >= HEADER_BYTES else [0, 0]
     if header[0] != MAGIC or header[1] != VERSION:

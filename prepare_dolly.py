@@ -212,8 +212,8 @@ def load_split(path):
     """Load and validate a train.npz / val.npz: {"tokens", "loss_mask", "offsets"}; UserError when malformed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py --out-dir {os.path.dirname(path) or '.'} "
-                        f"[--input FILE]")
+        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
+                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {key: f[key] for key in f.files}
@@ -309,7 +309,8 @@ def build_parser():
     p.add_argument("--val-fraction", metavar="F", type=float, default=DEFAULT_VAL_FRACTION,
                    help="fraction of each category held out for validation, 0 <= F < 1 (default: %(default)s)")
     p.add_argument("--max-len", metavar="N", type=bounded(int, 2), default=DEFAULT_MAX_LEN,
-                   help="drop examples longer than N tokens, prompt + response + <|endoftext|> (default: %(default)s)")
+                   help="drop examples longer than N tokens, prompt + response + <|endoftext|> "
+                        "(default: %(default)s)")
     p.add_argument("--seed", metavar="S", type=bounded(int, 0), default=1337, help="seed of the split (default: %(default)s)")
     p.add_argument("--limit", metavar="N", type=bounded(int, 1), help="use only the first N input rows (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
