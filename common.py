@@ -8,6 +8,7 @@ import lzma
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -55,25 +56,54 @@ def clean_stale_temps(folder):
     return stale
 
 
-def open_compressed(path, mode="rt"):
-    """Open a file, decompressing .xz / .gz / .bz2 by suffix. Text modes read UTF-8."""
-    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)
-    return opener(path, mode, encoding="utf-8") if "t" in mode else opener(path, mode)
+def open_compressed(path):
+    """Open a file to read bytes, decompressing .xz / .gz / .bz2 by suffix."""
+    return {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)(path, "rb")
+
+
+MAX_LINE_BYTES = 64 << 20  # one record a line: a longer "line" is a file without newlines, not a record
+
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def parse_json(data, where, kind=dict):
+    """JSON bytes (a JSONL line, or a .json file) -> a `kind`; any problem is a UserError `where: ...`."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise UserError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+    except ValueError as e:  # a number too long to convert
+        raise UserError(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{where}: expected a JSON {json_type(kind())}, got {json_type(value)}")
+    return value
 
 
 def iter_jsonl(path):
-    """Yield (line number, parsed object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+    """The one JSONL reader: (line number, object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
 
-    Bad JSON is a UserError naming the line; read errors (OSError, lzma.LZMAError, ...) pass through.
-    """
-    with open_compressed(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    Every problem is a UserError `path:line: message`: not UTF-8, not JSON or nested too deeply, not
+    an object, a line over MAX_LINE_BYTES, a read or decompression error."""
+    lineno = 0
+    try:
+        with open_compressed(path) as f:
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                    f"(one object a line?)")
+                if line.strip():
+                    yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
 def pick_device(device=None):

@@ -35,7 +35,7 @@ import train_gpt2
 from common import UserError, atomic_path, run_cli
 
 # ---------------------------------------------------------------- the demo model: shape, steps, learning rates
-# About 4 minutes of 2 CPU cores in all (pretraining ~2, instruction-tuning ~2). Only this block is tuned,
+# About 4 minutes of 2 idle CPU cores in all (pretraining ~2, instruction-tuning ~2). Only this block is tuned,
 # for the lowest instruction val loss in that time (BENCHMARKS.md "The demo recipe"): 7.29, against 7.54 for
 # 128 wide x 120 steps of 2,048 tokens. The 50,304-row LM head is most of the compute at any width, so a
 # narrow model buys steps, and at this budget more, smaller steps beat a wider model or bigger batches.

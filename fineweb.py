@@ -4,22 +4,19 @@ Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one sh
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-Inputs: --input FILE... (.jsonl[.gz|.xz|.bz2] with a string `text` field, .txt = one document, .parquet
-with a `text` column); without --input the dataset streams from the Hugging Face hub. Each document is
-<|endoftext|> then its tokens, and documents flow across shard boundaries. A shard is a header of 256
-int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16.
-
-A set is `{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last, which
-lists every shard and its token count. Training reads only what a manifest lists, so an interrupted run
-leaves nothing it accepts, and two runs never mix: a folder that holds shards is refused unless
---overwrite (a re-run with the same inputs and options finds the set done and returns).
+Each document is <|endoftext|> then its tokens; documents flow across shard boundaries. A shard is a
+header of 256 int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16. A set is
+`{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last: training
+reads only what a manifest lists, so an interrupted run leaves nothing it accepts. A folder that
+holds shards is refused unless --overwrite (the same inputs and options find the set done), and
+so is a folder another run is writing.
 """
 
-import argparse
 import collections
+import contextlib
+import fcntl
 import hashlib
 import json
-import lzma
 import multiprocessing as mp
 import os
 import re
@@ -27,12 +24,13 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, clean_stale_temps, iter_jsonl, run_cli
+from common import CLIParser, UserError, atomic_path, bounded, clean_stale_temps, iter_jsonl, run_cli
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 MANIFEST = "manifest.json"
+LOCK = ".fineweb.lock"  # held (flock) by the run writing the folder
 SHARD_RE = re.compile(r"^.+_(?P<split>train|val)_\d{6}\.bin$")
 DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
@@ -61,7 +59,8 @@ def read_shard(path):
     """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"token shard not found: {path}")
+        raise UserError(f"token shard not found: {path} "
+                        f"(fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS) if size >= HEADER_BYTES else [0, 0]
     if header[0] != MAGIC or header[1] != VERSION:
@@ -88,8 +87,9 @@ def write_manifest(out_dir, paths, fingerprint=None):
 def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards "
-                        f"(no {MANIFEST}, which fineweb.py writes last)")
+        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
+                        f"which fineweb.py writes last); make them with: python fineweb.py --out-dir {data_dir} "
+                        f"[--input FILE...]")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -123,7 +123,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     Temp files of killed writes go first. A finished set or an unfinished run's shards are refused
     unless --overwrite; then the manifest goes before the shards, so no moment leaves a readable mix.
     """
-    os.makedirs(out_dir, exist_ok=True)
     clean_stale_temps(out_dir)
     names = os.listdir(out_dir)
     ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
@@ -142,18 +141,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
 
 # ---------------------------------------------------------------------- documents in
 
-def _iter_jsonl(path, field):
-    lineno = 0
-    try:
-        for lineno, row in iter_jsonl(path):
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                got = sorted(row)[:8] if isinstance(row, dict) else type(row).__name__
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a string {field!r} field, got {got}")
-            yield row[field]
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".split("\n")[0]) from None
-
-
 def _iter_parquet(path, field):
     import pyarrow as pa  # only parquet inputs need it
     import pyarrow.parquet as pq
@@ -171,11 +158,12 @@ def _iter_parquet(path, field):
 
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"input file not found: {path}")
+    for path in paths:  # main() has checked that they exist
         if re.search(r"\.(jsonl|ndjson)(\.(gz|xz|bz2))?$", path.lower()):
-            yield from _iter_jsonl(path, field)
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row.get(field), str):
+                    raise UserError(f"{path}:{lineno}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
+                yield row[field]
         elif path.lower().endswith(".txt"):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -264,8 +252,7 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     The first tokens are held back until the total is known: val takes val_tokens of them (default
     1/VAL_SHARE of the total, capped at one shard) and the rest become the last train shard.
     """
-    if shard_size < 1 or (val_tokens is not None and val_tokens < 1):
-        raise UserError("--shard-size and --val-tokens must be >= 1")
+    assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
     os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
 
@@ -304,27 +291,69 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     return {"shards": shards, "tokens": total, "documents": n_docs}
 
 
+@contextlib.contextmanager
+def locked_out_dir(out_dir):
+    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused.
+
+    On failure, what this run made goes: its shards, and the folders it created if left empty.
+    Nothing that was there before is touched (prepare_out_dir keeps an old set unless --overwrite).
+    """
+    made, folder = [], os.path.abspath(out_dir)
+    while not os.path.isdir(folder):  # the folders this run makes, deepest first
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(out_dir, exist_ok=True)
+    lock, fd = os.path.join(out_dir, LOCK), -1
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the run that held it removed it meanwhile
+            raise BlockingIOError
+    except OSError:
+        if fd >= 0:
+            os.close(fd)
+        raise UserError(f"{out_dir} is being written by another fineweb.py run: wait for it to finish, "
+                        f"or choose another --out-dir") from None
+
+    def shards():  # {inode: path}; a shard this run writes is a new file (atomic_path), a new inode
+        return {e.inode(): e.path for e in os.scandir(out_dir) if SHARD_RE.match(e.name)}
+
+    before = shards()
+    try:
+        yield
+    except BaseException:
+        for path in (path for inode, path in shards().items() if inode not in before):
+            os.remove(path)
+        raise
+    finally:
+        os.remove(lock)  # still held: a run that opened it meanwhile finds it unlinked, and stops
+        os.close(fd)
+        for path in made:
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                os.rmdir(path)
+
+
 # ---------------------------------------------------------------------- CLI
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards (llm.c .bin) "
-                    "and a manifest.json listing them.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CLIParser(description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards "
+                              "(llm.c .bin) and a manifest.json listing them.")
     p.add_argument("--input", nargs="+", metavar="FILE",
-                   help="local files (.jsonl[.gz|.xz|.bz2] with a text field, .txt, .parquet); "
-                        "without it the dataset is streamed from the Hugging Face hub")
-    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset (online only)")
-    p.add_argument("--name", default="sample-10BT", help="HF dataset config name")
-    p.add_argument("--split", default="train", help="HF dataset split to stream")
-    p.add_argument("--text-field", default="text", help="field / column holding the document text")
-    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go")
-    p.add_argument("--prefix", default="fineweb", help="shard file name prefix")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="tokens per shard")
-    p.add_argument("--val-tokens", type=int, default=None, metavar="N",
-                   help="tokens in the val shard; default: 1%% of all tokens, at most --shard-size")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="stop after this many tokens")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizer processes (1: tokenize in this process)")
+                   help="local files (.jsonl[.gz|.xz|.bz2] with a text field, .txt, .parquet) "
+                        "(default: stream --dataset from the Hugging Face hub)")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset (default: %(default)s)")
+    p.add_argument("--name", default="sample-10BT", help="HF dataset config name (default: %(default)s)")
+    p.add_argument("--split", default="train", help="HF dataset split to stream (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="field / column holding the text (default: %(default)s)")
+    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go (default: %(default)s)")
+    p.add_argument("--prefix", default="fineweb", help="shard file name prefix (default: %(default)s)")
+    p.add_argument("--shard-size", type=bounded(int, 1), default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help="tokens per shard (default: %(default)s)")
+    p.add_argument("--val-tokens", type=bounded(int, 1), metavar="N",
+                   help="tokens in the val shard (default: 1%% of all tokens, at most --shard-size)")
+    p.add_argument("--max-tokens", type=bounded(int, 1), metavar="N", help="stop after N tokens (default: all)")
+    p.add_argument("--workers", type=bounded(int, 1), default=max(1, (os.cpu_count() or 2) - 1), metavar="N",
+                   help="tokenizer processes, 1: in this process (default: CPU cores - 1, here %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -332,11 +361,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.max_tokens is not None and args.val_tokens is not None and args.val_tokens >= args.max_tokens:
-        raise UserError(f"--val-tokens {args.val_tokens} leaves no training tokens of --max-tokens "
-                        f"{args.max_tokens}: pass a smaller --val-tokens")
     for path in args.input or []:
         if not os.path.isfile(path):
             raise UserError(f"input file not found: {path}")
@@ -344,16 +368,17 @@ def main(argv=None):
               if args.input else [args.dataset, args.name, args.split])
     options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
     fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
-    if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
-        print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
-        return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
-    if args.input:
-        docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
-    else:
-        docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
-        source = f"{args.dataset} ({args.name})"
-    result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
-                                args.max_tokens, args.workers, not args.no_progress, fingerprint)
+    with locked_out_dir(args.out_dir):
+        if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
+            print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
+            return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+        if args.input:
+            docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
+        else:
+            docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
+            source = f"{args.dataset} ({args.name})"
+        result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
+                                    args.max_tokens, args.workers, not args.no_progress, fingerprint)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "
           f"shard(s) in {args.out_dir} (1 val of {len(read_shard(result['shards'][0])):,} tokens, "
           f"{len(result['shards']) - 1} train)")

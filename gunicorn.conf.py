@@ -77,8 +77,8 @@ def app_state(app):
 
 
 def post_worker_init(worker):
-    """Accept connections only once this worker's model is loaded. On a reload the old workers
-    stop accepting at once; requests meanwhile wait in the listen backlog, not on a 503 loading."""
+    """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
+    listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
     state = app_state(worker.wsgi)
     # this worker's own graceful window ends before the master's SIGKILL deadline, leaving time to
     # close() its streams (worker_exit): a stream past the deadline ends with an error event.
@@ -90,6 +90,8 @@ def post_worker_init(worker):
         print(f"error: {e}", file=sys.stderr, flush=True)
         BOOT_FAILED.value = 1
         os._exit(0)  # a silent exit: gunicorn would log a nonzero one, then its own reason, in three lines
+    if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
+        os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
 
 
 def child_exit(server, worker):
@@ -99,6 +101,13 @@ def child_exit(server, worker):
         server.kill_workers(signal.SIGKILL)
         on_exit(server)
         os._exit(2)
+
+
+def on_reload(server):
+    """SIGHUP: new workers start beside the old ones, which serve until each new worker has loaded its
+    model and asked the master (SIGTTOU) to stop the oldest: no request waits on a load."""
+    server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
+    server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 
 
 def _shutdown(worker):

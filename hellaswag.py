@@ -22,7 +22,6 @@ CLI:
 import argparse
 import contextlib
 import json
-import lzma
 import os
 
 import torch
@@ -42,23 +41,18 @@ def load_examples(path, limit=None):
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
-    try:
-        for lineno, row in iter_jsonl(path):
-            if limit is not None and len(examples) >= limit:
-                break
-            examples.append(_parse_row(row, f"{path}:{lineno}"))
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read HellaSwag file {path}: {type(e).__name__}: {e}") from None
+    for lineno, row in iter_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(_parse_row(row, f"{path}:{lineno}"))
     if not examples:
         raise UserError(f"HellaSwag file {path} holds no examples")
     return examples
 
 
 def _parse_row(row, where):
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object")
     ctx = row.get("ctx")
-    if ctx is None and "ctx_a" in row:
+    if ctx is None and isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b", ""), str):
         ctx = (row["ctx_a"] + " " + row.get("ctx_b", "").capitalize()).strip()
     endings, label = row.get("endings"), row.get("label")
     if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
@@ -66,7 +60,7 @@ def _parse_row(row, where):
         raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
     try:
         label = int(label)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{where}: `label` must be an integer 0..3, got {label!r}") from None
     if not 0 <= label < N_ENDINGS:
         raise UserError(f"{where}: `label` must be 0..3, got {label}")

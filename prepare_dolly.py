@@ -17,7 +17,6 @@ int64: example i is tokens[offsets[i]:offsets[i+1]]) and meta.json, all renamed 
 all three are written (meta.json last).
 """
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -31,7 +30,8 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_path, iter_jsonl, open_compressed, run_cli
+from common import (CLIParser, UserError, atomic_path, bounded, iter_jsonl, json_type, open_compressed,
+                    parse_json, run_cli)
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -42,8 +42,6 @@ SPLITS = ("train", "val")
 SPLIT_DTYPES = {"tokens": np.dtype(np.uint16), "loss_mask": np.dtype(np.uint8), "offsets": np.dtype(np.int64)}
 DEFAULT_VAL_FRACTION = 0.05  # ~750 of Dolly's 15,011 rows: a low-noise val loss, 95% still trains
 DEFAULT_MAX_LEN = 1024  # GPT-2's context length
-JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "array",
-              dict: "object"}
 
 
 # ---------------------------------------------------------------------- reading
@@ -51,14 +49,12 @@ JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str:
 def validate_row(obj, where):
     """One input record -> dict of the four string fields; UserError naming `where` and the field."""
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, "
-                        f"got {JSON_TYPES.get(type(obj), type(obj).__name__)}")
+        raise UserError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {json_type(obj)}")
     for field in FIELDS:
         if field not in obj:
             raise UserError(f'{where}: field "{field}" is missing')
         if not isinstance(obj[field], str):
-            kind = JSON_TYPES.get(type(obj[field]), type(obj[field]).__name__)
-            raise UserError(f'{where}: field "{field}" must be a string, got {kind}')
+            raise UserError(f'{where}: field "{field}" must be a string, got {json_type(obj[field])}')
     return {field: obj[field] for field in FIELDS}
 
 
@@ -70,26 +66,20 @@ def read_file_rows(path, limit=None):
                         "optionally compressed as .xz, .gz or .bz2")
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path}")
-    rows = []
-    try:
-        if kind[1] == "jsonl":
-            records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
-        else:
+    if kind[1] == "jsonl":
+        records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
+    else:
+        try:
             with open_compressed(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{path}: expected a JSON array of row objects (for one object a line, "
-                                f"name the file .jsonl)")
-            records = ((f"{path}: item {i}", obj) for i, obj in enumerate(data, 1))
-        for where, obj in records:
-            if limit is not None and len(rows) >= limit:
-                break
-            rows.append(validate_row(obj, where))
-    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:  # truncated archive, not UTF-8, ...
-        raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".split("\n")[0]) from None
+                data = f.read()
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
+            raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
+        records = ((f"{path}: item {i}", obj) for i, obj in enumerate(parse_json(data, path, list), 1))
+    rows = []
+    for where, obj in records:
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append(validate_row(obj, where))
     if not rows:
         raise UserError(f"{path}: no rows (the file is empty)")
     return rows
@@ -222,7 +212,8 @@ def load_split(path):
     """Load and validate a train.npz / val.npz: {"tokens", "loss_mask", "offsets"}; UserError when malformed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: not found (write it with prepare_dolly.py --out-dir DIR)")
+        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
+                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {key: f[key] for key in f.files}
@@ -308,31 +299,28 @@ def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DE
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = CLIParser(
         description="Clean, tokenize and split instruction data (databricks-dolly-15k schema: instruction, "
                     "context, response, category) into OUT_DIR/train.npz, val.npz and meta.json for "
                     "finetune_dolly.py. Loss mask: 1 on the response and its closing <|endoftext|>.")
-    p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2; "
-                   f"default: {HF_DATASET} from the Hugging Face hub (needs network)")
+    p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2 "
+                   f"(default: {HF_DATASET} from the Hugging Face hub, which needs network)")
     p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder (default: %(default)s)")
     p.add_argument("--val-fraction", metavar="F", type=float, default=DEFAULT_VAL_FRACTION,
                    help="fraction of each category held out for validation, 0 <= F < 1 (default: %(default)s)")
-    p.add_argument("--max-len", metavar="N", type=int, default=DEFAULT_MAX_LEN,
-                   help="drop examples longer than N tokens, prompt + response + <|endoftext|> (default: %(default)s)")
-    p.add_argument("--seed", metavar="S", type=int, default=1337, help="seed of the split (default: %(default)s)")
-    p.add_argument("--limit", metavar="N", type=int, help="use only the first N input rows (quick runs)")
+    p.add_argument("--max-len", metavar="N", type=bounded(int, 2), default=DEFAULT_MAX_LEN,
+                   help="drop examples longer than N tokens, prompt + response + <|endoftext|> "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", metavar="S", type=bounded(int, 0), default=1337, help="seed of the split (default: %(default)s)")
+    p.add_argument("--limit", metavar="N", type=bounded(int, 1), help="use only the first N input rows (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for bad, message in [(not 0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
-                         (args.max_len < 2, f"--max-len must be at least 2, got {args.max_len}"),
-                         (args.seed < 0, f"--seed must be >= 0, got {args.seed}"),
-                         (args.limit is not None and args.limit < 1, f"--limit must be at least 1, got {args.limit}")]:
-        if bad:
-            raise UserError(message)
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.input:
         rows = read_file_rows(args.input, args.limit)
         with open(args.input, "rb") as f:

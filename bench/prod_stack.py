@@ -9,6 +9,7 @@ for --hold seconds: how many are answered within 2 s, and did any slow connectio
 reload: --streams streams run while gunicorn's master gets SIGHUP; /health and /generate are probed
 until the new worker has served and the old one has exited: 503s and connection errors are counted,
 every stream is checked for a terminal event, gunicorn's log for a worker ended by a signal.
+steady: the same streams and probes for 10 s without a reload, the baseline for the probes' latency.
 Prints a table, then one JSON line.
 """
 
@@ -124,13 +125,15 @@ def terminal(events):
 
 
 def probe_once(port, timeout=PROBE_TIMEOUT):
-    """(GET /health, small POST /generate): each a status, or "timeout"/"refused"/... when unanswered."""
+    """(GET /health, small POST /generate): each (status or "timeout"/"refused"/..., seconds it took)."""
     out = []
     for method, path, body in (("GET", "/health", None), ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 2})):
+        sent = time.monotonic()
         try:
-            out.append(request(port, method, path, body, timeout=timeout)[0])
+            status = request(port, method, path, body, timeout=timeout)[0]
         except OSError as e:
-            out.append("timeout" if isinstance(e, socket.timeout) else type(e).__name__)
+            status = "timeout" if isinstance(e, socket.timeout) else type(e).__name__
+        out.append((status, time.monotonic() - sent))
     return out
 
 
@@ -148,7 +151,7 @@ def slowloris(port, n=200, hold=5.0):
     probes, end = [], time.monotonic() + hold
     while time.monotonic() < end:
         started = time.monotonic()
-        probes.append(probe_once(port))
+        probes.append([status for status, _ in probe_once(port)])
         time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     replied = 0  # slow connections that got any bytes back (an answer to half a request)
     for s in socks:
@@ -163,11 +166,12 @@ def slowloris(port, n=200, hold=5.0):
             "slow_replied": replied, "failures": sorted({str(x) for p in probes for x in p if x != 200})}
 
 
-def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
+def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady_s=10.0):
     """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict.
+    hup=False: the same streams and probes for steady_s seconds without a reload (the baseline).
 
-    Probes wait up to `timeout` for an answer: a request that arrives while the new worker loads
-    waits for it (the slowest probe is reported), a 503 or a refused connection is a failure."""
+    Probes wait up to `timeout` for an answer: a request that arrives while a worker loads waits for
+    it (the request latencies are reported), a 503 or a refused connection is a failure."""
     results, started = [None] * streams, threading.Semaphore(0)
 
     def run(i):
@@ -191,27 +195,26 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0):
     for _ in threads:
         started.acquire()
     before = stack.log().count("Worker exiting")
-    os.kill(stack.proc.pid, signal.SIGHUP)
+    if hup:
+        os.kill(stack.proc.pid, signal.SIGHUP)
     probes, t0 = [], time.monotonic()
-    # until the new worker answered and the old one exited
-    while time.monotonic() < t0 + timeout:
+    # until the new worker answered and the old one exited (or for steady_s without a reload)
+    while time.monotonic() < t0 + (timeout if hup else steady_s):
         done = stack.log().count("Worker exiting") > before
-        sent = time.monotonic()
-        probes.append((sent - t0, probe_once(stack.port, timeout), time.monotonic() - sent))
-        if done and probes[-1][1] == [200, 200]:
+        probes.append((time.monotonic() - t0, probe_once(stack.port, timeout)))
+        if hup and done and [s for s, _ in probes[-1][1]] == [200, 200]:
             break
         time.sleep(0.1)
     for t in threads:
         t.join(timeout)
     results = [r or ("unfinished", []) for r in results]  # a stream still open after `timeout`
     log = stack.log()
-    flat = [x for _, p, _ in probes for x in p]
-    failed_at = [t for t, p, _ in probes if p != [200, 200]]
+    flat = [s for _, p in probes for s, _ in p]
+    latency = sorted(d for _, p in probes for _, d in p)
     ended = [r[1] for r in results if r[0] == 200 and terminal(r[1])]
     return {"streams": streams, "streams_ended": len(ended), "streams_cut": sum("error" in e[-1][1] for e in ended),
             "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
-            "failing_s": round(failed_at[-1] - failed_at[0], 1) if failed_at else 0.0,
-            "slowest_probe_s": round(max(d for _, _, d in probes), 1),
+            "latency_p50_s": round(latency[len(latency) // 2], 3), "latency_max_s": round(latency[-1], 3),
             "worker_signalled": sum(s in log for s in ("was sent SIG", "terminate called", "WORKER TIMEOUT")),
             "failures": sorted({str(x) for x in flat if x != 200})}
 
@@ -232,6 +235,7 @@ def main(argv=None):
         stack.wait_healthy()
         if args.slow:
             rows["slowloris"] = slowloris(stack.port, args.slow, args.hold)
+        rows["steady"] = reload(stack, args.streams, args.max_new_tokens, hup=False)
         rows["reload"] = reload(stack, args.streams, args.max_new_tokens)
     print(f"stack: {args.stack}")
     for name, row in rows.items():

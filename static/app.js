@@ -679,8 +679,7 @@
     const tokens = meta.completion_tokens;
     if (tokens) {
       parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
-      // A rate over a blink (one token, or a cached answer) means nothing: show it past 0.25 s.
-      if (meta.ms >= 250 && tokens > 1) parts.push(`${(tokens / (meta.ms / 1000)).toFixed(1)} tok/s`);
+      if (meta.ms) parts.push(`${(tokens / (meta.ms / 1000)).toFixed(1)} tok/s`);
     }
     if (meta.raw) parts.push("raw");
     return parts.join(" · ");
@@ -859,7 +858,7 @@
     chat.messages.push(message);
     chat.updated = Date.now();
     renderMessages();
-    let firstTokenAt = null;
+    const sentAt = performance.now(); // the rate covers the whole answer: a one-token reply has one too
     let pieces = 0;
     let failure = null;
     const onEvent = (event) => {
@@ -868,7 +867,6 @@
         throw new HttpError(Number(e.status) || 500, e.code || e.type, e.message || String(e));
       }
       if (event.token) {
-        if (firstTokenAt == null) firstTokenAt = performance.now();
         message.content += event.token;
         pieces += 1;
         updateStreamingNode(chat, message);
@@ -900,7 +898,7 @@
     } finally {
       message.meta.streaming = false;
       if (message.meta.completion_tokens == null && pieces) message.meta.completion_tokens = pieces;
-      if (firstTokenAt != null) message.meta.ms = Math.max(1, performance.now() - firstTokenAt);
+      if (pieces) message.meta.ms = Math.max(1, performance.now() - sentAt);
       let failed = message;
       if (!message.content && (failure || message.meta.stopped)) {
         // Nothing to keep: drop the empty answer, and give back the one a regenerate replaced.

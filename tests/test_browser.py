@@ -249,6 +249,10 @@ def test_page_loads_with_labelled_controls_and_server_ranges(browser, server):
     assert {"/app.js", "/style.css", "/favicon.svg", "/health", "/params", "/v1/models"} <= {u[len(server):] for u in browser.urls}
     # No request left the page's own origin (no CDN, works offline).
     assert browser.urls and all(url.startswith(server + "/") for url in browser.urls), browser.urls
+    # At 1280x800 the whole Settings panel fits: nothing, the API key field included, is cut off.
+    fits = page.evaluate("""() => { const s = document.querySelector('.settings');
+        return [s.scrollHeight, s.clientHeight, document.querySelector('#api_key').getBoundingClientRect().bottom]; }""")
+    assert fits[0] <= fits[1] and fits[2] <= DESKTOP["height"], fits
 
 
 def test_send_streams_tokens_and_enter_shift_enter(browser, server):
@@ -484,6 +488,15 @@ def test_answers_show_without_leading_whitespace(browser, server):
     assert body["messages"][1] == {"role": "assistant", "content": "Paris is the capital of France."}
 
 
+def test_a_one_token_answer_shows_its_rate(browser, server):
+    browser.page.route("**/v1/chat/completions", _fulfil_sse(_chat_chunks("Yes", pieces=1)))
+    browser.open()
+    browser.send("Is water wet?")
+    browser.wait_idle()
+    meta = browser.page.text_content(".msg.assistant .msg-meta")
+    assert meta.startswith("1 token · ") and meta.endswith(" tok/s"), meta
+
+
 def test_sse_parser_survives_any_chunk_boundary(browser, server):
     page = browser.open()
     stream = ('data: {"token": "h\\u00e9llo"}\r\n\r\n: keep-alive\n\ndata: {"token": " w\\u00f6rld \\ud83d\\ude00"}\n\n'
@@ -523,6 +536,15 @@ def _demo_rows(*instructions):
     return [(q, rows[q]) for q in instructions]
 
 
+CPU_DECODE_TOKENS_S = 38.1  # README "Benchmarks": decoding on 2 CPU cores, batch 1, fp32
+
+
+def _replay(text, route):
+    """Answer with `text` after the time the CPU decoder would take, so the page shows a real rate."""
+    time.sleep(len(encode(text)) / CPU_DECODE_TOKENS_S)
+    _fulfil_sse(_chat_chunks(text, pieces=12))(route)
+
+
 def test_screenshots_desktop_and_phone(playwright_driver, server, tmp_path):
     """A conversation at 1280x800 and 390x844; the phone layout must not scroll sideways.
 
@@ -538,8 +560,7 @@ def test_screenshots_desktop_and_phone(playwright_driver, server, tmp_path):
                           device_scale_factor=1 if name == "desktop" else 2, color_scheme="light")
         page = Page(context, server)
         answers = iter(rows)
-        page.page.route("**/v1/chat/completions",
-                        lambda route: _fulfil_sse(_chat_chunks(next(answers)[1], pieces=12))(route))
+        page.page.route("**/v1/chat/completions", lambda route: _replay(next(answers)[1], route))
         page.open()
         for question, _ in rows:
             page.send(question)

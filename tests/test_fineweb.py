@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -141,7 +142,7 @@ def test_wrong_schema_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:2" in lines[0] and "'text'" in lines[0]
-    assert os.listdir(tmp_path / "o") == []
+    assert not os.path.exists(tmp_path / "o")  # a failed run removes the folder it made
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -267,3 +268,56 @@ def test_interrupted_run_leaves_nothing_training_accepts(docs_file, tmp_path):
         list_shards(out, "val")
     run(docs_file, out, "--shard-size", "30", "--overwrite")
     assert len(read_all_tokens(out)[0]) == N_DOCS
+
+
+HELD_RUN = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+import fineweb
+write = fineweb.write_shard
+def write_then_wait(path, tokens):  # holds the run open after its first shard until `go` exists
+    path = write(path, tokens)
+    while not os.path.exists({go!r}):
+        time.sleep(0.05)
+    return path
+fineweb.write_shard = write_then_wait
+fineweb.main(["--input", {src!r}, "--out-dir", {out!r}, "--shard-size", "30", "--workers", "1", "--no-progress"])
+"""
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_concurrent_run_into_the_same_folder_is_refused(docs_file, tmp_path, nested):
+    out, go = tmp_path / ("new/deeper/s" if nested else "s"), tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", HELD_RUN.format(root=ROOT, src=docs_file, out=str(out), go=str(go))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (os.path.isdir(out) and any(n.endswith(".bin") for n in os.listdir(out))):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        written = sorted(os.listdir(out))
+        for flags in ([], ["--overwrite"]):  # the same run, or one that would replace it: both refused
+            second = run_fineweb(["--input", docs_file, "--out-dir", str(out), "--shard-size", "30",
+                                  "--no-progress", *flags])
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 2 and len(lines) == 1 and "another fineweb.py run" in lines[0], second.stderr
+            assert sorted(os.listdir(out)) == written  # the refused run touched nothing
+        go.touch()
+        assert first.wait(60) == 0, first.communicate()
+    finally:
+        first.kill()
+    tokens, paths = read_all_tokens(out)
+    assert len(tokens) == N_DOCS and sorted(os.listdir(out)) == sorted([MANIFEST] + [os.path.basename(p) for p in paths])
+
+
+def test_a_failed_run_removes_what_it_made_and_nothing_else(docs_file, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": t} for t in DOCS] * 20 + [{"body": "no text"}])
+    for out in (tmp_path / "new" / "s", tmp_path / "mine"):
+        if out.name == "mine":
+            out.mkdir()
+            (out / "notes.txt").write_text("the user's")
+        # shards of the first 64 documents are written before line 101 is read
+        proc = run_fineweb(["--input", bad, "--out-dir", str(out), "--shard-size", "30", "--workers", "1", "--no-progress"])
+        assert proc.returncode == 2 and "bad.jsonl:101:" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "d.jsonl", "mine"]  # new/ and new/s went
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # its shards went, the user's file stayed

@@ -8,11 +8,15 @@ skipped, unless CI_REQUIRE_ALL is set (CI), where they fail instead.
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
+import time
 
 import pytest
 
-from bench.prod_stack import Stack, request, reload, slowloris, stream
+from bench.prod_stack import Stack, request, reload, slowloris, stream, terminal
+from server.app import SECURITY_HEADERS
 from test_serve_config import make_checkpoint
 
 GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
@@ -31,6 +35,11 @@ def stack(tmp_path_factory):
     with Stack(ckpt, str(folder), args=["--graceful-timeout", str(GRACEFUL)]) as s:
         s.wait_healthy()
         yield s
+
+
+def app_security_headers(headers):
+    """nginx's own answers carry the very headers the app sends."""
+    return all(headers.get(k.lower()) == v for k, v in SECURITY_HEADERS.items())
 
 
 def security_headers_ok(headers):
@@ -59,7 +68,9 @@ def test_headers_hosts_and_content_types_through_nginx(stack):
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100000000\r\n\r\n")
         reply = s.recv(65536).decode()
-    assert reply.startswith("HTTP/1.1 413") and '"request_too_large"' in reply
+    head, body = reply.split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 413") and json.loads(body)["error"]["type"] == "request_too_large"
+    assert app_security_headers({k.lower(): v for k, v in (line.split(": ", 1) for line in head.split("\r\n")[1:])})
 
 
 def test_stream_arrives_as_it_is_generated(stack):
@@ -84,19 +95,45 @@ def test_slow_clients_hold_nothing(stack):
 
 
 def test_reload_under_streams_without_503_or_signals(stack):
-    # SIGHUP while streams run: the new worker accepts only once loaded (requests meanwhile wait),
-    # the old one lets its streams run for the graceful time, then ends them with an error event
-    # and exits by itself.
+    # SIGHUP while streams run: the new worker accepts only once loaded, the old one serves until
+    # then, lets its streams run for the graceful time, then ends them with an error event and
+    # exits by itself.
     result = reload(stack, streams=3, max_new_tokens=900)
     assert result["streams_ended"] == 3, result  # each with "done" or an error event
     assert result["probes_503"] == 0 and result["probes_unanswered"] == 0, result
     assert result["worker_signalled"] == 0, stack.log()[-3000:]
     assert "Traceback" not in stack.log(), stack.log()[-3000:]
+    # the old worker took requests until the new one had loaded its model, and only then stopped
+    log = stack.log().splitlines()
+    hup = max(i for i, line in enumerate(log) if "Handling signal: hup" in line)
+    events = [(i, json.loads(line)) for i, line in enumerate(log) if i > hup and line.startswith("{")]
+    new_loaded, new_pid = next((i, e["pid"]) for i, e in events if e.get("event") == "model_loaded")
+    old_served = [i for i, e in events if e.get("event") == "request" and not e.get("stream")  # a probe, not a stream
+                  and e["pid"] != new_pid and i < new_loaded]
+    old_exit = next(i for i, line in enumerate(log) if i > hup and "Worker exiting" in line)
+    assert old_served and new_loaded < old_exit, "\n".join(log[hup:])[-3000:]
 
 
-def test_stop_takes_nginx_down_too(stack):
+def test_drain_is_a_json_503_then_stop_takes_nginx_down_too(stack):
+    # SIGTERM while a stream runs: gunicorn stops listening and drains; nginx stays up meanwhile
+    # and answers new requests itself, a JSON 503 with Retry-After (not a 502).
+    running, ended = threading.Event(), []
+    long = {"prompt": "Once", "max_new_tokens": 900, "ignore_eos": True}
+    drained = threading.Thread(target=lambda: ended.append(stream(stack.port, long, on_event=lambda _: running.set())))
+    drained.start()
+    assert running.wait(60)
     with open(os.path.join(stack.run_dir, "nginx.pid")) as f:
         nginx_pid = int(f.read())
+    stack.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while (answer := request(stack.port, "GET", "/health", timeout=10))[0] != 503:
+        assert answer[0] == 200 and time.monotonic() < deadline, answer  # at most until the socket closes
+        time.sleep(0.05)
+    status, headers, body = answer
+    assert json.loads(body)["error"]["type"] == "server_unavailable" and headers["retry-after"] == "5"
+    assert app_security_headers(headers) and headers["content-type"].startswith("application/json")
+    drained.join(60)
+    assert ended and terminal(ended[0][1])  # the running stream ended with done or an error event
     assert stack.stop() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(nginx_pid, 0)
