@@ -1,4 +1,5 @@
-"""Small shared helpers: user-facing errors, atomic writes, device and dtype choice, distributed setup."""
+"""Small shared helpers, torch-free (so the data tools' --help answers at once): user-facing errors, atomic
+writes, compressed files, the one JSONL reader. Devices, dtypes and torchrun: device.py."""
 
 import bz2
 import contextlib
@@ -9,9 +10,6 @@ import os
 import re
 import tempfile
 import zlib
-from dataclasses import dataclass
-
-import torch
 
 from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI edge, re-exported)
 
@@ -104,75 +102,3 @@ def iter_jsonl(path):
                     yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
-
-
-def pick_device(device=None):
-    """'auto'/None -> cuda if present, else mps, else cpu."""
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def pick_dtype(dtype, device):
-    """'auto'/None -> bf16 on CUDA GPUs that support it, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in (None, "auto"):
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
-        return DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-@dataclass
-class DistInfo:
-    enabled: bool
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device=None):
-    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU).
-
-    Returns DistInfo; a plain `python script.py` gives a one-process DistInfo.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(False, 0, 0, 1, pick_device(device))
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    wanted = pick_device(device)
-    if wanted.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return DistInfo(world > 1, rank, local_rank, world, dev)
-
-
-def teardown_distributed(info):
-    if info.enabled or "RANK" in os.environ:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

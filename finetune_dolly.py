@@ -46,7 +46,8 @@ if __name__ == "__main__" and help_requested():
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import UserError, setup_distributed, teardown_distributed  # noqa: E402
+from common import UserError  # noqa: E402
+from device import setup_distributed, teardown_distributed  # noqa: E402
 from lora import LoRAConfig, apply_lora, describe_memory, parse_targets  # noqa: E402
 from model import PRETRAINED_CONFIGS  # noqa: E402
 from prepare_dolly import load_split  # noqa: E402

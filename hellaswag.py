@@ -19,18 +19,36 @@ CLI:
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
-import argparse
 import contextlib
 import json
 import os
 
-import torch
-from torch.nn import functional as F
+from cli import CLIParser, DefaultsFormatter, help_requested, run_cli
 
-from checkpoint import load_model
-from common import CLIParser, UserError, iter_jsonl, pick_device, pick_dtype, run_cli
-from model import GPT2_VOCAB
-from tokenizer import encode
+
+def build_parser():
+    p = CLIParser(description="Score a GPT on HellaSwag (acc_norm and acc).", formatter_class=DefaultsFormatter)
+    p.add_argument("--model", required=True,
+                   help="checkpoint file or folder, OpenAI GPT-2 name (gpt2, gpt2-medium, ...) or HF folder")
+    p.add_argument("--file", required=True, help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass")
+    p.add_argument("--device", default="auto", help="cuda, cpu, mps, ... (auto: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA), float32, bfloat16")
+    return p
+
+
+if __name__ == "__main__" and help_requested():
+    build_parser().parse_args()  # --help answers here, before the ~2 s import of torch below
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from checkpoint import load_model  # noqa: E402
+from common import UserError, iter_jsonl  # noqa: E402
+from device import pick_device, pick_dtype  # noqa: E402
+from model import GPT2_VOCAB  # noqa: E402
+from tokenizer import encode  # noqa: E402
 
 N_ENDINGS = 4
 
@@ -142,16 +160,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, au
 
 
 def main(argv=None):
-    p = CLIParser(description="Score a GPT on HellaSwag (acc_norm and acc).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="checkpoint file or folder, OpenAI GPT-2 name (gpt2, gpt2-medium, ...) or HF folder")
-    p.add_argument("--file", required=True, help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA), float32, bfloat16")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     examples = load_examples(args.file, args.limit)

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint,  # noqa: E402
                         load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
-from common import UserError, clean_stale_temps, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
+from common import UserError, clean_stale_temps  # noqa: E402
+from device import pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
 from fineweb import MANIFEST, list_shards, read_shard  # noqa: E402
 from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
 from hellaswag import load_examples  # noqa: E402

@@ -35,7 +35,8 @@ sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from common import UserError, pick_device, pick_dtype, run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
+from device import pick_device, pick_dtype  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
 from tokenizer import encode  # noqa: E402
 

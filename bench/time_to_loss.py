@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from cli import CLIParser, UserError, run_cli  # noqa: E402
-from common import atomic_path, pick_device, setup_distributed  # noqa: E402
+from common import atomic_path  # noqa: E402
+from device import pick_device, setup_distributed  # noqa: E402
 from fineweb import list_shards  # noqa: E402
 from runlog import duration  # noqa: E402
 from train_flags import pretrain_parser  # noqa: E402

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from checkpoint import load_model
-from common import UserError, pick_device, pick_dtype
+from common import UserError
+from device import pick_device, pick_dtype
 
 def quantize_int8(model):
     """Dynamic int8 quantization of every nn.Linear (in place), for CPU inference.

@@ -11,7 +11,8 @@ import types
 import torch
 from limits import parse_many
 
-from common import DTYPES, UserError, pick_device
+from common import UserError
+from device import DTYPES, pick_device
 from model import PRETRAINED_CONFIGS
 from server.options import OPTIONS, env_name
 

@@ -37,7 +37,7 @@ def pretrain(data_dir, out_dir, optimizer="adamw"):
 
 def masked_finetune(out_dir):
     """The Trainer as finetune_dolly.py uses it: its own rows (masked targets), kind "sft", keep_best."""
-    from common import setup_distributed, teardown_distributed
+    from device import setup_distributed, teardown_distributed
     from model import GPT
     from test_train import MaskedRows, make_args
     from train_gpt2 import Trainer, fit

@@ -1,0 +1,80 @@
+"""The torch side of the shared helpers: device and dtype choice, torchrun's process group."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError
+
+
+def pick_device(device=None):
+    """'auto'/None -> cuda if present, else mps, else cpu."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(dtype, device):
+    """'auto'/None -> bf16 on CUDA GPUs that support it, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
+        return DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class DistInfo:
+    enabled: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=None):
+    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU).
+
+    Returns DistInfo; a plain `python script.py` gives a one-process DistInfo.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(False, 0, 0, 1, pick_device(device))
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    wanted = pick_device(device)
+    if wanted.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return DistInfo(world > 1, rank, local_rank, world, dev)
+
+
+def teardown_distributed(info):
+    if info.enabled or "RANK" in os.environ:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
