@@ -28,11 +28,40 @@ import time
 import urllib.error
 import urllib.request
 
-import finetune_dolly
-import fineweb
-import prepare_dolly
-import train_gpt2
-from common import UserError, atomic_path, run_cli
+from cli import help_requested
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="The whole pipeline on the bundled data, on CPU: tokenize 5 public-domain books, pretrain a "
+                    "tiny GPT, instruction-tune it on 1,500 bundled instructions, then serve the chat page. "
+                    "A second run reuses finished stages.")
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage with a tiny model (demo-smoke "
+                   "folders), then serve, send one POST /generate, print the reply and shut down")
+    p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
+    p.add_argument("--no-serve", action="store_true", help="stop after fine-tuning (print how to serve)")
+    p.add_argument("--host", default="127.0.0.1", help="address the server binds (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5000, help="port the server binds (default: %(default)s)")
+    p.add_argument("--data-root", default=os.path.join(ROOT, "data"), help="data goes to DATA_ROOT/demo "
+                   "(or demo-smoke) (default: data beside demo.py)")
+    p.add_argument("--out-root", default=os.path.join(ROOT, "out"), help="checkpoints go to OUT_ROOT/demo "
+                   "(or demo-smoke) (default: out beside demo.py)")
+    p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
+                   "(default: %(default)s)")
+    return p
+
+
+
+if __name__ == "__main__" and help_requested():
+    build_parser().parse_args()  # --help answers here, before the training scripts (and torch) load
+
+import finetune_dolly  # noqa: E402
+import fineweb  # noqa: E402
+import prepare_dolly  # noqa: E402
+import train_gpt2  # noqa: E402
+from common import UserError, atomic_path, run_cli  # noqa: E402
 
 # ---------------------------------------------------------------- the demo model: shape, steps, learning rates
 # About 4 minutes of 2 idle CPU cores in all (pretraining ~2, instruction-tuning ~2). Only this block is tuned,
@@ -48,7 +77,6 @@ FINETUNE = {"batch_size": 12, "examples_per_step": 12, "max_steps": 80, "lr": 8e
 SMOKE_PRETRAIN = {**PRETRAIN, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 128, "batch_size": 4,
                   "total_batch_size": 512, "max_steps": 4, "warmup_steps": 1, "lr": 1e-3}
 SMOKE_FINETUNE = {**FINETUNE, "batch_size": 4, "examples_per_step": 4, "max_steps": 3, "lr": 1e-3}
-ROOT = os.path.dirname(os.path.abspath(__file__))
 BOOKS = os.path.join(ROOT, "demo_data", "books.jsonl.xz")
 INSTRUCTIONS = os.path.join(ROOT, "demo_data", "instructions.jsonl.xz")
 MARKER = ".demo-stage.json"
@@ -241,27 +269,7 @@ def serve(argv, base, smoke):
         say(f"{'[smoke] ' if smoke else ''}server stopped (exit code {proc.wait()})")
 
 
-# ---------------------------------------------------------------- CLI
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="The whole pipeline on the bundled data, on CPU: tokenize 5 public-domain books, pretrain a "
-                    "tiny GPT, instruction-tune it on 1,500 bundled instructions, then serve the chat page. "
-                    "A second run reuses finished stages.")
-    p.add_argument("--smoke", action="store_true", help="a few steps per stage with a tiny model (demo-smoke "
-                   "folders), then serve, send one POST /generate, print the reply and shut down")
-    p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
-    p.add_argument("--no-serve", action="store_true", help="stop after fine-tuning (print how to serve)")
-    p.add_argument("--host", default="127.0.0.1", help="address the server binds (default: %(default)s)")
-    p.add_argument("--port", type=int, default=5000, help="port the server binds (default: %(default)s)")
-    p.add_argument("--data-root", default=os.path.join(ROOT, "data"), help="data goes to DATA_ROOT/demo "
-                   "(or demo-smoke) (default: data beside demo.py)")
-    p.add_argument("--out-root", default=os.path.join(ROOT, "out"), help="checkpoints go to OUT_ROOT/demo "
-                   "(or demo-smoke) (default: out beside demo.py)")
-    p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
-                   "(default: %(default)s)")
-    return p
-
+# ---------------------------------------------------------------- the run
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

@@ -7,13 +7,31 @@ tokenizer.json, tokenizer_config.json), all built from the bundled BPE ranks: no
 import json
 import os
 
-from safetensors.torch import save
-from tiktoken.load import load_tiktoken_bpe
+from cli import CLIParser, help_requested, run_cli
 
-from checkpoint import load_model
-from common import CLIParser, UserError, atomic_path, clean_stale_temps, run_cli
-from model import GPT2_VOCAB, ours_to_hf
-from tokenizer import BPE_FILE, EOT_ID, EOT_TOKEN
+
+def build_parser():
+    parser = CLIParser(
+        description="Export a checkpoint as a Hugging Face GPT-2 folder (weights, config and GPT-2's "
+                    "tokenizer files) that transformers, vLLM, TGI and lm-eval load offline.")
+    parser.add_argument("--ckpt", required=True,
+                        help="the model: our ckpt.pt (or a folder holding one), an HF GPT-2 folder, or a GPT-2 name")
+    parser.add_argument("--out-dir", required=True, help="folder to write (created; must be empty or absent)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the exported files in a non-empty --out-dir (other files there stay)")
+    return parser
+
+
+if __name__ == "__main__" and help_requested():
+    build_parser().parse_args()  # --help answers here, before the ~2 s import of torch (safetensors.torch)
+
+from safetensors.torch import save  # noqa: E402
+from tiktoken.load import load_tiktoken_bpe  # noqa: E402
+
+from checkpoint import load_model  # noqa: E402
+from common import UserError, atomic_path, clean_stale_temps  # noqa: E402
+from model import GPT2_VOCAB, ours_to_hf  # noqa: E402
+from tokenizer import BPE_FILE, EOT_ID, EOT_TOKEN  # noqa: E402
 
 
 def bytes_to_unicode():
@@ -112,15 +130,7 @@ def export(model, out_dir):
 
 
 def main(argv=None):
-    parser = CLIParser(
-        description="Export a checkpoint as a Hugging Face GPT-2 folder (weights, config and GPT-2's "
-                    "tokenizer files) that transformers, vLLM, TGI and lm-eval load offline.")
-    parser.add_argument("--ckpt", required=True,
-                        help="the model: our ckpt.pt (or a folder holding one), an HF GPT-2 folder, or a GPT-2 name")
-    parser.add_argument("--out-dir", required=True, help="folder to write (created; must be empty or absent)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the exported files in a non-empty --out-dir (other files there stay)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
