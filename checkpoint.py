@@ -211,7 +211,8 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
                 "path": full if local else spec, "name": os.path.basename(full.rstrip("/")) if local else spec}
     else:
         raise UserError(f"model not found: {spec!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
-                        f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)})")
+                        f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)}); make one with make demo "
+                        f"(out/demo/sft) or python finetune_dolly.py (out/dolly)")
     model.to(device=device, dtype=dtype)
     return model.eval(), info
 

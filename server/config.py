@@ -58,7 +58,8 @@ def validate_config(cfg):
         raise UserError(f"no checkpoint: pass --ckpt PATH or set {env_name('ckpt')}")
     if not os.path.exists(cfg.ckpt) and cfg.ckpt not in PRETRAINED_CONFIGS:
         raise UserError(f"checkpoint not found: {cfg.ckpt} (a ckpt.pt, a folder holding one, an HF GPT-2 folder, "
-                        f"or one of {', '.join(PRETRAINED_CONFIGS)})")
+                        f"or one of {', '.join(PRETRAINED_CONFIGS)}); make one with make demo (out/demo/sft) or "
+                        f"python finetune_dolly.py (out/dolly)")
     for name, allowed in CHOICES.items():
         if str(getattr(cfg, name)).lower() not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
