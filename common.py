@@ -86,9 +86,9 @@ def parse_json(data, where, kind=dict):
 
 
 def iter_jsonl(path):
-    """The one JSONL reader: (line number, object) for each non-blank line of a .jsonl[.xz|.gz|.bz2] file.
+    """The one JSONL reader: (line number, object) for each line of a .jsonl[.xz|.gz|.bz2] file.
 
-    Every problem is a UserError `path:line: message`: not UTF-8, not JSON or nested too deeply, not
+    Every problem is a UserError `path:line: message`: a blank line, not UTF-8, not JSON or nested too deeply, not
     an object, a line over MAX_LINE_BYTES, a read or decompression error."""
     lineno = 0
     try:
@@ -98,7 +98,8 @@ def iter_jsonl(path):
                 if len(line) > MAX_LINE_BYTES:
                     raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB "
                                     f"(one object a line?)")
-                if line.strip():
-                    yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
+                if not line.strip():
+                    raise UserError(f"{path}:{lineno}: blank line (JSONL holds one JSON object on every line)")
+                yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
