@@ -17,9 +17,9 @@ suffixes: `c_attn` (fused q, k, v), `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`; `c_
 projections and `c_fc` is the same as `mlp.c_fc`. `lm_head` cannot be a target: it is tied to the
 token embedding, so adapting it would silently adapt the input embedding too.
 
-Memory: training updates only the adapters, so the gradients and the AdamW state (two fp32
-moments per trainable parameter) shrink by the fraction of trainable parameters; activation
-memory does not shrink (backprop still runs through every layer). bench/lora_memory.py measures it.
+Memory: training updates only the adapters, so the gradients and the optimizer state shrink by the
+fraction of trainable parameters; activation memory does not shrink (backprop still runs through
+every layer). BENCHMARKS.md has the measured figures for GPT-2 124M.
 """
 
 import math
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from common import UserError
 from train_flags import DEFAULT_TARGETS  # every Linear of every block (QLoRA: all layers is best)
 LORA_KEYS = ("lora_A", "lora_B")
-ADAM_STATES_PER_PARAM = 2  # exp_avg and exp_avg_sq, fp32
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,7 @@ def merged_state_dict(model):
     return out
 
 
-# ---------------------------------------------------------------------- sizes and memory
+# ---------------------------------------------------------------------- sizes
 
 def count_parameters(model):
     """(trainable, total) parameter counts, tied weights once."""
@@ -199,35 +198,7 @@ def count_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def training_state_bytes(model, full=False):
-    """Bytes of gradients and AdamW moments that training this model keeps (from its trainable params).
-
-    full=True: as if every parameter but the adapters were trained (full fine-tuning of the same model).
-    {"trainable", "total", "grad_bytes", "optimizer_bytes", "bytes"}: grads have the params' dtype,
-    AdamW keeps exp_avg and exp_avg_sq in fp32 (plus a scalar step per tensor).
-    """
-    trainable, total = count_parameters(model)
-    if full:
-        adapters = {id(m.lora_A) for _, m in lora_modules(model)} | {id(m.lora_B) for _, m in lora_modules(model)}
-        params = [p for p in model.parameters() if id(p) not in adapters]
-        trainable = sum(p.numel() for p in params)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    grad = sum(p.numel() * p.element_size() for p in params)
-    opt = sum(ADAM_STATES_PER_PARAM * p.numel() * 4 + 4 for p in params)
-    return {"trainable": trainable, "total": total, "grad_bytes": grad, "optimizer_bytes": opt, "bytes": grad + opt}
-
-
 def describe_memory(model):
-    """One line for the start of a run: trainable parameters and the gradient + AdamW memory (vs full)."""
-    s, full = training_state_bytes(model), training_state_bytes(model, full=True)["bytes"]
-    line = (f"trainable parameters {s['trainable'] / 1e6:.2f}M of {s['total'] / 1e6:.2f}M "
-            f"({100 * s['trainable'] / max(s['total'], 1):.2f}%); gradients + AdamW state {mib(s['bytes'])}")
-    if full > s["bytes"]:
-        line += (f" instead of {mib(full)} for full fine-tuning: LoRA saves {mib(full - s['bytes'])} "
-                 f"(activations are not reduced)")
-    return line
-
-
-def mib(n):
-    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
+    """One line for the start of a run: gradients and optimizer state are kept for the trainable parameters only."""
+    trainable, total = count_parameters(model)
+    return f"trainable parameters {trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"

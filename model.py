@@ -11,7 +11,6 @@ Shapes in comments: B batch, T query length, S cache slots, L key length, C n_em
 D head size (C // H), V vocab.
 """
 
-import inspect
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -224,19 +223,6 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(exclude_positions=True) + 12 * cfg.n_layer * cfg.n_embd * T
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
-        """AdamW with weight decay on >= 2-D weights (matmuls, embeddings) only; fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
 
 def hf_to_ours(hf_state):
