@@ -1,6 +1,6 @@
 """
-HellaSwag: load the validation set and score a GPT on it (acc and acc_norm), on one process or
-spread over the ranks of a torchrun job.
+HellaSwag: score a GPT on the validation set (acc and acc_norm), on one process or spread over the
+ranks of a torchrun job (rank r scores examples r, r + W, ...; the counts are summed over ranks).
 
 Each example is a context and 4 candidate endings. A candidate is scored by the model's
 cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + encode(" " + ending)).
@@ -8,14 +8,6 @@ cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + en
 - acc_norm: the ending with the lowest mean loss per ending token (length-normalised; the figure
   build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 
-API:
-    examples = load_examples(path, limit=None)       # .jsonl / .jsonl.gz / .jsonl.xz rows
-    result = evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, autocast_dtype=None)
-    # result: {"acc_norm": float, "acc": float, "n": int}; with world_size > 1 and torch.distributed
-    # initialised, rank r scores examples r, r + W, ... and the counts are summed over ranks.
-    scores = score_examples(model, examples, device)  # per-example mean and summed ending losses
-
-CLI:
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 

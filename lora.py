@@ -43,47 +43,29 @@ class LoRAConfig:
     targets: tuple = DEFAULT_TARGETS
 
     def __post_init__(self):
+        """UserError (one line) for a rank, alpha, dropout or target list that cannot work."""
         object.__setattr__(self, "targets", tuple(self.targets))
-        check_lora_config(self)
-
-    @property
-    def scale(self):
-        return self.alpha / self.rank
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"--lora-rank must be an integer >= 1, got {self.rank}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise UserError("--lora-targets is empty; name at least one layer, e.g. c_attn")
+        for t in self.targets:
+            if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", t):
+                raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
 
     def to_dict(self):
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
 
-    @classmethod
-    def from_dict(cls, d):
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
-                   targets=tuple(d["targets"]))
-
-
-def check_lora_config(cfg):
-    """UserError (one line) for a rank, alpha, dropout or target list that cannot work."""
-    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
-        raise UserError(f"--lora-rank must be an integer >= 1, got {cfg.rank}")
-    if not (isinstance(cfg.alpha, (int, float)) and math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise UserError(f"--lora-alpha must be > 0, got {cfg.alpha}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.targets:
-        raise UserError("--lora-targets is empty; name at least one layer, e.g. c_attn")
-    for t in cfg.targets:
-        if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", t):
-            raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
-
 
 def parse_targets(text):
     """'c_attn, mlp.c_proj' -> ('c_attn', 'mlp.c_proj'); duplicates dropped, order kept."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part and part not in out:
-            out.append(part)
-    return tuple(out)
+    return tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
 
 
 class LoRALinear(nn.Module):
@@ -119,27 +101,18 @@ class LoRALinear(nn.Module):
 
 # ---------------------------------------------------------------------- wrapping
 
-def linear_names(model):
-    """Qualified names of the nn.Linear layers inside the transformer blocks (lm_head excluded)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
-
-
-def _matches(name, target):
-    return name == target or name.endswith("." + target)
-
-
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters")
-    candidates = linear_names(model)
+    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates} | {n.split(".")[-1] for n in candidates})
     chosen = []
     for t in targets:
         if t == "lm_head" or t.endswith(("wte", "wpe", "lm_head")):
             raise UserError(f"--lora-targets: {t!r} is tied to the token embedding (or is an embedding) and "
                             f"cannot take an adapter; choose from {', '.join(suffixes)}")
-        hits = [n for n in candidates if _matches(n, t)]
+        hits = [n for n in candidates if n == t or n.endswith("." + t)]
         if not hits:
             raise UserError(f"--lora-targets: {t!r} matches no Linear layer of the blocks; "
                             f"choose from {', '.join(suffixes)}")
@@ -152,7 +125,6 @@ def apply_lora(model, cfg):
 
     Seed torch first for a reproducible A. Returns the wrapped layers' names.
     """
-    check_lora_config(cfg)
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -167,10 +139,6 @@ def apply_lora(model, cfg):
 def lora_modules(model):
     """(name, LoRALinear) pairs, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def has_lora(model):
-    return bool(lora_modules(model))
 
 
 def merged_state_dict(model):

@@ -45,7 +45,7 @@ from fineweb import MANIFEST, list_shards, read_shard  # noqa: E402
 from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
 from hellaswag import load_examples  # noqa: E402
 from inference import Engine, generate_text  # noqa: E402
-from lora import has_lora, merged_state_dict  # noqa: E402
+from lora import merged_state_dict  # noqa: E402
 from optim import Optimizer  # noqa: E402
 from runlog import RunLog  # noqa: E402
 from tokenizer import N_VOCAB  # noqa: E402
@@ -352,7 +352,7 @@ class Trainer:
         raw = self.raw_model
         lora = getattr(raw, "lora_config", None)
         save_checkpoint(
-            path, kind=self.kind, model_state=merged_state_dict(raw) if best and has_lora(raw) else raw.state_dict(),
+            path, kind=self.kind, model_state=merged_state_dict(raw) if best and lora else raw.state_dict(),
             config=raw.config.to_dict(), step=self.step, optimizer=None if best else self.optimizer.state_dict(),
             train_state={"data": self.train_data.signature, "elapsed_s": self.runlog.elapsed()},
             rng=None if best else capture_rng_state(), args=vars(self.args), metrics=self.metrics,
