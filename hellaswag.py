@@ -11,7 +11,6 @@ cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + en
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
-import contextlib
 import json
 import os
 
@@ -38,7 +37,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from common import UserError, iter_jsonl  # noqa: E402
-from device import pick_device, pick_dtype  # noqa: E402
+from device import autocast, pick_device, pick_dtype  # noqa: E402
 from model import GPT2_VOCAB  # noqa: E402
 from tokenizer import encode  # noqa: E402
 
@@ -103,8 +102,6 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
     model.eval()
     device = torch.device(device)
     max_len = model.config.block_size
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype not in (None, torch.float32) else contextlib.nullcontext())
     out = []
     try:
         for i in range(0, len(examples), batch_examples):
@@ -121,7 +118,7 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
                 tokens[j, :len(r)] = torch.tensor(r)
                 mask[j, s:len(r)] = True
             tokens, mask = tokens.to(device), mask.to(device)
-            with autocast:
+            with autocast(device, autocast_dtype):
                 logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
             logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
             losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
