@@ -340,7 +340,7 @@ def _set_template_version(folder):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("no_dir", "no such folder"),
+    ("no_dir", "meta.json: not found"),
     ("no_npz", "val.npz: not found"),
     ("template", "template version 999"),
     ("rank0", "--lora-rank must be an integer >= 1"),
