@@ -41,7 +41,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_sta
                         load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
 from common import UserError, clean_stale_temps  # noqa: E402
 from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
-from fineweb import MANIFEST, list_shards, read_shard  # noqa: E402
+from fineweb import list_shards, read_shard  # noqa: E402
 from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
 from hellaswag import load_examples  # noqa: E402
 from inference import Engine, generate_text  # noqa: E402
@@ -507,14 +507,6 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
     return fit(trainer)
 
 
-def train_shards(args, split):
-    """The shards of a split; a folder that holds none names the default and the command that makes them."""
-    if not os.path.isfile(os.path.join(args.data_dir, MANIFEST)):
-        raise UserError(f"no {split} shards in {args.data_dir} (--data-dir, default data/fineweb): make them with "
-                        f"python fineweb.py --out-dir {args.data_dir}")
-    return list_shards(args.data_dir, split, args.data_prefix)
-
-
 def main(argv=None):
     args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
@@ -526,12 +518,12 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         config = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout or 0.0)
-        train = TokenWindows(train_shards(args, "train"), args.block_size, args.total_batch_size // args.block_size,
-                             dist.rank, dist.world_size, args.seed)
+        train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
+                             args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt, config)
         val = []
         if args.eval_interval > 0 and args.eval_steps > 0:
-            val = val_windows(train_shards(args, "val"), args.block_size, args.batch_size,
+            val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
                               args.eval_steps * args.batch_size, dist.rank, dist.world_size)
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:
