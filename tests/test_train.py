@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+import cli
 import train_gpt2
 from checkpoint import load_checkpoint
 from common import UserError
@@ -239,7 +240,9 @@ def test_corrupt_shard_is_a_clear_error(shards, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
-def test_user_mistakes_are_one_line(shards, tmp_path):
+def test_user_mistakes_are_one_line(shards, tmp_path, capsys):
+    """Each mistake: `error: ...` in one line, exit code 2, through run_cli as the script's __main__ calls it (in
+    this process: a subprocess a case cost seconds of torch import; test_corrupt_shard_is_a_clear_error runs one)."""
     for flags, message in ((["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
                            (["--lr", "0"], "--lr: must be > 0"),
                            (["--total-batch-size", "100"], "not a multiple of --block-size"),
@@ -249,9 +252,12 @@ def test_user_mistakes_are_one_line(shards, tmp_path):
                            (["--dtype", "float16"], "float16"),
                            (["--nonsense"], "unrecognized arguments: --nonsense"),
                            (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'")):
-        proc = run_cli("--data-dir", shards, "--out-dir", tmp_path / "o", *TINY, "--max-steps", "1", *flags)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (flags, proc.stderr)
-        assert message in proc.stderr, (flags, proc.stderr)
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_cli(train_gpt2.main, ["--data-dir", shards, "--out-dir", str(tmp_path / "o"), *TINY,
+                                          "--max-steps", "1", *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (flags, err)
+        assert message in err, (flags, err)
     with pytest.raises(UserError, match="no train shards"):
         train(str(tmp_path), tmp_path / "o", "--max-steps", "1")
     assert not (tmp_path / "o").exists()
