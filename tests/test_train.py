@@ -209,12 +209,15 @@ def test_wandb_offline_logs_the_run(shards, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- nothing lost
 
-def test_a_new_run_refuses_a_folder_holding_one(shards, tmp_path):
+def test_a_new_run_refuses_a_folder_holding_one(shards, tmp_path, capsys):
     out = tmp_path / "run"
     train(shards, out, "--max-steps", "2", "--eval-interval", "0")
     before = load_checkpoint(out / "ckpt.pt")
-    proc = run_cli("--data-dir", shards, "--out-dir", out, *TINY, "--max-steps", "3")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds a run (ckpt.pt, log.jsonl)" in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(train_gpt2.main, ["--data-dir", shards, "--out-dir", str(out), *TINY, "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "holds a run (ckpt.pt, log.jsonl)" in err
     assert load_checkpoint(out / "ckpt.pt")["step"] == before["step"] == 2 and len(read_log(out)) == 2
     (out / ".ckpt.pt.k2j4_x9z.tmp").write_bytes(b"a killed write")  # what atomic_path leaves when killed
     train(shards, out, "--max-steps", "3", "--eval-interval", "0", "--overwrite")
