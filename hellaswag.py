@@ -60,10 +60,7 @@ def load_examples(path, limit=None):
 
 
 def _parse_row(row, where):
-    ctx = row.get("ctx")
-    if ctx is None and isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b", ""), str):
-        ctx = (row["ctx_a"] + " " + row.get("ctx_b", "").capitalize()).strip()
-    endings, label = row.get("endings"), row.get("label")
+    ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")  # ctx: HellaSwag's ctx_a + ctx_b
     if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
             or not all(isinstance(e, str) for e in endings):
         raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
@@ -126,9 +123,7 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
             target_mask = mask[:, 1:].float()
             summed = (losses * target_mask).sum(1)  # (N,)
             mean = summed / target_mask.sum(1).clamp_min(1)
-            summed = summed.view(-1, N_ENDINGS).cpu()
-            mean = mean.view(-1, N_ENDINGS).cpu()
-            out += [(mean[k].tolist(), summed[k].tolist()) for k in range(len(group))]
+            out += zip(mean.view(-1, N_ENDINGS).tolist(), summed.view(-1, N_ENDINGS).tolist())  # per example
     finally:
         model.train(model_was_training)
     return out
