@@ -172,10 +172,9 @@ class GPT(nn.Module):
         targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
         counted tokens (reduction="mean") or their sum ("sum"). cache: see hidden.
         """
-        x = self.hidden(idx, **cache)  # (B, T, C)
+        logits = self.lm_head(self.hidden(idx, **cache))  # (B, T, V)
         if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
         return logits, loss
