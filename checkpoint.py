@@ -143,7 +143,7 @@ def model_from_checkpoint(ckpt, where="checkpoint", dropout=None):
     """The GPT a loaded checkpoint dict describes (with its LoRA adapters, if any), weights checked."""
     model = build_model(ckpt["config"], where, dropout)
     if ckpt.get("lora"):
-        apply_lora(model, LoRAConfig.from_dict(ckpt["lora"]))
+        apply_lora(model, LoRAConfig(**ckpt["lora"]))
     return _fill(model, ckpt["model"], where)
 
 

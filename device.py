@@ -1,5 +1,6 @@
 """The torch side of the shared helpers: device and dtype choice, torchrun's process group."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,11 @@ def pick_dtype(dtype, device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast(device, dtype):
+    """Autocast to dtype on the device; none for float32 (or None)."""
+    return contextlib.nullcontext() if dtype in (None, torch.float32) else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass

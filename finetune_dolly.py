@@ -28,9 +28,6 @@ Defaults: lr 5e-5 (HF's for GPT-2: 12x below the pretraining peak, so the pretra
 ~3 epochs), cosine to 0 after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they
 need a ~10x larger step). Evaluation (masked val loss, greedy answers to held-out val instructions) 4
 times an epoch and at the end.
-
-Output in --out-dir: ckpt.pt (the best val loss, LoRA merged, no optimizer: what inference and the
-server load), last.pt (for --init-from resume; LoRA: base + adapters), log.jsonl, samples.jsonl, loss.png.
 """
 
 import json
@@ -65,9 +62,6 @@ PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real t
 def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
     data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: no such folder (default data/dolly): make it with "
-                        f"python prepare_dolly.py --out-dir {data_dir}")
     meta_path = os.path.join(data_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:

@@ -87,9 +87,9 @@ def write_manifest(out_dir, paths, fingerprint=None):
 def read_manifest(data_dir, split="train"):
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise UserError(f"no {split} shards in {data_dir}: it holds no finished set of token shards (no {MANIFEST}, "
-                        f"which fineweb.py writes last); make them with: python fineweb.py --out-dir {data_dir} "
-                        f"[--input FILE...]")
+        raise UserError(f"no {split} shards in {data_dir} (--data-dir): it holds no finished set of token shards (no "
+                        f"{MANIFEST}, which fineweb.py writes last); make them with: python fineweb.py --out-dir "
+                        f"{data_dir} [--input FILE...]")
     try:
         with open(path) as f:
             manifest = json.load(f)

@@ -1,6 +1,6 @@
 """
-HellaSwag: load the validation set and score a GPT on it (acc and acc_norm), on one process or
-spread over the ranks of a torchrun job.
+HellaSwag: score a GPT on the validation set (acc and acc_norm), on one process or spread over the
+ranks of a torchrun job (rank r scores examples r, r + W, ...; the counts are summed over ranks).
 
 Each example is a context and 4 candidate endings. A candidate is scored by the model's
 cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + encode(" " + ending)).
@@ -8,18 +8,9 @@ cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + en
 - acc_norm: the ending with the lowest mean loss per ending token (length-normalised; the figure
   build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 
-API:
-    examples = load_examples(path, limit=None)       # .jsonl / .jsonl.gz / .jsonl.xz rows
-    result = evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, autocast_dtype=None)
-    # result: {"acc_norm": float, "acc": float, "n": int}; with world_size > 1 and torch.distributed
-    # initialised, rank r scores examples r, r + W, ... and the counts are summed over ranks.
-    scores = score_examples(model, examples, device)  # per-example mean and summed ending losses
-
-CLI:
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
-import contextlib
 import json
 import os
 
@@ -46,7 +37,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from common import UserError, iter_jsonl  # noqa: E402
-from device import pick_device, pick_dtype  # noqa: E402
+from device import autocast, pick_device, pick_dtype  # noqa: E402
 from model import GPT2_VOCAB  # noqa: E402
 from tokenizer import encode  # noqa: E402
 
@@ -69,10 +60,7 @@ def load_examples(path, limit=None):
 
 
 def _parse_row(row, where):
-    ctx = row.get("ctx")
-    if ctx is None and isinstance(row.get("ctx_a"), str) and isinstance(row.get("ctx_b", ""), str):
-        ctx = (row["ctx_a"] + " " + row.get("ctx_b", "").capitalize()).strip()
-    endings, label = row.get("endings"), row.get("label")
+    ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")  # ctx: HellaSwag's ctx_a + ctx_b
     if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
             or not all(isinstance(e, str) for e in endings):
         raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
@@ -111,8 +99,6 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
     model.eval()
     device = torch.device(device)
     max_len = model.config.block_size
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype not in (None, torch.float32) else contextlib.nullcontext())
     out = []
     try:
         for i in range(0, len(examples), batch_examples):
@@ -129,7 +115,7 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
                 tokens[j, :len(r)] = torch.tensor(r)
                 mask[j, s:len(r)] = True
             tokens, mask = tokens.to(device), mask.to(device)
-            with autocast:
+            with autocast(device, autocast_dtype):
                 logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
             logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
             losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
@@ -137,9 +123,7 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
             target_mask = mask[:, 1:].float()
             summed = (losses * target_mask).sum(1)  # (N,)
             mean = summed / target_mask.sum(1).clamp_min(1)
-            summed = summed.view(-1, N_ENDINGS).cpu()
-            mean = mean.view(-1, N_ENDINGS).cpu()
-            out += [(mean[k].tolist(), summed[k].tolist()) for k in range(len(group))]
+            out += zip(mean.view(-1, N_ENDINGS).tolist(), summed.view(-1, N_ENDINGS).tolist())  # per example
     finally:
         model.train(model_was_training)
     return out

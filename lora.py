@@ -17,9 +17,9 @@ suffixes: `c_attn` (fused q, k, v), `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`; `c_
 projections and `c_fc` is the same as `mlp.c_fc`. `lm_head` cannot be a target: it is tied to the
 token embedding, so adapting it would silently adapt the input embedding too.
 
-Memory: training updates only the adapters, so the gradients and the AdamW state (two fp32
-moments per trainable parameter) shrink by the fraction of trainable parameters; activation
-memory does not shrink (backprop still runs through every layer). bench/lora_memory.py measures it.
+Memory: training updates only the adapters, so the gradients and the optimizer state shrink by the
+fraction of trainable parameters; activation memory does not shrink (backprop still runs through
+every layer). BENCHMARKS.md has the measured figures for GPT-2 124M.
 """
 
 import math
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from common import UserError
 from train_flags import DEFAULT_TARGETS  # every Linear of every block (QLoRA: all layers is best)
 LORA_KEYS = ("lora_A", "lora_B")
-ADAM_STATES_PER_PARAM = 2  # exp_avg and exp_avg_sq, fp32
 
 
 @dataclass(frozen=True)
@@ -44,47 +43,29 @@ class LoRAConfig:
     targets: tuple = DEFAULT_TARGETS
 
     def __post_init__(self):
+        """UserError (one line) for a rank, alpha, dropout or target list that cannot work."""
         object.__setattr__(self, "targets", tuple(self.targets))
-        check_lora_config(self)
-
-    @property
-    def scale(self):
-        return self.alpha / self.rank
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"--lora-rank must be an integer >= 1, got {self.rank}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise UserError("--lora-targets is empty; name at least one layer, e.g. c_attn")
+        for t in self.targets:
+            if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", t):
+                raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
 
     def to_dict(self):
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
 
-    @classmethod
-    def from_dict(cls, d):
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d["dropout"]),
-                   targets=tuple(d["targets"]))
-
-
-def check_lora_config(cfg):
-    """UserError (one line) for a rank, alpha, dropout or target list that cannot work."""
-    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
-        raise UserError(f"--lora-rank must be an integer >= 1, got {cfg.rank}")
-    if not (isinstance(cfg.alpha, (int, float)) and math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise UserError(f"--lora-alpha must be > 0, got {cfg.alpha}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"--lora-dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.targets:
-        raise UserError("--lora-targets is empty; name at least one layer, e.g. c_attn")
-    for t in cfg.targets:
-        if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", t):
-            raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
-
 
 def parse_targets(text):
     """'c_attn, mlp.c_proj' -> ('c_attn', 'mlp.c_proj'); duplicates dropped, order kept."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part and part not in out:
-            out.append(part)
-    return tuple(out)
+    return tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
 
 
 class LoRALinear(nn.Module):
@@ -120,27 +101,18 @@ class LoRALinear(nn.Module):
 
 # ---------------------------------------------------------------------- wrapping
 
-def linear_names(model):
-    """Qualified names of the nn.Linear layers inside the transformer blocks (lm_head excluded)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
-
-
-def _matches(name, target):
-    return name == target or name.endswith("." + target)
-
-
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters")
-    candidates = linear_names(model)
+    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates} | {n.split(".")[-1] for n in candidates})
     chosen = []
     for t in targets:
         if t == "lm_head" or t.endswith(("wte", "wpe", "lm_head")):
             raise UserError(f"--lora-targets: {t!r} is tied to the token embedding (or is an embedding) and "
                             f"cannot take an adapter; choose from {', '.join(suffixes)}")
-        hits = [n for n in candidates if _matches(n, t)]
+        hits = [n for n in candidates if n == t or n.endswith("." + t)]
         if not hits:
             raise UserError(f"--lora-targets: {t!r} matches no Linear layer of the blocks; "
                             f"choose from {', '.join(suffixes)}")
@@ -153,7 +125,6 @@ def apply_lora(model, cfg):
 
     Seed torch first for a reproducible A. Returns the wrapped layers' names.
     """
-    check_lora_config(cfg)
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -168,10 +139,6 @@ def apply_lora(model, cfg):
 def lora_modules(model):
     """(name, LoRALinear) pairs, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def has_lora(model):
-    return bool(lora_modules(model))
 
 
 def merged_state_dict(model):
@@ -191,7 +158,7 @@ def merged_state_dict(model):
     return out
 
 
-# ---------------------------------------------------------------------- sizes and memory
+# ---------------------------------------------------------------------- sizes
 
 def count_parameters(model):
     """(trainable, total) parameter counts, tied weights once."""
@@ -199,35 +166,7 @@ def count_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def training_state_bytes(model, full=False):
-    """Bytes of gradients and AdamW moments that training this model keeps (from its trainable params).
-
-    full=True: as if every parameter but the adapters were trained (full fine-tuning of the same model).
-    {"trainable", "total", "grad_bytes", "optimizer_bytes", "bytes"}: grads have the params' dtype,
-    AdamW keeps exp_avg and exp_avg_sq in fp32 (plus a scalar step per tensor).
-    """
-    trainable, total = count_parameters(model)
-    if full:
-        adapters = {id(m.lora_A) for _, m in lora_modules(model)} | {id(m.lora_B) for _, m in lora_modules(model)}
-        params = [p for p in model.parameters() if id(p) not in adapters]
-        trainable = sum(p.numel() for p in params)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    grad = sum(p.numel() * p.element_size() for p in params)
-    opt = sum(ADAM_STATES_PER_PARAM * p.numel() * 4 + 4 for p in params)
-    return {"trainable": trainable, "total": total, "grad_bytes": grad, "optimizer_bytes": opt, "bytes": grad + opt}
-
-
 def describe_memory(model):
-    """One line for the start of a run: trainable parameters and the gradient + AdamW memory (vs full)."""
-    s, full = training_state_bytes(model), training_state_bytes(model, full=True)["bytes"]
-    line = (f"trainable parameters {s['trainable'] / 1e6:.2f}M of {s['total'] / 1e6:.2f}M "
-            f"({100 * s['trainable'] / max(s['total'], 1):.2f}%); gradients + AdamW state {mib(s['bytes'])}")
-    if full > s["bytes"]:
-        line += (f" instead of {mib(full)} for full fine-tuning: LoRA saves {mib(full - s['bytes'])} "
-                 f"(activations are not reduced)")
-    return line
-
-
-def mib(n):
-    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
+    """One line for the start of a run: gradients and optimizer state are kept for the trainable parameters only."""
+    trainable, total = count_parameters(model)
+    return f"trainable parameters {trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"

@@ -11,7 +11,6 @@ Shapes in comments: B batch, T query length, S cache slots, L key length, C n_em
 D head size (C // H), V vocab.
 """
 
-import inspect
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -173,10 +172,9 @@ class GPT(nn.Module):
         targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
         counted tokens (reduction="mean") or their sum ("sum"). cache: see hidden.
         """
-        x = self.hidden(idx, **cache)  # (B, T, C)
+        logits = self.lm_head(self.hidden(idx, **cache))  # (B, T, V)
         if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
         return logits, loss
@@ -224,19 +222,6 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(exclude_positions=True) + 12 * cfg.n_layer * cfg.n_embd * T
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
-        """AdamW with weight decay on >= 2-D weights (matmuls, embeddings) only; fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
 
 def hf_to_ours(hf_state):

@@ -28,8 +28,8 @@ def add_train_args(p):
     o.add_argument("--batch-size", type=bounded(int, 1), help="micro batch: sequences per GPU per micro-step")
     o.add_argument("--max-steps", type=bounded(int, 1), help="optimizer steps")
     o.add_argument("--warmup-steps", type=bounded(int, 0), help="linear LR warmup steps")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: AdamW for every "
-                   "weight | muon: Muon for the blocks' matrices, AdamW (--lr, --weight-decay) for the rest")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: AdamW for every weight | muon: Muon for the "
+                   "blocks' matrices (with LoRA: the adapters), AdamW (--lr, --weight-decay) for the rest")
     o.add_argument("--lr", type=bounded(float, 0, inclusive=False), help="AdamW's peak learning rate")
     o.add_argument("--min-lr", type=bounded(float, 0), default=None,
                    help="AdamW's LR at the end of the cosine (Muon's ends at the same fraction of its peak)")

@@ -40,12 +40,12 @@ import torch  # noqa: E402
 from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint,  # noqa: E402
                         load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
 from common import UserError, clean_stale_temps  # noqa: E402
-from device import pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
-from fineweb import MANIFEST, list_shards, read_shard  # noqa: E402
+from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
+from fineweb import list_shards, read_shard  # noqa: E402
 from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
 from hellaswag import load_examples  # noqa: E402
 from inference import Engine, generate_text  # noqa: E402
-from lora import has_lora, merged_state_dict  # noqa: E402
+from lora import merged_state_dict  # noqa: E402
 from optim import Optimizer  # noqa: E402
 from runlog import RunLog  # noqa: E402
 from tokenizer import N_VOCAB  # noqa: E402
@@ -69,14 +69,6 @@ def peak_flops_for_name(name):
     return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name.lower())), None)
 
 
-def detect_peak_flops(device):
-    """bf16 dense peak FLOP/s of a CUDA device, from its name; None when unknown or not CUDA."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
-
-
 def lr_at(step, max_steps, warmup_steps, lr, min_lr):
     """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps (step is 0-based)."""
     if step < warmup_steps:
@@ -85,10 +77,6 @@ def lr_at(step, max_steps, warmup_steps, lr, min_lr):
         return min_lr
     ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def autocast(device, dtype):
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def lr_factor(a, step):
@@ -210,13 +198,10 @@ def fit(t):
 
 
 class Trainer:
-    """The state of a run of either script; `args` are the flags of train_flags.add_train_args (plus the script's).
-
-    train_data.batch(step) -> this rank's (x, y) of a step, CPU int64, y = -1 where no loss is wanted;
-    train_data.rows (rows per step, all ranks), .seq_len, .steps_per_epoch, .signature (checked at resume).
-    val_batches: this rank's (x, y) batches. prompts: texts continued at evaluations (rank 0).
-    hellaswag: examples scored at evaluations. keep_best: ckpt.pt holds the best val loss, last.pt resumes.
-    """
+    """The state of a run of either script (args: train_flags' flags). train_data.batch(step) -> this rank's
+    (x, y) of a step, CPU int64, y = -1 where no loss is wanted; also .rows (per step, all ranks), .seq_len,
+    .steps_per_epoch, .signature (checked at resume). val_batches: this rank's (x, y) batches. prompts: texts
+    continued at evaluations (rank 0). hellaswag: examples scored there. keep_best: ckpt.pt = best val loss."""
 
     def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", keep_best=False,
                  prompts=(), hellaswag=None):
@@ -248,7 +233,8 @@ class Trainer:
         self.step, self.metrics = 0, {}
         self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if keep_best else CKPT_NAME)
         self.runlog, self.stopper = RunLog(args.out_dir, args.max_steps, self.dist.is_main), StopSignal(self.dist)
-        self.peak_flops = detect_peak_flops(self.device)
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        self.peak_flops = peak_flops_for_name(gpu)  # None for a device not in the table: no MFU
         self.flops_per_token = self.raw_model.flops_per_token(train_data.seq_len)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if args.prefetch > 0 else None
         self.ahead = {}  # step -> Future of its rows
@@ -268,6 +254,7 @@ class Trainer:
         self.optimizer.zero_grad()
         self.step += 1
         return loss, norm, x.numel() * self.dist.world_size
+
     def forward_backward(self, x, y):
         """Accumulate the gradients of sum(token losses) / (targets counted over the step and all ranks)."""
         count = int((y != -1).sum())  # CPU tensors: no device sync
@@ -344,7 +331,6 @@ class Trainer:
             out["best_val_loss"] = self.metrics.get("best_val_loss")
         return {k: v for k, v in out.items() if v is not None}
 
-
     def save(self, path, best=False):
         """Our checkpoint (rank 0). best: inference weights only (LoRA merged), no optimizer or RNG state."""
         if not self.dist.is_main:
@@ -352,7 +338,7 @@ class Trainer:
         raw = self.raw_model
         lora = getattr(raw, "lora_config", None)
         save_checkpoint(
-            path, kind=self.kind, model_state=merged_state_dict(raw) if best and has_lora(raw) else raw.state_dict(),
+            path, kind=self.kind, model_state=merged_state_dict(raw) if best and lora else raw.state_dict(),
             config=raw.config.to_dict(), step=self.step, optimizer=None if best else self.optimizer.state_dict(),
             train_state={"data": self.train_data.signature, "elapsed_s": self.runlog.elapsed()},
             rng=None if best else capture_rng_state(), args=vars(self.args), metrics=self.metrics,
@@ -521,14 +507,6 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
     return fit(trainer)
 
 
-def train_shards(args, split):
-    """The shards of a split; a folder that holds none names the default and the command that makes them."""
-    if not os.path.isfile(os.path.join(args.data_dir, MANIFEST)):
-        raise UserError(f"no {split} shards in {args.data_dir} (--data-dir, default data/fineweb): make them with "
-                        f"python fineweb.py --out-dir {args.data_dir}")
-    return list_shards(args.data_dir, split, args.data_prefix)
-
-
 def main(argv=None):
     args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
@@ -540,12 +518,12 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         config = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout or 0.0)
-        train = TokenWindows(train_shards(args, "train"), args.block_size, args.total_batch_size // args.block_size,
-                             dist.rank, dist.world_size, args.seed)
+        train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
+                             args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt, config)
         val = []
         if args.eval_interval > 0 and args.eval_steps > 0:
-            val = val_windows(train_shards(args, "val"), args.block_size, args.batch_size,
+            val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
                               args.eval_steps * args.batch_size, dist.rank, dist.world_size)
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:

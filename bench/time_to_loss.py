@@ -1,17 +1,15 @@
 """
 Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
-configuration, same shards, data order and initial weights. Also tokens/s, MFU and peak memory: the
-training-throughput bench too (e.g. --runs adamw:batch_size=16,adamw:batch_size=64,adamw:no_compile).
+configuration, same shards, data order and initial weights; also tokens/s, MFU and peak memory.
 
     python bench/time_to_loss.py --data-dir data/books --out-dir out/ttl --runs adamw:lr=6e-4,muon:muon_lr=0.02
 
 --runs: comma-separated configurations, each an optimizer then `:flag=value` (or `:switch`) overrides
-of train_gpt2.py flags; other train_gpt2.py flags pass through to every run. Defaults: the README's
-short run, 300 steps of 131,072 tokens, warmup 30, val loss on 8 batches every 25 steps. One model
-object serves every run (initial weights restored in place), so torch.compile compiles once, in an
-untimed 2-step warm-up run. Time to the target: training seconds (the loop's own timing, evaluations
-excluded) and wall time (elapsed_s) at the first evaluation at or below it. Writes OUT_DIR/<run>/
-log.jsonl and OUT_DIR/time_to_loss.png; prints a table, then one JSON line.
+of train_gpt2.py flags; other train_gpt2.py flags pass through to every run. Defaults (DEFAULTS): 300
+steps of 131,072 tokens, warmup 30, val loss on 8 batches every 25 steps. One model object serves every
+run (initial weights restored in place), so torch.compile compiles once, in an untimed 2-step warm-up.
+Time to the target: training seconds (evaluations excluded) and wall time at the first evaluation at or
+below it. Writes OUT_DIR/<run>/log.jsonl and OUT_DIR/time_to_loss.png; a table, then one JSON line.
 """
 
 import argparse

@@ -13,7 +13,7 @@ from lora import LoRAConfig, apply_lora
 
 
 def _save(path, model, **kw):
-    opt = model.configure_optimizers(0.1, 1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     loss = model(torch.randint(0, 100, (1, 8)), torch.randint(0, 100, (1, 8)))[1]
     loss.backward()
     opt.step()
@@ -40,7 +40,7 @@ def test_round_trip_weights_only(tmp_path, tiny_model):
         assert torch.equal(model(idx)[0], tiny_model(idx)[0])
     assert ckpt["train_state"] == {"epoch": 1, "position": 123}
     assert ckpt["args"]["out_dir"] == str(tmp_path)  # Path -> str
-    opt = model.configure_optimizers(0.1, 1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     opt.load_state_dict(ckpt["optimizer"])
 
 

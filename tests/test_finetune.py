@@ -235,10 +235,12 @@ RESUME = ["--block-size", "128", "--batch-size", "1", "--examples-per-step", "3"
           "--eval-examples", "2"]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora_muon"])
 def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
     extra = ["--dropout", "0.1"] if mode == "full" else ["--lora-rank", "4", "--lora-dropout", "0.1",
                                                          "--lora-targets", "c_attn,mlp.c_proj", "--lr", "1e-2"]
+    if mode == "lora_muon":  # Muon takes every adapter matrix; the resume below names no optimizer
+        extra += ["--optimizer", "muon", "--muon-lr", "0.05"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     finetune(data24, straight, tiny_ckpt, *RESUME, *extra)
     first = finetune(data24, split, tiny_ckpt, *RESUME, *extra, "--stop-at-step", "5")
@@ -269,7 +271,12 @@ def test_resume_equals_uninterrupted(data24, tiny_ckpt, tmp_path, mode):
     best = load_checkpoint(straight / "ckpt.pt")
     plain = model_from_checkpoint(best)  # canonical names: inference needs nothing special
     assert not os.path.exists(straight / "adapter.pt")  # ckpt.pt holds the merged weights: what everything loads
-    if mode == "lora":  # the base stayed frozen; last.pt (base + adapters) at the best step = ckpt.pt, merged
+    if mode == "lora_muon":
+        last = load_checkpoint(split / "last.pt")
+        assert last["args"]["optimizer"] == "muon" and list(last["optimizer"]) == ["muon"]
+        assert len(last["optimizer"]["muon"]["param_groups"][0]["params"]) == 2 * 2 * 2  # A, B of 2 layers x 2 blocks
+        assert va[6] < va[0]
+    if mode != "full":  # the base stayed frozen; last.pt (base + adapters) at the best step = ckpt.pt, merged
         base = model_from_checkpoint(load_checkpoint(tiny_ckpt))
         last = load_checkpoint(straight / "last.pt")
         for key, value in base.state_dict().items():
@@ -333,7 +340,7 @@ def _set_template_version(folder):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("no_dir", "no such folder"),
+    ("no_dir", "meta.json: not found"),
     ("no_npz", "val.npz: not found"),
     ("template", "template version 999"),
     ("rank0", "--lora-rank must be an integer >= 1"),

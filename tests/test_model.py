@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_config
 
 from checkpoint import load_model
 from model import GPT, GPTConfig, KVCache
+from optim import Optimizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,13 +132,12 @@ def test_loss_ignores_minus_one_and_sum_reduction(tiny_model):
     assert torch.allclose(mean * 12, total, rtol=1e-5)
 
 
-def test_configure_optimizers_decay_groups(tiny_model):
-    opt = tiny_model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
-    decay, no_decay = opt.param_groups
+def test_adamw_decays_matrices_and_embeddings_only(tiny_model):
+    args = SimpleNamespace(optimizer="adamw", lr=1e-3, weight_decay=0.1)
+    decay, no_decay = Optimizer(tiny_model, args, "cpu").adamw.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n == tiny_model.num_params()
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny_model.num_params()
 
 
 def test_flops_per_token():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+import cli
 import train_gpt2
 from checkpoint import load_checkpoint
 from common import UserError
@@ -208,12 +209,15 @@ def test_wandb_offline_logs_the_run(shards, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- nothing lost
 
-def test_a_new_run_refuses_a_folder_holding_one(shards, tmp_path):
+def test_a_new_run_refuses_a_folder_holding_one(shards, tmp_path, capsys):
     out = tmp_path / "run"
     train(shards, out, "--max-steps", "2", "--eval-interval", "0")
     before = load_checkpoint(out / "ckpt.pt")
-    proc = run_cli("--data-dir", shards, "--out-dir", out, *TINY, "--max-steps", "3")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds a run (ckpt.pt, log.jsonl)" in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(train_gpt2.main, ["--data-dir", shards, "--out-dir", str(out), *TINY, "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "holds a run (ckpt.pt, log.jsonl)" in err
     assert load_checkpoint(out / "ckpt.pt")["step"] == before["step"] == 2 and len(read_log(out)) == 2
     (out / ".ckpt.pt.k2j4_x9z.tmp").write_bytes(b"a killed write")  # what atomic_path leaves when killed
     train(shards, out, "--max-steps", "3", "--eval-interval", "0", "--overwrite")
@@ -239,7 +243,9 @@ def test_corrupt_shard_is_a_clear_error(shards, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
-def test_user_mistakes_are_one_line(shards, tmp_path):
+def test_user_mistakes_are_one_line(shards, tmp_path, capsys):
+    """Each mistake: `error: ...` in one line, exit code 2, through run_cli as the script's __main__ calls it (in
+    this process: a subprocess a case cost seconds of torch import; test_corrupt_shard_is_a_clear_error runs one)."""
     for flags, message in ((["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
                            (["--lr", "0"], "--lr: must be > 0"),
                            (["--total-batch-size", "100"], "not a multiple of --block-size"),
@@ -249,9 +255,12 @@ def test_user_mistakes_are_one_line(shards, tmp_path):
                            (["--dtype", "float16"], "float16"),
                            (["--nonsense"], "unrecognized arguments: --nonsense"),
                            (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'")):
-        proc = run_cli("--data-dir", shards, "--out-dir", tmp_path / "o", *TINY, "--max-steps", "1", *flags)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (flags, proc.stderr)
-        assert message in proc.stderr, (flags, proc.stderr)
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_cli(train_gpt2.main, ["--data-dir", shards, "--out-dir", str(tmp_path / "o"), *TINY,
+                                          "--max-steps", "1", *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (flags, err)
+        assert message in err, (flags, err)
     with pytest.raises(UserError, match="no train shards"):
         train(str(tmp_path), tmp_path / "o", "--max-steps", "1")
     assert not (tmp_path / "o").exists()
