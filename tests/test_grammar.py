@@ -5,6 +5,7 @@ plain batched sampler (temperature 1.0, one row per sample, no KV cache) so the 
 constraint alone: fill the rows of the live samples, mask their logits, sample, advance.
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from grammar import (ConstraintError, Matcher, apply_bitmask, compile_constraint, constraint_from_request,
                      fill_bitmask, make_constraint, new_bitmask)
 from tokenizer import EOT_ID, N_VOCAB, decode
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from model import GPT, KVCache
 
 SCHEMAS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "json_schemas.json")))
@@ -394,3 +395,14 @@ def test_cli_json_schema(tmp_path, model, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: --json-schema {tmp_path / name}: ") and words in err
         assert err.count("\n") == 1
+
+
+def test_generate_bench_constrained_mode_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "bench", "generate.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--device", "cpu", "--batch-sizes", "2", "--n-new", "8", "--no-hf", "--repeats",
+                       "1", "--json-schema", "nested"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["impl"] for r in result["results"]} == {"ours", "ours+json"}
+    assert result["grammar"]["compile_ms"] > 0 and result["grammar"]["constrained_vs_free"]["eager/b2"] > 0
