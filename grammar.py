@@ -9,15 +9,17 @@ strings, or a grammar (GBNF or Lark), enforced by llguidance.
     masked = apply_bitmask(logits, bitmask.to(logits.device))      # a copy: disallowed ids -> -inf
     m.accept(token)                          # after sampling; m.done: only end-of-text is left
 
-Why llguidance (docs/runs/2026-12-06_cpu_grammar_libraries.txt, against xgrammar): no Python dependencies and one abi3 wheel, grammars build in
-1-7 ms where xgrammar precomputes for up to 500 ms, its outputs validate where xgrammar's do not (multipleOf
-on numbers, control characters in strings), and its parser runs under fuel limits: a hostile spec is bounded.
+Why llguidance, against xgrammar (docs/runs/2026-12-06_cpu_grammar_libraries.txt): no Python dependencies
+and one abi3 wheel, grammars build in 1-7 ms where xgrammar precomputes for up to 500 ms, its outputs
+validate where xgrammar's do not (multipleOf on numbers, control characters in strings), and its parser
+runs under fuel limits: a hostile spec is bounded.
 """
 
 import functools
 import json
 import re
 import threading
+import dataclasses
 from dataclasses import dataclass
 
 import llguidance
@@ -62,7 +64,8 @@ class ConstraintError(UserError):
 class Constraint:
     kind: str  # one of KINDS
     spec: str  # canonical text: sorted-key JSON for a schema or the choices, else the regex or grammar
-    field: str  # the request field it came from, named in errors
+    field: str = dataclasses.field(compare=False)  # the request field it came from, named in errors (not
+    # in the compile cache's key: one schema, one template, whichever form brought it)
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
@@ -263,10 +266,6 @@ class Matcher:
     def done(self):  # the grammar is complete: end-of-text is the only token left
         return self._m.is_stopped()
 
-    @property
-    def error(self):
-        """None, or why the matcher stopped (a refused token, or a mask step over its fuel)."""
-        return _first_line(self._m.get_error()) if self._m.is_error() else None
 
 
 def new_bitmask(rows, pin=False):
