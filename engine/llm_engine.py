@@ -20,7 +20,7 @@ from collections import deque
 
 import torch
 
-from engine.model_runner import CACHE_BUCKET, ModelRunner, PrefillWork
+from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork
 from engine.sampler import TOPK_CANDIDATES, entry
 from engine.sampling_params import check_inputs
 from engine.scheduler import Scheduler
@@ -94,12 +94,15 @@ class Engine:
     def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
         kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
-        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        request waits for a capture; others are captured on first use. The two halves of a constrained
+        step come too: the forward per bucket, the masked sampler of each kind per batch bucket.
+        -> graphs held (0 without graphs)."""
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
         with self._lock:
-            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], kinds)
+            self.runner.graphs.warmup([(B, 0) for B in batches], [k[:3] + (True,) for k in kinds])
+            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], (*kinds, FORWARD))
 
     # -------------------------------------------------------------- the loop
 

@@ -122,7 +122,7 @@ class ModelRunner:
         self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev)
         # constrained batches: the forward's logits, sampled under the grammars' bitmask (all ones: no grammar)
         self.logits = torch.zeros(S, self.config.vocab_size, dtype=self.dtype, device=dev)
-        self.mask = new_bitmask(S).to(dev)
+        self.mask = new_bitmask(S).fill_(-1).to(dev)
         self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)

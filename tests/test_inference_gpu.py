@@ -153,7 +153,9 @@ def test_warmup_captures_up_front():
     model = gpt2_124m(torch.bfloat16)
     engine = inf.Engine(model, max_batch=4)
     n = engine.warmup()
-    assert n == 3 * 8 * 2 and not engine.notes  # batch buckets 1, 2, 4 x cache lengths 128 .. 1024 x 2 kinds
+    # batch buckets 1, 2, 4 x cache lengths 128 .. 1024 x (2 kinds + the constrained forward), and the masked
+    # sampler of the 2 kinds per batch bucket
+    assert n == 3 * 8 * 3 + 3 * 2 and not engine.notes
     inf.generate_batch(engine, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
     inf.generate_batch(engine, PROMPTS[:2], max_new_tokens=100, temperature=0, raw=True, ignore_eos=True)
     assert engine.describe()["graphs_captured"] == n  # nothing new to capture
