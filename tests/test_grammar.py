@@ -412,3 +412,17 @@ def test_generate_bench_constrained_mode_runs(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {r["impl"] for r in result["results"]} == {"ours", "ours+json"}
     assert result["grammar"]["compile_ms"] > 0 and result["grammar"]["constrained_vs_free"]["eager/b2"] > 0
+
+
+def test_engine_chunked_prefill_beside_running_rows(model):
+    """A constrained prompt prefilled 8 tokens a step while a free request decodes (and the reverse)."""
+    engine = inference.Engine(model, max_batch=4, prefill_chunk=8, static=True, decode_chunk=4, pipeline=True)
+    free = SamplingParams.make(max_new_tokens=40, temperature=1.0, seed=1, raw=True, ignore_eos=True)
+    schema = SCHEMAS["nested_object"]
+    first = engine.add(decode_ids("x"), free)  # prefilled in the first step, decoding while the others prefill
+    long = decode_ids("a fairly long prompt that takes several prefill steps of eight tokens each " * 2)
+    reqs = [first, engine.add(long, constrained("json_schema", schema), n=2), engine.add(long, free)]
+    got = run(engine, reqs)
+    for i in range(2):
+        jsonschema.validate(json.loads(got[(reqs[1].id, i)][1]), schema)
+    assert len(got[(reqs[0].id, 0)][0]) == len(got[(reqs[2].id, 0)][0]) == 40
