@@ -10,8 +10,8 @@ working while the host makes text; a request's tokens never depend on what else 
 
 Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
 before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
-is queued, the earlier work is emitted (each matcher accepts its tokens), the masks are filled on the
-CPU while the device runs the forward, then the batch is sampled under them. Rows without a grammar
+is queued; each matcher takes its last token and a thread fills the masks on the CPU while the host
+emits the earlier work and the device runs the forward; then the batch is sampled under them. Rows without a grammar
 get an all-ones mask (their tokens do not change); a batch without a constrained row is untouched.
 """
 
@@ -123,10 +123,12 @@ class Engine:
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
             self._embed_slice()
             # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
-            for work in filter(None, self._inflight + [prefill]):  # emit
+            earlier = [w for w in self._inflight + [prefill] if w is not None]
+            masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
+            for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
-            if decode is not None and decode.fetch is None:  # constrained: each matcher has had every token
-                self.runner.sample_masked(decode)
+            if masks is not None:  # constrained: sampled under the masks of every token so far
+                self.runner.sample_masked(decode, masks.result())
             self._inflight = [decode] if self.pipeline and decode else []
             if decode is not None and not self.pipeline:
                 self._emit_decode(decode, emitted)

@@ -7,6 +7,7 @@ the padding of the embedding, are never sampled), L cache positions read.
 """
 
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +46,14 @@ class Fetch:
             self.event.record()
         else:
             self.host, self.event = [t.clone() for t in tensors], None
+        self.values = None
 
     def get(self):
-        if self.event is not None:
-            self.event.synchronize()
-        return [t.tolist() for t in self.host]
+        if self.values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self.values = [t.tolist() for t in self.host]
+        return self.values
 
 
 @dataclass
@@ -57,6 +61,7 @@ class PrefillWork:
     finals: list  # [(batch row, request, last position)] of the prompts this prefill completed
     choices: list  # the choices whose first token was sampled
     fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
+    first: int = 0  # where the first ids sit in the fetch
 
 
 @dataclass
@@ -87,6 +92,19 @@ def grammar_masks(rows, bitmask):
     if pairs:
         fill_bitmask([m for m, _ in pairs], bitmask, [b for _, b in pairs])
     return bitmask
+
+
+def advance_matchers(works):
+    """Each constrained choice's matcher takes its new token from these works (read now, before the text)."""
+    for w in works:
+        ids = w.fetch.get()
+        if isinstance(w, PrefillWork):
+            pairs = zip(w.choices, ids[w.first]) if w.choices else ()
+        else:  # a constrained batch decodes one step: its tokens are column 0
+            pairs = ((c, row[0]) for c, row in zip(w.rows, ids[0])) if w.kind[3] else ()
+        for c, token in pairs:
+            if c is not None and c.matcher is not None:
+                c.advance(token)
 
 
 def device_dtype(model):
@@ -124,6 +142,7 @@ class ModelRunner:
         self.logits = torch.zeros(S, self.config.vocab_size, dtype=self.dtype, device=dev)
         self.mask = new_bitmask(S).fill_(-1).to(dev)
         self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
+        self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)
 
@@ -204,8 +223,9 @@ class ModelRunner:
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
+            first = len(fetch)
             fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
-        return PrefillWork(finals, choices, Fetch(fetch))
+        return PrefillWork(finals, choices, Fetch(fetch), first if choices else 0)
 
     def decode(self, rows_by_slot, live):
         """Queue K decode steps for every live choice (one host upload of uniforms, no sync) -> DecodeWork or None.
@@ -238,17 +258,22 @@ class ModelRunner:
             work.fetch = self._fetch(B, kind)
         return work
 
-    def sample_masked(self, work):
-        """Sample a constrained batch's step (queued by decode): the grammars' masks filled on the CPU while
-        the device runs the forward, then one upload and the sampler under them -> work.fetch."""
+    def fill_masks(self, work, earlier):
+        """Start the masks of a constrained step (queued by decode) -> a Future of the bitmask: each matcher
+        takes its last token from the earlier works, then a thread fills the masks (llguidance, without
+        the GIL) while the host makes the text and the device runs the forward."""
+        advance_matchers(earlier)
+        return self.filler.submit(grammar_masks, work.rows, self.host_mask[:len(work.rows)])
+
+    def sample_masked(self, work, bitmask):
+        """Sample a constrained step under its masks: one upload, the masked sampler -> work.fetch."""
         B = len(work.rows)
-        self.mask[:B].copy_(grammar_masks(work.rows, self.host_mask[:B]), non_blocking=True)
+        self.mask[:B].copy_(bitmask, non_blocking=True)
         self._step(B, 0, work.kind)
         work.fetch = self._fetch(B, work.kind)
 
     def _step(self, B, L, kind):
-        if not self.graphs.replay(B, L, kind):
-            self.decode_step(B, L, kind)
+        self.graphs.replay(B, L, kind) or self.decode_step(B, L, kind)
 
     def _fetch(self, B, kind):
         return Fetch([self.out[:B]] + ([self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []))

@@ -65,6 +65,8 @@ class Choice:
         self.decoder = utf8_decoder()
         self.stops = StopFilter(p.stop)
         self.matcher = Matcher(template) if template is not None else None  # its own place in the grammar
+        self.accepted = 0  # tokens the matcher has taken
+        self.complete = False  # the grammar is complete (end-of-text is all it allows) or refused a token
         self.token_ids = []
         self.finish_reason = None
         self.out = None  # the Output of the current step
@@ -80,23 +82,30 @@ class Choice:
             emitted.append(self)
         return self.out
 
+    def advance(self, token):
+        """The matcher takes the next generated id (the engine may do this before feed, to fill the next
+        mask sooner). A refused id: only after a mask step ran out of llguidance's fuel, and then the mask
+        allowed end-of-text alone."""
+        if self.finish_reason is None and self.accepted == len(self.token_ids):
+            self.accepted += 1
+            self.complete = not self.matcher.accept(token) or self.matcher.done
+
     def feed(self, token, logprob, emitted):
         """One generated id (and its logprob entry or None); may finish the choice."""
         out = self.output(emitted)
+        if self.matcher is not None:
+            self.advance(token)
         self.token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
             out.logprobs.append(logprob)
         if token == EOT_ID and not self.p.ignore_eos:
             return self.finish("eos", emitted)
-        # the grammar is complete (end-of-text is all it allows), or it refused the token: only after a mask
-        # step ran out of llguidance's fuel, and then the mask allowed end-of-text alone
-        complete = self.matcher is not None and (not self.matcher.accept(token) or self.matcher.done)
         text, hit = self.stops.push(self.decoder.decode(token_bytes(token)))
         out.text += text
         if hit:
             self.finish_reason = "stop"
-        elif complete:
+        elif self.complete:
             self.finish("stop", emitted)
         elif len(self.token_ids) >= self.p.max_new_tokens:
             self.finish("length", emitted)
