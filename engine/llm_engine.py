@@ -11,8 +11,9 @@ working while the host makes text; a request's tokens never depend on what else 
 Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
 before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
 is queued; each matcher takes its last token and a thread fills the masks on the CPU while the host
-emits the earlier work and the device runs the forward; then the batch is sampled under them. Rows without a grammar
-get an all-ones mask (their tokens do not change); a batch without a constrained row is untouched.
+emits the earlier work and the device runs the forward; then the batch is sampled under them. Rows
+without a grammar get an all-ones mask (their tokens do not change); a batch without a constrained
+row is untouched.
 """
 
 import threading
