@@ -7,6 +7,13 @@ leave it when they finish; step() is the algorithm: schedule, run (and sample, o
 
 On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps
 working while the host makes text; a request's tokens never depend on what else runs.
+
+Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
+before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
+is queued; each matcher takes its last token and a thread fills the masks on the CPU while the host
+emits the earlier work and the device runs the forward; then the batch is sampled under them. Rows
+without a grammar get an all-ones mask (their tokens do not change); a batch without a constrained
+row is untouched.
 """
 
 import threading
@@ -14,7 +21,7 @@ from collections import deque
 
 import torch
 
-from engine.model_runner import CACHE_BUCKET, ModelRunner, PrefillWork
+from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork
 from engine.sampler import TOPK_CANDIDATES, entry
 from engine.sampling_params import check_inputs
 from engine.scheduler import Scheduler
@@ -85,15 +92,18 @@ class Engine:
             return [self.runner.embed(ids) for ids in inputs]
 
     @torch.no_grad()
-    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+    def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
         kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
-        request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
+        request waits for a capture; others are captured on first use. The two halves of a constrained
+        step come too: the forward per bucket, the masked sampler of each kind per batch bucket.
+        -> graphs held (0 without graphs)."""
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
         with self._lock:
-            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], kinds)
+            self.runner.graphs.warmup([(B, 0) for B in batches], [k[:3] + (True,) for k in kinds])
+            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], (*kinds, FORWARD))
 
     # -------------------------------------------------------------- the loop
 
@@ -114,10 +124,15 @@ class Engine:
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
             self._embed_slice()
             # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
-            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
-            self._inflight = [decode] if self.pipeline and decode else []
-            for work in filter(None, done):  # emit
+            earlier = [w for w in self._inflight + [prefill] if w is not None]
+            masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
+            for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
+            if masks is not None:  # constrained: sampled under the masks of every token so far
+                self.runner.sample_masked(decode, masks.result())
+            self._inflight = [decode] if self.pipeline and decode else []
+            if decode is not None and not self.pipeline:
+                self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
             return [c.take() for c in emitted]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import StopFilter, token_bytes, utf8_decoder
 from engine.sampling_params import SEED_MAX, SamplingParams
+from grammar import Matcher, compile_constraint
 from tokenizer import EOT_ID
 
 
@@ -38,7 +39,8 @@ class Request:
         self.id = next(Request._ids) if request_id is None else request_id
         self.group = self.id if group is None else group
         self.prompt, self.params, self.n, self.logprobs, self.echo = ids, params, n, logprobs, bool(echo)
-        self.choices = [Choice(self, i) for i in range(n)]
+        template = compile_constraint(params.constraint) if params.constraint is not None else None  # cached
+        self.choices = [Choice(self, i, template) for i in range(n)]
         self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
         self.filled = 0  # prompt tokens prefilled so far
         self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
@@ -49,9 +51,9 @@ class Request:
 
 
 class Choice:
-    """One sequence of a request: its slot, private RNG and text assembly."""
+    """One sequence of a request: its slot, private RNG, grammar matcher (if constrained) and text assembly."""
 
-    def __init__(self, request, index):
+    def __init__(self, request, index, template=None):
         p = request.params
         self.request, self.index, self.p = request, index, p
         seed = (p.seed + index) % (SEED_MAX + 1) if p.seed is not None else secrets.randbits(63)
@@ -62,6 +64,9 @@ class Choice:
         self.queued = 0  # tokens whose computation has been queued
         self.decoder = utf8_decoder()
         self.stops = StopFilter(p.stop)
+        self.matcher = Matcher(template) if template is not None else None  # its own place in the grammar
+        self.accepted = 0  # tokens the matcher has taken
+        self.complete = False  # the grammar is complete (end-of-text is all it allows) or refused a token
         self.token_ids = []
         self.finish_reason = None
         self.out = None  # the Output of the current step
@@ -77,9 +82,19 @@ class Choice:
             emitted.append(self)
         return self.out
 
+    def advance(self, token):
+        """The matcher takes the next generated id (the engine may do this before feed, to fill the next
+        mask sooner). A refused id: only after a mask step ran out of llguidance's fuel, and then the mask
+        allowed end-of-text alone."""
+        if self.finish_reason is None and self.accepted == len(self.token_ids):
+            self.accepted += 1
+            self.complete = not self.matcher.accept(token) or self.matcher.done
+
     def feed(self, token, logprob, emitted):
         """One generated id (and its logprob entry or None); may finish the choice."""
         out = self.output(emitted)
+        if self.matcher is not None:
+            self.advance(token)
         self.token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -90,6 +105,8 @@ class Choice:
         out.text += text
         if hit:
             self.finish_reason = "stop"
+        elif self.complete:
+            self.finish("stop", emitted)
         elif len(self.token_ids) >= self.p.max_new_tokens:
             self.finish("length", emitted)
 

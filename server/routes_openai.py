@@ -31,7 +31,7 @@ def openai_request(route, table, defaults=None):
             yield sse(make([], reply.usage(), chunk=True))
         yield SSE_DONE
 
-    return body, given, names, sampling_params(given, names, defaults), stream, make, tail
+    return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
 
 
 @bp.post("/v1/completions")
