@@ -64,16 +64,21 @@ def completions():
     return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
 
+def chat_prompt(messages, p, given, **split):
+    """A chat's prompt ids, folded to fit with room for max_tokens (validated before readiness is asked)."""
+    split_chat(messages, **split)
+    server = client()
+    server.require_ready()
+    limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
+    return fold_chat(messages, lambda n_: n_ <= limit and n_ + min_new <= server.context_length, **split)
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     body, given, names, p, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
     if "top_logprobs" in body and not body.get("logprobs"):
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
-    split_chat(body["messages"])  # validate before anything else
-    server = client()
-    server.require_ready()
-    limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
-    ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
+    ids = chat_prompt(body["messages"], p, given)
     n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
     reply = admit([(ids, fit_prompt(ids, p, given, names, "messages"))], stream, n=n, logprobs=k)
 

@@ -48,10 +48,14 @@ STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type
 
 MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]}, "name": {"type": "string"},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "name": {"type": "string"},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
-            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]}}}}
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"function": {
+            "type": "object", "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+        "tool_call_id": {"type": "string"}}}}
 SAMPLING = [name for name in PARAM_RANGES if name not in ("max_new_tokens", "raw")]
 OPENAI_COMMON = {
     "model": T("string", "any id is accepted; replies carry this server's model name"),
@@ -99,12 +103,36 @@ CHAT_FIELDS = {
     "parallel_tool_calls": T("boolean", "ignored"),
 }
 
+RESPONSE_FIELDS = {
+    "model": OPENAI_COMMON["model"],
+    "input": F({"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
+               required=True),
+    "instructions": T("string", "a system message before the input"),
+    "max_output_tokens": F(param="max_new_tokens"),
+    **{name: F(param=name) for name in SAMPLING},
+    "stream": T("boolean"),
+    "text": F({"type": "object", "properties": {"format": {"type": "object", "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}),
+    "store": F({"type": "boolean"}, only=lambda v: not v, why="store: true is not supported: this server keeps no "
+                                                              "responses; send store: false"),
+    "previous_response_id": F({"type": "string"}, only=lambda v: False, why="previous_response_id is not supported "
+                              "(no response is stored); send the whole conversation in input"),
+    "metadata": F({"type": "object"}),
+    "user": T("string", "ignored"),
+    "parallel_tool_calls": T("boolean", "ignored"),
+    "tools": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="tools are not supported on /v1/responses"),
+    "tool_choice": F({"enum": ["none", "auto"]}),
+}
+
 TOKENIZE_FIELDS = {
     "model": T("string"),
     "prompt": T("string", "text to tokenize as is (with raw: false, in the instruction template)"),
+    "content": T("string", "llama.cpp's name for prompt"),
     "messages": F(MESSAGES),
     "raw": T("boolean", "default true for prompt"),
     "add_special_tokens": T("boolean", "ignored: GPT-2 adds none"),
+    "add_special": T("boolean", "ignored: GPT-2 adds none"),
     "return_token_strs": T("boolean"),
 }
 
