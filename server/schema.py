@@ -10,6 +10,7 @@ from flask import request
 
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids as _check_ids
 from server.config import ApiError, invalid, param_error
+from server.tools import MAX_TOOLS
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
@@ -56,6 +57,9 @@ MESSAGES = {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["name", "arguments"],
             "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
         "tool_call_id": {"type": "string"}}}}
+FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
 SAMPLING = [name for name in PARAM_RANGES if name not in ("max_new_tokens", "raw")]
 OPENAI_COMMON = {
     "model": T("string", "any id is accepted; replies carry this server's model name"),
@@ -96,8 +100,12 @@ CHAT_FIELDS = {
     "top_logprobs": T("integer", "alternatives per token (needs logprobs: true)", minimum=0, maximum=20),
     "response_format": F({"type": "object", "properties": {"type": {"enum": ["text"]}}},
                          only=lambda v: v.get("type") == "text", why='response_format must be {"type": "text"}'),
-    "tools": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="tools are not supported by this model"),
-    "tool_choice": F({"enum": ["none"]}, only=lambda v: v == "none", why="tool_choice must be 'none'"),
+    "tools": F({"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object", "required": ["type", "function"],
+                "properties": {"type": {"enum": ["function"]}, "function": FUNCTION}}}),
+    "tool_choice": F({"oneOf": [{"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
+        "description": "auto (the default with tools) is refused: the model has no tool parser"}),
     "functions": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="functions are not supported"),
     "function_call": F({"enum": ["none"]}, only=lambda v: v == "none", why="function_call must be 'none'"),
     "parallel_tool_calls": T("boolean", "ignored"),
