@@ -7,6 +7,12 @@ leave it when they finish; step() is the algorithm: schedule, run (and sample, o
 
 On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps
 working while the host makes text; a request's tokens never depend on what else runs.
+
+Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
+before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
+is queued, the earlier work is emitted (each matcher accepts its tokens), the masks are filled on the
+CPU while the device runs the forward, then the batch is sampled under them. Rows without a grammar
+get an all-ones mask (their tokens do not change); a batch without a constrained row is untouched.
 """
 
 import threading
@@ -85,7 +91,7 @@ class Engine:
             return [self.runner.embed(ids) for ids in inputs]
 
     @torch.no_grad()
-    def warmup(self, kinds=((0, False, False), (TOPK_CANDIDATES, False, False))):
+    def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
         kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
         request waits for a capture; others are captured on first use. -> graphs held (0 without graphs)."""
@@ -114,10 +120,13 @@ class Engine:
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
             self._embed_slice()
             # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
-            done = self._inflight + [prefill] + ([] if self.pipeline else [decode])
-            self._inflight = [decode] if self.pipeline and decode else []
-            for work in filter(None, done):  # emit
+            for work in filter(None, self._inflight + [prefill]):  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
+            if decode is not None and decode.fetch is None:  # constrained: each matcher has had every token
+                self.runner.sample_masked(decode)
+            self._inflight = [decode] if self.pipeline and decode else []
+            if decode is not None and not self.pipeline:
+                self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
             return [c.take() for c in emitted]
 

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine.cuda_graphs import DecodeGraphs
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from grammar import apply_bitmask, fill_bitmask, new_bitmask
 from model import KVCache
 from tokenizer import EOT_ID, N_VOCAB
 
@@ -25,6 +26,7 @@ CACHE_BUCKET = 128  # static / graph decode reads a multiple of this many cache 
 # Decode keeps it: its shapes are bucketed and captured up front, and there it is faster (H200, graphs,
 # batch 64: 68.7k against 54.2k decode tokens/s without it).
 ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+FORWARD = "forward"  # the decode-step kind of a constrained batch's forward alone (its sampling follows)
 
 
 class Fetch:
@@ -61,7 +63,8 @@ class PrefillWork:
 class DecodeWork:
     rows: list  # slot -> Choice decoding in this chunk, or None
     steps: int  # K
-    fetch: Fetch  # sampled ids (B, K) (and their logprobs)
+    kind: tuple  # the sampler kind
+    fetch: Fetch = None  # sampled ids (B, K) (and their logprobs); a constrained batch's: after sample_masked
 
 
 def _call_model(model, idx, cache, pos, kv_len):
@@ -73,6 +76,17 @@ def _own_copy(fn):
     """fn with a code object of its own: dynamo keeps compiled code, and its recompile limit, per
     code object, so each engine's compiled forward gets its own cache."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
+def grammar_masks(rows, bitmask):
+    """bitmask[b] <- the tokens the grammar of choice rows[b] allows next; all ones for a row without one (or
+    None) -> bitmask. On the CPU, in llguidance's threads without the GIL: the device runs on meanwhile."""
+    bitmask.fill_(-1)
+    pairs = [(c.matcher, b) for b, c in enumerate(rows) if c is not None and c.matcher is not None
+             and c.finish_reason is None]
+    if pairs:
+        fill_bitmask([m for m, _ in pairs], bitmask, [b for _, b in pairs])
+    return bitmask
 
 
 def device_dtype(model):
@@ -106,6 +120,10 @@ class ModelRunner:
         self.out_lp = torch.zeros(S, self.kmax, device=dev)  # their raw log-probabilities
         self.top_ids = torch.zeros(S, self.kmax, MAX_LOGPROBS, dtype=torch.long, device=dev)
         self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev)
+        # constrained batches: the forward's logits, sampled under the grammars' bitmask (all ones: no grammar)
+        self.logits = torch.zeros(S, self.config.vocab_size, dtype=self.dtype, device=dev)
+        self.mask = new_bitmask(S).to(dev)
+        self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)
 
@@ -178,7 +196,9 @@ class ModelRunner:
             kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
             u = self.upload([[0.0 if c.greedy else c.rng.random()] for c in choices], torch.float32)
             pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
-            nxt = sample(logits, self.params[slots], u, kind[0], pen)
+            masked = apply_bitmask(logits, grammar_masks(choices, new_bitmask(len(choices))).to(self.device)) \
+                if kind[3] else logits
+            nxt = sample(masked, self.params[slots], u, kind[0], pen)
             if kind[1]:
                 self.seen[slots, nxt] = True
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
@@ -188,17 +208,19 @@ class ModelRunner:
         return PrefillWork(finals, choices, Fetch(fetch))
 
     def decode(self, rows_by_slot, live):
-        """Queue K decode steps for every live choice (one host upload of uniforms, no sync) -> DecodeWork or None."""
+        """Queue K decode steps for every live choice (one host upload of uniforms, no sync) -> DecodeWork or None.
+        A batch with a constrained row decodes one step, its forward alone: sample_masked follows once the
+        matchers have every token so far (a grammar's next mask needs the last token)."""
         if not live:
             return None
+        kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
         B = max(c.slot for c in live) + 1
-        K = min(self.kmax, max(c.p.max_new_tokens - c.queued for c in live))
+        K = 1 if kind[3] else min(self.kmax, max(c.p.max_new_tokens - c.queued for c in live))
         L = max(c.pos for c in live) + K  # the steps write positions pos .. pos + K - 1
         if self.static:
             B = min(self.max_batch, 1 << (B - 1).bit_length())
             L = -(-L // CACHE_BUCKET) * CACHE_BUCKET
         L = min(L, self.config.block_size)
-        kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
         rows = [c if c is not None and c.live() else None for c in rows_by_slot[:B]]
         if kind[0] != 0:
             zeros = [0.0] * self.kmax
@@ -207,22 +229,47 @@ class ModelRunner:
             self.u[:B].copy_(self.upload(u, torch.float32))
         self.j.zero_()
         for _ in range(K):
-            if not self.graphs.replay(B, L, kind):
-                self.decode_step(B, L, kind)
+            self._step(B, L, FORWARD if kind[3] else kind)
         for c in live:
             c.queued += K
             c.pos += K
-        lps = [self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []
-        return DecodeWork(rows, K, Fetch([self.out[:B]] + lps))
+        work = DecodeWork(rows, K, kind)
+        if not kind[3]:
+            work.fetch = self._fetch(B, kind)
+        return work
+
+    def sample_masked(self, work):
+        """Sample a constrained batch's step (queued by decode): the grammars' masks filled on the CPU while
+        the device runs the forward, then one upload and the sampler under them -> work.fetch."""
+        B = len(work.rows)
+        self.mask[:B].copy_(grammar_masks(work.rows, self.host_mask[:B]), non_blocking=True)
+        self._step(B, 0, work.kind)
+        work.fetch = self._fetch(B, work.kind)
+
+    def _step(self, B, L, kind):
+        if not self.graphs.replay(B, L, kind):
+            self.decode_step(B, L, kind)
+
+    def _fetch(self, B, kind):
+        return Fetch([self.out[:B]] + ([self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []))
 
     def decode_step(self, B, L, kind):
         """One decode step of slots 0..B-1 reading L cache positions: the unit captured in a CUDA
-        graph. No host sync; every result lands in the runner's tensors."""
-        n_cand, penalize, want_logprobs = kind
-        logits = self.forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1]  # (B, V')
+        graph. No host sync; every result lands in the runner's tensors. A constrained batch runs it
+        in two halves: kind FORWARD keeps the logits, then its masked sampler kind samples them under
+        self.mask (rows without a grammar: all ones, their logits unchanged)."""
+        if kind == FORWARD:
+            self.logits[:B].copy_(self.forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1])
+            return
+        n_cand, penalize, want_logprobs, masked = kind
+        if masked:
+            logits = self.logits[:B]  # raw (logprobs read these); sampled under the mask
+        else:
+            logits = self.forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1]  # (B, V')
         u = self.u[:B].index_select(1, self.j)  # (B, 1) this step's uniforms
         pen = (self.bias[:B], self.seen[:B], self.counts[:B]) if penalize else None
-        nxt = sample(logits, self.params[:B], u, n_cand, pen).view(B, 1)
+        nxt = sample(apply_bitmask(logits, self.mask[:B]) if masked else logits, self.params[:B], u, n_cand,
+                     pen).view(B, 1)
         if penalize:
             self.seen[:B].scatter_(1, nxt, True)
             self.counts[:B].scatter_add_(1, nxt, torch.ones_like(nxt, dtype=torch.float32))

@@ -27,11 +27,12 @@ def param_row(p):
 
 
 def sampler_kind(params_list, logprobs=False):
-    """How a batch samples: (n_cand, penalize, logprobs), fixed for the batch (part of a CUDA graph's key).
+    """How a batch samples: (n_cand, penalize, logprobs, masked), fixed for the batch (part of a CUDA graph's key).
 
     n_cand (see sample): 0 if every row is greedy; -1 if no sampled row has top-k / top-p;
     TOPK_CANDIDATES if every sampled row's top_k is within it; else N_VOCAB (full sort).
     penalize: some row has a penalty or a logit bias (otherwise those ops and their state are skipped).
+    masked: some row has a grammar (grammar.Constraint): the batch samples under a token bitmask.
     """
     penalize = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
                    for p in params_list)
@@ -44,7 +45,7 @@ def sampler_kind(params_list, logprobs=False):
         n_cand = TOPK_CANDIDATES
     else:
         n_cand = N_VOCAB
-    return n_cand, penalize, bool(logprobs)
+    return n_cand, penalize, bool(logprobs), any(p.constraint is not None for p in params_list)
 
 
 def sample(logits, p, u, n_cand, penalties=None):

@@ -61,6 +61,9 @@ class SamplingParams:
                    0, SEED_MAX)
     raw: bool = _p(False, "send the prompt as is (base models) instead of the instruction template")
     ignore_eos: bool = _p(False, "keep generating after <|endoftext|> (benchmarks)")
+    # a grammar.Constraint (JSON schema, regex, choice, grammar) from a request form, compiled at the edge;
+    # not in the table below: the forms are grammar.FORMS
+    constraint: object = field(default=None, metadata={"help": "the output's grammar"})
 
     @property
     def greedy(self):
@@ -77,7 +80,7 @@ class SamplingParams:
         """
         values = {**(values or {}), **kwargs}
         names = names or {}
-        out = {}
+        out = {"constraint": values.pop("constraint", None)}  # checked where it is made (grammar.py)
         for name, value in values.items():
             f = FIELDS.get(name)
             if f is None:
@@ -87,7 +90,7 @@ class SamplingParams:
         return cls(**out)
 
 
-FIELDS = {f.name: f for f in fields(SamplingParams)}
+FIELDS = {f.name: f for f in fields(SamplingParams) if f.name != "constraint"}
 KINDS = {int: "int", float: "float", bool: "bool", dict: "bias", tuple: "stop"}
 # the published table (server /params, OpenAPI, CLI help, the chat page): type, min, max, default, help
 PARAM_RANGES = {f.name: {"type": KINDS[f.type], "default": None if f.type in (dict, tuple) else f.default,

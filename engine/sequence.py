@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import StopFilter, token_bytes, utf8_decoder
 from engine.sampling_params import SEED_MAX, SamplingParams
+from grammar import Matcher, compile_constraint
 from tokenizer import EOT_ID
 
 
@@ -38,7 +39,8 @@ class Request:
         self.id = next(Request._ids) if request_id is None else request_id
         self.group = self.id if group is None else group
         self.prompt, self.params, self.n, self.logprobs, self.echo = ids, params, n, logprobs, bool(echo)
-        self.choices = [Choice(self, i) for i in range(n)]
+        template = compile_constraint(params.constraint) if params.constraint is not None else None  # cached
+        self.choices = [Choice(self, i, template) for i in range(n)]
         self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
         self.filled = 0  # prompt tokens prefilled so far
         self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
@@ -49,9 +51,9 @@ class Request:
 
 
 class Choice:
-    """One sequence of a request: its slot, private RNG and text assembly."""
+    """One sequence of a request: its slot, private RNG, grammar matcher (if constrained) and text assembly."""
 
-    def __init__(self, request, index):
+    def __init__(self, request, index, template=None):
         p = request.params
         self.request, self.index, self.p = request, index, p
         seed = (p.seed + index) % (SEED_MAX + 1) if p.seed is not None else secrets.randbits(63)
@@ -62,6 +64,7 @@ class Choice:
         self.queued = 0  # tokens whose computation has been queued
         self.decoder = utf8_decoder()
         self.stops = StopFilter(p.stop)
+        self.matcher = Matcher(template) if template is not None else None  # its own place in the grammar
         self.token_ids = []
         self.finish_reason = None
         self.out = None  # the Output of the current step
@@ -86,10 +89,15 @@ class Choice:
             out.logprobs.append(logprob)
         if token == EOT_ID and not self.p.ignore_eos:
             return self.finish("eos", emitted)
+        # the grammar is complete (end-of-text is all it allows), or it refused the token: only after a mask
+        # step ran out of llguidance's fuel, and then the mask allowed end-of-text alone
+        complete = self.matcher is not None and (not self.matcher.accept(token) or self.matcher.done)
         text, hit = self.stops.push(self.decoder.decode(token_bytes(token)))
         out.text += text
         if hit:
             self.finish_reason = "stop"
+        elif complete:
+            self.finish("stop", emitted)
         elif len(self.token_ids) >= self.p.max_new_tokens:
             self.finish("length", emitted)
 

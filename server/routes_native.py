@@ -10,6 +10,7 @@ from engine.detokenizer import encode_prompt
 from engine.sampling_params import PARAM_RANGES, ParamError, check_prompt_text
 from prompt import format_prompt
 from server.chat import chat_context, split_chat
+from grammar import FORMS
 from server.config import ApiError, invalid, param_error
 from server.openapi import openapi_document
 from server.render import native_logprobs, sse, token_str
@@ -18,6 +19,9 @@ from server.schema import DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, che
 from tokenizer import decode, encode
 
 bp = Blueprint("native", __name__)
+# the request forms of a constraint (grammar.FORMS): the field holding the spec, the kind of spec, the type
+# field that selects it
+CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.when else None} for f in FORMS]
 
 
 @bp.get("/health")
@@ -39,14 +43,14 @@ def params():
     table = {name: dict(spec) for name, spec in PARAM_RANGES.items()}
     if ctx:
         table["max_new_tokens"]["max"] = ctx - 1
-    return jsonify({"params": table, "context_length": ctx, "max_prompt_tokens": server.prompt_limit() if ctx
+    return jsonify({"params": table, "constraints": CONSTRAINTS, "context_length": ctx, "max_prompt_tokens": server.prompt_limit() if ctx
                     else None, "model": server.model_name, "status": server.status})
 
 
 @bp.post("/generate")
 def generate():
     body, given, names = read_body(NATIVE_FIELDS, "/generate")
-    p = sampling_params(given, names)
+    p = sampling_params(given, names, body=body)
     try:
         check_prompt_text(body["prompt"], p.raw)
     except ParamError as e:

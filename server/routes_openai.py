@@ -32,7 +32,7 @@ def openai_request(route, table, defaults=None):
             yield sse(make([], reply.usage(), chunk=True))
         yield SSE_DONE
 
-    return body, given, names, sampling_params(given, names, defaults), stream, make, tail
+    return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
 
 
 @bp.post("/v1/completions")
@@ -80,6 +80,11 @@ def chat_completions():
     if "top_logprobs" in body and not body.get("logprobs"):
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
     plan = tool_plan(body)
+    if plan is not None:
+        if p.constraint is not None:
+            raise invalid(p.constraint.field, f"{p.constraint.field} cannot be combined with a forced tool call "
+                                              f"(tool_choice): the call's arguments are already constrained")
+        p = p.replace(constraint=plan.constraint)
     ids = chat_prompt(body["messages"], p, given)
     n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
     reply = admit([(ids, fit_prompt(ids, p, given, names, "messages"))], stream, n=n, logprobs=k)

@@ -47,9 +47,7 @@ def input_messages(value):
 def responses():
     body, given, names = read_body(RESPONSE_FIELDS, "/v1/responses")
     names.setdefault("max_new_tokens", "max_output_tokens")
-    p = sampling_params(given, names)
-    if body.get("text", {}).get("format") not in (None, {"type": "text"}):
-        raise invalid("text.format", "text.format must be {\"type\": \"text\"}")
+    p = sampling_params(given, names, body=body)  # text.format: a constraint (grammar.FORMS)
     ids = chat_prompt(input_messages(body["input"]), p, given, name="input", instructions=body.get("instructions"))
     stream = bool(body.get("stream"))
     reply = admit([(ids, fit_prompt(ids, p, given, names, "input"))], stream)

@@ -9,6 +9,7 @@ import reprlib
 from flask import request
 
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids as _check_ids
+from grammar import FORMS, TYPES, ConstraintError, compile_constraint, constraint_from_request
 from server.config import ApiError, invalid, param_error
 from server.tools import MAX_TOOLS
 
@@ -60,6 +61,30 @@ MESSAGES = {"type": "array", "minItems": 1, "items": {
 FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
     "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
+JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
+
+
+def constraint_fields():
+    """The route fields of the constraint forms (grammar.FORMS), nested as the requests nest them;
+    text.format is the Responses API's and not here."""
+    fields = {}
+    for form in FORMS:
+        types = [{"type": JSON_NAMES[t]} for t in form.value]
+        leaves = [(form.field, types[0] if len(types) == 1 else {"anyOf": types})]
+        leaves += [(form.when[0], {"enum": list(TYPES[form.when[0]])})] if form.when else []
+        for path, leaf in leaves:
+            top, *rest = path.split(".")
+            if top == "text":
+                continue
+            node = fields.setdefault(top, {"description": "a constraint on the output (docs/design.md)"})
+            for key in rest:
+                node.update(type="object")
+                node = node.setdefault("properties", {}).setdefault(key, {})
+            node.update(leaf)
+    return {name: F(schema) for name, schema in fields.items()}
+
+
+CONSTRAINT_FIELDS = constraint_fields()
 SAMPLING = [name for name in PARAM_RANGES if name not in ("max_new_tokens", "raw")]
 OPENAI_COMMON = {
     "model": T("string", "any id is accepted; replies carry this server's model name"),
@@ -71,6 +96,7 @@ OPENAI_COMMON = {
     "user": T("string", "ignored"),
     "best_of": F({"type": "integer", "minimum": 1, "maximum": 1}, only=lambda v: v == 1,
                  why="best_of is not supported (only 1); use n for several choices"),
+    **CONSTRAINT_FIELDS,
 }
 
 NATIVE_FIELDS = {
@@ -81,6 +107,7 @@ NATIVE_FIELDS = {
     "logprobs": T("integer", "return each token's log-probability and this many alternatives", minimum=0,
                   maximum=20),
     **{name: F(param=name) for name in PARAM_RANGES},
+    **CONSTRAINT_FIELDS,
 }
 
 COMPLETION_FIELDS = {
@@ -98,8 +125,6 @@ CHAT_FIELDS = {
     "max_completion_tokens": F(param="max_new_tokens"),
     "logprobs": T("boolean"),
     "top_logprobs": T("integer", "alternatives per token (needs logprobs: true)", minimum=0, maximum=20),
-    "response_format": F({"type": "object", "properties": {"type": {"enum": ["text"]}}},
-                         only=lambda v: v.get("type") == "text", why='response_format must be {"type": "text"}'),
     "tools": F({"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object", "required": ["type", "function"],
                 "properties": {"type": {"enum": ["function"]}, "function": FUNCTION}}}),
     "tool_choice": F({"oneOf": [{"enum": ["none", "auto", "required"]}, {
@@ -230,10 +255,24 @@ def _sane_int(text):
     return int(text)
 
 
-def sampling_params(given, names, defaults=None):
-    """SamplingParams from defaults + the given fields; a ParamError is a 400 in the client's words."""
+def request_constraint(body):
+    """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
+    grammar.Constraint or None."""
     try:
-        return SamplingParams.make({**(defaults or {}), **given}, names=names)
+        constraint = constraint_from_request(body)
+        if constraint is not None:
+            compile_constraint(constraint)  # cached; the engine's process compiles its own copy
+        return constraint
+    except ConstraintError as e:
+        raise invalid(e.field, str(e)) from None
+
+
+def sampling_params(given, names, defaults=None, body=None):
+    """SamplingParams from defaults + the given fields (+ the body's constraint); a ParamError is a 400 in the
+    client's words."""
+    constraint = request_constraint(body or {})
+    try:
+        return SamplingParams.make({**(defaults or {}), **given, "constraint": constraint}, names=names)
     except ParamError as e:
         raise param_error(e) from None
     except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape the checks did not expect

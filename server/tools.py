@@ -8,12 +8,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from grammar import JSON_OPTIONS, ConstraintError, compile_constraint, make_constraint
 from server.config import invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 MAX_TOOLS = 128
-# the compact JSON grammar.py writes for schemas, for the schemas inside a tools grammar
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NO_PARSER = ("this model has no tool parser, so it cannot choose whether to call a tool (tool_choice 'auto', the "
              "default with tools): send tool_choice 'required' or {\"type\": \"function\", \"function\": {\"name\": "
              "...}} to force a call, or 'none'")
@@ -29,9 +28,7 @@ class ToolPlan:
     """The call a request forces: which functions it may call and what their output decodes under."""
 
     names: tuple  # one name: the output is its arguments; several: {"name": ..., "arguments": ...}
-    kind: str  # the constraint: json_schema (spec: the parameters schema) or grammar (spec: Lark text)
-    spec: object
-    field: str  # the request field the constraint came from
+    constraint: object  # a grammar.Constraint, compiled: the parameters schema, or a grammar over the calls
 
     def split(self, text, final, complete):
         """Output so far -> (function name or None while unknown, arguments text). Not final: the last
@@ -101,13 +98,23 @@ def tool_plan(body):
         functions = [f for f in functions if f["name"] == wanted]
     if len(functions) == 1:
         i = next(i for i, t in enumerate(tools) if t["function"] is functions[0])
-        return ToolPlan((functions[0]["name"],), "json_schema", parameters(functions[0]),
-                        f"tools[{i}].function.parameters")
+        return ToolPlan((functions[0]["name"],), compiled("json_schema", parameters(functions[0]),
+                                                          f"tools[{i}].function.parameters"))
     rules = [f'call{i}: {json.dumps(head(f["name"]))} args{i} "}}"\n'
-             f'args{i}: %json {json.dumps({**parameters(f), "x-guidance": JSON_STYLE})}'
+             f'args{i}: %json {json.dumps({**parameters(f), "x-guidance": JSON_OPTIONS})}'
              for i, f in enumerate(functions)]
     start = "start: " + " | ".join(f"call{i}" for i in range(len(functions)))
-    return ToolPlan(tuple(f["name"] for f in functions), "grammar", "\n".join([start, *rules]) + "\n", "tools")
+    return ToolPlan(tuple(f["name"] for f in functions), compiled("grammar", "\n".join([start, *rules]), "tools"))
+
+
+def compiled(kind, spec, field):
+    """A grammar.Constraint, compiled now: a schema llguidance refuses is a 400 naming its field."""
+    try:
+        constraint = make_constraint(kind, spec, field)
+        compile_constraint(constraint)
+        return constraint
+    except ConstraintError as e:
+        raise invalid(e.field, str(e)) from None
 
 
 def parameters(function):

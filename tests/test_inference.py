@@ -404,10 +404,10 @@ def test_sampling_never_returns_padding_ids(model):
 
 def test_sampler_kind():
     p = inf.validate_params
-    assert inf.sampler_kind([p(temperature=0), p(temperature=0)]) == (0, False, False)
-    assert inf.sampler_kind([p(temperature=0), p(temperature=0.5, top_k=0)], logprobs=True) == (-1, False, True)
+    assert inf.sampler_kind([p(temperature=0), p(temperature=0)]) == (0, False, False, False)
+    assert inf.sampler_kind([p(temperature=0), p(temperature=0.5, top_k=0)], logprobs=True) == (-1, False, True, False)
     assert inf.sampler_kind([p(temperature=0.5, top_k=40, top_p=0.9), p(temperature=0.5, top_k=0)])[0] == N_VOCAB
-    assert inf.sampler_kind([p(temperature=0.5), p(temperature=0, repetition_penalty=1.2)]) == (256, True, False)
+    assert inf.sampler_kind([p(temperature=0.5), p(temperature=0, repetition_penalty=1.2)]) == (256, True, False, False)
     assert inf.sampler_kind([p(temperature=0, logit_bias={1: 1})])[1]
 
 

@@ -1,0 +1,300 @@
+"""grammar.py: the request-form table, and decoding under constraints from a random-weights GPT.
+
+A random model is the hard case: nothing but the grammar keeps its output valid. The loop below is a
+plain batched sampler (temperature 1.0, one row per sample, no KV cache) so the tests exercise the
+constraint alone: fill the rows of the live samples, mask their logits, sample, advance.
+"""
+
+import json
+import os
+import random
+import re
+
+import jsonschema
+import pytest
+import torch
+
+import grammar
+from grammar import (ConstraintError, Matcher, apply_bitmask, compile_constraint, constraint_from_request,
+                     fill_bitmask, make_constraint, new_bitmask)
+from tokenizer import EOT_ID, N_VOCAB, decode
+from conftest import tiny_config
+from model import GPT, KVCache
+
+SCHEMAS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "json_schemas.json")))
+SAMPLES = 50
+MAX_NEW = 200  # no sample of these bounded specs comes near it; hitting it fails the test
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(1)  # vocabulary-wide ops on 50 rows: one thread is as fast, and spares a shared machine
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(tiny_config(block_size=256)).eval()
+
+
+@torch.no_grad()
+def decode_constrained(model, constraint, n=SAMPLES, seed=0, must_end=True, max_new=MAX_NEW):
+    """n samples at temperature 1.0 under the constraint, one row each; returns the texts of those that
+    ended (EOS excluded). Only the live rows are masked and sampled (a finished row is fed end-of-text)."""
+    matchers = [Matcher(compile_constraint(constraint))]
+    matchers += [matchers[0].fork() for _ in range(n - 1)]
+    cache = KVCache(model.config, n)
+    tokens = torch.full((n,), EOT_ID, dtype=torch.long)  # end-of-text as the start token
+    live, out, bitmask = list(range(n)), [[] for _ in range(n)], new_bitmask(n)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(max_new):
+        if not live:
+            break
+        h = model.hidden(tokens.view(n, 1), cache=cache, pos=torch.full((n,), step), kv_len=step + 1)
+        rows = torch.tensor(live)
+        logits = model.lm_head(h[rows, -1]).float()  # (live, 50304)
+        fill_bitmask([matchers[i] for i in live], bitmask)
+        logits = apply_bitmask(logits, bitmask[:len(live)])
+        picked = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).view(-1)
+        tokens = torch.full((n,), EOT_ID).index_copy_(0, rows, picked)
+        for i in list(live):
+            t = tokens[i].item()
+            assert t < N_VOCAB, "a padding id was sampled"
+            assert matchers[i].accept(t), matchers[i].error
+            if t == EOT_ID:
+                assert matchers[i].done
+                live.remove(i)
+            else:
+                out[i].append(t)
+    assert not (live and must_end), f"{len(live)} samples still open after {max_new} tokens"
+    return [decode(o) for i, o in enumerate(out) if i not in live]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_samples_validate(model, name):
+    schema = SCHEMAS[name]
+    texts = decode_constrained(model, make_constraint("json_schema", schema, "guided_json"))
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    assert len(set(texts)) >= 5, "temperature 1.0 should give varied outputs"
+
+
+def test_json_object_samples_parse(model):
+    """Any object: unbounded, so a random model may still be writing at the limit (a trained one stops);
+    what ended parses, what did not is still a valid prefix (the matchers accepted every token)."""
+    c = make_constraint("json_object", True, "response_format")
+    for text in decode_constrained(model, c, n=8, must_end=False, max_new=64):
+        assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("regex", [r"[A-Z][a-z]{2,8} (19|20)[0-9]{2}", r"\+?[0-9]{1,3}-[0-9]{3}-[0-9]{4}",
+                                   r"(yes|no)(, because [a-z ]{1,20})?"])
+def test_regex_samples_match(model, regex):
+    for text in decode_constrained(model, make_constraint("regex", regex, "guided_regex")):
+        assert re.fullmatch(regex, text), text
+
+
+def test_choice_samples_are_choices(model):
+    choices = ["yes", "no", "maybe later", "Positive sentiment", "{\"quoted\": true}"]
+    texts = decode_constrained(model, make_constraint("choice", choices, "guided_choice"))
+    assert set(texts) <= set(choices) and len(set(texts)) > 1
+
+
+@pytest.mark.parametrize("text", ['root ::= term (" + " term){0,3}\nterm ::= [0-9]{1,3} | "(" [a-z]{1,4} ")"',
+                                  'start: term (" + " term)~0..3\nterm: /[0-9]{1,3}/ | "(" /[a-z]{1,4}/ ")"'])
+def test_grammar_samples_parse(model, text):  # GBNF, then the same grammar in Lark
+    term = r"([0-9]{1,3}|\([a-z]{1,4}\))"
+    for out in decode_constrained(model, make_constraint("grammar", text, "guided_grammar")):
+        assert re.fullmatch(rf"{term}( \+ {term}){{0,3}}", out), out
+
+
+def test_forks_are_independent():
+    c = make_constraint("choice", ["alpha", "beta"], "guided_choice")
+    a = Matcher(compile_constraint(c))
+    b = a.fork()
+    bitmask = new_bitmask(2)
+    for t in grammar.get_tokenizer().encode_ordinary("alpha"):
+        assert a.accept(t)
+    fill_bitmask([a, b], bitmask)
+    assert a.done and not b.done
+    assert allowed(bitmask[0]) == [EOT_ID] and EOT_ID not in allowed(bitmask[1])
+    assert not a.accept(decode_id("beta")) and a.error  # a refused token leaves the matcher in error
+    fill_bitmask([a], bitmask)
+    assert allowed(bitmask[0]) == [EOT_ID]  # in error: end-of-text only, never an empty row
+
+
+def decode_id(text):
+    return grammar.get_tokenizer().encode_ordinary(text)[0]
+
+
+def allowed(row):
+    return ((row.unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten().nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_fill_writes_its_rows_and_apply_masks_a_copy(device):
+    c = make_constraint("regex", "[0-9]+", "guided_regex")
+    bitmask = new_bitmask(3)
+    bitmask[1] = -1  # a row no matcher is given stays as it was: all ones, nothing masked
+    fill_bitmask([Matcher(compile_constraint(c)), Matcher(compile_constraint(c))], bitmask, rows=[2, 0])
+    assert bitmask[1].eq(-1).all() and torch.equal(bitmask[0], bitmask[2])
+    logits = torch.randn(3, grammar.PADDED_VOCAB, device=device)
+    before = logits.clone()
+    masked = apply_bitmask(logits, bitmask.to(device))
+    assert torch.equal(logits, before) and torch.equal(masked[1], before[1])  # raw logits kept; all ones: as is
+    for row in (0, 2):
+        kept = (masked[row] > float("-inf")).nonzero().flatten().cpu().tolist()
+        assert kept == allowed(bitmask[0]) and max(kept) < N_VOCAB
+        assert all(decode([t]).isdigit() for t in kept)
+        assert torch.equal(masked[row, kept], before[row, kept])
+    assert torch.equal(apply_bitmask(before[:, :N_VOCAB], bitmask.to(device)), masked[:, :N_VOCAB])
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+FORM_CASES = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": SCHEMA}}},
+     "json_schema", "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+     "json_schema", "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}}, "json_object", "response_format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}}, "json_schema",
+     "text.format.schema"),
+    ({"structured_outputs": {"json": SCHEMA}}, "json_schema", "structured_outputs.json"),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, "json_schema", "structured_outputs.json"),
+    ({"structured_outputs": {"json_object": True}}, "json_object", "structured_outputs.json_object"),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, "choice", "structured_outputs.choice"),
+    ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", "structured_outputs.grammar"),
+    ({"guided_json": SCHEMA}, "json_schema", "guided_json"),
+    ({"guided_regex": "[a-z]+"}, "regex", "guided_regex"),
+    ({"guided_choice": ["a", "b"]}, "choice", "guided_choice"),
+    ({"guided_grammar": 'root ::= "a"'}, "grammar", "guided_grammar"),
+]
+
+
+@pytest.mark.parametrize("body,kind,field", FORM_CASES)
+def test_request_forms(body, kind, field):
+    c = constraint_from_request(body)
+    assert (c.kind, c.field) == (kind, field)
+    compile_constraint(c)
+
+
+def test_request_forms_canonical_and_absent():
+    a = constraint_from_request({"guided_json": {"type": "object", "required": ["a"]}})
+    b = constraint_from_request({"structured_outputs": {"json": '{"required": ["a"],  "type": "object"}'}})
+    assert a.spec == b.spec  # one cache entry for the same schema, however it was written
+    for body in ({}, {"response_format": {"type": "text"}}, {"structured_outputs": {"json_object": False}},
+                 {"guided_json": None}, {"text": {"format": {"type": "text"}}}):
+        assert constraint_from_request(body) is None
+
+
+@pytest.mark.parametrize("body,field,words", [
+    ({"response_format": {"type": "xml"}}, "response_format.type", "must be one of"),
+    ({"response_format": {}}, "response_format.type", "required"),
+    ({"response_format": "json"}, "response_format", "must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "required"),
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_regex", "not both"),
+    ({"guided_json": "{bad"}, "guided_json", "not valid JSON"),
+    ({"guided_json": [1]}, "guided_json", "must be an object or a string"),
+    ({"guided_choice": []}, "guided_choice", "non-empty array of strings"),
+    ({"guided_choice": ["a", 1]}, "guided_choice", "non-empty array of strings"),
+    ({"guided_regex": 5}, "guided_regex", "must be a string"),
+    ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs.regex", "unclosed group"),
+    ({"structured_outputs": "x"}, "structured_outputs", "must be an object"),
+    ({"guided_grammar": "root ::= ("}, "guided_grammar", "Expected ')'"),
+    ({"guided_json": {"type": "integr"}}, "guided_json", "integr"),
+    ({"guided_json": {"type": "integer", "minimum": 9, "maximum": 1}}, "guided_json", "Unsatisfiable"),
+])
+def test_request_form_errors_name_the_field(body, field, words):
+    with pytest.raises(ConstraintError) as e:
+        compile_constraint(constraint_from_request(body))
+    assert e.value.field == field and words in str(e.value) and str(e.value).startswith(field + ": ")
+
+
+def nested(depth):
+    schema = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+HOSTILE = [  # (kind, spec): each gets a ConstraintError, or compiles within the fuel bound
+    ("json_schema", nested(30)),  # deep but within MAX_DEPTH: compiles
+    ("json_schema", nested(100)),  # past MAX_DEPTH
+    ("json_schema", {"enum": [f"value{i}" for i in range(10_000)]}),  # huge enum within the size bound
+    ("json_schema", {"enum": [f"value{i}" for i in range(100_000)]}),  # past MAX_SPEC_CHARS
+    ("json_schema", {"allOf": [{"type": "string"}, {"type": "integer"}]}),
+    ("json_schema", {"type": "string", "minLength": 5, "maxLength": 2}),
+    ("json_schema", {"type": "array", "minItems": 3, "maxItems": 1}),
+    ("json_schema", {"$ref": "#/$defs/missing"}),
+    ("json_schema", {"type": "string", "pattern": "(a{1,1000}){1,1000}"}),
+    ("json_schema", {"properties": {"a": {"$ref": "#"}}, "required": ["a"], "type": "object"}),  # no finite output
+    ("json_schema", {"type": 5}),
+    ("regex", "(a{1,1000}){1,1000}"),
+    ("regex", "[a-"),
+    ("regex", "a{99999999}"),
+    ("regex", "((((a{1,100}){1,100}){1,100}){1,100})"),
+    ("regex", "\\"),
+    ("grammar", "root ::= r0\n" + "".join(f'r{i} ::= "x" r{i + 1} | "y"\n' for i in range(2000)) + 'r2000 ::= "z"\n'),
+    ("grammar", "start: r0\n" + "".join(f'r{i}: "x" r{i + 1} | "y"\n' for i in range(3000)) + 'r3000: "z"\n'),
+    ("grammar", "root ::= root"),
+    ("grammar", "start: undefined_rule"),
+    ("grammar", "%%%"),
+    ("choice", ["x" * 100_000, "y"]),
+    ("choice", [""]),
+]
+
+
+def compile_or_error(kind, spec):
+    """A ConstraintError, or a template whose first mask is not empty; any other exception fails."""
+    try:
+        template = compile_constraint(make_constraint(kind, spec, "guided_" + kind))
+    except ConstraintError as e:
+        assert str(e).startswith("guided_") and len(str(e).splitlines()) == 1
+        return "error"
+    bitmask = new_bitmask(1)
+    fill_bitmask([Matcher(template)], bitmask)
+    assert allowed(bitmask[0])
+    return "compiled"
+
+
+@pytest.mark.parametrize("kind,spec", HOSTILE, ids=[f"{k}{i}" for i, (k, _) in enumerate(HOSTILE)])
+def test_hostile_specs_are_bounded(kind, spec):
+    compile_or_error(kind, spec)
+
+
+def test_hostile_bounds_are_errors_naming_the_bound():
+    with pytest.raises(ConstraintError, match="nested deeper than 64"):
+        make_constraint("json_schema", nested(100), "guided_json")
+    for kind, spec in [("regex", "a{99999999}"), ("json_schema", {"type": "string", "pattern": "^a{20001}$"}),
+                       ("grammar", 'start: "a"~99999'), ("grammar", 'root ::= "a"{0,123456}')]:
+        with pytest.raises(ConstraintError, match="over the limit of 10000"):
+            make_constraint(kind, spec, "guided_" + kind)
+    grammar.COMPILE_TIMEOUT = 0  # a spec that takes ~0.5 s (it finishes in the background after the error)
+    chain = "start: r0\n" + "".join(f'r{i}: "q" r{i + 1} | "w"\n' for i in range(3000)) + 'r3000: "e"\n'
+    try:
+        with pytest.raises(ConstraintError, match="took over 0 s to compile"):
+            compile_constraint(make_constraint("grammar", chain, "guided_grammar"))
+    finally:
+        grammar.COMPILE_TIMEOUT = 10
+    with pytest.raises(ConstraintError, match="too large"):
+        make_constraint("json_schema", {"enum": [f"value{i}" for i in range(100_000)]}, "guided_json")
+
+
+def test_fuzz_malformed_schemas():
+    """Schemas mangled at random (characters dropped, values swapped): an error or a grammar, never a crash."""
+    rng, texts = random.Random(0), [json.dumps(s) for s in SCHEMAS.values()]
+    junk = ['"x"', "-1", "null", "[]", "{}", "1e999", '"^("', "true", '{"type": "nope"}', '"\\u0000"']
+    outcomes = []
+    for _ in range(150):
+        text = list(rng.choice(texts))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(text))
+            if rng.random() < 0.5:
+                del text[i:i + rng.randint(1, 3)]
+            else:
+                text[i:i] = rng.choice(junk)
+        outcomes.append(compile_or_error("json_schema", "".join(text)))
+    assert "error" in outcomes and "compiled" in outcomes
