@@ -75,6 +75,9 @@ def model_logprobs(app, ids):
 
 
 AUTH = {"Authorization": "Bearer sekrit"}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"],
+    "additionalProperties": False}}}]
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 # ---------------------------------------------------------------------- health and loading
@@ -235,7 +238,17 @@ def test_generate_invalid_field_is_400_naming_it(app, field, value):
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 5, "max_completion_tokens": 5}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}], "tool_choice": "none"}, "tools[0]"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS}, "tools"),  # auto: no tool parser
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": "any"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function",
+                                                                              "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "g", "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}}}}]},
+     "tools[0].function.parameters"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ("/v1/chat/completions", {"messages": CHAT, "guided_json": {"type": "integr"}}, "guided_json"),
     ("/v1/completions", {"prompt": "x", "guided_regex": "(ab"}, "guided_regex"),
@@ -539,6 +552,28 @@ def test_tool_calls_and_results_go_into_the_prompt(app):
     assert post(client, "/tokenize", {"messages": msgs}).get_json()["tokens"] == ids
     body = post(client, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2}).get_json()
     assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_forced_tool_calls_whole_and_streamed(app):
+    client = app.test_client()
+    tools = TOOLS + [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], "additionalProperties": False}}}]
+    valid = {"weather": [{"city": "Oslo"}, {"city": "Lima"}], "add": [{"a": 1}, {"a": 2}]}
+    for choice in ({"type": "function", "function": {"name": "add"}}, "required"):  # a schema; a grammar
+        req = {"messages": CHAT, "tools": tools, "tool_choice": choice, "max_tokens": 40, "temperature": 0}
+        (c,) = post(client, "/v1/chat/completions", req).get_json()["choices"]
+        (call,) = c["message"]["tool_calls"]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None and call["id"].startswith("call_")
+        assert json.loads(call["function"]["arguments"]) in valid[call["function"]["name"]]
+        events = sse_events(post(client, "/v1/chat/completions", {**req, "stream": True}).get_data(as_text=True))
+        deltas = [json.loads(e)["choices"][0] for e in events[:-1]]
+        parts = [t for d in deltas for t in d["delta"].get("tool_calls", [])]
+        assert parts[0]["function"] == {"name": call["function"]["name"], "arguments": ""} and parts[0]["id"]
+        assert "".join(p["function"]["arguments"] for p in parts) == call["function"]["arguments"]
+        assert {p["index"] for p in parts} == {0} and deltas[-1]["finish_reason"] == "tool_calls"
+    body = post(client, "/v1/chat/completions", {"messages": CHAT, "tools": tools, "tool_choice": "none",
+                                                 "max_tokens": 2}).get_json()
+    assert "tool_calls" not in body["choices"][0]["message"]
 
 
 def test_openai_noop_values_are_accepted(app):
