@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from common import UserError, run_cli  # noqa: E402
+from common import UserError, parse_json, run_cli  # noqa: E402
 from engine.detokenizer import StopFilter, encode_prompt, utf8_decoder  # noqa: E402, F401
 from engine.generate import generate_batch, generate_text, outputs, requests, stream_text  # noqa: E402, F401
 from engine.llm_engine import Engine  # noqa: E402, F401
@@ -32,13 +32,28 @@ from engine.sampler import TOPK_CANDIDATES, param_row, sample, sampler_kind  # n
 from engine.sampling_params import (DEFAULTS, PARAM_RANGES, ParamError, SamplingParams,  # noqa: E402, F401
                                     check_ids, check_prompt_text, check_request, validate_params)
 from engine.cli import sampling_flags  # noqa: E402
+from grammar import compile_constraint, make_constraint  # noqa: E402
+
+
+def schema_constraint(path):
+    """--json-schema FILE -> its compiled grammar.Constraint; a bad file or schema is a one-line UserError."""
+    where = f"--json-schema {path}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{where}: {e.strerror or e}") from None
+    constraint = make_constraint("json_schema", parse_json(data, where, dict), where)
+    compile_constraint(constraint)  # ConstraintError (a UserError): "--json-schema FILE: what is wrong"
+    return constraint
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:  # fail fast, before loading the model
-        params = SamplingParams.make(sampling_flags(args))
+        flags = {**sampling_flags(args), "constraint": schema_constraint(args.json_schema) if args.json_schema else None}
+        params = SamplingParams.make(flags)
         check_prompt_text(prompt, params.raw, raw_flag="--raw")
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -51,7 +66,7 @@ def main(argv=None):
         engine = Engine(model, max_batch=1, graphs=args.graphs, compile=args.compile)
         t0 = time.perf_counter()
         first, text, usage, reason = None, "", None, None
-        for o in outputs(engine, requests(engine, [prompt], sampling_flags(args))):
+        for o in outputs(engine, requests(engine, [prompt], flags)):
             first = first or time.perf_counter()
             text += o.text
             if args.stream and o.text:

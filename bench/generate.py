@@ -7,6 +7,7 @@ default), --n-new tokens per row (end-of-text ignored, so every row decodes all 
     python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
     python bench/generate.py --device cpu --batch-sizes 1,8 --n-new 32             # CPU, a few minutes
     python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
+    python bench/generate.py --json-schema nested --batch-sizes 32 --no-hf      # constrained against free
 
 Ours runs once per mode in --modes (CUDA default: "graphs" = CUDA-graph decode steps and
 "graphs+compile" = the same with torch.compile; elsewhere "eager"; "static" = the graph path's
@@ -17,6 +18,10 @@ n_new / the whole run (what an offline batch gets); prefill ms = until every row
 token; decode tok/s = rows x (n_new - 1) / the time after that. transformers: prefill from
 generate(max_new_tokens=1), decode from the difference to the full run.
 Also checks that ours and transformers produce the same greedy tokens (row 0).
+--json-schema FILE (or "nested", built in) also times ours with every row under that schema ("ours+json":
+the same prompts and greedy sampling, each token masked by the grammar) and reports its tok/s against the
+free run and the schema's compile time. The schema must not complete within --n-new tokens (the built-in
+one asks for 64 items).
 Prints a table; the last line is JSON.
 """
 
@@ -35,7 +40,8 @@ sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from common import UserError, run_cli  # noqa: E402
+import grammar  # noqa: E402
+from common import UserError, parse_json, run_cli  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
 from tokenizer import encode  # noqa: E402
@@ -46,6 +52,14 @@ WORDS = [" the", " of", " and", " to", " in", " is", " was", " that", " for", " 
          " this", " which", " have", " one", " all", " had", " were", " there", " been", " more", " when",
          " time", " who", " will", " would", " said", " what", " about", " out", " up", " into", " new"]
 TARGETS = {"cuda_batch1_decode_tok_s": 2000, "cuda_batch32_decode_tok_s": 30000, "cpu_batch1_vs_hf": 2.0}
+TARGETS["constrained_vs_free"] = 0.8  # batch 32, CUDA: tok/s under a nested schema against without
+# objects of nested objects, arrays, enums, bounded numbers and patterns; minItems keeps every row going
+NESTED = {"type": "object", "required": ["rows"], "properties": {"rows": {"type": "array", "minItems": 64, "items": {
+    "type": "object", "required": ["id", "name", "geo"], "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 9999}, "name": {"type": "string", "maxLength": 12},
+        "tag": {"enum": ["new", "sale", "old"]}, "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+        "geo": {"type": "object", "required": ["lat", "lon"], "properties": {
+            "lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number"}}}}}}}}
 MODES = {"eager": dict(graphs=False), "static": dict(graphs=False, static=True), "graphs": dict(graphs=True),
          "graphs+compile": dict(graphs=True, compile=True)}
 
@@ -69,6 +83,8 @@ def parse_args(argv):
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-schema", default=None, help='also time ours under this schema: a file, or "nested"')
+    p.add_argument("--tiny", action="store_true", help="random weights, 2 layers of width 64 (a smoke test)")
     args = p.parse_args(argv)
     if args.batch_sizes is not None:
         try:
@@ -97,8 +113,9 @@ def build_models(args, device, dtype):
         name = info["name"]
     else:
         torch.manual_seed(args.seed)
-        ours = GPT(GPTConfig()).eval().requires_grad_(False)  # GPT-2 124M shapes, vocab padded to 50304
-        name = "random GPT-2 124M"
+        shape = dict(n_layer=2, n_head=4, n_embd=64) if args.tiny else {}  # else GPT-2 124M; vocab padded to 50304
+        ours = GPT(GPTConfig(**shape)).eval().requires_grad_(False)
+        name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
     hf = None if args.no_hf else build_hf(ours, device, pick_dtype(args.hf_dtype, device) if args.hf_dtype else dtype)
     if quantize and (device.type != "cpu" or dtype != torch.float32):
         raise UserError("--quantize int8 needs --device cpu and float32")
@@ -127,9 +144,21 @@ def make_prompts(n, length, seed):
     return prompts
 
 
-def time_ours(engine, prompts, n_new, repeats):
+def load_schema(arg):
+    """--json-schema -> (grammar.Constraint, compile ms of the new schema, first the tokenizer's table)."""
+    value = NESTED if arg == "nested" else parse_json(open(arg, "rb").read(), arg) if os.path.isfile(arg) else None
+    if value is None:
+        raise UserError(f"--json-schema: no such file: {arg}")
+    grammar.tokenizer_info()  # once per process, not per schema
+    t = time.perf_counter()
+    c = grammar.make_constraint("json_schema", value, "--json-schema")
+    grammar.compile_constraint(c)
+    return c, (time.perf_counter() - t) * 1e3
+
+
+def time_ours(engine, prompts, n_new, repeats, constraint=None):
     """Best (prefill_s, decode_s, total_s, token ids of row 0) over `repeats` runs after one warm-up run."""
-    params = inference.validate_params(max_new_tokens=n_new, temperature=0, ignore_eos=True)
+    params = inference.validate_params(max_new_tokens=n_new, temperature=0, ignore_eos=True, constraint=constraint)
     ids = [encode(p) for p in prompts]
 
     def once():
@@ -143,7 +172,8 @@ def time_ours(engine, prompts, n_new, repeats):
             if first is None and all(got.values()):
                 first = time.perf_counter()
         end = time.perf_counter()
-        assert all(len(t) == n_new for t in got.values())
+        if not all(len(t) == n_new for t in got.values()):
+            raise UserError("every row must generate --n-new tokens (a schema must not complete before)")
         return first - t0, end - first, end - t0, got[reqs[0].id]
 
     once()  # warm-up: graph capture / compilation
@@ -247,6 +277,7 @@ def main(argv=None):
                                                                            f"{torch.get_num_threads()} threads"
     print(f"model: {name}; device: {device} ({hw}); dtype: {dtype}; quantize: {args.quantize}; "
           f"prompt {args.prompt_len} tokens, {n_new} new, greedy; torch {torch.__version__}")
+    constraint, compile_ms = load_schema(args.json_schema) if args.json_schema else (None, None)
     rows, agree = [], {}
     engines = {mode: inference.Engine(ours, max_batch=max(batch_sizes), prefill_chunk=args.prefill_chunk,
                                       decode_chunk=args.decode_chunk, **MODES[mode]) for mode in modes}
@@ -264,10 +295,23 @@ def main(argv=None):
             rows.append(row)
             if tokens is not None and hf_tokens is not None:
                 agree[f"{mode}/b{B}"] = common_prefix(tokens, hf_tokens)
+            if constraint is not None:
+                rows.append(run_config("ours+json", mode, lambda: time_ours(engine, prompts, n_new, args.repeats,
+                                                                            constraint), B, args.prompt_len, n_new)[0])
     print()
     print_table(rows)
     print(f"\ngreedy tokens shared with transformers (row 0, of {n_new}): {agree}")
     targets = check_targets(rows, device)
+    if constraint is not None:
+        free = {(r["mode"], r["batch"]): r["tok_s"] for r in rows if r["impl"] == "ours" and "error" not in r}
+        ratios = {f"{r['mode']}/b{r['batch']}": round(r["tok_s"] / free[r["mode"], r["batch"]], 3) for r in rows
+                  if r["impl"] == "ours+json" and "error" not in r and (r["mode"], r["batch"]) in free}
+        print(f"\nschema compile: {compile_ms:.1f} ms; constrained tok/s / free tok/s: {ratios}")
+        got = [v for k, v in ratios.items() if k.endswith("/b32")]
+        if device.type == "cuda" and got:
+            targets["cuda_batch32_constrained_vs_free"] = {"got": max(got), "target": TARGETS["constrained_vs_free"],
+                                                           "met": max(got) >= TARGETS["constrained_vs_free"]}
+    grammar_run = {"compile_ms": round(compile_ms, 2), "constrained_vs_free": ratios} if constraint else None
     for key, t in targets.items():
         print(f"target {key}: {t['got']:,} vs {t['target']:,} -> {'met' if t['met'] else 'NOT met'}")
     try:
@@ -280,7 +324,7 @@ def main(argv=None):
                       "dtype": str(dtype).replace("torch.", ""), "quantize": args.quantize, "n_new": n_new,
                       "prompt_len": args.prompt_len, "torch": torch.__version__, "transformers": hf_version,
                       "threads": torch.get_num_threads(), "results": rows, "greedy_prefix_match": agree,
-                      "targets": targets}))
+                      "targets": targets, "grammar": grammar_run}))
     return 0
 
 

@@ -35,6 +35,8 @@ def build_parser():
     p.add_argument("--stop", action="append", default=None,
                    help=f"stop string; repeat for several (at most {MAX_STOP_STRINGS}); not included in the output")
     p.add_argument("--ignore-eos", action="store_true", help=PARAM_RANGES["ignore_eos"]["help"])
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="a JSON schema (.json file) the output must follow (compact JSON)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamic int8 Linears (CPU)")

@@ -5,6 +5,7 @@ plain batched sampler (temperature 1.0, one row per sample, no KV cache) so the 
 constraint alone: fill the rows of the live samples, mask their logits, sample, advance.
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -15,10 +16,14 @@ import pytest
 import torch
 
 import grammar
+import inference
+from checkpoint import save_checkpoint
+from common import run_cli
+from engine.sampling_params import SamplingParams
 from grammar import (ConstraintError, Matcher, apply_bitmask, compile_constraint, constraint_from_request,
                      fill_bitmask, make_constraint, new_bitmask)
 from tokenizer import EOT_ID, N_VOCAB, decode
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from model import GPT, KVCache
 
 SCHEMAS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "json_schemas.json")))
@@ -298,3 +303,106 @@ def test_fuzz_malformed_schemas():
                 text[i:i] = rng.choice(junk)
         outcomes.append(compile_or_error("json_schema", "".join(text)))
     assert "error" in outcomes and "compiled" in outcomes
+
+
+# ---------------------------------------------------------------------- the engine under constraints
+
+MODES = {"eager": dict(), "pipelined": dict(static=True, decode_chunk=3, pipeline=True)}
+
+
+def constrained(kind, spec, **params):
+    p = SamplingParams.make(dict(dict(max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, seed=1, raw=True), **params))
+    return p.replace(constraint=make_constraint(kind, spec, "guided_" + kind))
+
+
+def run(engine, requests):
+    """Step until the requests are done -> {(request id, choice): [token ids, text, finish reason, logprobs]}."""
+    got = {}
+    while not all(r.done for r in requests):
+        for o in engine.step():
+            c = got.setdefault((o.request_id, o.index), [[], "", None, []])
+            c[0] += o.token_ids
+            c[1] += o.text
+            c[2] = o.finish_reason or c[2]
+            c[3] += o.logprobs or []
+    return got
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_engine_choices_validate_and_a_batch_changes_nothing(model, mode):
+    """n choices of a schema through the engine; alone, or batched with unconstrained requests (same tokens
+    for both: the constrained one's mask never touches the others, and theirs never changes it)."""
+    schema = SCHEMAS["any_of"]
+    p = constrained("json_schema", schema)
+    free = SamplingParams.make(max_new_tokens=30, temperature=1.0, seed=5, raw=True, ignore_eos=True)
+    prompt, other = decode_ids("Once upon"), decode_ids("x y z")
+    alone, batch = (inference.Engine(model, max_batch=8, **MODES[mode]) for _ in range(2))
+    a = run(alone, [alone.add(prompt, p, n=4, request_id=7)])
+    b_free = alone.add(other, free)
+    b_free_alone = run(alone, [b_free])[(b_free.id, 0)][0]
+    reqs = [batch.add(other, free), batch.add(prompt, p, n=4, request_id=7), batch.add(other, free)]
+    b = run(batch, reqs)
+    for i in range(4):
+        ids, text, reason, _ = a[(reqs[1].id, i)]
+        jsonschema.validate(json.loads(text), schema)
+        assert reason == "stop" and EOT_ID not in ids  # the grammar completed: the choice ends there
+        assert b[(reqs[1].id, i)][0] == ids
+    assert len({a[(reqs[1].id, i)][1] for i in range(4)}) > 1  # each choice its own matcher and seed
+    assert b[(reqs[0].id, 0)][0] == b[(reqs[2].id, 0)][0] == b_free_alone
+
+
+def decode_ids(text):
+    return grammar.get_tokenizer().encode_ordinary(text)
+
+
+def test_engine_stop_logprobs_stream_and_cancel(model):
+    engine = inference.Engine(model, max_batch=4)
+    p = constrained("choice", ["hello world", "hello there"], stop=[" "])
+    r = engine.add(decode_ids("Hi"), p, n=2, logprobs=2)
+    got = run(engine, [r])
+    for i in range(2):
+        ids, text, reason, lps = got[(r.id, i)]
+        assert (text, reason) == ("hello", "stop") and len(lps) == len(ids)
+        assert all(e["logprob"] <= 0 and len(e["top"]) == 2 for e in lps)  # raw: the mask does not touch them
+    p = constrained("regex", "[a-z]{3}-[0-9]{2}", seed=3)
+    pieces = list(inference.stream_text(model, "Hi", **{k: getattr(p, k) for k in ("seed", "raw", "constraint")},
+                                        temperature=1.0, top_k=0, max_new_tokens=MAX_NEW))
+    assert re.fullmatch("[a-z]{3}-[0-9]{2}", "".join(pieces))
+    assert "".join(pieces) == inference.generate_text(model, "Hi", seed=3, raw=True, temperature=1.0, top_k=0,
+                                                      max_new_tokens=MAX_NEW, constraint=p.constraint)["text"]
+    r = engine.add(decode_ids("Hi"), constrained("json_object", True), n=2)
+    engine.step()
+    engine.step()
+    engine.cancel(r)
+    outs = run(engine, [r])
+    assert {outs[(r.id, i)][2] for i in range(2)} == {"cancelled"} and engine.stats()["slots_used"] == 0
+
+
+def test_cli_json_schema(tmp_path, model, capsys):
+    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), kind="sft", model_state=model.state_dict(),
+                           config=model.config.to_dict(), step=0)
+    schema = SCHEMAS["enums"]
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    argv = ["--ckpt", ckpt, "--prompt", "Colour?", "--temperature", "1", "--seed", "2"]
+    assert inference.main(argv + ["--json-schema", str(tmp_path / "s.json")]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    (tmp_path / "bad.json").write_text('{"type": "integer", "minimum": 5, "maximum": 1}')
+    (tmp_path / "text.json").write_text("{oops")
+    for name, words in [("missing.json", "No such file"), ("text.json", "not valid JSON"),
+                        ("bad.json", "Unsatisfiable")]:
+        with pytest.raises(SystemExit) as e:
+            run_cli(inference.main, argv + ["--json-schema", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: --json-schema {tmp_path / name}: ") and words in err
+        assert err.count("\n") == 1
+
+
+def test_generate_bench_constrained_mode_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(ROOT, "bench", "generate.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--device", "cpu", "--batch-sizes", "2", "--n-new", "8", "--no-hf", "--repeats",
+                       "1", "--json-schema", "nested"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["impl"] for r in result["results"]} == {"ours", "ours+json"}
+    assert result["grammar"]["compile_ms"] > 0 and result["grammar"]["constrained_vs_free"]["eager/b2"] > 0

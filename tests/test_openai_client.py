@@ -293,7 +293,7 @@ def test_tokenize_round_trip(live):
     assert status == 400 and bad["error"]["param"] == "tokens", bad
 
 
-# ---------------------------------------------------------------------- structured output, responses, tools
+# ---------------------------------------------------------------------- parse, responses, tools
 # Every value is bounded (enums, booleans, short strings): a random model under a schema must still finish.
 
 class City(pydantic.BaseModel):
@@ -355,3 +355,38 @@ def test_named_and_required_tool_calls_validate(live):
     with pytest.raises(openai.BadRequestError) as e:  # auto (the default with tools): no tool parser
         client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=4)
     assert e.value.param == "tools" and "tool parser" in e.value.message
+
+
+# ---------------------------------------------------------------------- structured output
+
+def test_response_format_json_schema_and_json_object(live):
+    """The SDK's response_format, strict and not, on chat; guided_regex (vLLM's form) on completions."""
+    client = live[0]
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
+              "properties": {"city": {"enum": ["Oslo", "Lima", "Pune"]}, "rank": {"type": "integer", "minimum": 1,
+                                                                                 "maximum": 9}}}
+    messages = [{"role": "user", "content": "Pick a city."}]
+    for strict in (True, False):
+        fmt = {"type": "json_schema", "json_schema": {"name": "pick", "strict": strict, "schema": schema}}
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, n=2, temperature=1.0,
+                                             seed=1, response_format=fmt)
+        for c in out.choices:
+            value = json.loads(c.message.content)
+            assert c.finish_reason == "stop" and set(value) == {"city", "rank"} and 1 <= value["rank"] <= 9
+            assert value["city"] in ("Oslo", "Lima", "Pune")
+    # any object: unbounded, so a random model may write until max_tokens; a bias on "}" (92) and '"}' (20662)
+    # makes it close early, wherever the grammar lets it
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=1.0, seed=3,
+                                         n=4, response_format={"type": "json_object"},
+                                         logit_bias={"92": 8, "20662": 8})
+    closed = [json.loads(c.message.content) for c in out.choices if c.finish_reason == "stop"]
+    assert closed and all(isinstance(v, dict) for v in closed)
+    assert all(c.message.content.startswith("{") for c in out.choices)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Code:", max_tokens=20, stream=True, extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"}))
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", text)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3,
+                                                                           "maximum": 1}}})
+    assert e.value.param == "response_format.json_schema.schema" and "Unsatisfiable" in e.value.message
