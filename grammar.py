@@ -40,6 +40,10 @@ REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}|~\s*(\d+)(?:\s*\.\.\s*(\d
 COMPILE_TIMEOUT = 10  # seconds; nested counts such as (a{400}){400} expand past the fuel checks (18 s)
 _SLOTS = threading.BoundedSemaphore(2)  # compiles at once: one past the timeout still holds its slot
 MAX_DEPTH = 64  # JSON nesting of a schema; real schemas stay under 10, the JSON compiler recurses
+# characters of one literal (a schema's string, a choice, a quoted grammar terminal, a whole regex): a mask
+# step inside a literal costs its length squared (5k: 20 ms, 50k: 2 s a token, holding every batch up)
+MAX_LITERAL = 5_000
+LITERALS = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)*/')  # a grammar's "..." and /regex/ terminals
 # Compact JSON, no free whitespace: a small model cannot wander into endless indentation.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's fuel (its defaults, the documented bound): ~20 ms of lexer building, ~15 ms a mask at worst
@@ -132,12 +136,19 @@ def constraint_from_request(body):
     return make_constraint(found[0][0].kind, found[0][1], found[0][0].field) if found else None
 
 
-def _depth(value, field, level=0):
+def _check_json(value, field, level=0):
     if level > MAX_DEPTH:
         raise ConstraintError(field, f"nested deeper than {MAX_DEPTH} levels")
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    children = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ()
+    _check_literals([value] if isinstance(value, str) else [], field)
     for child in children:
-        _depth(child, field, level + 1)
+        _check_json(child, field, level + 1)
+
+
+def _check_literals(texts, field):
+    longest = max(map(len, texts), default=0)
+    if longest > MAX_LITERAL:
+        raise ConstraintError(field, f"a literal of {longest} characters is over the limit of {MAX_LITERAL}")
 
 
 def make_constraint(kind, value, field):
@@ -152,16 +163,18 @@ def make_constraint(kind, value, field):
                 raise ConstraintError(field, f"not valid JSON ({e})") from None
         if not isinstance(value, dict):
             raise ConstraintError(field, "a JSON schema must be an object")
-        _depth(value, field)
+        _check_json(value, field)
         spec = json.dumps(value, sort_keys=True, separators=(",", ":"))
     elif kind == "choice":
         if not value or not all(isinstance(c, str) for c in value):
             raise ConstraintError(field, "must be a non-empty array of strings")
+        _check_literals(value, field)
         spec = json.dumps(value)
     else:
         spec = value
         if not spec.strip():
             raise ConstraintError(field, "must not be empty")
+        _check_literals([spec] if kind == "regex" else LITERALS.findall(spec), field)
     if len(spec) > MAX_SPEC_CHARS:
         raise ConstraintError(field, f"too large ({len(spec)} characters; the limit is {MAX_SPEC_CHARS})")
     counts = [int(n) for m in REPEAT.finditer(spec) for n in m.groups() if n]

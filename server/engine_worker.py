@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from engine.llm_engine import Engine
 from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
+from grammar import ConstraintError
 
 
 # ---------------------------------------------------------------- messages: server -> engine
@@ -93,8 +94,11 @@ def engine_loop(conn, engine):
         while conn.poll(0 if engine.has_work() else 1.0):
             match conn.recv():
                 case Add() as m:
-                    requests[m.request_id] = engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id,
-                                                        m.group)
+                    try:  # a constraint compiles again here (cached); the server's compile passed, yet it may time out
+                        requests[m.request_id] = engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id,
+                                                            m.group)
+                    except ConstraintError as e:
+                        conn.send(Failed([m.request_id], str(e)))
                 case Cancel(request_id) if request_id in requests:
                     engine.cancel(requests[request_id])
                 case Embed(job_id, inputs):

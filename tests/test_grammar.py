@@ -1,7 +1,7 @@
 """grammar.py: the request-form table, and decoding under constraints from a random-weights GPT.
 
 A random model is the hard case: nothing but the grammar keeps its output valid. The loop below is a
-plain batched sampler (temperature 1.0, one row per sample, no KV cache) so the tests exercise the
+plain batched sampler (temperature 1.0, one row per sample, a KV cache of its own) so the tests exercise the
 constraint alone: fill the rows of the live samples, mask their logits, sample, advance.
 """
 
@@ -39,7 +39,7 @@ def _few_threads():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(tiny_config(block_size=256)).eval()
+    return GPT(tiny_config(block_size=256, n_layer=1, n_head=2, n_embd=16)).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -60,7 +60,9 @@ def decode_constrained(model, constraint, n=SAMPLES, seed=0, must_end=True, max_
         logits = model.lm_head(h[rows, -1]).float()  # (live, 50304)
         fill_bitmask([matchers[i] for i in live], bitmask)
         logits = apply_bitmask(logits, bitmask[:len(live)])
-        picked = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).view(-1)
+        cum = torch.softmax(logits, -1).cumsum(-1)  # inverse CDF: far cheaper than torch.multinomial here
+        u = torch.rand(len(live), 1, generator=gen) * cum[:, -1:]
+        picked = torch.searchsorted(cum, u, right=True).view(-1)  # u < total: a token with probability
         tokens = torch.full((n,), EOT_ID).index_copy_(0, rows, picked)
         for i in list(live):
             t = tokens[i].item()
@@ -284,6 +286,10 @@ def test_hostile_bounds_are_errors_naming_the_bound():
             compile_constraint(make_constraint("grammar", chain, "guided_grammar"))
     finally:
         grammar.COMPILE_TIMEOUT = 10
+    for kind, spec in [("choice", ["x" * 20_000]), ("regex", "x" * 20_000), ("grammar", f'start: "{"x" * 9000}"'),
+                       ("json_schema", {"const": "x" * 9000})]:  # a mask inside costs the literal's length squared
+        with pytest.raises(ConstraintError, match="a literal of .* over the limit of 5000"):
+            make_constraint(kind, spec, "guided_" + kind)
     with pytest.raises(ConstraintError, match="too large"):
         make_constraint("json_schema", {"enum": [f"value{i}" for i in range(100_000)]}, "guided_json")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import inference as inf
+from grammar import make_constraint
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -156,3 +157,23 @@ def test_warmup_captures_up_front():
     inf.generate_batch(engine, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
     inf.generate_batch(engine, PROMPTS[:2], max_new_tokens=100, temperature=0, raw=True, ignore_eos=True)
     assert engine.describe()["graphs_captured"] == n  # nothing new to capture
+
+
+def test_constrained_graphs_equal_eager_fp32():
+    """The two halves of a constrained step (forward graph, masked sampler graph) against eager steps, with
+    unconstrained requests in the same batch."""
+    model = gpt2_124m(torch.float32)
+    c = make_constraint("json_schema", {"type": "object", "required": ["a", "b"], "properties": {
+        "a": {"type": "integer"}, "b": {"type": "array", "items": {"type": "string", "maxLength": 8}}}}, "x")
+    got = []
+    for engine in (inf.Engine(model, max_batch=8, graphs=False, pipeline=False, decode_chunk=1),
+                   inf.Engine(model, max_batch=8, graphs=True)):
+        free = inf.validate_params(max_new_tokens=60, temperature=0.9, seed=2, raw=True, ignore_eos=True)
+        reqs = [engine.add(inf.encode_prompt(p, raw=True), free.replace(constraint=c if i % 2 else None), n=2)
+                for i, p in enumerate(PROMPTS)]
+        outs = {}
+        while not all(r.done for r in reqs):
+            for o in engine.step():
+                outs.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+        got.append([outs[(r.id, i)] for r in reqs for i in range(2)])
+    assert got[0] == got[1]
