@@ -13,6 +13,9 @@
  * one place, the server, and the page never re-implements either. The reply streams as OpenAI
  * chunks, `data: {"choices":[{"delta":{"content":…}}]}`, then a usage chunk, then `data: [DONE]`.
  *
+ * With "JSON output" on, chat requests carry response_format: json_schema with the schema box's
+ * object, or json_object when the box is empty; the server decodes the answer under it.
+ *
  * Raw completion mode (for base models, which know no template) posts only the last message
  * to POST /generate with "raw": true and "stream": true: the model continues that text as is.
  * Its events are `data: {"token": …}` then `data: {"done": true, "finish_reason": …, "usage": …}`.
