@@ -21,7 +21,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter, ValidationError
 from werkzeug.security import safe_join
 
-from server import routes_native, routes_openai
+from server import routes_native, routes_openai, routes_responses
 from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
                            make_config, rate_limit_enabled)
 from server.engine_client import EngineClient
@@ -31,7 +31,8 @@ from server.respond import finish_request, log
 OPEN_ENDPOINTS = {"native." + name for name in ("health", "params", "openapi", "index", "static_file",
                                                 "static_root")}  # no API key needed
 QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
-GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings")
+GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings",
+              "responses.responses")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 SECURITY_HEADERS = {
@@ -82,6 +83,7 @@ def build_app(client):
     app.url_map.converters["staticfile"] = StaticFile
     app.register_blueprint(routes_native.bp)
     app.register_blueprint(routes_openai.bp)
+    app.register_blueprint(routes_responses.bp)
     limiter = Limiter(get_remote_address, default_limits=[], headers_enabled=True, key_prefix="gpt2i",
                       storage_uri=cfg.rate_limit_storage, in_memory_fallback_enabled=True)
     install_hooks(app, client)

@@ -1,15 +1,22 @@
 """Chat messages -> the instruction template: the last user message is the instruction; system text and
-earlier turns (`User: ...` / `Assistant: ...`) fill the Input block, the oldest turns dropped first."""
+the other turns (`User: ...` / `Assistant: ...` / `Tool: ...`) fill the Input block, the oldest dropped first.
+An assistant's tool call reads as the JSON the model itself writes for one: {"name": ..., "arguments": ...}."""
+
+import json
 
 from engine.detokenizer import encode_prompt
 from prompt import format_prompt
 from server.config import invalid
 from server.schema import short
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}  # beyond role, content and name
+LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
-def message_text(message, index):
+
+def message_text(message, param):
     """A chat message's content as text (a string, or a list of {"type": "text", "text": ...} parts)."""
-    param = f"messages[{index}].content"
+    param = f"{param}.content"
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -20,40 +27,56 @@ def message_text(message, index):
         return ""
     raise invalid(param, f'{param} must be a string or a list of text parts ({{"type": "text", "text": ...}})')
 
-def split_chat(messages):
-    """messages -> (system text, earlier turns [(role, text)], last user text); validates roles and order."""
+def call_text(calls, param):
+    """An assistant's tool_calls as the lines the model writes for them."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), str) for c in calls):
+        raise invalid(param, f"{param} must be a list of {{\"function\": {{\"name\", \"arguments\"}}}} objects")
+    return [f'{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}' for c in calls]
+
+def split_chat(messages, name="messages", instructions=None):
+    """messages -> (system text, the other turns [(role, text)], the last user text); validates roles and
+    order. The last message is the user's, or a tool's answer to a call made after it."""
     if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "messages must be a non-empty list of {role, content} objects")
-    system, turns = [], []
+        raise invalid(name, f"{name} must be a non-empty list of {{role, content}} objects")
+    system, turns, where = [instructions] if instructions else [], [], []
     for i, m in enumerate(messages):
+        param = f"{name}[{i}]"
         if not isinstance(m, dict):
-            raise invalid(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
+            raise invalid(param, f"{param} must be an object with role and content")
         role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise invalid(f"messages[{i}].role", f"messages[{i}].role must be one of system, developer, user, "
-                                                 f"assistant, got {short(role)}")
-        extra = set(m) - {"role", "content", "name"}
+        if role not in ROLES:
+            raise invalid(f"{param}.role", f"{param}.role must be one of {', '.join(ROLES)}, got {short(role)}")
+        extra = set(m) - {"role", "content", "name"} - FIELDS.get(role, set())
         if extra:
-            raise invalid(f"messages[{i}]", f"messages[{i}] has unsupported fields: {', '.join(sorted(extra))}")
-        text = message_text(m, i)
-        (system if role in ("system", "developer") else turns).append(text if role in ("system", "developer")
-                                                                       else (role, text))
-    if not turns or turns[-1][0] != "user":
-        raise invalid("messages", "messages: the last message must have role 'user'")
-    if not turns[-1][1].strip():
-        last = f"messages[{len(messages) - 1}].content"
-        raise invalid(last, f"{last}: the last user message must not be empty")
-    return "\n\n".join(s for s in system if s), turns[:-1], turns[-1][1]
+            raise invalid(param, f"{param} has unsupported fields: {', '.join(sorted(extra))}")
+        text = message_text(m, param)
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
+        if m.get("tool_calls") is not None:
+            text = "\n".join(([text] if text else []) + call_text(m["tool_calls"], f"{param}.tool_calls"))
+        turns.append((role, text))
+        where.append(i)
+    users = [k for k, (role, _) in enumerate(turns) if role == "user"]
+    if not users or turns[-1][0] not in ("user", "tool"):
+        raise invalid(name, f"{name}: the last message must have role 'user' (or 'tool', after the user's)")
+    last = users[-1]
+    if not turns[last][1].strip():
+        param = f"{name}[{where[last]}].content"
+        raise invalid(param, f"{param}: the last user message must not be empty")
+    return "\n\n".join(s for s in system if s), turns[:last] + turns[last + 1:], turns[last][1]
 
 def chat_context(system_text, history):
     """The ### Input: text: system text, blank line, then the transcript `User: ...` / `Assistant: ...`."""
-    transcript = "\n".join(f"{'User' if role == 'user' else 'Assistant'}: {text}" for role, text in history)
+    transcript = "\n".join(f"{LABELS[role]}: {text}" for role, text in history)
     return "\n\n".join(part for part in (system_text, transcript) if part)
 
-def fold_chat(messages, fits):
-    """The templated prompt ids for a chat, keeping the most recent earlier turns for which
+def fold_chat(messages, fits, **split):
+    """The templated prompt ids for a chat, keeping the most recent other turns for which
     fits(n_tokens) holds. Binary search on how many of the oldest turns to drop (a few encodings)."""
-    system, history, instruction = split_chat(messages)
+    system, history, instruction = split_chat(messages, **split)
 
     def build(drop):
         return encode_prompt(format_prompt(instruction, chat_context(system, history[drop:])), raw=True)

@@ -3,7 +3,7 @@ sampling parameters' own fields."""
 
 from server.config import HTTP_TYPES
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
-                           TOKENIZE_FIELDS, param_schema)
+                           RESPONSE_FIELDS, TOKENIZE_FIELDS, param_schema)
 
 
 def openapi_document():
@@ -44,6 +44,7 @@ def openapi_document():
             "/generate": post("Native generation (instruction template unless raw)", NATIVE_FIELDS, ok_stream),
             "/v1/completions": post("OpenAI text completion", COMPLETION_FIELDS, ok_stream),
             "/v1/chat/completions": post("OpenAI chat completion", CHAT_FIELDS, ok_stream),
+            "/v1/responses": post("OpenAI Responses API (nothing is stored)", RESPONSE_FIELDS, ok_stream),
             "/v1/embeddings": post("Mean-pooled, L2-normalised final hidden states", EMBEDDING_FIELDS),
             "/tokenize": post("Text or chat -> token ids", TOKENIZE_FIELDS),
             "/detokenize": post("Token ids -> text", DETOKENIZE_FIELDS),

@@ -7,8 +7,8 @@ import time
 from engine.detokenizer import token_bytes
 
 
-def sse(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def sse(obj, event=None):
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -39,7 +39,9 @@ def completion_logprobs(entries, offset):
         tok = token_str(e["token_id"])
         out["tokens"].append(tok)
         out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append(None if e["top"] is None else {token_str(t): lp for t, lp in e["top"]})
+        # the token's own entry first, then its alternatives: up to logprobs + 1 (as OpenAI and vLLM)
+        out["top_logprobs"].append(None if e["top"] is None else
+                                   {tok: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
         out["text_offset"].append(offset)
         offset += len(tok)
     return out

@@ -72,9 +72,6 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
     return Response(body(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-# ---------------------------------------------------------------- native routes
-
-
 
 def finish_request(rq, info, server=None):
     """One log line and the request metrics, once, when the response is done (streams included)."""

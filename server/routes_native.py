@@ -86,13 +86,15 @@ def generate():
 @bp.post("/tokenize")
 def tokenize():
     body, _, _ = read_body(TOKENIZE_FIELDS, "/tokenize")
-    if ("prompt" in body) == ("messages" in body):
-        raise invalid("prompt", "give exactly one of prompt (text) or messages (a chat)")
+    given = [name for name in ("prompt", "content", "messages") if name in body]
+    if len(given) != 1:
+        raise invalid("prompt", "give exactly one of prompt (text; content in llama.cpp's words) or messages (a chat)")
     if "messages" in body:
         system, history, instruction = split_chat(body["messages"])
         ids = encode_prompt(format_prompt(instruction, chat_context(system, history)), raw=True)
     else:
-        ids = encode(body["prompt"]) if body.get("raw", True) else encode_prompt(body["prompt"])
+        text = body[given[0]]
+        ids = encode(text) if body.get("raw", True) else encode_prompt(text)
     out = {"count": len(ids), "max_model_len": client().context_length, "tokens": ids}
     if body.get("return_token_strs"):
         out["token_strs"] = [token_str(t) for t in ids]

@@ -12,6 +12,7 @@ from server.config import ApiError, invalid, param_error
 from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
 from server.respond import admit, client, fit_prompt, respond
 from server.schema import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, prompt_list, read_body, sampling_params
+from server.tools import CallStream, tool_plan
 from tokenizer import decode
 
 bp = Blueprint("openai", __name__)
@@ -64,36 +65,55 @@ def completions():
     return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
 
+def chat_prompt(messages, p, given, **split):
+    """A chat's prompt ids, folded to fit with room for max_tokens (validated before readiness is asked)."""
+    split_chat(messages, **split)
+    server = client()
+    server.require_ready()
+    limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
+    return fold_chat(messages, lambda n_: n_ <= limit and n_ + min_new <= server.context_length, **split)
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions():
     body, given, names, p, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
     if "top_logprobs" in body and not body.get("logprobs"):
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
-    split_chat(body["messages"])  # validate before anything else
-    server = client()
-    server.require_ready()
-    limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
-    ids = fold_chat(body["messages"], lambda n_: n_ <= limit and n_ + min_new <= server.context_length)
+    plan = tool_plan(body)
+    if plan is not None:
+        if p.constraint is not None:
+            raise invalid(p.constraint.field, f"{p.constraint.field} cannot be combined with a forced tool call "
+                                              f"(tool_choice): the call's arguments are already constrained")
+        p = p.replace(constraint=plan.constraint)
+    ids = chat_prompt(body["messages"], p, given)
     n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
     reply = admit([(ids, fit_prompt(ids, p, given, names, "messages"))], stream, n=n, logprobs=k)
 
+    def message(c):
+        if plan is not None:
+            return plan.message(c["text"], c["finish_reason"])
+        return {"role": "assistant", "content": c["text"], "refusal": None}, c["finish_reason"]
+
     def render(choices):
-        return jsonify(make([{"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                              "logprobs": chat_logprobs(c["entries"]) if k is not None else None,
-                              "finish_reason": openai_finish(c["finish_reason"])}
-                             for i, c in sorted(choices.items())], reply.usage()))
+        return jsonify(make([{"index": i, "message": m, "finish_reason": openai_finish(finish),
+                              "logprobs": chat_logprobs(c["entries"]) if k is not None else None}
+                             for i, c in sorted(choices.items()) for m, finish in [message(c)]], reply.usage()))
 
     def chunk(index, delta, finish=None, lp=None):
         return sse(make([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], chunk=True))
 
+    calls = [CallStream(plan) for _ in range(n)] if plan is not None else None
+
     def chunks(index, out):
         lp = chat_logprobs(out.logprobs) if k is not None else None
-        if out.text or (lp and lp["content"]):
-            yield chunk(index, {"content": out.text}, lp=lp)
-        if out.finish_reason is not None:
-            yield chunk(index, {}, openai_finish(out.finish_reason))
+        delta, finish = (({"content": out.text} if out.text else None), out.finish_reason) if calls is None \
+            else calls[index].piece(out.text, out.finish_reason)
+        if delta or (lp and lp["content"]):
+            yield chunk(index, delta or {}, lp=lp)
+        if finish is not None:
+            yield chunk(index, {}, openai_finish(finish))
 
-    head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+    head = [chunk(i, {"role": "assistant", "content": "" if plan is None else None}) for i in range(n)]
     return respond(reply, stream, render, chunks, head, lambda: tail(reply))
 
 

@@ -11,6 +11,7 @@ from flask import request
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids as _check_ids
 from grammar import FORMS, TYPES, ConstraintError, compile_constraint, constraint_from_request
 from server.config import ApiError, invalid, param_error
+from server.tools import MAX_TOOLS
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
@@ -49,10 +50,17 @@ STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type
 
 MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]}, "name": {"type": "string"},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "name": {"type": "string"},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
-            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]}}}}
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"function": {
+            "type": "object", "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+        "tool_call_id": {"type": "string"}}}}
+FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
 JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 
 
@@ -117,19 +125,47 @@ CHAT_FIELDS = {
     "max_completion_tokens": F(param="max_new_tokens"),
     "logprobs": T("boolean"),
     "top_logprobs": T("integer", "alternatives per token (needs logprobs: true)", minimum=0, maximum=20),
-    "tools": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="tools are not supported by this model"),
-    "tool_choice": F({"enum": ["none"]}, only=lambda v: v == "none", why="tool_choice must be 'none'"),
+    "tools": F({"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object", "required": ["type", "function"],
+                "properties": {"type": {"enum": ["function"]}, "function": FUNCTION}}}),
+    "tool_choice": F({"oneOf": [{"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
+        "description": "auto (the default with tools) is refused: the model has no tool parser"}),
     "functions": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="functions are not supported"),
     "function_call": F({"enum": ["none"]}, only=lambda v: v == "none", why="function_call must be 'none'"),
     "parallel_tool_calls": T("boolean", "ignored"),
 }
 
+RESPONSE_FIELDS = {
+    "model": OPENAI_COMMON["model"],
+    "input": F({"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
+               required=True),
+    "instructions": T("string", "a system message before the input"),
+    "max_output_tokens": F(param="max_new_tokens"),
+    **{name: F(param=name) for name in SAMPLING},
+    "stream": T("boolean"),
+    "text": F({"type": "object", "properties": {"format": {"type": "object", "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}),
+    "store": F({"type": "boolean"}, only=lambda v: not v, why="store: true is not supported: this server keeps no "
+                                                              "responses; send store: false"),
+    "previous_response_id": F({"type": "string"}, only=lambda v: False, why="previous_response_id is not supported "
+                              "(no response is stored); send the whole conversation in input"),
+    "metadata": F({"type": "object"}),
+    "user": T("string", "ignored"),
+    "parallel_tool_calls": T("boolean", "ignored"),
+    "tools": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="tools are not supported on /v1/responses"),
+    "tool_choice": F({"enum": ["none", "auto"]}),
+}
+
 TOKENIZE_FIELDS = {
     "model": T("string"),
     "prompt": T("string", "text to tokenize as is (with raw: false, in the instruction template)"),
+    "content": T("string", "llama.cpp's name for prompt"),
     "messages": F(MESSAGES),
     "raw": T("boolean", "default true for prompt"),
     "add_special_tokens": T("boolean", "ignored: GPT-2 adds none"),
+    "add_special": T("boolean", "ignored: GPT-2 adds none"),
     "return_token_strs": T("boolean"),
 }
 

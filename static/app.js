@@ -13,6 +13,9 @@
  * one place, the server, and the page never re-implements either. The reply streams as OpenAI
  * chunks, `data: {"choices":[{"delta":{"content":…}}]}`, then a usage chunk, then `data: [DONE]`.
  *
+ * With "JSON output" on, chat requests carry response_format: json_schema with the schema box's
+ * object, or json_object when the box is empty; the server decodes the answer under it.
+ *
  * Raw completion mode (for base models, which know no template) posts only the last message
  * to POST /generate with "raw": true and "stream": true: the model continues that text as is.
  * Its events are `data: {"token": …}` then `data: {"done": true, "finish_reason": …, "usage": …}`.
@@ -49,7 +52,8 @@
     repetition_penalty: { min: 1, max: 2, step: 0.01 },
     max_new_tokens: { min: 1, max: 1024, step: 1 },
   };
-  const DEFAULTS = { temperature: 0.8, top_k: 50, top_p: 1.0, repetition_penalty: 1.15, max_new_tokens: 128, raw: false, api_key: "" };
+  const DEFAULTS = { temperature: 0.8, top_k: 50, top_p: 1.0, repetition_penalty: 1.15, max_new_tokens: 128, raw: false,
+                     json: false, json_schema: "", api_key: "" };
   // The page's own defaults win over the server's: small models fall into loops ("The The The")
   // without a mild repetition penalty.
   const PAGE_DEFAULTS = { repetition_penalty: 1.15 };
@@ -73,6 +77,8 @@
     composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
     form: $("settings-form"), reset: $("reset-settings"),
     raw: $("raw"), apiKey: $("api_key"), template: $("message-template"),
+    json: $("json"), jsonSchema: $("json_schema"), jsonSchemaField: $("json-schema-field"),
+    jsonSchemaError: $("json_schema-error"),
   };
 
   const state = {
@@ -166,7 +172,10 @@
     applyRanges();
     el.raw.checked = !!state.settings.raw;
     el.apiKey.value = String(state.settings.api_key || "");
+    el.json.checked = !!state.settings.json;
+    el.jsonSchema.value = String(state.settings.json_schema || "");
     updateMode();
+    updateJSON();
   }
 
   /** Put the current ranges on the sliders and clamp the settings into them. */
@@ -203,6 +212,10 @@
       updateMode();
     } else if (input === el.apiKey) {
       state.settings.api_key = el.apiKey.value.trim();
+    } else if (input === el.json || input === el.jsonSchema) {
+      state.settings.json = el.json.checked;
+      state.settings.json_schema = el.jsonSchema.value;
+      updateJSON();
     }
     saveSettings();
   }
@@ -210,6 +223,43 @@
   function updateMode() {
     el.modeTag.hidden = !state.settings.raw;
     el.prompt.placeholder = state.settings.raw ? "Text for the model to continue…" : "Message gpt2-instruct…";
+  }
+
+  /**
+   * JSON output: chat answers decode under the schema in the box (response_format json_schema), or
+   * as any JSON object when the box is empty (json_object). A box that holds no JSON object is shown
+   * under it, and a send is refused with a banner: nothing goes to the server.
+   */
+  function responseFormat(text) {
+    if (!text.trim()) return [{ type: "json_object" }, ""];
+    let schema;
+    try {
+      schema = JSON.parse(text);
+    } catch (e) {
+      return [null, `The JSON schema is not valid JSON: ${e.message}.`];
+    }
+    if (!schema || typeof schema !== "object" || Array.isArray(schema)) {
+      return [null, 'The JSON schema must be a JSON object, such as {"type": "object"}.'];
+    }
+    return [{ type: "json_schema", json_schema: { name: "answer", schema } }, ""];
+  }
+
+  /** Show the schema box while JSON output is on, with what is wrong with it; -> that problem, or "". */
+  function updateJSON() {
+    const on = !!state.settings.json;
+    const problem = on ? responseFormat(el.jsonSchema.value)[1] : "";
+    el.jsonSchemaField.hidden = !on;
+    el.jsonSchemaError.textContent = problem;
+    el.jsonSchemaError.hidden = !problem;
+    el.jsonSchema.setAttribute("aria-invalid", String(!!problem));
+    return problem;
+  }
+
+  /** True (and a banner saying why) when JSON output is on in chat mode with a schema that is no JSON object. */
+  function badSchema() {
+    const problem = !state.settings.raw && updateJSON();
+    if (problem) showBanner(`${problem} Fix it in Settings → JSON schema; nothing was sent.`);
+    return !!problem;
   }
 
   /**
@@ -497,6 +547,7 @@
         max_tokens: s.max_new_tokens,
         stream_options: { include_usage: true },
         ...sampling,
+        ...(s.json ? { response_format: responseFormat(s.json_schema)[0] } : {}),
       },
     };
   }
@@ -808,7 +859,7 @@
   }
 
   function sendPrompt(text) {
-    if (state.busy) return;
+    if (state.busy || badSchema()) return;
     const value = text.replace(/\s+$/, "");
     if (!value.trim()) return;
     const chat = ensureChat(value);
@@ -828,7 +879,7 @@
       return;
     }
     const chat = currentChat();
-    if (!chat || !chat.messages.length) return;
+    if (!chat || !chat.messages.length || badSchema()) return;
     const previous = chat.messages[chat.messages.length - 1].role === "assistant" ? chat.messages.pop() : null;
     if (!chat.messages.length) return;
     renderMessages();
@@ -1019,8 +1070,11 @@
       const key = state.settings.api_key;
       state.settings = { ...DEFAULTS, ...state.serverDefaults, api_key: key };
       el.raw.checked = false;
+      el.json.checked = false;
+      el.jsonSchema.value = "";
       applyRanges();
       updateMode();
+      updateJSON();
       saveSettings();
     });
     el.openSettings.addEventListener("click", () => setSettingsOpen(!settingsVisible()));

@@ -213,7 +213,8 @@ def test_page_loads_with_labelled_controls_and_server_ranges(browser, server):
     assert page.title().startswith("gpt2-instruct")
     assert "tiny-test" in page.text_content("#health")  # the server's --model-name, from /v1/models
     # Every control has a label, and the sliders carry the server's ranges from /params.
-    for label in ("Temperature", "Top-k", "Top-p", "Repetition penalty", "Max new tokens", "Raw completion", "Message"):
+    for label in ("Temperature", "Top-k", "Top-p", "Repetition penalty", "Max new tokens", "Raw completion",
+                  "JSON output", "Message"):
         assert page.get_by_label(label, exact=True).count() == 1, label
     status, text = _get(f"{server}/params")
     assert status == 200, text
@@ -348,6 +349,36 @@ def test_temperature_goes_into_the_request_and_settings_persist(browser, server)
     browser.wait_ready()
     assert float(page.input_value("#temperature")) == pytest.approx(expected)
     assert page.is_checked("#raw")
+
+
+def test_json_output_sends_the_schema_and_bad_json_is_shown_not_sent(browser, server):
+    page = browser.open()
+    assert page.is_hidden("#json_schema")
+    page.click("label[for=json]")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # one short answer: {"ok": true} or {"ok": false}
+    page.fill("#json_schema", '{"type": "object",')  # not JSON: shown under the box, and nothing is sent
+    assert "not valid JSON" in page.text_content("#json_schema-error")
+    assert page.get_attribute("#json_schema", "aria-invalid") == "true"
+    browser.send("A number?")
+    assert "nothing was sent" in page.text_content("#banner-text") and not browser.requests
+    assert page.input_value("#prompt") == "A number?"  # the message stays in the box
+    page.fill("#json_schema", json.dumps(schema))
+    assert page.is_hidden("#json_schema-error")
+    page.press("#prompt", "Enter")
+    browser.wait_idle()
+    url, body, _ = browser.requests[-1]
+    assert url.endswith("/v1/chat/completions")
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    assert json.loads(browser.answers()[-1]) in ({"ok": True}, {"ok": False})  # decoded under the schema
+    page.fill("#json_schema", "")  # empty: any JSON object
+    browser.send("Again?")
+    browser.wait_idle()
+    assert browser.requests[-1][1]["response_format"] == {"type": "json_object"}
+    assert browser.answers()[-1].startswith("{")
+    page.reload()
+    browser.wait_ready()
+    assert page.is_checked("#json") and page.input_value("#json_schema") == ""
 
 
 def test_conversations_survive_reload_and_can_be_deleted(browser, server):

@@ -11,8 +11,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -289,6 +291,70 @@ def test_tokenize_round_trip(live):
         assert status == 200 and back["prompt"] == text, back
     status, bad = post(url + "/detokenize", {"tokens": [60000]})
     assert status == 400 and bad["error"]["param"] == "tokens", bad
+
+
+# ---------------------------------------------------------------------- parse, responses, tools
+# Every value is bounded (enums, booleans, short strings): a random model under a schema must still finish.
+
+class City(pydantic.BaseModel):
+    name: Literal["Paris", "Oslo", "Lima"]
+    capital: bool
+    nickname: str = pydantic.Field(max_length=8)
+
+
+class Add(pydantic.BaseModel):
+    a: Literal[1, 2, 3]
+    b: Literal[1, 2, 3]
+
+
+def test_chat_parse_with_a_pydantic_model(live):
+    client = live[0]
+    done = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "A city?"}],
+                                         response_format=City, max_tokens=64, temperature=0)
+    message = done.choices[0].message
+    assert isinstance(message.parsed, City) and City.model_validate_json(message.content) == message.parsed
+
+
+def test_responses_create_streamed_and_not(live):
+    client = live[0]
+    args = dict(model=MODEL, input="Name a colour.", instructions="One word.", max_output_tokens=8, temperature=0)
+    done = client.responses.create(**args)
+    assert done.object == "response" and done.status in ("completed", "incomplete") and done.output_text
+    assert done.usage.output_tokens <= 8 and done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    events = list(client.responses.create(**args, stream=True))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.content_part.added"]
+    assert events[-1].type == f"response.{done.status}" and events[-1].response.output_text == done.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == done.output_text
+    # text.format json_schema: the output validates
+    city = client.responses.parse(model=MODEL, input="A city?", text_format=City, max_output_tokens=64, temperature=0)
+    assert isinstance(city.output_parsed, City)
+
+
+def test_named_and_required_tool_calls_validate(live):
+    client = live[0]
+    tools = [openai.pydantic_function_tool(City), openai.pydantic_function_tool(Add)]
+    messages = [{"role": "user", "content": "What is 1 + 2?"}]
+    done = client.chat.completions.parse(model=MODEL, messages=messages, tools=tools, max_tokens=64, temperature=0,
+                                         tool_choice={"type": "function", "function": {"name": "Add"}})
+    (call,) = done.choices[0].message.tool_calls
+    assert done.choices[0].finish_reason == "tool_calls" and call.function.name == "Add" and call.id
+    assert isinstance(call.function.parsed_arguments, Add)
+    # "required" with two tools, streamed: one call, its name first, then its arguments in pieces
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                                max_tokens=64, temperature=1.0, seed=4, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for delta in c.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": delta.id, "name": delta.function.name, "arguments": ""})
+                call["arguments"] += delta.function.arguments or ""
+    (call,) = calls.values()
+    assert finish == "tool_calls" and call["id"] and call["name"] in ("City", "Add")
+    {"City": City, "Add": Add}[call["name"]].model_validate_json(call["arguments"])
+    with pytest.raises(openai.BadRequestError) as e:  # auto (the default with tools): no tool parser
+        client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=4)
+    assert e.value.param == "tools" and "tool parser" in e.value.message
 
 
 # ---------------------------------------------------------------------- structured output

@@ -77,6 +77,9 @@ def model_logprobs(app, ids):
 
 
 AUTH = {"Authorization": "Bearer sekrit"}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"],
+    "additionalProperties": False}}}]
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 # ---------------------------------------------------------------------- health and loading
@@ -218,7 +221,18 @@ def test_generate_invalid_field_is_400_naming_it(app, field, value):
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # no user message
+    ("/v1/chat/completions", {"messages": CHAT + [{"role": "tool", "content": "x", "id": 1}]}, "messages[1]"),
+    ("/v1/chat/completions", {"messages": [*CHAT, {"role": "assistant", "tool_calls": [{"function": {}}]},
+                                           {"role": "tool", "content": "x"}]}, "messages[1].tool_calls"),
+    ("/v1/responses", {"input": "x", "store": True}, "store"),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ("/v1/responses", {"input": [1]}, "input"),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content"),
+    ("/v1/responses", {"input": [{"type": "reasoning"}]}, "input[0].type"),
+    ("/v1/responses", {"input": "x", "max_output_tokens": 10 ** 6}, "max_output_tokens"),
+    ("/tokenize", {"prompt": "x", "content": "x"}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
@@ -226,7 +240,17 @@ def test_generate_invalid_field_is_400_naming_it(app, field, value):
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 5, "max_completion_tokens": 5}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}], "tool_choice": "none"}, "tools[0]"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS}, "tools"),  # auto: no tool parser
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": "any"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function",
+                                                                              "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "g", "parameters": {"type": "object", "properties": {"x": {"type": "nonsense"}}}}}]},
+     "tools[0].function.parameters"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ("/v1/chat/completions", {"messages": CHAT, "guided_json": {"type": "integr"}}, "guided_json"),
     ("/v1/completions", {"prompt": "x", "guided_regex": "(ab"}, "guided_regex"),
@@ -412,7 +436,8 @@ def test_completion_logprobs_and_echo_match_the_model(app):
     ref = model_logprobs(app, ids)
     for i in range(1, len(ids)):
         assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
-        assert len(lp["top_logprobs"][i]) <= 2
+        top = lp["top_logprobs"][i]  # the token's own entry first, then up to 2 alternatives (as vLLM)
+        assert len(top) <= 3 and next(iter(top.items())) == (lp["tokens"][i], lp["token_logprobs"][i])
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
     # echo with new tokens: prompt then completion, streamed the same as not
     req = {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0}
@@ -424,6 +449,13 @@ def test_completion_logprobs_and_echo_match_the_model(app):
     assert "".join(c["text"] for c in chunks) == full["text"]
     assert sum((c["logprobs"]["tokens"] for c in chunks), []) == full["logprobs"]["tokens"]
     assert sum((c["logprobs"]["text_offset"] for c in chunks), []) == full["logprobs"]["text_offset"]
+
+
+def test_completion_logprobs_0_gives_the_sampled_token_alone(app):
+    body = post(app.test_client(), "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "logprobs": 0,
+                                                       "temperature": 1.0, "seed": 3}).get_json()
+    lp = body["choices"][0]["logprobs"]
+    assert [list(top.items()) for top in lp["top_logprobs"]] == [[x] for x in zip(lp["tokens"], lp["token_logprobs"])]
 
 
 def test_n_choices_and_prompt_forms(app):
@@ -509,6 +541,43 @@ def test_chat_folding_keeps_recent_turns(app):
     assert len(ids) == body["usage"]["prompt_tokens"]
 
 
+def test_tool_calls_and_results_go_into_the_prompt(app):
+    calls = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "c1", "content": "-3C"}]
+    assert split_chat(msgs) == ("S", [("assistant", '{"name": "weather", "arguments": {"city": "Oslo"}}'),
+                                      ("tool", "-3C")], "Weather?")
+    client = app.test_client()
+    folded = format_prompt("Weather?", 'S\n\nAssistant: {"name": "weather", "arguments": {"city": "Oslo"}}\nTool: -3C')
+    ids = inference.encode_prompt(folded, raw=True)
+    assert post(client, "/tokenize", {"messages": msgs}).get_json()["tokens"] == ids
+    body = post(client, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2}).get_json()
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_forced_tool_calls_whole_and_streamed(app):
+    client = app.test_client()
+    tools = TOOLS + [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], "additionalProperties": False}}}]
+    valid = {"weather": [{"city": "Oslo"}, {"city": "Lima"}], "add": [{"a": 1}, {"a": 2}]}
+    for choice in ({"type": "function", "function": {"name": "add"}}, "required"):  # a schema; a grammar
+        req = {"messages": CHAT, "tools": tools, "tool_choice": choice, "max_tokens": 40, "temperature": 0}
+        (c,) = post(client, "/v1/chat/completions", req).get_json()["choices"]
+        (call,) = c["message"]["tool_calls"]
+        assert c["finish_reason"] == "tool_calls" and c["message"]["content"] is None and call["id"].startswith("call_")
+        assert json.loads(call["function"]["arguments"]) in valid[call["function"]["name"]]
+        events = sse_events(post(client, "/v1/chat/completions", {**req, "stream": True}).get_data(as_text=True))
+        deltas = [json.loads(e)["choices"][0] for e in events[:-1]]
+        parts = [t for d in deltas for t in d["delta"].get("tool_calls", [])]
+        assert parts[0]["function"] == {"name": call["function"]["name"], "arguments": ""} and parts[0]["id"]
+        assert "".join(p["function"]["arguments"] for p in parts) == call["function"]["arguments"]
+        assert {p["index"] for p in parts} == {0} and deltas[-1]["finish_reason"] == "tool_calls"
+    body = post(client, "/v1/chat/completions", {"messages": CHAT, "tools": tools, "tool_choice": "none",
+                                                 "max_tokens": 2}).get_json()
+    assert "tool_calls" not in body["choices"][0]["message"]
+
+
 def test_openai_noop_values_are_accepted(app):
     client = app.test_client()
     body = {"messages": CHAT, "max_completion_tokens": 2, "n": 1, "frequency_penalty": 0.5, "presence_penalty": -1,
@@ -529,6 +598,41 @@ def test_logit_bias_steers_greedy_decoding(app):
     assert body["choices"][0]["text"] == " banana" * 3
 
 
+# ---------------------------------------------------------------------- OpenAI responses
+
+RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                   "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                   "response.content_part.done", "response.output_item.done"]
+
+
+def test_responses_shape_and_stream_match_chat(app):
+    client = app.test_client()
+    req = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Bye"}]}], "instructions": "Be brief.",
+           "max_output_tokens": 6, "temperature": 0, "metadata": {"k": "v"}}
+    body = post(client, "/v1/responses", req).get_json()
+    chat = post(client, "/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
+                                                              {"role": "user", "content": "Bye"}],
+                                                 "max_tokens": 6, "temperature": 0}).get_json()
+    assert body["object"] == "response" and body["id"].startswith("resp_") and body["metadata"] == {"k": "v"}
+    (item,) = body["output"]
+    text = chat["choices"][0]["message"]["content"]
+    assert item["type"] == "message" and item["role"] == "assistant" and item["content"][0]["text"] == text
+    assert body["status"] == ("incomplete" if chat["choices"][0]["finish_reason"] == "length" else "completed")
+    assert body["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert body["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+    r = post(client, "/v1/responses", {**req, "stream": True})
+    blocks = [b.split("\n") for b in r.get_data(as_text=True).split("\n\n") if b]
+    events = [(b[0][len("event: "):], json.loads(b[1][len("data: "):])) for b in blocks]
+    assert all(name == e["type"] for name, e in events) and [e["sequence_number"] for _, e in events] == list(
+        range(len(events)))
+    names = [name for name, _ in events]
+    assert [n for i, n in enumerate(names) if n not in names[:i]][:-1] == RESPONSE_EVENTS
+    assert names[-1] == "response." + body["status"]
+    assert "".join(e["delta"] for n, e in events if n.endswith(".delta")) == text
+    done = events[-1][1]["response"]
+    assert done["output"][0]["content"] == item["content"] and events[0][1]["response"]["status"] == "in_progress"
+
+
 # ---------------------------------------------------------------------- tokenizer, embeddings, models, docs
 
 
@@ -539,6 +643,7 @@ def test_tokenize_detokenize_round_trip(app):
     assert body["tokens"] == encode(text) and body["count"] == len(encode(text)) and body["max_model_len"] == CTX
     assert len(body["token_strs"]) == body["count"]
     assert post(client, "/detokenize", {"tokens": body["tokens"]}).get_json() == {"prompt": text}
+    assert post(client, "/tokenize", {"content": text}).get_json()["tokens"] == encode(text)  # llama.cpp's body
     chat = post(client, "/tokenize", {"messages": CHAT}).get_json()
     assert chat["tokens"] == inference.encode_prompt("Say hi.")
 

@@ -105,7 +105,7 @@ def sse_events(text):
     out = []
     for block in text.split("\n\n")[:-1]:
         lines = block.split("\n")
-        assert all(line.startswith(("data: ", ":")) for line in lines), block
+        assert all(line.startswith(("data: ", "event: ", ":")) for line in lines), block
         data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
         if data:
             out.append("\n".join(data))
