@@ -40,7 +40,8 @@ class Request:
         self.prompt, self.params, self.n, self.logprobs, self.echo = ids, params, n, logprobs, bool(echo)
         self.choices = [Choice(self, i) for i in range(n)]
         self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
-        self.filled = 0  # prompt tokens prefilled so far
+        self.filled = 0  # prompt tokens prefilled (or loaded from the prefix cache) so far
+        self.match = None  # the cached prefix found at admission (prefix_cache.Match)
         self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
 
     @property
