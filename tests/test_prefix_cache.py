@@ -148,7 +148,8 @@ def test_a_loaded_prefix_waiting_for_its_prefill_is_not_overwritten(model):
         got = {}
         while engine.has_work():
             for o in engine.step():
-                got.setdefault(o.request_id, []).extend((t, round(e["logprob"], 6)) for t, e in zip(o.token_ids, o.logprobs))
+                got.setdefault(o.request_id, []).extend((t, round(e["logprob"], 6)) for t, e in zip(o.token_ids,
+                                                                                                    o.logprobs or []))
         outs.append(got[reqs[-1].id])
         assert [c.slot for c in reqs[-1].choices] == [None]
     assert outs[0] == outs[1]
