@@ -21,7 +21,7 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    (1 new token each) arrive at once; the burst's first-token times.
 6. chat, loglik: on this server and on one with the prefix cache off (unless "cacheoff" is skipped).
    chat: --turns turns of a conversation (/v1/completions, the transcript as raw text, history first),
-   each turn a ~40-token message and a 48-token reply; median first-token time per turn over 3
+   each turn a ~40-token message and a 48-token reply (at most --new-tokens); median first-token time per turn over 3
    conversations. loglik: the committed HellaSwag rows (tests/data), each ending as lm-evaluation-harness
    sends it (token ids of context + ending, echo, logprobs 1, max_tokens 1, longest first) by 8 clients:
    requests/s, and the largest loglikelihood difference between cache on and off.
@@ -357,7 +357,8 @@ def chat(port, args):
         for _ in range(args.turns):
             prompt = transcript + "User: " + " ".join(rng.choice(words.split()) for _ in range(40)) + "\nAssistant:"
             t0, first, reply = time.perf_counter(), None, ""
-            body = {"prompt": prompt, "raw": True, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
+            body = {"prompt": prompt, "raw": True, "max_tokens": min(48, args.new_tokens), "temperature": 0,
+                    "ignore_eos": True, "stream": True}
             for line in post(conn, body):
                 if line.startswith(b"data: {") and json.loads(line[6:])["choices"]:
                     first = first or time.perf_counter() - t0
