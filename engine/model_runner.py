@@ -111,8 +111,8 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)
         block_bytes = 2 * self.config.n_layer * BLOCK_TOKENS * self.config.n_embd * self.cache.k[0].element_size()
-        blocks = S * self.config.block_size // BLOCK_TOKENS if prefix_mb is None else int(prefix_mb * 2**20 // block_bytes)
-        self.prefix = PrefixCache(self.config, blocks, dev, self.dtype)  # default: as large as the KV-cache
+        blocks = S * self.config.block_size // BLOCK_TOKENS if prefix_mb is None else prefix_mb * 2**20 // block_bytes
+        self.prefix = PrefixCache(self.config, int(blocks), dev, self.dtype)  # default: as large as the KV-cache
 
     def upload(self, values, dtype):
         """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""

@@ -112,7 +112,8 @@ class PrefixCache:
         rows = self._lookup(ids, logprobs)
         self._touch(rows)
         s = self.stats
-        s.hits, s.misses, s.hit_tokens = s.hits + bool(rows), s.misses + (not rows), s.hit_tokens + len(rows) * BLOCK_TOKENS
+        s.hits, s.misses = s.hits + bool(rows), s.misses + (not rows)
+        s.hit_tokens += len(rows) * BLOCK_TOKENS
         return Match(len(rows) * BLOCK_TOKENS, rows, bool(logprobs))
 
     def load(self, match, cache, slot):

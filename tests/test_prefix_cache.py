@@ -141,7 +141,8 @@ def test_a_loaded_prefix_waiting_for_its_prefill_is_not_overwritten(model):
         greedy = dict(temperature=0, max_new_tokens=1)
         run(engine, [(BASE, greedy, {})], False)  # stored (when on)
         short = [(ids_of(5, 30 + i), dict(greedy, max_new_tokens=1 + 40 * (i % 2)), {}) for i in range(4)]
-        jobs = short + [(ids_of(100, 40), greedy, {}), (BASE[:5 * T] + ids_of(6, 41), dict(greedy, max_new_tokens=4), {})]
+        jobs = short + [(ids_of(100, 40), greedy, {}),
+                        (BASE[:5 * T] + ids_of(6, 41), dict(greedy, max_new_tokens=4), {})]
         reqs = [engine.add(ids, inf.validate_params(**dict(p, ignore_eos=True))) for ids, p, _ in jobs[:4]]
         engine.step()  # slots 0 and 2 done after one token, 1 and 3 decoding
         reqs += [engine.add(ids, inf.validate_params(**dict(p, ignore_eos=True)), logprobs=0) for ids, p, _ in jobs[4:]]
