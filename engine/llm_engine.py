@@ -22,10 +22,13 @@ from engine.sequence import Request
 
 # Prompt (and embedding) tokens a step computes at most, padding included, per device kind. A running
 # stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
-# CUDA: a forward under a few thousand tokens is launch-bound (GPT-2 124M, H200: one 512-token prefill
-# takes 6.6 ms, as long as several thousand tokens take), so 8,192 tokens (eight 1,000-token prompts a
-# step) reach most of the forward's throughput while a step stays within a few decode chunks' time.
-# CPU: throughput is flat from a few hundred tokens up, and each token adds to the stall: 512.
+# CUDA (GPT-2 124M, H200, BENCHMARKS.md): one 512-token prefill step took 6.6 ms, 78k tokens/s, mostly launch
+# overhead, while the same forward runs at well over 1M tokens/s on big batches (training: 575k tokens/s
+# forward + backward). 8,192 tokens (eight 1,000-token prompts) is on that plateau and, at ~1M tokens/s, adds
+# ~8 ms to a step whose decode chunk (8 steps of batch 64) takes ~10 ms: running streams' inter-token time
+# stays within 2-3x while a burst of long prompts is prefilled (bench/prefill.py, bench/serve_load.py).
+# CPU (GPT-2 124M, fp32): see the numbers below; throughput is flat from a few hundred tokens a step and every
+# token adds to the stall.
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
 
 
@@ -41,12 +44,11 @@ class Engine:
     """max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt and embedding tokens
     computed per step at most (default: PREFILL_CHUNK of the device kind). prefix_cache: reuse the KV of
     cached prompt prefixes (prefix_cache.py); prefix_cache_mb: its pool (default: as large as the
-    KV-cache). decode_chunk: decode steps per host sync
-    (default 8 on CUDA, 1 elsewhere). graphs: capture decode steps in CUDA graphs (default: on CUDA).
-    static: bucketed fixed shapes without graphs (default: = graphs; True on CPU runs the graph path's
-    logic). compile: torch.compile the decode forward. pipeline: queue a chunk before reading the
-    previous one (default: on CUDA). add / cancel / add_embedding / stats / has_work / embed are
-    thread-safe; step is called by one thread.
+    KV-cache). decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: capture
+    decode steps in CUDA graphs (default: on CUDA). static: bucketed fixed shapes without graphs (default:
+    = graphs; True on CPU runs the graph path's logic). compile: torch.compile the decode forward.
+    pipeline: queue a chunk before reading the previous one (default: on CUDA). add / cancel /
+    add_embedding / stats / has_work / embed are thread-safe; step is called by one thread.
     """
 
     def __init__(self, model, max_batch=64, prefill_chunk=None, decode_chunk=None, graphs=None, compile=False,
