@@ -27,8 +27,9 @@ from engine.sequence import Request
 # forward + backward). 8,192 tokens (eight 1,000-token prompts) is on that plateau and, at ~1M tokens/s, adds
 # ~8 ms to a step whose decode chunk (8 steps of batch 64) takes ~10 ms: running streams' inter-token time
 # stays within 2-3x while a burst of long prompts is prefilled (bench/prefill.py, bench/serve_load.py).
-# CPU (GPT-2 124M, fp32): see the numbers below; throughput is flat from a few hundred tokens a step and every
-# token adds to the stall.
+# CPU (GPT-2 124M, fp32, bench/prefill.py on 2 busy cores): a bigger step is faster per token (4 x 512
+# tokens: 273 tokens/s, 1 x 512: 159), but a 512-token step already stalls every running stream for seconds
+# there; 512 keeps that stall bounded, and a long prompt still prefills a chunk per step.
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
 
 
