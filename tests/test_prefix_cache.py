@@ -67,15 +67,16 @@ def engines(model, **kw):
 
 
 def test_cache_on_gives_what_cache_off_gives(model):
-    """Prompts one after another (each finds what the ones before stored), then all at once (admitted
-    together: a prompt waits for the blocks another is prefilling); every sampler, n=2 and logprobs too."""
-    on, off = engines(model)
+    """Prompts one after another (each finds what the ones before stored), then all at once on a cold
+    cache (admitted together: a prompt waits a step for the blocks another is prefilling); every sampler,
+    n=2 and logprobs too."""
     jobs = [(ids, dict(SAMPLERS[i % 4], max_new_tokens=3 + i % 3), dict(n=1 + i % 2, logprobs=2))
-            for i, ids in enumerate(PROMPTS + PROMPTS[1:3])]
+            for i, ids in enumerate(PROMPTS)]
     for together in (False, True):
+        on, off = engines(model)
         assert run(on, jobs, together) == run(off, jobs, together)
-    s = on.stats()["prefix_cache"]
-    assert s["hits"] >= 8 and s["hit_tokens"] >= 20 * T and off.stats()["prefix_cache"]["hits"] == 0
+        s = on.stats()["prefix_cache"]
+        assert s["hits"] == 4 and s["hit_tokens"] == 16 * T and off.stats()["prefix_cache"]["hits"] == 0
 
 
 def test_cached_greedy_equals_full_recompute(model):
