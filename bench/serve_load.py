@@ -21,7 +21,7 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    (1 new token each) arrive at once; the burst's first-token times.
 6. chat, loglik: on this server and on one with the prefix cache off (unless "cacheoff" is skipped).
    chat: --turns turns of a conversation (/v1/completions, the transcript as raw text, history first),
-   each turn a ~40-token message and a 48-token reply (at most --new-tokens); median first-token time per turn over 3
+   each turn a ~35-token message and a 48-token reply (at most --new-tokens), ~900 tokens at turn 10; median first-token time per turn over 3
    conversations. loglik: the committed HellaSwag rows (tests/data), each ending as lm-evaluation-harness
    sends it (token ids of context + ending, echo, logprobs 1, max_tokens 1, longest first) by 8 clients:
    requests/s, and the largest loglikelihood difference between cache on and off.
@@ -355,7 +355,7 @@ def chat(port, args):
     for seed in range(4):
         rng, transcript, ttfts = random.Random(seed), "", []
         for _ in range(args.turns):
-            prompt = transcript + "User: " + " ".join(rng.choice(words.split()) for _ in range(40)) + "\nAssistant:"
+            prompt = transcript + "User: " + " ".join(rng.choice(words.split()) for _ in range(32)) + "\nAssistant:"
             t0, first, reply = time.perf_counter(), None, ""
             body = {"prompt": prompt, "raw": True, "max_tokens": min(48, args.new_tokens), "temperature": 0,
                     "ignore_eos": True, "stream": True}
@@ -390,8 +390,11 @@ def loglik(port, pairs, clients=8):
 
     def work():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        while not jobs.empty():
-            i, (ctx, end) = jobs.get()
+        while True:
+            try:
+                i, (ctx, end) = jobs.get_nowait()
+            except queue.Empty:
+                return
             body = {"prompt": ctx + end, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
             try:
                 lps = json.loads(post(conn, body).read())["choices"][0]["logprobs"]["token_logprobs"]
