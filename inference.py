@@ -61,9 +61,13 @@ def main(argv=None):
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    for name, lo in (("prefill_chunk", 1), ("prefix_cache_mb", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     model, info = load_model_from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype, quantize=args.quantize)
     try:
-        engine = Engine(model, max_batch=1, graphs=args.graphs, compile=args.compile)
+        engine = Engine(model, max_batch=1, prefill_chunk=args.prefill_chunk, graphs=args.graphs, compile=args.compile,
+                        prefix_cache=args.prefix_cache, prefix_cache_mb=args.prefix_cache_mb)
         t0 = time.perf_counter()
         first, text, usage, reason = None, "", None, None
         for o in outputs(engine, requests(engine, [prompt], flags)):

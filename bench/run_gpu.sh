@@ -30,6 +30,12 @@ stage_time_to_loss() {  # each optimizer's time to the first AdamW run's final v
 stage_generate() {  # decoding: ours (CUDA graphs) vs transformers, batch 1/8/32
   python3 bench/generate.py --batch-sizes 1,8,32 ${GENERATE_ARGS:-} | tee "$OUT/generate${TAG:-}.txt"
 }
+stage_prefill() {  # prompt tokens/s and a lone 1,000-token prompt's first token per prefill budget; eager/graph/compile
+  python3 bench/prefill.py ${PREFILL_ARGS:-} | tee "$OUT/prefill${TAG:-}.txt"
+}
+stage_serve() {  # server vs engine at 64 clients, newcomer, embeddings and long-prompt bursts, chat and loglik (cache on/off)
+  python3 bench/serve_load.py --duration 20 ${SERVE_ARGS:-} | tee "$OUT/serve_load${TAG:-}.txt"
+}
 stage_pretrain() {  # GPT-2 124M on the corpus: val loss and HellaSwag curve
   local hs=""
   [ "${HS_LIMIT:-2000}" != 0 ] && hs="--hellaswag $HELLASWAG --hellaswag-limit ${HS_LIMIT:-2000}"

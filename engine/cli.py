@@ -45,6 +45,12 @@ def build_parser():
                    help="CUDA graphs for the decode steps (default: on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step (slow first call, faster decoding)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens computed per engine step (None: 8192 on CUDA, 512 elsewhere)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV-cache of prompt prefixes seen before")
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="prefix cache pool in MiB (None: as large as the KV-cache)")
     p.add_argument("--verbose", action="store_true", help="print usage and timings to stderr")
     return p
 

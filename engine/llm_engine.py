@@ -1,7 +1,7 @@
 """The engine: continuous batching for one model. Requests join the running batch between steps and
 leave it when they finish; step() is the algorithm: schedule, run (and sample, on the device), emit.
 
-    engine = Engine(model, max_batch=64, prefill_chunk=512)
+    engine = Engine(model, max_batch=64)                                     # prefill_chunk: per device
     req = engine.add(prompt_ids, SamplingParams.make(temperature=0.7), n=1)   # checked at the edge first
     while engine.has_work(): for out in engine.step(): ...                  # Output: text, token_ids, ...
 
@@ -27,22 +27,45 @@ from engine.sampling_params import check_inputs
 from engine.scheduler import Scheduler
 from engine.sequence import Request
 
+# Prompt (and embedding) tokens a step computes at most, padding included, per device kind. A running
+# stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
+# CUDA (GPT-2 124M, H200, BENCHMARKS.md): one 512-token prefill step took 6.6 ms, 78k tokens/s, mostly launch
+# overhead, while the same forward runs at well over 1M tokens/s on big batches (training: 575k tokens/s
+# forward + backward). 8,192 tokens (eight 1,000-token prompts) is on that plateau and, at ~1M tokens/s, adds
+# ~8 ms to a step whose decode chunk (8 steps of batch 64) takes ~10 ms: running streams' inter-token time
+# stays within 2-3x while a burst of long prompts is prefilled (bench/prefill.py, bench/serve_load.py).
+# CPU (GPT-2 124M, fp32, bench/prefill.py on 2 busy cores): a bigger step is faster per token (4 x 512
+# tokens: 273 tokens/s, 1 x 512: 159), but a 512-token step already stalls every running stream for seconds
+# there; 512 keeps that stall bounded, and a long prompt still prefills a chunk per step.
+PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
+
+
+def pack(lengths, budget):
+    """How many of these rows (in order) one padded batch of at most budget tokens holds; at least one."""
+    k, width = 1, lengths[0]
+    while k < len(lengths) and (k + 1) * max(width, lengths[k]) <= budget:
+        width, k = max(width, lengths[k]), k + 1
+    return k
+
 
 class Engine:
-    """max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt tokens prefilled
-    per step at most (embeddings get as many again). decode_chunk: decode steps per host sync
-    (default 8 on CUDA, 1 elsewhere). graphs: capture decode steps in CUDA graphs (default: on CUDA).
-    static: bucketed fixed shapes without graphs (default: = graphs; True on CPU runs the graph path's
-    logic). compile: torch.compile the decode forward. pipeline: queue a chunk before reading the
-    previous one (default: on CUDA). add / cancel / add_embedding / stats / has_work / embed are
-    thread-safe; step is called by one thread.
+    """max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt and embedding tokens
+    computed per step at most (default: PREFILL_CHUNK of the device kind). prefix_cache: reuse the KV of
+    cached prompt prefixes (prefix_cache.py); prefix_cache_mb: its pool (default: as large as the
+    KV-cache). decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: capture
+    decode steps in CUDA graphs (default: on CUDA). static: bucketed fixed shapes without graphs (default:
+    = graphs; True on CPU runs the graph path's logic). compile: torch.compile the decode forward.
+    pipeline: queue a chunk before reading the previous one (default: on CUDA). add / cancel /
+    add_embedding / stats / has_work / embed are thread-safe; step is called by one thread.
     """
 
-    def __init__(self, model, max_batch=64, prefill_chunk=512, decode_chunk=None, graphs=None, compile=False,
-                 static=None, pipeline=None):
-        self.runner = ModelRunner(model, max_batch, decode_chunk, graphs, compile, static)
+    def __init__(self, model, max_batch=64, prefill_chunk=None, decode_chunk=None, graphs=None, compile=False,
+                 static=None, pipeline=None, prefix_cache=True, prefix_cache_mb=None):
+        self.runner = ModelRunner(model, max_batch, decode_chunk, graphs, compile, static,
+                                  prefix_cache_mb if prefix_cache else 0)
         self.config, self.device, self.max_batch = model.config, self.runner.device, max_batch
-        self.scheduler = Scheduler(max_batch, prefill_chunk, model.config.block_size)
+        prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cpu"])
+        self.scheduler = Scheduler(max_batch, prefill_chunk, model.config.block_size, self.runner.prefix)
         self.pipeline = self.device.type == "cuda" if pipeline is None else bool(pipeline)
         self._lock = threading.Lock()  # the device state: step, embed
         self._inflight = []  # queued work whose results are not read yet (pipeline)
@@ -74,12 +97,12 @@ class Engine:
         request.cancelled = True
 
     def add_embedding(self, job_id, inputs):
-        """Queue embeddings of id lists (checked at the edge); step() computes them a bounded slice at a
-        time, and puts (job_id, vectors) in self.embedded."""
+        """Queue embeddings of id lists (checked at the edge); step() computes them within its token
+        budget, batched across jobs, and puts (job_id, vectors) in self.embedded."""
         self._embeds.append([job_id, inputs, []])
 
     def stats(self):
-        return self.scheduler.stats()
+        return {**self.scheduler.stats(), "prefix_cache": self.runner.prefix.snapshot()}
 
     def has_work(self):
         return bool(self._inflight or self._embeds) or self.scheduler.has_work()
@@ -89,7 +112,11 @@ class Engine:
         """Mean-pooled final hidden states of each id list, L2-normalised -> list of lists of floats."""
         check_inputs(inputs, self.config.block_size)  # the Python API's edge
         with self._lock:
-            return [self.runner.embed(ids) for ids in inputs]
+            out = []
+            while len(out) < len(inputs):
+                k = pack([len(x) for x in inputs[len(out):]], self.scheduler.prefill_chunk)
+                out += self.runner.embed(inputs[len(out):len(out) + k]).get()[0]
+            return out
 
     @torch.no_grad()
     def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
@@ -109,8 +136,8 @@ class Engine:
 
     @torch.no_grad()
     def step(self):
-        """Prefill up to prefill_chunk prompt tokens, decode one chunk for every running row, embed a
-        slice; return the Outputs of what finished computing ([] when idle)."""
+        """Prefill and embed up to prefill_chunk tokens, decode one chunk for every running row; return
+        the Outputs of what finished computing ([] when idle)."""
         with self._lock:
             emitted = []
             for r in self.scheduler.cancelled():
@@ -121,8 +148,8 @@ class Engine:
             for r in admitted:
                 self.runner.load(r)
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
+            embeds = self._embed_batch(self.scheduler.prefill_chunk - len(rows) * max((n for *_, n in rows), default=0))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
-            self._embed_slice()
             # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
             earlier = [w for w in self._inflight + [prefill] if w is not None]
             masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
@@ -134,6 +161,8 @@ class Engine:
             if decode is not None and not self.pipeline:
                 self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
+            if embeds:
+                self._embedded(*embeds)
             return [c.take() for c in emitted]
 
     def _emit_prefill(self, work, emitted):
@@ -167,13 +196,17 @@ class Engine:
                 lp = entry(ids[b][k], *(x[b][k] for x in lps), c.request.logprobs) if lps else None
                 c.feed(ids[b][k], lp, emitted)
 
-    def _embed_slice(self):
-        """Embed queued inputs, at most prefill_chunk tokens (at least one input) this step."""
-        budget = self.scheduler.prefill_chunk
-        while self._embeds and budget > 0:
-            job = self._embeds[0]
-            ids = job[1][len(job[2])]
-            job[2].append(self.runner.embed(ids))
-            budget -= len(ids)
-            if len(job[2]) == len(job[1]):
-                self.embedded.append((job[0], self._embeds.popleft()[2]))
+    def _embed_batch(self, budget):
+        """Queue one padded forward over the next embedding inputs (of any jobs, in order), as many as
+        budget tokens hold, at least one -> (their jobs, Fetch), or None."""
+        pending = [(job, ids) for job in self._embeds for ids in job[1][len(job[2]):]]
+        if not pending:
+            return None
+        k = pack([len(ids) for _, ids in pending], budget)
+        return [job for job, _ in pending[:k]], self.runner.embed([ids for _, ids in pending[:k]])
+
+    def _embedded(self, jobs, fetch):
+        for job, vector in zip(jobs, fetch.get()[0]):
+            job[2].append(vector)
+        while self._embeds and len(self._embeds[0][2]) == len(self._embeds[0][1]):
+            self.embedded.append((self._embeds[0][0], self._embeds.popleft()[2]))

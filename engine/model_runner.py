@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.cuda_graphs import DecodeGraphs
+from engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from grammar import apply_bitmask, fill_bitmask, new_bitmask
@@ -117,7 +118,8 @@ class ModelRunner:
     """See Engine for the options. Every decode tensor is allocated once and written in place
     (CUDA graphs read them)."""
 
-    def __init__(self, model, max_batch, decode_chunk=None, graphs=None, compile=False, static=None):
+    def __init__(self, model, max_batch, decode_chunk=None, graphs=None, compile=False, static=None,
+                 prefix_mb=None):
         self.model, self.config = model, model.config
         self.device, self.dtype = device_dtype(model)
         cuda = self.device.type == "cuda"
@@ -145,6 +147,9 @@ class ModelRunner:
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)
+        block_bytes = 2 * self.config.n_layer * BLOCK_TOKENS * self.config.n_embd * self.cache.k[0].element_size()
+        blocks = S * self.config.block_size // BLOCK_TOKENS if prefix_mb is None else prefix_mb * 2**20 // block_bytes
+        self.prefix = PrefixCache(self.config, int(blocks), dev, self.dtype)  # default: as large as the KV-cache
 
     def upload(self, values, dtype):
         """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""
@@ -152,8 +157,12 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def load(self, r):
-        """An admitted request's sampling parameters into its slots' rows."""
+        """An admitted request's cached prefix into its first slot (r.match, r.filled set by the scheduler),
+        its sampling parameters into its slots' rows."""
         slots = [c.slot for c in r.choices]
+        entries = self.prefix.load(r.match, self.cache, slots[0])
+        r.prompt_lp = [entries] if entries is not None else []
+        self.pos[slots[0]] = r.filled  # idle decode rows write at pos: past the loaded prefix
         idx = self.upload(slots, torch.long)
         self.params.index_copy_(0, idx, self.upload([param_row(r.params)] * r.n, torch.float32))
         self.bias.index_fill_(0, idx, 0)
@@ -206,8 +215,9 @@ class ModelRunner:
                 self.seen.index_fill_(0, slots, False)
                 self.counts.index_fill_(0, slots, 0)
                 self.seen[slots.view(-1, 1), self.upload(r.prompt, torch.long)] = True
-            if r.echo and r.prompt_lp:
-                fetch += [torch.cat(parts) for parts in zip(*r.prompt_lp)]
+            entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
+            fetch += entries or []
+            self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
         if choices:
             b_idx, t_idx = (self.upload(list(x), torch.long) for x in zip(*at))
             logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
@@ -308,8 +318,11 @@ class ModelRunner:
         self.pos[:B].add_(1).clamp_(max=self.config.block_size - 1)  # idle rows drift; stay inside the cache
         self.j.add_(1)
 
-    def embed(self, ids):
-        """Mean-pooled final hidden states of one id list, L2-normalised -> list of floats."""
+    def embed(self, inputs):
+        """Queue one padded forward over id lists -> Fetch of their mean-pooled final hidden states,
+        L2-normalised (B, C). Causal attention: the padding after a row changes nothing before it."""
+        width = max(map(len, inputs))
+        idx = self.upload([ids + [EOT_ID] * (width - len(ids)) for ids in inputs], torch.long)  # (B, W)
         with sdpa_kernel(ATTENTION):
-            h = self.model.hidden(torch.tensor([ids], device=self.device))[0].float()  # (T, C)
-        return F.normalize(h.mean(dim=0), dim=0).tolist()
+            h = self.model.hidden(idx).float()  # (B, W, C)
+        return Fetch([F.normalize(torch.stack([h[b, :len(ids)].mean(dim=0) for b, ids in enumerate(inputs)]), dim=-1)])

@@ -5,19 +5,24 @@ groups (a server groups the prompts of one HTTP request): when slots free up, th
 fewest running choices goes first, the oldest among equals, so one client's 500 prompts do not hold
 another's request back until they are all done. A step prefills at most prefill_chunk prompt tokens,
 padding included: prompts already prefilling first, then newly admitted ones; a long prompt takes
-several steps, and running rows keep decoding meanwhile.
+several steps, and running rows keep decoding meanwhile. An admitted request starts after its longest
+cached prefix (prefix_cache.py); one that shares more blocks with a prompt still prefilling than the cache
+holds waits a step, so that it reuses them.
 """
 
 import heapq
 import threading
 from collections import Counter, deque
 
+from engine.prefix_cache import BLOCK_TOKENS, shared_blocks
+
 
 class Scheduler:
     """add / cancel / stats / has_work are thread-safe; the rest runs on the engine's one loop."""
 
-    def __init__(self, max_batch, prefill_chunk, block_size):
+    def __init__(self, max_batch, prefill_chunk, block_size, prefix):
         self.max_batch, self.prefill_chunk, self.block_size = max_batch, prefill_chunk, block_size
+        self.prefix = prefix  # the PrefixCache: lookups here, copies in the runner
         self.lock = threading.Lock()  # the waiting queues and the running list
         self.waiting = {}  # group -> deque of Requests in arrival order; the dict keeps the groups' order
         self.running = []  # admitted Requests: prefilling or decoding
@@ -60,7 +65,7 @@ class Scheduler:
                 busy[r.group] += r.n
             group = min(self.waiting, key=lambda g: busy[g])  # ties: the first in order, the oldest
             r = self.waiting[group][0]
-            if len(self.free) < r.n:
+            if len(self.free) < r.n or self._waits_for_prefix(r):
                 return None
             self.waiting[group].popleft()
             if not self.waiting[group]:
@@ -70,7 +75,17 @@ class Scheduler:
         for c, s in zip(r.choices, slots):
             c.slot = s
             self.rows[s] = c
+        r.match = self.prefix.match(r.prompt, logprobs=r.echo)
+        r.filled = max(0, r.match.tokens - r.echo)  # echo: the entry of token m.tokens needs position m.tokens - 1
         return r
+
+    def _waits_for_prefix(self, r):
+        """r shares more full blocks with a prompt still prefilling than the cache holds now (requests
+        admitted together would each prefill their common prefix)."""
+        n = (len(r.prompt) - 1) // BLOCK_TOKENS if self.prefix.max_blocks else 0
+        shared = max((shared_blocks(r.prompt, p.prompt, n) for p in self.running if p.filled < len(p.prompt)),
+                     default=0)
+        return shared > 0 and self.prefix.cached_blocks(r.prompt, r.echo) < shared
 
     def schedule(self):
         """This step's prefill -> (rows [(request, start, n tokens)], requests admitted for it, slots set)."""

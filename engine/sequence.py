@@ -42,7 +42,8 @@ class Request:
         template = compile_constraint(params.constraint) if params.constraint is not None else None  # cached
         self.choices = [Choice(self, i, template) for i in range(n)]
         self.cancelled = False  # set by Engine.cancel (any thread); the loop ends the choices
-        self.filled = 0  # prompt tokens prefilled so far
+        self.filled = 0  # prompt tokens prefilled (or loaded from the prefix cache) so far
+        self.match = None  # the cached prefix found at admission (prefix_cache.Match)
         self.prompt_lp = []  # echo: (logprob, top ids, top logprobs) device tensors, chunk by chunk
 
     @property

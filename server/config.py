@@ -63,8 +63,8 @@ def validate_config(cfg):
     for name, allowed in CHOICES.items():
         if str(getattr(cfg, name)).lower() not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "read_timeout": 0.1, **{name: 1 for name in (
-        "max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")}}
+    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "read_timeout": 0.1, "prefix_cache_mb": 0, **{
+        name: 1 for name in ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")}}
     for name, lo in lowest.items():
         value = getattr(cfg, name)
         if value is not None and not lo <= value <= (65535 if name == "port" else math.inf):

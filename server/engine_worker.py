@@ -76,7 +76,8 @@ def engine_process(conn, options):
         model, info = load_model_from_checkpoint(options["ckpt"], device=options["device"],
                                                  dtype=options["dtype"], quantize=options["quantize"])
         engine = Engine(model, max_batch=options["max_batch"], prefill_chunk=options["prefill_chunk"],
-                        compile=options["compile"])
+                        compile=options["compile"], prefix_cache=options["prefix_cache"],
+                        prefix_cache_mb=options["prefix_cache_mb"])
         info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
     except Exception as e:
         conn.send(LoadFailed((str(e).splitlines() or [type(e).__name__])[0]))
@@ -126,7 +127,8 @@ def engine_loop(conn, engine):
 def spawn_engine(config):
     """Start an engine process for this config -> (the server's end of its pipe, the process)."""
     options = {"ckpt": config.ckpt, "device": config.device, "dtype": config.dtype, "quantize": config.quantize,
-               "max_batch": config.max_batch, "prefill_chunk": config.prefill_chunk, "compile": config.compile}
+               "max_batch": config.max_batch, "prefill_chunk": config.prefill_chunk, "compile": config.compile,
+               "prefix_cache": config.prefix_cache, "prefix_cache_mb": config.prefix_cache_mb}
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=engine_process, args=(child, options), name="gpt2i-engine", daemon=True)

@@ -1,7 +1,26 @@
 """Prometheus metrics of one app: requests, latency, tokens, time to first token, inter-token latency,
-and gauges read from the engine client when scraped."""
+and gauges and prefix-cache counters read from the engine client when scraped."""
 
 import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX_COUNTERS = {"hits": "Prompts that reused a cached prefix.", "misses": "Prompts that found none.",
+                   "hit_tokens": "Prompt tokens not prefilled thanks to the cache.",
+                   "evicted_blocks": "Blocks recycled for newer prefixes."}
+
+
+class PrefixCacheCollector:
+    """gpt2i_prefix_cache_*: the engine's counters as of its last step, and the pool's use."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def collect(self):
+        s = self.client.stats.get("prefix_cache") or {}
+        for key, help_ in PREFIX_COUNTERS.items():
+            yield CounterMetricFamily(f"gpt2i_prefix_cache_{key}", help_, value=s.get(key, 0))
+        for key, help_ in (("blocks_used", "Pool blocks holding a prefix."), ("blocks_total", "Pool blocks.")):
+            yield GaugeMetricFamily(f"gpt2i_prefix_cache_{key}", help_ + " (16 tokens a block)", value=s.get(key, 0))
 
 
 class Metrics:
@@ -32,6 +51,7 @@ class Metrics:
                    registry=r).set_function(lambda: client.admitted())
         prom.Gauge("gpt2i_model_loaded", "1 when the model is loaded.",
                    registry=r).set_function(lambda: int(client.status == "ok"))
+        r.register(PrefixCacheCollector(client))
 
     def exposition(self):
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST

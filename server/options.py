@@ -26,7 +26,10 @@ OPTIONS = {
     "max_queue": (64, int, "generations admitted at once (each prompt x n counts; running + waiting); more get "
                            "503 + Retry-After"),
     "max_batch": (32, int, "sequences the engine decodes together (KV-cache slots)"),
-    "prefill_chunk": (512, int, "prompt tokens prefilled per engine step: running streams stall at most this long"),
+    "prefill_chunk": (None, int, "prompt and embedding tokens computed per engine step: running streams stall at "
+                                 "most this long (default: 8192 on CUDA, 512 elsewhere)"),
+    "prefix_cache": (True, bool, "reuse the KV-cache of prompt prefixes seen before (1/0)"),
+    "prefix_cache_mb": (None, int, "prefix cache pool in MiB, allocated at start (default: as large as the KV-cache)"),
     "max_body_bytes": (1 << 20, int, "largest request body in bytes (413 past it)"),
     "max_prompt_tokens": (None, int, "longest prompt in tokens (default: the model's context - 1)"),
     "device": ("auto", str, "auto, cpu, cuda, cuda:N, mps"),

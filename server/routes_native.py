@@ -28,8 +28,10 @@ CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.wh
 def health():
     server = client()
     if server.status == "ok" and server.accepting:
+        queue = {k: v for k, v in server.stats.items() if k != "prefix_cache"}
         return jsonify({"status": "ok", "model": server.model_name, **server.describe(), "restarts": server.restarts,
-                        "queue": {**server.stats, "admitted": server.admitted(), "max_queue": server.config.max_queue}})
+                        "queue": {**queue, "admitted": server.admitted(), "max_queue": server.config.max_queue},
+                        "prefix_cache": server.stats.get("prefix_cache")})
     status = server.status if server.status != "ok" else "shutting_down"
     body = {"status": status, **({"error": server.error} if server.error else {}),
             **({"restarts": server.restarts} if server.restarts else {})}

@@ -115,7 +115,7 @@ def test_joining_mid_way_changes_nothing(model, mode):
         if step > 8 and not engine.has_work():
             break
     assert [got[r.id] for r in reqs] == alone
-    assert engine.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
+    assert engine.stats().items() >= {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}.items()
 
 
 @ENGINES
@@ -188,7 +188,7 @@ def test_cancel_frees_the_slot(model, mode):
     a = engine.add(ids_of("a"), params(max_new_tokens=50, temperature=0))
     b = engine.add(ids_of("b"), params(max_new_tokens=50, temperature=0), n=2)  # waits: one slot left
     engine.step()
-    assert engine.stats() == {"running": 1, "waiting": 1, "slots_used": 1, "slots_total": 2}
+    assert engine.stats().items() >= {"running": 1, "waiting": 1, "slots_used": 1, "slots_total": 2}.items()
     engine.cancel(b)
     outs = engine.step()
     assert sorted(o.finish_reason for o in outs if o.request_id == b.id) == ["cancelled", "cancelled"]
@@ -197,7 +197,7 @@ def test_cancel_frees_the_slot(model, mode):
     ends = [o for _ in range(3) for o in engine.step() if o.finish_reason]
     assert [(o.request_id, o.finish_reason) for o in ends] == [(a.id, "cancelled")]
     assert ends[0].usage["completion_tokens"] < 50 and a.done
-    assert engine.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 2}
+    assert engine.stats().items() >= {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 2}.items()
     assert not engine.has_work() and engine.step() == []
 
 

@@ -116,6 +116,35 @@ def test_joining_mid_way_changes_nothing_in_graph_mode():
     assert engine.stats()["slots_used"] == 0 and not engine.notes
 
 
+def test_prefix_cache_on_equals_off_in_graph_mode():
+    """Prompts sharing a long prefix, one after another and together, on a pipelined graph engine: the
+    cache changes what is prefilled, not the tokens, logprobs or echoed prompt logprobs (float64, see above)."""
+    model = gpt2_124m(torch.float64)
+    base = inf.encode_prompt(" ".join(["word"] * 300), raw=True)
+    prompts = [base, base[:200] + [11, 12, 13], base[:150], base]
+    params = inf.validate_params(max_new_tokens=20, temperature=0.8, seed=1, ignore_eos=True)
+    got = []
+    for on in (True, False):
+        engine, outs, index = inf.Engine(model, max_batch=4, graphs=True, prefix_cache=on), {}, {}
+
+        def drain():
+            while engine.has_work():
+                for o in engine.step():
+                    outs.setdefault(index[o.request_id], []).extend(
+                        [o.token_ids, [round(e["logprob"], 9) for e in o.logprobs],
+                         [e and round(e["logprob"], 9) for e in o.prompt_logprobs or []]])
+
+        for together in (False, True):
+            for i, ids in enumerate(prompts):
+                index[engine.add(ids, params, logprobs=1, echo=True).id] = (together, i)
+                if not together:
+                    drain()
+            drain()
+        got.append(outs)
+        assert engine.stats()["prefix_cache"]["hits"] >= 4 * on and not engine.notes
+    assert got[0] == got[1]
+
+
 def test_matches_transformers_greedy_fp32():
     transformers = pytest.importorskip("transformers")
     from model import GPT2_VOCAB, ours_to_hf

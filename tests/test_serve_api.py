@@ -698,6 +698,20 @@ def test_metrics(app):
     assert metric(text, "gpt2i_model_loaded") == 1
 
 
+def test_a_repeated_prompt_hits_the_prefix_cache(app):
+    client = app.test_client()
+    hits = "gpt2i_prefix_cache_hits_total"
+    before = metric(client.get("/metrics").get_data(as_text=True), hits)
+    body = {"prompt": list(range(1000, 1040)), "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    texts = [post(client, "/v1/completions", body).get_json()["choices"][0]["text"] for _ in range(2)]
+    text = client.get("/metrics").get_data(as_text=True)
+    assert texts[0] == texts[1] and metric(text, hits) >= before + 1
+    assert metric(text, "gpt2i_prefix_cache_hit_tokens_total") >= 32  # two 16-token blocks of 40 tokens
+    assert 2 <= metric(text, "gpt2i_prefix_cache_blocks_used") <= metric(text, "gpt2i_prefix_cache_blocks_total")
+    cache = client.get("/health").get_json()["prefix_cache"]
+    assert cache["enabled"] and cache["hits"] >= 1 and "prefix_cache" not in client.get("/health").get_json()["queue"]
+
+
 def test_one_log_line_per_request(app, capsys):
     client = app.test_client()
     capsys.readouterr()

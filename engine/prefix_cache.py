@@ -1,0 +1,209 @@
+"""Automatic prefix caching: the KV of full blocks of prompt tokens, kept in a bounded pool on the model's
+device and copied into a new request's cache slot, so only the rest of its prompt is prefilled.
+
+    m = pc.match(prompt_ids, logprobs=False)  # longest cached prefix: m.tokens (a multiple of BLOCK_TOKENS)
+    pc.load(m, cache, slot)                   # its KV -> the slot's first m.tokens positions
+    ... prefill prompt_ids[m.tokens:] at position m.tokens ...
+    pc.store(prompt_ids, cache, slot)         # the slot's full blocks -> the pool (those not there yet)
+
+vLLM's automatic prefix caching, with copies instead of paged attention (our KV is one contiguous row per
+slot, model.KVCache):
+- A prompt is cut into blocks of BLOCK_TOKENS tokens. A block's key hashes its tokens chained with the key
+  of the block before it, so a key names the whole prefix up to the block's end: equal keys, equal KV.
+- The pool is one tensor (N, L, 2, T, H, D) allocated once: it never grows past its bound. Rows are recycled
+  least recently used first; a lookup refreshes a chain back to front, so a chain's head goes last.
+- Copies are queued on the current stream, in order: a store into a row cannot overtake a load that read it.
+- match() never covers the block holding a prompt's last token: its logits give the first new token.
+- Echo (logprobs of every prompt token): a block may also hold the entries predicting its tokens (raw
+  logprob, top ids and logprobs). match(logprobs=True) stops at the first block without them, and the
+  caller prefills from m.tokens - 1: the entry predicting token m.tokens needs that position's hidden state.
+A pool of 0 blocks is the cache turned off. Shapes: N rows, L layers, T = BLOCK_TOKENS, H heads, D head size.
+"""
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# 16 tokens a block, as vLLM: a prompt reuses its cached prefix to within 15 tokens (HellaSwag's endings
+# share contexts of 60-100 tokens; 32-token blocks would re-prefill up to 31 of them), and a 1,024-token
+# context is 64 keys to hash per lookup.
+BLOCK_TOKENS = 16
+ROOT_KEY = b"gpt2-prefix-v1"  # the chain's seed: the key "before" the first block
+
+
+def block_keys(ids, n_blocks):
+    """Keys of the first n_blocks full blocks of ids, lazily: key_j = BLAKE2b-128(key_{j-1} || block j as
+    uint32). A cryptographic hash: a client cannot craft another prefix with the same key (and so read its KV)."""
+    data, size, key = array("I", ids[:n_blocks * BLOCK_TOKENS]).tobytes(), 4 * BLOCK_TOKENS, ROOT_KEY
+    for j in range(n_blocks):
+        key = hashlib.blake2b(key + data[j * size:(j + 1) * size], digest_size=16).digest()
+        yield key
+
+
+def shared_blocks(a, b, n):
+    """How many of the first n full blocks the id lists a and b have in common."""
+    k, T = 0, BLOCK_TOKENS
+    while k < n and len(b) >= (k + 1) * T and a[k * T:(k + 1) * T] == b[k * T:(k + 1) * T]:
+        k += 1
+    return k
+
+
+@dataclass
+class Match:
+    """A cached prefix: its length in tokens and the pool rows holding it, in order."""
+
+    tokens: int = 0
+    rows: list = field(default_factory=list)
+    logprobs: bool = False  # matched for an echo request: every row holds prompt logprob entries
+
+
+@dataclass
+class PrefixStats:
+    """For /metrics and /health. hits / misses count lookups (a hit reuses at least one block)."""
+
+    enabled: bool
+    blocks_used: int = 0
+    blocks_total: int = 0
+    hits: int = 0
+    misses: int = 0
+    hit_tokens: int = 0  # prompt tokens not prefilled thanks to the cache
+    evicted_blocks: int = 0
+
+
+class PrefixCache:
+    """A bounded pool of KV blocks keyed by chained token hashes, for one model.KVCache layout.
+    Used by the engine's loop only."""
+
+    def __init__(self, config, max_blocks, device=None, dtype=torch.float32):
+        T, H = BLOCK_TOKENS, config.n_head
+        self.max_blocks, self.device = int(max_blocks), torch.device(device or "cpu")
+        shape = (self.max_blocks, config.n_layer, 2, T, H, config.n_embd // H)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype) if self.max_blocks else None  # (N, L, 2, T, H, D)
+        self.lp = None  # echo entries, allocated at the first store that has them: (N, T), (N, T, K), (N, T, K)
+        self._row = {}  # key -> pool row
+        self._key = [None] * self.max_blocks  # pool row -> key (None: free)
+        self._has_lp = [False] * self.max_blocks
+        self._lru = OrderedDict()  # keys of cached rows, least recently used first
+        self._free = list(range(self.max_blocks - 1, -1, -1))  # pop() gives the lowest row first
+        self.stats = PrefixStats(enabled=self.max_blocks > 0, blocks_total=self.max_blocks)
+
+    # -------------------------------------------------------------- lookup and load
+
+    def _lookup(self, ids, logprobs):
+        """Pool rows of the longest cached prefix of ids (full blocks, never the last token's block)."""
+        rows = []
+        for key in block_keys(ids, (len(ids) - 1) // BLOCK_TOKENS if self.max_blocks else 0):
+            row = self._row.get(key)
+            if row is None or (logprobs and not self._has_lp[row]):
+                break
+            rows.append(row)
+        return rows
+
+    def cached_blocks(self, ids, logprobs=False):
+        """How many blocks match() would find now (no side effects)."""
+        return len(self._lookup(ids, logprobs))
+
+    def match(self, ids, logprobs=False):
+        """The longest cached prefix of ids made of full blocks, never the block of ids' last token;
+        logprobs: only blocks holding echo entries. Counted in the stats."""
+        rows = self._lookup(ids, logprobs)
+        self._touch(rows)
+        s = self.stats
+        s.hits, s.misses = s.hits + bool(rows), s.misses + (not rows)
+        s.hit_tokens += len(rows) * BLOCK_TOKENS
+        return Match(len(rows) * BLOCK_TOKENS, rows, bool(logprobs))
+
+    def load(self, match, cache, slot):
+        """Queue copies of a match's KV into positions 0 .. match.tokens - 1 of cache slot `slot` (an int).
+        -> for a logprobs match, the echo entries predicting tokens 1 .. match.tokens - 1 as (logprob (P,),
+        top ids (P, K), top logprobs (P, K)) device tensors; else None. Nothing may write those positions
+        before the rest of the prompt is prefilled (idle decode rows write at their slot's position)."""
+        if not match.rows:
+            return None
+        n, T = len(match.rows), BLOCK_TOKENS
+        rows = self._index(match.rows)
+        blocks = self.kv.index_select(0, rows)  # (n, L, 2, T, H, D)
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            k[slot, :n * T].view(n, T, *k.shape[2:]).copy_(blocks[:, layer, 0])
+            v[slot, :n * T].view(n, T, *v.shape[2:]).copy_(blocks[:, layer, 1])
+        if match.logprobs:
+            return tuple(t.index_select(0, rows).flatten(0, 1)[1:] for t in self.lp)  # token 0 has no entry
+        return None
+
+    # -------------------------------------------------------------- store
+
+    def store(self, ids, cache, slot, logprobs=None):
+        """Keep the full blocks of ids whose KV cache slot `slot` holds at positions 0 .. len(ids) - 1.
+        logprobs: the prompt's echo entries (logprob (P,), top ids (P, K), top logprobs (P, K)) predicting
+        tokens 1 .. P, P = len(ids) - 1: kept with the blocks. Under pressure only a head of the prefix is
+        kept (its own rows are never recycled for it). -> the number of blocks added."""
+        rows, new = [], []  # new: (block index, row) of blocks not cached before
+        for j, key in enumerate(block_keys(ids, len(ids) // BLOCK_TOKENS if self.max_blocks else 0)):
+            row = self._row.get(key)
+            if row is None:
+                row = self._take(set(rows))
+                if row is None:
+                    break
+                self._key[row], self._row[key] = key, row
+                new.append((j, row))
+            rows.append(row)
+            self._lru[key] = None
+        self._touch(rows)
+        if new:
+            T, first, last = BLOCK_TOKENS, new[0][0], new[-1][0]
+            span = torch.stack([t[slot, first * T:(last + 1) * T] for kv in zip(cache.k, cache.v) for t in kv])
+            span = span.view(len(cache.k), 2, last + 1 - first, T, *span.shape[2:])  # (L, 2, n, T, H, D)
+            blocks = span.index_select(2, self._index([j - first for j, _ in new])).permute(2, 0, 1, 3, 4, 5)
+            self.kv.index_copy_(0, self._index([row for _, row in new]), blocks.to(self.kv.dtype))
+        if logprobs is not None:
+            self._store_logprobs(rows, logprobs)
+        self.stats.blocks_used = len(self._row)
+        return len(new)
+
+    def _store_logprobs(self, rows, logprobs):
+        """Echo entries for the blocks that lack them: block j keeps those predicting its tokens (positions
+        j*T - 1 .. j*T + T - 2; the prompt's first token has none: zeros)."""
+        missing = [(j, row) for j, row in enumerate(rows) if not self._has_lp[row]]
+        if not missing:
+            return
+        T, n = BLOCK_TOKENS, len(rows) * BLOCK_TOKENS
+        if self.lp is None:
+            self.lp = tuple(torch.zeros((self.max_blocks, T, *t.shape[1:]), device=self.device, dtype=t.dtype)
+                            for t in logprobs)
+        pick, dst = self._index([j for j, _ in missing]), self._index([row for _, row in missing])
+        for pool, t in zip(self.lp, logprobs):
+            padded = torch.cat([torch.zeros_like(t[:1]), t[:n - 1]]).view(len(rows), T, *t.shape[1:])
+            pool.index_copy_(0, dst, padded.index_select(0, pick))
+        for _, row in missing:
+            self._has_lp[row] = True
+
+    # -------------------------------------------------------------- rows
+
+    def _take(self, keep):
+        """A row for a new block: a free one, else the least recently used one not in keep."""
+        if self._free:
+            return self._free.pop()
+        for key in self._lru:
+            row = self._row[key]
+            if row not in keep:
+                del self._lru[key], self._row[key]
+                self._key[row], self._has_lp[row] = None, False
+                self.stats.evicted_blocks += 1
+                return row
+        return None
+
+    def _touch(self, rows):
+        """Most recently used: the chain back to front, so its head is the last to go."""
+        for row in reversed(rows):
+            self._lru.move_to_end(self._key[row])
+
+    def _index(self, values):
+        """A host list -> a long tensor on the pool's device (pinned and asynchronous on CUDA)."""
+        t = torch.tensor(values, dtype=torch.long)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def snapshot(self):
+        return asdict(self.stats)
