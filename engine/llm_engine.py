@@ -21,7 +21,7 @@ from collections import deque
 
 import torch
 
-from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork
+from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork, embed_forward
 from engine.sampler import TOPK_CANDIDATES, entry
 from engine.sampling_params import check_inputs
 from engine.scheduler import Scheduler
@@ -115,7 +115,7 @@ class Engine:
             out = []
             while len(out) < len(inputs):
                 k = pack([len(x) for x in inputs[len(out):]], self.scheduler.prefill_chunk)
-                out += self.runner.embed(inputs[len(out):len(out) + k]).get()[0]
+                out += embed_forward(self.runner, inputs[len(out):len(out) + k]).get()[0]
             return out
 
     @torch.no_grad()
@@ -203,7 +203,7 @@ class Engine:
         if not pending:
             return None
         k = pack([len(ids) for _, ids in pending], budget)
-        return [job for job, _ in pending[:k]], self.runner.embed([ids for _, ids in pending[:k]])
+        return [job for job, _ in pending[:k]], embed_forward(self.runner, [ids for _, ids in pending[:k]])
 
     def _embedded(self, jobs, fetch):
         for job, vector in zip(jobs, fetch.get()[0]):

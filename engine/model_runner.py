@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.cuda_graphs import DecodeGraphs
-from engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from grammar import apply_bitmask, fill_bitmask, new_bitmask
@@ -147,9 +147,7 @@ class ModelRunner:
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
         self.static = self.graphs.enabled or bool(static)
-        block_bytes = 2 * self.config.n_layer * BLOCK_TOKENS * self.config.n_embd * self.cache.k[0].element_size()
-        blocks = S * self.config.block_size // BLOCK_TOKENS if prefix_mb is None else prefix_mb * 2**20 // block_bytes
-        self.prefix = PrefixCache(self.config, int(blocks), dev, self.dtype)  # default: as large as the KV-cache
+        self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
     def upload(self, values, dtype):
         """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""
@@ -238,9 +236,8 @@ class ModelRunner:
         return PrefillWork(finals, choices, Fetch(fetch), first if choices else 0)
 
     def decode(self, rows_by_slot, live):
-        """Queue K decode steps for every live choice (one host upload of uniforms, no sync) -> DecodeWork or None.
-        A batch with a constrained row decodes one step, its forward alone: sample_masked follows once the
-        matchers have every token so far (a grammar's next mask needs the last token)."""
+        """Queue K decode steps for every live choice (one upload of uniforms, no sync) -> DecodeWork or None.
+        A constrained batch queues one step's forward alone: sample_masked follows (a mask needs the last token)."""
         if not live:
             return None
         kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
@@ -318,11 +315,12 @@ class ModelRunner:
         self.pos[:B].add_(1).clamp_(max=self.config.block_size - 1)  # idle rows drift; stay inside the cache
         self.j.add_(1)
 
-    def embed(self, inputs):
-        """Queue one padded forward over id lists -> Fetch of their mean-pooled final hidden states,
-        L2-normalised (B, C). Causal attention: the padding after a row changes nothing before it."""
-        width = max(map(len, inputs))
-        idx = self.upload([ids + [EOT_ID] * (width - len(ids)) for ids in inputs], torch.long)  # (B, W)
-        with sdpa_kernel(ATTENTION):
-            h = self.model.hidden(idx).float()  # (B, W, C)
-        return Fetch([F.normalize(torch.stack([h[b, :len(ids)].mean(dim=0) for b, ids in enumerate(inputs)]), dim=-1)])
+
+def embed_forward(runner, inputs):
+    """Queue one padded forward over id lists -> Fetch of their mean-pooled final hidden states,
+    L2-normalised (B, C). Causal attention: the padding after a row changes nothing before it."""
+    width = max(map(len, inputs))
+    idx = runner.upload([ids + [EOT_ID] * (width - len(ids)) for ids in inputs], torch.long)  # (B, W)
+    with sdpa_kernel(ATTENTION):
+        h = runner.model.hidden(idx).float()  # (B, W, C)
+    return Fetch([F.normalize(torch.stack([h[b, :len(ids)].mean(dim=0) for b, ids in enumerate(inputs)]), dim=-1)])

@@ -73,6 +73,13 @@ class PrefixStats:
     evicted_blocks: int = 0
 
 
+def pool_blocks(config, slots, dtype, mb=None):
+    """Blocks that fit in mb MiB; None: as many as the KV-cache of `slots` slots holds."""
+    if mb is None:
+        return slots * config.block_size // BLOCK_TOKENS
+    return int(mb * 2**20) // (2 * config.n_layer * BLOCK_TOKENS * config.n_embd * dtype.itemsize)
+
+
 class PrefixCache:
     """A bounded pool of KV blocks keyed by chained token hashes, for one model.KVCache layout.
     Used by the engine's loop only."""
