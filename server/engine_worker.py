@@ -5,12 +5,13 @@ Add / Cancel / Embed / Stop; the engine answers Ready or LoadFailed once, then a
 import multiprocessing
 import signal
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.llm_engine import Engine
 from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
-from grammar import ConstraintError
+from grammar import ConstraintError, compile_constraint
 
 
 # ---------------------------------------------------------------- messages: server -> engine
@@ -91,21 +92,31 @@ def engine_process(conn, options):
 
 def engine_loop(conn, engine):
     requests = {}  # id -> engine Request, until it is done
+    # a new grammar compiles on a thread (up to grammar.COMPILE_TIMEOUT), never in the loop: running
+    # streams keep stepping; the request joins once its grammar is ready (engine.add then hits the cache)
+    compiling, pool = {}, ThreadPoolExecutor(1, "grammar")  # id -> (Add, Future)
     while True:
-        while conn.poll(0 if engine.has_work() else 1.0):
+        while conn.poll(0 if engine.has_work() else 0.002 if compiling else 1.0):
             match conn.recv():
+                case Add(params=SamplingParams(constraint=c)) as m if c is not None:
+                    compiling[m.request_id] = (m, pool.submit(compile_constraint, c))
                 case Add() as m:
-                    try:  # a constraint compiles again here (cached); the server's compile passed, yet it may time out
-                        requests[m.request_id] = engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id,
-                                                            m.group)
-                    except ConstraintError as e:
-                        conn.send(Failed([m.request_id], str(e)))
+                    requests[m.request_id] = admit(engine, m)
                 case Cancel(request_id) if request_id in requests:
                     engine.cancel(requests[request_id])
+                case Cancel(request_id):
+                    compiling.pop(request_id, None)
                 case Embed(job_id, inputs):
                     engine.add_embedding(job_id, inputs)
                 case Stop():
                     return
+        for rid in [rid for rid, (_, f) in compiling.items() if f.done()]:
+            m, f = compiling.pop(rid)
+            try:
+                f.result()
+                requests[rid] = admit(engine, m)
+            except ConstraintError as e:  # the server's compile passed; this one may still time out
+                conn.send(Failed([rid], str(e)))
         if not engine.has_work():
             continue
         try:
@@ -122,6 +133,10 @@ def engine_loop(conn, engine):
                 del requests[o.request_id]
         embedded, engine.embedded = engine.embedded, []
         conn.send(Step(outputs, embedded, engine.stats()))
+
+
+def admit(engine, m):
+    return engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id, m.group)
 
 
 def spawn_engine(config):

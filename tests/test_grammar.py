@@ -8,8 +8,10 @@ constraint alone: fill the rows of the live samples, mask their logits, sample, 
 import importlib.util
 import json
 import os
+import multiprocessing
 import random
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -25,6 +27,7 @@ from grammar import (ConstraintError, Matcher, apply_bitmask, compile_constraint
 from tokenizer import EOT_ID, N_VOCAB, decode
 from conftest import ROOT, tiny_config
 from model import GPT, KVCache
+from server.engine_worker import Add, Cancel, Step, Stop, engine_loop
 
 SCHEMAS = json.load(open(os.path.join(os.path.dirname(__file__), "data", "json_schemas.json")))
 SAMPLES = 50
@@ -382,6 +385,37 @@ def test_engine_stop_logprobs_stream_and_cancel(model):
     engine.cancel(r)
     outs = run(engine, [r])
     assert {outs[(r.id, i)][2] for i in range(2)} == {"cancelled"} and engine.stats()["slots_used"] == 0
+
+
+def slow_grammar(rules):
+    """A Lark chain that takes ~0.5 s to compile on one core (a new rule count misses the cache)."""
+    return "start: r0\n" + "".join(f'r{i}: "q" r{i + 1} | "w"\n' for i in range(rules)) + f'r{rules}: "e"\n'
+
+
+def test_engine_process_steps_while_a_grammar_compiles(model):
+    """The engine process compiles a new grammar off its loop: a running stream keeps stepping meanwhile,
+    the constrained request joins once compiled, and one cancelled while compiling never starts."""
+    server, child = multiprocessing.Pipe()
+    loop = threading.Thread(target=engine_loop, args=(child, inference.Engine(model, max_batch=4)), daemon=True)
+    loop.start()
+    free = SamplingParams.make(max_new_tokens=150, temperature=1.0, seed=1, raw=True, ignore_eos=True)
+    server.send(Add(1, decode_ids("Hi"), free, 1, None, False, 1))
+    server.send(Add(2, decode_ids("Hi"), constrained("grammar", slow_grammar(3001), max_new_tokens=20), 1, None,
+                    False, 2))
+    server.send(Add(3, decode_ids("Hi"), constrained("grammar", slow_grammar(3002)), 1, None, False, 3))
+    server.send(Cancel(3))
+    free_steps, started, done = 0, False, set()  # the free stream's steps before request 2's first token
+    while not done >= {1, 2}:
+        assert server.poll(30), "the engine loop stopped answering"
+        m = server.recv()
+        assert isinstance(m, Step) and {o.request_id for o in m.outputs} <= {1, 2}
+        started = started or any(o.request_id == 2 for o in m.outputs)
+        free_steps += not started and any(o.request_id == 1 for o in m.outputs)
+        done |= {o.request_id for o in m.outputs if o.finish_reason}
+    assert free_steps >= 10
+    server.send(Stop())
+    loop.join(10)
+    assert not loop.is_alive()
 
 
 def test_cli_json_schema(tmp_path, model, capsys):
