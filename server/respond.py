@@ -20,10 +20,11 @@ def client():
     return current_app.extensions["gpt2i"]
 
 
-def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
+def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):
     """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
     Streamed: wait for the first output (so that a queued request can still get a JSON 503), then SSE:
-    head, chunks(choice, Output) for each output (keep-alive comments while idle), tail()."""
+    head, chunks(choice, Output) for each output (keep-alive comments while idle), tail(); an ApiError
+    mid-stream ends it with failed(error) (default: an {"error": ...} event, then OpenAI's [DONE])."""
     environ, rq, server = request.environ, g.rq, client()
     rq["stream"] = stream
     try:
@@ -48,7 +49,8 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
     except BaseException:
         server.release(reply)
         raise
-    is_openai = request.path.startswith("/v1/")
+    done = [SSE_DONE] if request.path.startswith("/v1/") else []
+    failed = failed or (lambda e: [sse(e.body()), *done])
 
     def body():
         try:
@@ -58,9 +60,7 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: ()):
             yield from tail()
         except ApiError as e:
             rq["error"] = e.code
-            yield sse(e.body())
-            if is_openai:
-                yield SSE_DONE
+            yield from failed(e)
         except (ClientGone, GeneratorExit):  # GeneratorExit: the server closed us after a failed write
             rq["error"] = "client_gone"
             server.release(reply)

@@ -96,7 +96,12 @@ def responses():
             yield event("response.output_item.done", output_index=0, item=item)
             yield event(f"response.{done['status']}", response=done)
 
+    def failed(e):  # the documented error event, then the response as failed
+        yield event("error", code=e.code, message=e.message, param=e.param)
+        yield event("response.failed", response={**head, "status": "failed",
+                                                 "error": {"code": e.code, "message": e.message}})
+
     opening = [event("response.created", response=head), event("response.in_progress", response=head),
                event("response.output_item.added", output_index=0, item=message(None, "in_progress")),
                event("response.content_part.added", **where, part=part(""))]
-    return respond(reply, stream, render, chunks, opening)
+    return respond(reply, stream, render, chunks, opening, failed=failed)

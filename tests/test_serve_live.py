@@ -124,8 +124,8 @@ def test_shutdown_refuses_queued_and_ends_running_streams(live):
 
 
 def test_a_killed_engine_process_is_replaced(live):
-    stream = open_request(live.port, "/v1/completions", {"prompt": "x", "max_tokens": MAX_NEW, "ignore_eos": True,
-                                                         "stream": True})
+    stream = open_request(live.port, "/v1/responses", {"input": "x", "max_output_tokens": MAX_NEW, "ignore_eos": True,
+                                                       "stream": True})
     f = stream.makefile("rb")
     read_events(f, 1)
     waiting = {}
@@ -133,8 +133,9 @@ def test_a_killed_engine_process_is_replaced(live):
     thread.start()
     assert wait_until(lambda: live.health()["queue"]["running"] == 2)
     os.kill(live.state._proc.pid, signal.SIGKILL)  # what an out-of-memory kill or a driver crash would do
-    rest = sse_events(f.read().decode().lstrip("\n"))  # the stream ends with an error event, not a bare EOF
-    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "server_error"
+    rest = [json.loads(e) for e in sse_events(f.read().decode().lstrip("\n"))]  # error events, not a bare EOF
+    assert [e["type"] for e in rest[-2:]] == ["error", "response.failed"] and rest[-2]["code"] == "server_error"
+    assert rest[-1]["response"]["status"] == "failed" and rest[-1]["response"]["error"]["code"] == "server_error"
     thread.join(60)
     assert waiting["r"][0] == 500 and json.loads(waiting["r"][2])["error"]["type"] == "server_error"
     status, _, text = live.request("GET", "/health")  # meanwhile /health says what happened
