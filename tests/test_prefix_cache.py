@@ -68,15 +68,30 @@ def engines(model, prefill_chunk=48):
 
 def test_cache_on_gives_what_cache_off_gives(model):
     """Prompts one after another (each finds what the ones before stored), then all at once on a cold
-    cache (admitted together: a prompt waits a step for the blocks another is prefilling); every sampler,
+    cache (admitted together: a prompt waits a step for a long prefix another is prefilling); every sampler,
     n=2 and logprobs too."""
     jobs = [(ids, dict(SAMPLERS[i % 4], max_new_tokens=3 + i % 3), dict(n=1 + i % 2, logprobs=2))
             for i, ids in enumerate(PROMPTS)]
     for together in (False, True):
-        on, off = engines(model, 512 if together else 48)  # together: several admitted in one step
+        on, off = engines(model, 256 if together else 48)  # together: several admitted in one step
         assert run(on, jobs, together) == run(off, jobs, together)
         s = on.stats()["prefix_cache"]
         assert s["hits"] == 4 and s["hit_tokens"] == 16 * T and off.stats()["prefix_cache"]["hits"] == 0
+
+
+def test_only_a_long_shared_prefix_is_waited_for(model):
+    """Two prompts sharing 3 blocks, added together: under a 512-token step budget both start at once (48 shared
+    tokens cost less to prefill twice than a step's wait); under 128, the second waits a step and reuses them."""
+    ctx = ids_of(3 * T + 5, 50)
+    for budget, waiting, hits in ((512, 0, 0), (128, 1, 1)):
+        engine = inf.Engine(model, max_batch=4, prefill_chunk=budget)
+        for i in range(2):
+            engine.add(ctx + ids_of(4, 51 + i), inf.validate_params(max_new_tokens=1, ignore_eos=True))
+        engine.step()
+        assert engine.stats()["waiting"] == waiting
+        while engine.has_work():
+            engine.step()
+        assert engine.stats()["prefix_cache"]["hits"] == hits
 
 
 def test_cached_greedy_equals_full_recompute(model):
@@ -129,7 +144,7 @@ def test_embeddings_batched_in_steps_equal_one_at_a_time(model):
     while engine.has_work():
         engine.step()
         steps += 1
-    assert dict(engine.embedded) == {"a": alone[:4], "b": alone[4:]}
+    assert {job: vectors.tolist() for job, vectors in engine.embedded} == {"a": alone[:4], "b": alone[4:]}
     assert 2 <= steps < len(inputs)  # a 64-token budget, padding included: several inputs a step, never all in one
 
 
