@@ -19,6 +19,7 @@ row is untouched.
 import threading
 from collections import deque
 
+import numpy as np
 import torch
 
 from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork, embed_forward
@@ -99,7 +100,8 @@ class Engine:
 
     def add_embedding(self, job_id, inputs):
         """Queue embeddings of id lists (checked at the edge); step() computes them within its token
-        budget, batched across jobs, and puts (job_id, vectors) in self.embedded."""
+        budget, batched across jobs, and puts (job_id, vectors: a float32 array (len(inputs), C)) in
+        self.embedded."""
         self._embeds.append([job_id, inputs, []])
 
     def stats(self):
@@ -207,7 +209,7 @@ class Engine:
         return [job for job, _ in pending[:k]], embed_forward(self.runner, [ids for _, ids in pending[:k]])
 
     def _embedded(self, jobs, fetch):
-        for job, vector in zip(jobs, fetch.get()[0]):
+        for job, vector in zip(jobs, fetch.arrays()[0]):  # numpy: no Python floats in the loop or the pipe
             job[2].append(vector)
         while self._embeds and len(self._embeds[0][2]) == len(self._embeds[0][1]):
-            self.embedded.append((self._embeds[0][0], self._embeds.popleft()[2]))
+            self.embedded.append((self._embeds[0][0], np.stack(self._embeds.popleft()[2])))

@@ -56,6 +56,12 @@ class Fetch:
             self.values = [t.tolist() for t in self.host]
         return self.values
 
+    def arrays(self):
+        """The tensors as numpy arrays, without Python lists (bulk values: embeddings)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.numpy() for t in self.host]
+
 
 @dataclass
 class PrefillWork:

@@ -60,7 +60,7 @@ class LoadFailed:
 @dataclass
 class Step:
     outputs: list  # engine Outputs
-    embedded: list  # (job id, vectors)
+    embedded: list  # (job id, float32 array (inputs, C))
     stats: dict
 
 

@@ -1,7 +1,6 @@
 """The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models."""
 
 import base64
-import struct
 
 from flask import Blueprint, g, jsonify
 
@@ -130,7 +129,7 @@ def embeddings():
         raise param_error(e) from None
     b64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else list(v)}
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}
             for i, v in enumerate(server.embed(ids_list))]
     n_tokens = sum(len(ids) for ids in ids_list)
     server.metrics.tokens.labels("prompt").inc(n_tokens)
