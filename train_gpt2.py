@@ -387,7 +387,8 @@ class Trainer:
         loss_v, a = float(loss.item()), self.args
         if not math.isfinite(loss_v):
             raise UserError(f"training diverged: loss is {loss_v} at step {self.step}; lower --lr")
-        rec = {"train_loss": loss_v, "lr": a.lr * lr_factor(a, self.step - 1), "grad_norm": float(norm.item()),
+        peak = a.lr if self.optimizer.adamw else a.muon_lr  # AdamW's LR; Muon's where it trains alone (LoRA)
+        rec = {"train_loss": loss_v, "lr": peak * lr_factor(a, self.step - 1), "grad_norm": float(norm.item()),
                "tokens_per_sec": tokens / max(seconds, 1e-9), "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
                "eta_s": round((a.max_steps - self.step) * seconds / max(steps, 1), 1)}
         if self.peak_flops:

@@ -43,6 +43,10 @@ def input_messages(value):
     return messages
 
 
+def part(text):
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 @bp.post("/v1/responses")
 def responses():
     body, given, names = read_body(RESPONSE_FIELDS, "/v1/responses")
@@ -60,9 +64,6 @@ def responses():
             "tools": [], "tool_choice": body.get("tool_choice", "none"), "parallel_tool_calls": False,
             "previous_response_id": None, "store": False, "metadata": body.get("metadata") or {},
             "truncation": "auto", "user": body.get("user"), "usage": None}
-
-    def part(text):
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def message(text, status):
         return {"type": "message", "id": where["item_id"], "status": status, "role": "assistant",
