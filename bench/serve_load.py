@@ -290,8 +290,9 @@ def embeddings(port, args):
         stop, calls = threading.Event(), []
         streams = [Client(port, request_body(args.prompt_tokens, args.newcomer_tokens, True), stop, 2000 + i)
                    for i in range(args.newcomer_streams)]
-        embedders = [threading.Thread(target=embed_loop, args=(port, stop, random.Random(i), calls, errors, args.embed_format),
-                                      daemon=True) for i in range(n_embed)]
+        embedders = [threading.Thread(target=embed_loop, daemon=True,
+                                      args=(port, stop, random.Random(i), calls, errors, args.embed_format))
+                     for i in range(n_embed)]
         for t in streams + embedders:
             t.start()
         time.sleep(args.warmup + args.duration)

@@ -7,8 +7,8 @@ constraint alone: fill the rows of the live samples, mask their logits, sample, 
 
 import importlib.util
 import json
-import os
 import multiprocessing
+import os
 import random
 import re
 import threading
