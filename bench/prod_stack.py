@@ -3,12 +3,12 @@
     python bench/prod_stack.py --ckpt out/demo/sft                    # nginx + gunicorn (make serve-prod)
     python bench/prod_stack.py --ckpt out/demo/sft --stack gunicorn   # gunicorn alone on its port
 
-slowloris: --slow connections each send half a request (a header without its end, or a header and
-half its body) and hold it; meanwhile GET /health and a small POST /generate are probed once a second
-for --hold seconds: how many are answered within 2 s, and did any slow connection get a reply.
-reload: --streams streams run while gunicorn's master gets SIGHUP; /health and /generate are probed
-until the new worker has served and the old one has exited: 503s and connection errors are counted,
-every stream is checked for a terminal event, gunicorn's log for a worker ended by a signal.
+slowloris: --slow connections each hold half a request (a header without its end, or a header and half
+its body) while GET /health and a small POST /generate are probed once a second for --hold seconds: how
+many are answered within 2 s, and did any slow connection get a reply.
+reload: SIGHUP to gunicorn's master while --streams streams run; /health and /generate are probed until
+the new worker has served and the old one has exited: 503s and connection errors counted, every stream
+checked for a terminal event, gunicorn's log for a worker ended by a signal.
 steady: the same streams and probes for 10 s without a reload, the baseline for the probes' latency.
 Prints a table, then one JSON line.
 """
@@ -29,20 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_TIMEOUT = 2.0  # seconds a probe may take to count as answered
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Stack:
-    """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1."""
+    """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1;
+    its log is folder/gunicorn.log, its run folder folder/run."""
 
-    def __init__(self, ckpt, folder, nginx=True, env=None, args=(), repo=ROOT):
-        """folder: holds gunicorn's log; the stack makes its run folder (folder/run) itself."""
-        self.port = free_port()
-        self.log_path = os.path.join(folder, "gunicorn.log")
-        self.run_dir = os.path.join(folder, "run")
+    def __init__(self, ckpt, folder, nginx=True, env=None, args=()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log_path, self.run_dir = os.path.join(folder, "gunicorn.log"), os.path.join(folder, "run")
         env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_RATE_LIMIT": "none", **(env or {})}
         if nginx:
             env.update(GPT2I_NGINX_LISTEN=f"127.0.0.1:{self.port}", GPT2I_RUN_DIR=self.run_dir)
@@ -51,7 +46,7 @@ class Stack:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "serve:create_app()"],
-                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
@@ -169,31 +164,23 @@ def slowloris(port, n=200, hold=5.0):
 def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady_s=10.0):
     """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict.
     hup=False: the same streams and probes for steady_s seconds without a reload (the baseline).
-
-    Probes wait up to `timeout` for an answer: a request that arrives while a worker loads waits for
-    it (the request latencies are reported), a 503 or a refused connection is a failure."""
-    results, started = [None] * streams, threading.Semaphore(0)
+    Probes wait up to `timeout`: a request that arrives while a worker loads waits for it (the latencies
+    are reported); a 503 or a refused connection is a failure."""
+    results, started = [None] * streams, [threading.Event() for _ in range(streams)]
 
     def run(i):
-        first = []
-
-        def on_event(_):
-            if not first:
-                first.append(1)
-                started.release()
+        body = {"prompt": f"Story {i}:", "max_new_tokens": max_new_tokens, "ignore_eos": True}
         try:
-            results[i] = stream(stack.port, {"prompt": f"Story {i}:", "max_new_tokens": max_new_tokens,
-                                             "ignore_eos": True}, on_event=on_event)
+            results[i] = stream(stack.port, body, on_event=lambda _: started[i].set())
         except OSError as e:
             results[i] = (type(e).__name__, [])
-        if not first:
-            started.release()
+        started[i].set()  # one that failed before its first event
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
     for t in threads:
         t.start()
-    for _ in threads:
-        started.acquire()
+    for event in started:
+        event.wait()
     before = stack.log().count("Worker exiting")
     if hup:
         os.kill(stack.proc.pid, signal.SIGHUP)
@@ -201,16 +188,15 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady
     # until the new worker answered and the old one exited (or for steady_s without a reload)
     while time.monotonic() < t0 + (timeout if hup else steady_s):
         done = stack.log().count("Worker exiting") > before
-        probes.append((time.monotonic() - t0, probe_once(stack.port, timeout)))
-        if hup and done and [s for s, _ in probes[-1][1]] == [200, 200]:
+        probes.append(probe_once(stack.port, timeout))
+        if hup and done and [s for s, _ in probes[-1]] == [200, 200]:
             break
         time.sleep(0.1)
     for t in threads:
         t.join(timeout)
     results = [r or ("unfinished", []) for r in results]  # a stream still open after `timeout`
     log = stack.log()
-    flat = [s for _, p in probes for s, _ in p]
-    latency = sorted(d for _, p in probes for _, d in p)
+    flat, latency = [s for p in probes for s, _ in p], sorted(d for p in probes for _, d in p)
     ended = [r[1] for r in results if r[0] == 200 and terminal(r[1])]
     return {"streams": streams, "streams_ended": len(ended), "streams_cut": sum("error" in e[-1][1] for e in ended),
             "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
