@@ -8,36 +8,34 @@ clients, against the engine's own offline throughput at the same batch, in one r
 
 Phases, each a steady state of --duration seconds after --warmup seconds:
 1. engine: inference.Engine in this process, --clients rows kept full (a finished request is replaced at
-   once); then the model is freed. Also one --prefill-chunk step of prompts on the idle engine (the
-   newcomer allowance).
+   once); also one step of prompts on the idle engine (one prefill chunk: the newcomer allowance).
 2. nonstream, stream: --clients threads sending /v1/completions back to back, each on one keep-alive
    loopback connection, to `gunicorn -c gunicorn.conf.py "serve:create_app()"` set by GPT2I_* variables.
 3. newcomer: a 16-token request (16-token prompt) every 0.25 s beside --newcomer-streams streams of
    --newcomer-tokens tokens; its time to first token.
-4. embeddings: those streams' inter-token p95 alone, then beside --embed-clients clients sending
-   /v1/embeddings (16 inputs of 16 tokens) back to back.
-5. burst: the same, beside --burst prompts of --burst-tokens random ids (1 new token) arriving at once.
-6. chat, loglik: on this server and on one with the prefix cache off (unless "cacheoff" is skipped).
-   chat: --turns turns (the transcript as raw text, history first), each a ~35-token message and a
-   48-token reply, ~900 tokens at turn 10; median first-token time per turn over 3 conversations.
-   loglik: the committed HellaSwag rows (tests/data) as lm-evaluation-harness sends them (ids of context
-   + ending, echo, logprobs 1, max_tokens 1, longest first) by 8 clients: requests/s, and the largest
-   loglikelihood difference between cache on and off.
-Throughput: completion tokens made inside the window, divided by it (over HTTP, each request's
-usage.completion_tokens spread evenly over its lifetime). Prompts are token ids and end-of-text is
-ignored, so every request makes exactly --new-tokens tokens. Prints a table; the last line is JSON.
+4. embeddings, burst: those streams' inter-token p95 alone, then beside --embed-clients clients sending
+   /v1/embeddings (16 inputs of 16 tokens) back to back, or beside --burst prompts of --burst-tokens
+   random ids (1 new token) arriving at once.
+5. chat, loglik: on this server and on one with the prefix cache off (unless "cacheoff" is skipped).
+   chat: --turns turns (the transcript as raw text), each a ~35-token message and a 48-token reply;
+   median first-token time per turn over 3 conversations. loglik: the committed HellaSwag rows as
+   lm-evaluation-harness sends them (ids of context + ending, echo, logprobs 1, max_tokens 1, longest
+   first) by 8 clients: requests/s, and the largest loglikelihood difference between cache on and off.
+Throughput: completion tokens made inside the window, divided by it (over HTTP, each request's tokens
+spread evenly over its lifetime). Prompts are token ids and end-of-text is ignored, so every request
+makes exactly --new-tokens tokens. Prints a table; the last line is JSON.
 """
 
 import argparse
 import http.client
 import json
 import os
-import queue
 import random
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -100,10 +98,11 @@ def prompt_ids(n, rng):
     return [rng.randrange(1000, 50000) for _ in range(n)]
 
 
-def request_body(prompt_tokens, max_tokens, stream):
-    """A /v1/completions body; "prompt" holds the prompt length (each request draws its own ids)."""
-    body = {"prompt": prompt_tokens, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
-    return {**body, "stream_options": {"include_usage": True}} if stream else body
+def completions(prompt_tokens, max_tokens, stream):
+    """(path, rng -> a body of new random prompt ids) of /v1/completions requests."""
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {"stream": False}
+    return "/v1/completions", lambda rng: {"prompt": prompt_ids(prompt_tokens, rng), "max_tokens": max_tokens,
+                                           "ignore_eos": True, **extra}
 
 
 def ms(values, q):
@@ -179,22 +178,21 @@ def post(conn, path, body):
 
 
 class Client(threading.Thread):
-    """Sends /v1/completions requests back to back on one keep-alive connection until told to stop.
-    Records (start, end, completion tokens, time to first token or None, [(arrival, gap since the last chunk)])."""
+    """Sends requests (path, body maker) back to back on one keep-alive connection until told to stop (or
+    once); keeps their timed() records and the errors."""
 
-    def __init__(self, port, body, stop, seed, once=False):
+    def __init__(self, port, requests, stop, seed, once=False):
         super().__init__(daemon=True)
-        self.port, self.body, self.stop, self.once = port, body, stop, once
+        (self.path, self.make_body), self.port, self.stop, self.once = requests, port, stop, once
         self.rng = random.Random(seed)
         self.records, self.errors = [], []
 
     def run(self):
         conn = None
         while not self.stop.is_set():
-            body = {**self.body, "prompt": prompt_ids(self.body["prompt"], self.rng)}
             try:
                 conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-                self.records.append(self.one(conn, body))
+                self.records.append(timed(conn, self.path, self.make_body(self.rng)))
             except (OSError, http.client.HTTPException, ValueError) as e:
                 self.errors.append(f"{type(e).__name__}: {e}")
                 conn = None
@@ -202,26 +200,23 @@ class Client(threading.Thread):
             if self.once:
                 return
 
-    def one(self, conn, body):
-        t0 = time.perf_counter()
-        resp = post(conn, "/v1/completions", body)
-        if not body["stream"]:
-            usage = json.loads(resp.read())["usage"]
-            return t0, time.perf_counter(), usage["completion_tokens"], None, []
-        first, last, gaps, usage = None, None, [], None
-        for line in resp:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            now = time.perf_counter()
+
+def timed(conn, path, body):
+    """One request -> (start, end, completion tokens, first-token seconds or None, [(arrival, seconds since the
+    previous chunk)])."""
+    t0 = time.perf_counter()
+    resp = post(conn, path, body)
+    if not body.get("stream"):
+        return t0, time.perf_counter(), json.loads(resp.read())["usage"].get("completion_tokens", 0), None, []
+    arrivals, usage = [], None
+    for line in resp:
+        if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
             if chunk["choices"]:
-                if first is None:
-                    first = now - t0
-                else:
-                    gaps.append((now, now - last))
-                last = now
-        return t0, time.perf_counter(), usage["completion_tokens"], first, gaps
+                arrivals.append(time.perf_counter())
+    gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:])]
+    return t0, time.perf_counter(), usage["completion_tokens"], arrivals[0] - t0 if arrivals else None, gaps
 
 
 def launch(threads):
@@ -234,13 +229,13 @@ def finish(stop, threads):
     stop.set()
     for t in threads:
         t.join(600)
-    return [e for t in threads for e in getattr(t, "errors", [])]
+    return [e for t in threads for e in t.errors]
 
 
 def background(port, args, stop, seed):
     """--newcomer-streams streams of --newcomer-tokens tokens, started."""
-    return launch([Client(port, request_body(args.prompt_tokens, args.newcomer_tokens, True), stop, seed + i)
-                  for i in range(args.newcomer_streams)])
+    return launch([Client(port, completions(args.prompt_tokens, args.newcomer_tokens, True), stop, seed + i)
+                   for i in range(args.newcomer_streams)])
 
 
 def clients(port, args, stream):
@@ -249,7 +244,7 @@ def clients(port, args, stream):
     say(f"server {'stream' if stream else 'nonstream'}: {args.clients} clients ...")
     stop = threading.Event()
     t0 = time.perf_counter()
-    threads = launch([Client(port, request_body(args.prompt_tokens, args.new_tokens, stream), stop, i)
+    threads = launch([Client(port, completions(args.prompt_tokens, args.new_tokens, stream), stop, i)
                      for i in range(args.clients)])
     time.sleep(args.warmup + args.duration)
     errors = finish(stop, threads)
@@ -274,7 +269,7 @@ def newcomer(port, args):
     time.sleep(args.warmup)
     ttfts, errors, end = [], [], time.perf_counter() + args.duration
     while time.perf_counter() < end:
-        probe = Client(port, request_body(16, 16, True), stop, len(ttfts), once=True)
+        probe = Client(port, completions(16, 16, True), stop, len(ttfts), once=True)
         probe.run()
         ttfts += [r[3] for r in probe.records]
         errors += probe.errors
@@ -283,32 +278,20 @@ def newcomer(port, args):
     return {"probes": len(ttfts), "ttft_p50_ms": ms(ttfts, 50), "ttft_p95_ms": ms(ttfts, 95), "errors": errors}
 
 
-def embed_loop(port, stop, rng, calls, errors, fmt):
-    """POST /v1/embeddings back to back until stopped; counts the calls answered."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    while not stop.is_set():
-        try:
-            body = {"input": [prompt_ids(16, rng) for _ in range(16)], "encoding_format": fmt}
-            post(conn, "/v1/embeddings", body).read()
-            calls.append(1)
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-
-
 def embeddings(port, args):
-    """Inter-token p95 of running streams alone, then while --embed-clients send embedding calls."""
+    """Inter-token p95 of running streams alone, then while --embed-clients send /v1/embeddings calls."""
     say(f"embeddings: {args.newcomer_streams} streams, then with {args.embed_clients} embedding clients ...")
     out, errors = {}, []
+    make_body = lambda rng: {"input": [prompt_ids(16, rng) for _ in range(16)],  # noqa: E731
+                             "encoding_format": args.embed_format}
     for label, n_embed in (("idle", 0), ("burst", args.embed_clients)):
-        stop, calls = threading.Event(), []
+        stop = threading.Event()
         streams = background(port, args, stop, 2000)
-        embedders = launch([threading.Thread(target=embed_loop, daemon=True, args=(
-            port, stop, random.Random(i), calls, errors, args.embed_format)) for i in range(n_embed)])
+        embedders = launch([Client(port, ("/v1/embeddings", make_body), stop, i) for i in range(n_embed)])
         time.sleep(args.warmup + args.duration)
         errors += finish(stop, streams + embedders)
         out[f"itl_p95_ms_{label}"] = ms([g for c in streams for r in c.records for _, g in r[4]], 95)
-        out[f"embedding_calls_{label}"] = len(calls)
+        out[f"embedding_calls_{label}"] = sum(len(c.records) for c in embedders)
     return {**out, "errors": errors}
 
 
@@ -318,7 +301,7 @@ def burst(port, args):
     say(f"burst: {args.burst} prompts of {args.burst_tokens} tokens ...")
     stop = threading.Event()
     streams = background(port, args, stop, 3000)
-    prompts = [Client(port, request_body(args.burst_tokens, 1, False), stop, 4000 + i, once=True)
+    prompts = [Client(port, completions(args.burst_tokens, 1, False), stop, 4000 + i, once=True)
                for i in range(args.burst)]
     time.sleep(args.warmup)
     t_idle = time.perf_counter()
@@ -372,30 +355,25 @@ def hellaswag_pairs(rows):
 
 
 def loglik(port, pairs, clients=8):
-    """Every (context, ending) as one echo request, by `clients` clients -> requests/s and loglikelihoods."""
-    jobs, out, errors = queue.Queue(), [None] * len(pairs), []
-    for job in enumerate(pairs):
-        jobs.put(job)
+    """Every (context, ending) as one echo request, by `clients` threads with a connection each -> requests/s
+    and the loglikelihoods (None: failed)."""
+    local = threading.local()
 
-    def work():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        while True:
-            try:
-                i, (ctx, end) = jobs.get_nowait()
-            except queue.Empty:
-                return
-            body = {"prompt": ctx + end, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
-            try:
-                lps = json.loads(post(conn, "/v1/completions", body).read())["choices"][0]["logprobs"]["token_logprobs"]
-                out[i] = sum(lps[len(ctx):len(ctx) + len(end)])
-            except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
-                errors.append(f"{type(e).__name__}: {e}")
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    def one(pair):
+        ctx, end = pair
+        body = {"prompt": ctx + end, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+        try:
+            local.conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            lps = json.loads(post(local.conn, "/v1/completions", body).read())["choices"][0]["logprobs"]
+            return sum(lps["token_logprobs"][len(ctx):len(ctx) + len(end)])
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
+            local.conn = None
+            return None
 
     t0 = time.perf_counter()
-    for t in launch([threading.Thread(target=work, daemon=True) for _ in range(clients)]):
-        t.join(600)
-    return {"requests_per_s": round(len(pairs) / (time.perf_counter() - t0), 2), "errors": len(errors)}, out
+    with ThreadPoolExecutor(clients) as pool:
+        out = list(pool.map(one, pairs))
+    return {"requests_per_s": round(len(pairs) / (time.perf_counter() - t0), 2), "errors": out.count(None)}, out
 
 
 def prompt_phases(port, args, skip):
@@ -453,42 +431,39 @@ def main(argv=None):
     return 0
 
 
+LINES = {  # phase: its report line, formatted with its results and the flags
+    "embeddings": "stream inter-token p95: {itl_p95_ms_idle} ms alone, {itl_p95_ms_burst} ms during "
+                  "{embedding_calls_burst} embedding calls, {embed_format} (target: within 2x)",
+    "engine": "one prefill chunk (a full step of prompts, idle engine): {prefill_chunk_ms} ms; newcomer target: "
+              "TTFT p95 <= 50 ms + {prefill_chunk_ms} ms",
+    "burst": "stream inter-token p95: {itl_p95_ms_idle} ms alone, {itl_p95_ms_burst} ms while {burst} prompts of "
+             "{burst_tokens} tokens arrive (target: within 3x); their first token p50/p95 "
+             "{burst_ttft_p50_ms}/{burst_ttft_p95_ms} ms",
+    "chat": "chat, prefix {label}: first-token ms per turn {ttft_ms_per_turn} (turn {turns} / turn 1: "
+            "{last_over_first}; target with the cache <= 1.5)",
+    "loglik": "loglik, prefix {label}: {requests_per_s} requests/s, {errors} errors"}
+
+
 def report(results, args):
     """The table of throughput phases, a line per other phase with its target, then the JSON line."""
     engine_tps = results.get("engine", {}).get("tokens_per_s")
     print(f"\n{'phase':<12} {'tokens/s':>10} {'vs engine':>10} {'requests':>9} {'TTFT p50/p95 ms':>17} "
           f"{'ITL p50/p95 ms':>16} {'errors':>7}")
     for name in ("engine", "nonstream", "stream", "newcomer"):
-        r = results.get(name)
-        if r is None:
-            continue
-        tps = r.get("tokens_per_s")
-        ratio = f"{tps / engine_tps:.0%}" if tps and engine_tps else ""
-        ttft = f"{r['ttft_p50_ms']}/{r['ttft_p95_ms']}" if r.get("ttft_p95_ms") is not None else ""
-        itl = f"{r['itl_p50_ms']}/{r['itl_p95_ms']}" if r.get("itl_p95_ms") is not None else ""
-        n = r.get("requests", r.get("probes", ""))
-        print(f"{name:<12} {tps if tps is not None else '':>10} {ratio:>10} {n:>9} {ttft:>17} {itl:>16} "
-              f"{r.get('errors', 0):>7}")
-    if "embeddings" in results:
-        r = results["embeddings"]
-        print(f"stream inter-token p95: {r['itl_p95_ms_idle']} ms alone, {r['itl_p95_ms_burst']} ms during "
-              f"{r['embedding_calls_burst']} embedding calls, {args.embed_format} (target: within 2x)")
-    if "engine" in results:
-        chunk_ms = results["engine"]["prefill_chunk_ms"]
-        print(f"one prefill chunk (a full step of prompts, idle engine): {chunk_ms} ms; newcomer target: "
-              f"TTFT p95 <= 50 ms + {chunk_ms} ms")
-    if "burst" in results:
-        r = results["burst"]
-        print(f"stream inter-token p95: {r['itl_p95_ms_idle']} ms alone, {r['itl_p95_ms_burst']} ms while {args.burst} "
-              f"prompts of {args.burst_tokens} tokens arrive (target: within 3x); their first token p50/p95 "
-              f"{r['burst_ttft_p50_ms']}/{r['burst_ttft_p95_ms']} ms")
+        if name in results:
+            r = results[name]
+            tps = r.get("tokens_per_s", "")
+            ratio = f"{tps / engine_tps:.0%}" if tps and engine_tps else ""
+            ttft = f"{r['ttft_p50_ms']}/{r['ttft_p95_ms']}" if r.get("ttft_p95_ms") is not None else ""
+            itl = f"{r['itl_p50_ms']}/{r['itl_p95_ms']}" if r.get("itl_p95_ms") is not None else ""
+            print(f"{name:<12} {tps:>10} {ratio:>10} {r.get('requests', r.get('probes', '')):>9} {ttft:>17} "
+                  f"{itl:>16} {r.get('errors', 0):>7}")
+    for name in ("embeddings", "engine", "burst"):
+        if name in results:
+            print(LINES[name].format_map({**vars(args), **results[name]}))
     for label in ("cache_on", "cache_off"):
-        r = results.get(label, {})
-        if "chat" in r:
-            print(f"chat, prefix {label}: first-token ms per turn {r['chat']['ttft_ms_per_turn']} (turn "
-                  f"{args.turns} / turn 1: {r['chat']['last_over_first']}; target with the cache <= 1.5)")
-        if "loglik" in r:
-            print(f"loglik, prefix {label}: {r['loglik']['requests_per_s']} requests/s, {r['loglik']['errors']} errors")
+        for name, r in results.get(label, {}).items():
+            print(LINES[name].format_map({**vars(args), **r, "label": label}))
     if "loglik" in results.get("cache_off", {}):
         on, off = results["cache_on"]["loglik"], results["cache_off"]["loglik"]
         print(f"loglik cache on / off: {on['requests_per_s'] / off['requests_per_s']:.2f}x (target >= 2.5); largest "
