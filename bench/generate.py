@@ -38,6 +38,7 @@ from checkpoint import load_model  # noqa: E402
 import grammar  # noqa: E402
 from common import UserError, parse_json, run_cli  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
+from export_hf import hf_config  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
 
 TARGETS = {"cuda_batch1_decode": 2000, "cuda_batch32_decode": 30000, "cpu_batch1_vs_hf": 2.0,
@@ -111,11 +112,7 @@ def build_models(args, device, dtype):
 def build_hf(ours, device, dtype):
     import transformers
 
-    cfg = ours.config
-    hf_cfg = transformers.GPT2Config(vocab_size=GPT2_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                     n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
-    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(ours.config)))  # as export_hf.py writes it
     missing, unexpected = hf.load_state_dict(ours_to_hf(ours.state_dict(), GPT2_VOCAB), strict=False)
     assert not unexpected and all(k.endswith(("lm_head.weight", "attn.bias", "attn.masked_bias")) for k in missing)
     hf.tie_weights()
