@@ -1,7 +1,7 @@
 """
 Generation speed: the inference.py Engine (ours) against transformers' GPT2LMHeadModel.generate on the
-same weights, device and prompts, in one run. Greedy, --prompt-len random token ids per row, --n-new
-tokens per row (end-of-text ignored, so every row decodes all of them).
+same weights, device and prompts (--prompt-len random token ids a row), greedy, --n-new tokens a row
+(end-of-text ignored), in one run.
 
     python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32/64
     python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
@@ -9,18 +9,15 @@ tokens per row (end-of-text ignored, so every row decodes all of them).
     python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
     python bench/generate.py --json-schema nested --batch-sizes 32 --no-hf      # constrained against free
 
-Ours runs once per mode in --modes (MODES), one Engine per mode with max(batch sizes) slots, each batch
-after a warm-up run of the same shape (graph capture and compilation happen there); all rows are added
-at once and the engine is stepped until idle. Numbers are the best of --repeats. tok/s = rows x n_new /
-the whole run; prefill ms = until every row has its first token; decode tok/s = rows x (n_new - 1) / the
-time after that. transformers: prefill from generate(max_new_tokens=1), decode from the difference to the
-full run. Also checks that ours and transformers produce the same greedy tokens (row 0).
---json-schema FILE (or "nested", built in) also times ours with every row under that schema ("ours+json")
-against the free run, and the schema's compile time. The schema must not complete within --n-new tokens.
-Prints a table; the last line is JSON.
+Ours: one Engine per mode (MODES) with max(batch sizes) slots; each batch is added at once and stepped
+until idle, after a warm-up run of the same shape (graph capture, compilation). Best of --repeats.
+tok/s = rows x n_new / the whole run; prefill ms = until every row has its first token; decode tok/s =
+rows x (n_new - 1) / the rest. transformers: prefill from generate(max_new_tokens=1), decode from the
+difference to the full run; its greedy tokens are compared with ours (row 0). --json-schema FILE (or
+"nested", built in) also times ours with every row under the schema ("ours+json") against the free run,
+and the schema's compile time; it must not complete within --n-new tokens. A table, then a JSON line.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -36,7 +33,8 @@ sys.path.insert(0, ROOT)
 import inference  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 import grammar  # noqa: E402
-from common import UserError, parse_json, run_cli  # noqa: E402
+from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
+from common import parse_json  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
 from export_hf import hf_config  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
@@ -56,15 +54,15 @@ MODES = {  # "static": the graph path's bucketed shapes, uncaptured
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CLIParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--ckpt", default=None, help="weights to load (default: random GPT-2 124M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,8,32,64 on CUDA, 1,8 elsewhere)")
-    p.add_argument("--n-new", type=int, default=None, help="new tokens per row (default 256 on CUDA, 32 on CPU)")
-    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--n-new", type=bounded(int, 2), default=None,
+                   help="new tokens a row (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--prompt-len", type=bounded(int, 1), default=32)
     p.add_argument("--modes", default=None, help=f"ours' modes, comma-separated: {', '.join(MODES)} "
                                                  "(default: graphs,graphs+compile on CUDA, else eager)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="Engine prefill_chunk")
@@ -80,8 +78,6 @@ def parse_args(argv):
             raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
         if not args.batch_sizes or min(args.batch_sizes) < 1:
             raise UserError("--batch-sizes needs positive integers")
-    if args.prompt_len < 1 or (args.n_new is not None and args.n_new < 2):
-        raise UserError("--prompt-len must be >= 1 and --n-new >= 2")
     if args.modes and not set(args.modes.split(",")) <= set(MODES):
         raise UserError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     return args
