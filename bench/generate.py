@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
+from bench.prefill import MODELS, random_ids, sync  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 import grammar  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
@@ -83,11 +84,6 @@ def parse_args(argv):
     return args
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
     if args.ckpt:
@@ -95,8 +91,7 @@ def build_models(args, device, dtype):
         name = info["name"]
     else:
         torch.manual_seed(0)
-        shape = dict(n_layer=2, n_head=4, n_embd=64) if args.tiny else {}  # else GPT-2 124M; vocab padded to 50304
-        ours = GPT(GPTConfig(**shape)).eval().requires_grad_(False)
+        ours = GPT(GPTConfig(**MODELS["tiny" if args.tiny else "gpt2"])).eval().requires_grad_(False)
         name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
     hf = None if args.no_hf else build_hf(ours, device, dtype)
     if args.quantize != "none" and (device.type != "cpu" or dtype != torch.float32):
@@ -235,7 +230,7 @@ def main(argv=None):
                                       **MODES[mode]) for mode in modes}
     for B in batch_sizes:
         rng = random.Random(0)
-        prompts = [[rng.randrange(1000, 50000) for _ in range(args.prompt_len)] for _ in range(B)]
+        prompts = [random_ids(args.prompt_len, rng) for _ in range(B)]
         hf_tokens = None
         if hf is not None:
             hf_run = lambda: time_hf(hf, prompts, n_new, args.repeats, device)  # noqa: E731

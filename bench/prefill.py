@@ -33,7 +33,8 @@ from device import pick_device, pick_dtype  # noqa: E402
 from engine.model_runner import ATTENTION  # noqa: E402
 from model import GPT, GPTConfig, KVCache  # noqa: E402
 
-MODELS = {"gpt2": dict(), "tiny": dict(n_layer=2, n_head=4, n_embd=64)}  # random weights; GPT-2 124M shapes
+MODELS = {"gpt2": {}, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}  # random weights (the speed does not depend
+# on them): GPT-2 124M, and a CPU smoke size
 
 
 def parse_args(argv):
@@ -52,19 +53,25 @@ def parse_args(argv):
     return args
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, device, repeats):
     """Median seconds of fn(), the device synchronized around each call."""
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
 def random_ids(n, rng):
+    """n random token ids, none of them end-of-text."""
     return [rng.randrange(1000, 50000) for _ in range(n)]
 
 

@@ -43,14 +43,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
+from bench.prefill import MODELS, random_ids  # noqa: E402
 from bench.prod_stack import Stack, request  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import encode  # noqa: E402
 
-MODELS = {"gpt2": {}, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}  # random GPT-2 124M weights (speed does not
-# depend on them), and a CPU smoke size
 PROBE_EVERY = 0.25  # seconds between newcomer probes
 
 
@@ -94,14 +93,10 @@ def make_random_checkpoint(name, folder):
                            config=cfg.to_dict(), step=0)
 
 
-def prompt_ids(n, rng):
-    return [rng.randrange(1000, 50000) for _ in range(n)]
-
-
 def completions(prompt_tokens, max_tokens, stream):
     """(path, rng -> a body of new random prompt ids) of /v1/completions requests."""
     extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {"stream": False}
-    return "/v1/completions", lambda rng: {"prompt": prompt_ids(prompt_tokens, rng), "max_tokens": max_tokens,
+    return "/v1/completions", lambda rng: {"prompt": random_ids(prompt_tokens, rng), "max_tokens": max_tokens,
                                            "ignore_eos": True, **extra}
 
 
@@ -130,7 +125,7 @@ def engine_offline(args, ckpt):
     chunk_ms = prefill_chunk_ms(engine, engine.scheduler.prefill_chunk, rng)
     params = inference.validate_params(max_new_tokens=args.new_tokens, temperature=0.8, ignore_eos=True)
     for _ in range(args.clients):
-        engine.add(prompt_ids(args.prompt_tokens, rng), params)
+        engine.add(random_ids(args.prompt_tokens, rng), params)
     start = time.perf_counter() + args.warmup
     tokens = 0
     while True:
@@ -142,7 +137,7 @@ def engine_offline(args, ckpt):
             if now >= start:
                 tokens += len(o.token_ids)
             if o.finish_reason is not None:
-                engine.add(prompt_ids(args.prompt_tokens, rng), params)
+                engine.add(random_ids(args.prompt_tokens, rng), params)
     result = {"tokens_per_s": round(tokens / args.duration, 1), "prefill_chunk_ms": chunk_ms, "device": info["device"],
               "dtype": info["dtype"]}
     del engine, model
@@ -159,7 +154,7 @@ def prefill_chunk_ms(engine, n, rng, repeats=5):
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(min(engine.max_batch, n // width)):
-            engine.add(prompt_ids(width, rng), params)
+            engine.add(random_ids(width, rng), params)
         while engine.has_work():
             engine.step()
         times.append(time.perf_counter() - t0)
@@ -282,7 +277,7 @@ def embeddings(port, args):
     """Inter-token p95 of running streams alone, then while --embed-clients send /v1/embeddings calls."""
     say(f"embeddings: {args.newcomer_streams} streams, then with {args.embed_clients} embedding clients ...")
     out, errors = {}, []
-    make_body = lambda rng: {"input": [prompt_ids(16, rng) for _ in range(16)],  # noqa: E731
+    make_body = lambda rng: {"input": [random_ids(16, rng) for _ in range(16)],  # noqa: E731
                              "encoding_format": args.embed_format}
     for label, n_embed in (("idle", 0), ("burst", args.embed_clients)):
         stop = threading.Event()
