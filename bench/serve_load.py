@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
-from bench.prefill import MODELS, random_ids  # noqa: E402
+from bench.prefill import MODELS, random_ids, timed  # noqa: E402
 from bench.prod_stack import Stack, request  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
@@ -51,6 +52,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import encode  # noqa: E402
 
 PROBE_EVERY = 0.25  # seconds between newcomer probes
+STREAM = {"stream": True, "stream_options": {"include_usage": True}}  # usage: the completion tokens of a stream
 
 
 def parse_args(argv):
@@ -95,9 +97,8 @@ def make_random_checkpoint(name, folder):
 
 def completions(prompt_tokens, max_tokens, stream):
     """(path, rng -> a body of new random prompt ids) of /v1/completions requests."""
-    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {"stream": False}
     return "/v1/completions", lambda rng: {"prompt": random_ids(prompt_tokens, rng), "max_tokens": max_tokens,
-                                           "ignore_eos": True, **extra}
+                                           "ignore_eos": True, **(STREAM if stream else {"stream": False})}
 
 
 def ms(values, q):
@@ -138,27 +139,23 @@ def engine_offline(args, ckpt):
                 tokens += len(o.token_ids)
             if o.finish_reason is not None:
                 engine.add(random_ids(args.prompt_tokens, rng), params)
-    result = {"tokens_per_s": round(tokens / args.duration, 1), "prefill_chunk_ms": chunk_ms, "device": info["device"],
-              "dtype": info["dtype"]}
-    del engine, model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    return {"tokens_per_s": round(tokens / args.duration, 1), "prefill_chunk_ms": chunk_ms, "device": info["device"],
+            "dtype": info["dtype"]}
 
 
-def prefill_chunk_ms(engine, n, rng, repeats=5):
+def prefill_chunk_ms(engine, n, rng):
     """Median milliseconds from add() to the first tokens of prompts that fill one n-token step on the idle
     engine: one prefill chunk, the newcomer target's allowance."""
     params = inference.validate_params(max_new_tokens=1, temperature=0.8, ignore_eos=True)
-    times, width = [], min(n, engine.config.block_size - 1)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    width = min(n, engine.config.block_size - 1)
+
+    def fill():
         for _ in range(min(engine.max_batch, n // width)):
             engine.add(random_ids(width, rng), params)
         while engine.has_work():
             engine.step()
-        times.append(time.perf_counter() - t0)
-    return round(sorted(times)[repeats // 2] * 1e3, 1)
+
+    return round(timed(fill, engine.device, 5) * 1e3, 1)
 
 
 # ---------------------------------------------------------------------- the server's phases
@@ -172,9 +169,20 @@ def post(conn, path, body):
     return resp
 
 
+@dataclass
+class Record:
+    """One request as send() saw it."""
+    start: float
+    end: float
+    tokens: int  # completion tokens (usage)
+    ttft: float | None = None  # seconds to the first chunk with text (streams)
+    gaps: list = field(default_factory=list)  # [(arrival, seconds since the previous chunk)]
+    text: str = ""
+
+
 class Client(threading.Thread):
     """Sends requests (path, body maker) back to back on one keep-alive connection until told to stop (or
-    once); keeps their timed() records and the errors."""
+    once); keeps their send() records and the errors."""
 
     def __init__(self, port, requests, stop, seed, once=False):
         super().__init__(daemon=True)
@@ -187,7 +195,7 @@ class Client(threading.Thread):
         while not self.stop.is_set():
             try:
                 conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-                self.records.append(timed(conn, self.path, self.make_body(self.rng)))
+                self.records.append(send(conn, self.path, self.make_body(self.rng)))
             except (OSError, http.client.HTTPException, ValueError) as e:
                 self.errors.append(f"{type(e).__name__}: {e}")
                 conn = None
@@ -196,22 +204,22 @@ class Client(threading.Thread):
                 return
 
 
-def timed(conn, path, body):
-    """One request -> (start, end, completion tokens, first-token seconds or None, [(arrival, seconds since the
-    previous chunk)])."""
+def send(conn, path, body):
+    """One request -> its Record (a stream's chunks timed as they arrive)."""
     t0 = time.perf_counter()
     resp = post(conn, path, body)
     if not body.get("stream"):
-        return t0, time.perf_counter(), json.loads(resp.read())["usage"].get("completion_tokens", 0), None, []
-    arrivals, usage = [], None
+        return Record(t0, time.perf_counter(), json.loads(resp.read())["usage"].get("completion_tokens", 0))
+    arrivals, usage, text = [], None, ""
     for line in resp:
         if line.startswith(b"data: {"):
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
             if chunk["choices"]:
                 arrivals.append(time.perf_counter())
-    gaps = [(b, b - a) for a, b in zip(arrivals, arrivals[1:])]
-    return t0, time.perf_counter(), usage["completion_tokens"], arrivals[0] - t0 if arrivals else None, gaps
+                text += chunk["choices"][0]["text"]
+    return Record(t0, time.perf_counter(), usage["completion_tokens"], arrivals[0] - t0 if arrivals else None,
+                  [(b, b - a) for a, b in zip(arrivals, arrivals[1:])], text)
 
 
 def launch(threads):
@@ -245,10 +253,11 @@ def clients(port, args, stream):
     errors = finish(stop, threads)
     start_s, end = t0 + args.warmup, t0 + args.warmup + args.duration
     records = [r for c in threads for r in c.records]
-    tokens = sum(n * max(0.0, min(b, end) - max(a, start_s)) / max(b - a, 1e-9) for a, b, n, _, _ in records)
-    done = [r for r in records if start_s <= r[1] <= end]
+    tokens = sum(r.tokens * max(0.0, min(r.end, end) - max(r.start, start_s)) / max(r.end - r.start, 1e-9)
+                 for r in records)
+    done = [r for r in records if start_s <= r.end <= end]
     out = {"tokens_per_s": round(tokens / args.duration, 1), "requests": len(done), "errors": errors}
-    ttft, gaps = [r[3] for r in done if r[3] is not None], [g for r in done for _, g in r[4]]
+    ttft, gaps = [r.ttft for r in done if r.ttft is not None], [g for r in done for _, g in r.gaps]
     if ttft:
         out.update(ttft_p50_ms=ms(ttft, 50), ttft_p95_ms=ms(ttft, 95))
     if gaps:
@@ -266,7 +275,7 @@ def newcomer(port, args):
     while time.perf_counter() < end:
         probe = Client(port, completions(16, 16, True), stop, len(ttfts), once=True)
         probe.run()
-        ttfts += [r[3] for r in probe.records]
+        ttfts += [r.ttft for r in probe.records]
         errors += probe.errors
         time.sleep(PROBE_EVERY)
     errors += finish(stop, streams)
@@ -285,7 +294,7 @@ def embeddings(port, args):
         embedders = launch([Client(port, ("/v1/embeddings", make_body), stop, i) for i in range(n_embed)])
         time.sleep(args.warmup + args.duration)
         errors += finish(stop, streams + embedders)
-        out[f"itl_p95_ms_{label}"] = ms([g for c in streams for r in c.records for _, g in r[4]], 95)
+        out[f"itl_p95_ms_{label}"] = ms([g for c in streams for r in c.records for _, g in r.gaps], 95)
         out[f"embedding_calls_{label}"] = sum(len(c.records) for c in embedders)
     return {**out, "errors": errors}
 
@@ -306,8 +315,8 @@ def burst(port, args):
         c.join(600)
     t1 = time.perf_counter()
     errors = finish(stop, streams + prompts)
-    gaps = [(t, g) for c in streams for r in c.records for t, g in r[4]]
-    ttft = [r[1] - r[0] for c in prompts for r in c.records]
+    gaps = [gap for c in streams for r in c.records for gap in r.gaps]
+    ttft = [r.end - r.start for c in prompts for r in c.records]
     return {"itl_p95_ms_idle": ms([g for t, g in gaps if t_idle <= t < t0], 95),
             "itl_p95_ms_burst": ms([g for t, g in gaps if t0 <= t < t1], 95), "burst_ttft_p50_ms": ms(ttft, 50),
             "burst_ttft_p95_ms": ms(ttft, 95), "prompt_tokens_per_s": round(len(ttft) * args.burst_tokens / (t1 - t0)),
@@ -323,15 +332,10 @@ def chat(port, args):
         rng, transcript, ttfts = random.Random(seed), "", []
         for _ in range(args.turns):
             prompt = transcript + "User: " + " ".join(rng.choice(words.split()) for _ in range(32)) + "\nAssistant:"
-            t0, first, reply = time.perf_counter(), None, ""
-            body = {"prompt": prompt, "raw": True, "max_tokens": min(48, args.new_tokens), "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            for line in post(conn, "/v1/completions", body):
-                if line.startswith(b"data: {") and json.loads(line[6:])["choices"]:
-                    first = first or time.perf_counter() - t0
-                    reply += json.loads(line[6:])["choices"][0]["text"]
-            ttfts.append(first)
-            transcript = prompt + reply + "\n"
+            r = send(conn, "/v1/completions", {"prompt": prompt, "raw": True, "max_tokens": min(48, args.new_tokens),
+                                               "temperature": 0, "ignore_eos": True, **STREAM})
+            ttfts.append(r.ttft)
+            transcript = prompt + r.text + "\n"
         turns += [ttfts] if seed else []
     per_turn = [ms([t[i] for t in turns], 50) for i in range(args.turns)]
     return {"ttft_ms_per_turn": per_turn, "last_over_first": round(per_turn[-1] / per_turn[0], 2),
@@ -407,6 +411,7 @@ def main(argv=None):
         ckpt = args.ckpt or make_random_checkpoint(args.model, folder)
         if "engine" not in skip:
             results["engine"] = engine_offline(args, ckpt)
+            torch.cuda.empty_cache()  # the engine's model and cache are gone: the server gets the memory
         with server(args, ckpt, folder) as stack:
             stack.wait_healthy(600)
             for name, phase in SERVER_PHASES.items():
