@@ -1,12 +1,5 @@
-"""Checkpoints: the one format we write, and the one loader for every model we read.
-
-`{out_dir}/ckpt.pt`, loadable with torch.load(path, weights_only=True): only tensors and plain
-Python containers inside, never pickled classes. Keys:
-  format_version (1), kind ("pretrain" | "sft"), model (state dict, canonical names), config
-  (GPTConfig fields), step, optimizer, train_state, rng, args, metrics, and `lora` (the LoRA
-  config) when `model` holds adapters (a LoRA run's last.pt).
-Written atomically: a crash leaves the previous checkpoint, never a partial one.
-"""
+"""Checkpoints: the one format we write (docs/design.md, Checkpoints: weights_only-loadable, written
+atomically), and the one loader for every model we read (ours, an HF GPT-2 folder, an OpenAI GPT-2 name)."""
 
 import json
 import os
@@ -58,8 +51,7 @@ def _plain(value):
 def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, train_state=None,
                     rng=None, args=None, metrics=None, lora=None):
     """Write a checkpoint atomically. `config` is a dict (GPTConfig.to_dict()), `lora` a LoRAConfig dict."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    assert kind in KINDS, kind
     ckpt = {
         "format_version": FORMAT_VERSION, "kind": kind, "model": clean_state_dict(model_state),
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
@@ -236,14 +228,10 @@ def capture_rng_state():
 def restore_rng_state(state):
     if not state:
         return
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

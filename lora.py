@@ -1,25 +1,13 @@
 """
-LoRA (low-rank adapters) for our GPT: wrap chosen nn.Linear layers, train only the adapters, merge.
+LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
 
-A wrapped layer computes  y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
-with the base W (out, in) and b frozen, A (r, in) initialised like nn.Linear (Kaiming uniform)
-and B (out, r) zero, so training starts from the base model exactly (Hu et al. 2021).
-
-State-dict names stay canonical: a wrapped layer keeps its base `weight` / `bias` under the same
-names (the very Parameter objects) and adds `lora_A` / `lora_B` beside them, e.g.
-`transformer.h.0.attn.c_attn.weight` (frozen), `transformer.h.0.attn.c_attn.lora_A`. So
-`merged_state_dict(model)` (W + scale * B A, adapters dropped) is an ordinary GPT state dict that
-checkpoint.model_from_checkpoint and inference load with nothing special, and a training
-checkpoint of the wrapped model (base + adapters) resumes exactly.
-
-Targets (--lora-targets): names of Linear layers inside the blocks, matched on whole dotted
-suffixes: `c_attn` (fused q, k, v), `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`; `c_proj` means both
-projections and `c_fc` is the same as `mlp.c_fc`. `lm_head` cannot be a target: it is tied to the
-token embedding, so adapting it would silently adapt the input embedding too.
-
-Memory: training updates only the adapters, so the gradients and the optimizer state shrink by the
-fraction of trainable parameters; activation memory does not shrink (backprop still runs through
-every layer). BENCHMARKS.md has the measured figures for GPT-2 124M.
+A wrapped layer computes y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen, A (r, in)
+Kaiming-uniform and B (out, r) zero, so training starts from the base model exactly. The base keeps its
+canonical `weight` / `bias` names with `lora_A` / `lora_B` beside them, so a training checkpoint resumes
+exactly and merged_state_dict (W + scale * B A) is a plain GPT state dict. Targets match whole dotted
+suffixes (`c_attn`, `attn.c_proj`, `mlp.c_fc` = `c_fc`, `mlp.c_proj`; `c_proj` = both); `lm_head` is
+tied to the token embedding, so it is no target. Only the gradients and optimizer state shrink, not the
+activations: BENCHMARKS.md has the figures.
 """
 
 import math
