@@ -4,18 +4,15 @@ Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one sh
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-Each document is <|endoftext|> then its tokens; documents flow across shard boundaries. A shard is a
-header of 256 int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16. A set is
-`{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last: training
-reads only what a manifest lists, so an interrupted run leaves nothing it accepts. A folder that
-holds shards is refused unless --overwrite (the same inputs and options find the set done), and
-so is a folder another run is writing.
+docs/design.md (Token shards) has the format. manifest.json is written last and training reads only what
+it lists, so an interrupted run leaves nothing it accepts.
 """
 
 import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,8 +32,6 @@ SHARD_RE = re.compile(r"^.+_(?P<split>train|val)_\d{6}\.bin$")
 DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
 
-
-# ---------------------------------------------------------------------- shards and manifests
 
 def shard_name(prefix, split, index):
     return f"{prefix}_{split}_{index:06d}.bin"
@@ -139,8 +134,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     return False
 
 
-# ---------------------------------------------------------------------- documents in
-
 def _iter_parquet(path, field):
     import pyarrow as pa  # only parquet inputs need it
     import pyarrow.parquet as pq
@@ -178,34 +171,28 @@ def iter_local_documents(paths, field="text"):
 
 def open_hub_documents(dataset, name, split="train", field="text"):
     """Open a streamed hub dataset now (offline fails at once, in one line); iterate its documents' text."""
-    def fail(e):
-        return UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with --input")
+    def rows():
+        try:
+            import datasets  # online runs only
+            from huggingface_hub.utils import logging as hub_logging
 
-    try:
-        import datasets  # online runs only
-        from huggingface_hub.utils import logging as hub_logging
+            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+            yield from datasets.load_dataset(dataset, name=name, split=split, streaming=True)
+        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
+            raise UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with "
+                            f"--input") from None
 
-        hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
-        rows = iter(datasets.load_dataset(dataset, name=name, split=split, streaming=True))
-        row = next(rows, None)
-    except Exception as e:  # offline, unknown dataset: one line, no traceback
-        raise fail(e) from None
-
-    def documents(row):
-        while row is not None:
+    def documents(stream):
+        for row in stream:
             if not isinstance(row.get(field), str):
                 raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
             yield row[field]
-            try:
-                row = next(rows, None)
-            except Exception as e:
-                raise fail(e) from None
 
-    return documents(row)
+    stream = rows()
+    first = list(itertools.islice(stream, 1))  # opens the stream now: offline fails before any work
+    return documents(itertools.chain(first, stream))
 
-
-# ---------------------------------------------------------------------- tokenizing
 
 def tokenize_documents(texts):
     """[text, ...] -> one uint16 array: for each document <|endoftext|> then its tokens."""
@@ -332,8 +319,6 @@ def locked_out_dir(out_dir):
             with contextlib.suppress(OSError):  # only an empty folder goes
                 os.rmdir(path)
 
-
-# ---------------------------------------------------------------------- CLI
 
 def build_parser():
     p = CLIParser(description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards "
