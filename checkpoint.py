@@ -209,8 +209,6 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
     return model.eval(), info
 
 
-# ---------------------------------------------------------------------- RNG state as tensors
-
 def capture_rng_state():
     """Every RNG we use, as tensors and plain containers (weights_only-safe)."""
     np_state = np.random.get_state()

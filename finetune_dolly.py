@@ -41,8 +41,6 @@ EVALS_PER_EPOCH = 4
 PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real tokens: causal)
 
 
-# ====================================================================== data
-
 def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
     data_dir = os.fspath(data_dir)
@@ -160,8 +158,6 @@ def held_out_prompts(split, count, max_prompt_len):
     picks = sorted({int(round(v)) for v in np.linspace(0, len(eligible) - 1, min(count, len(eligible)))})
     return [decode(split["tokens"][s:s + n].tolist()) for s, n in (eligible[i] for i in picks)]
 
-
-# ====================================================================== CLI
 
 def check_args(args):
     """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""

@@ -87,8 +87,6 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-# ---------------------------------------------------------------------- wrapping
-
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -145,8 +143,6 @@ def merged_state_dict(model):
         out[key] = value.cpu().clone()
     return out
 
-
-# ---------------------------------------------------------------------- sizes
 
 def count_parameters(model):
     """(trainable, total) parameter counts, tied weights once."""
