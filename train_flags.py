@@ -1,8 +1,5 @@
-"""The flags of train_gpt2.py and finetune_dolly.py, defined once and torch-free (--help answers at once).
-
-add_train_args holds the training flags both scripts share; each parser adds its own and sets the
-defaults of its kind of run.
-"""
+"""The flags of train_gpt2.py and finetune_dolly.py, defined once and torch-free (--help answers at once):
+add_train_args holds those both share; each parser adds its own and sets its defaults."""
 
 import argparse
 
@@ -50,8 +47,6 @@ def add_train_args(p):
     e.add_argument("--sample-prompt", action="append", default=None, help="prompt continued at evaluations (repeatable)")
     e.add_argument("--sample-tokens", type=bounded(int, 0), help="tokens per sample (0: no samples)")
     e.add_argument("--sample-temperature", type=bounded(float, 0), help="sampling temperature (0: greedy)")
-    e.add_argument("--sample-interval", type=bounded(int, 1), default=None,
-                   help="samples only at evaluations whose step is a multiple of this")
     e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_DIR/loss.png")
     e.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     e.add_argument("--wandb-project", default="gpt2-instruct")

@@ -306,8 +306,7 @@ class Trainer:
         if self.hellaswag:
             out["hellaswag_acc"] = hellaswag_accuracy(self.raw_model, self.hellaswag, self.device, self.dist.rank,
                                                       self.dist.world_size, autocast_dtype=self.ptdtype)["acc_norm"]
-        every = a.sample_interval or 1
-        if self.prompts and a.sample_tokens > 0 and self.dist.is_main and (self.step % every == 0 or self.step >= a.max_steps):
+        if self.prompts and a.sample_tokens > 0 and self.dist.is_main:
             write_samples(self.raw_model, self.prompts, a, self.step)
         self.raw_model.train()
         self.metrics.update(out)
