@@ -61,16 +61,15 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in): the same Parameter, so its name stays canonical
         self.bias = base.bias  # (out,) or None
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))  # (out, r): zero
+        self.scale = alpha / rank
+        out_features, in_features = self.weight.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=self.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=self.weight.device))  # (out, r): zero
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -82,9 +81,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         """scale * B A: (out, in), in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
 def find_targets(model, targets):
