@@ -186,27 +186,25 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
     """
     spec = os.fspath(spec)
     full = os.path.abspath(spec)
-    ours = os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME))
-    if ours:
+    if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME)):
         ckpt = load_checkpoint(spec)
         model = model_from_checkpoint(ckpt, resolve_path(spec), dropout)
-        info = {"kind": ckpt["kind"], "config": model.config.to_dict(), "step": ckpt["step"],
-                "metrics": ckpt.get("metrics") or {}}
         folder = full if os.path.isdir(full) else os.path.dirname(full)
-        info.update(path=full, name=os.path.basename(folder) or full)
+        info = {"kind": ckpt["kind"], "step": ckpt["step"], "metrics": ckpt.get("metrics") or {}, "path": full,
+                "name": os.path.basename(folder) or full}
     elif os.path.isdir(spec) or spec in PRETRAINED_CONFIGS:
         if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
             raise UserError(f"{spec} holds neither {CKPT_NAME} nor an HF GPT-2 model (config.json + model.safetensors)")
         local = os.path.isdir(spec)
         model = _load_hf(spec if local else _hf_folder(spec), dropout)
-        info = {"kind": "hf" if local else "openai", "config": model.config.to_dict(), "step": None, "metrics": {},
-                "path": full if local else spec, "name": os.path.basename(full.rstrip("/")) if local else spec}
+        info = {"kind": "hf" if local else "openai", "step": None, "metrics": {}, "path": full if local else spec,
+                "name": os.path.basename(full.rstrip("/")) if local else spec}
     else:
         raise UserError(f"model not found: {spec!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
                         f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)}); make one with make demo "
                         f"(out/demo/sft) or python finetune_dolly.py (out/dolly)")
     model.to(device=device, dtype=dtype)
-    return model.eval(), info
+    return model.eval(), {**info, "config": model.config.to_dict()}
 
 
 def capture_rng_state():

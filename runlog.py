@@ -1,8 +1,5 @@
 """A training run's record (rank 0): one console line per log step, log.jsonl, samples, loss.png, wandb.
-
-Every record carries elapsed_s, the run's wall time (continued across resumes), so any log shows the
-time to a loss; a train record's console line also shows the estimated time left.
-"""
+Every record carries elapsed_s, the run's wall time continued across resumes."""
 
 import json
 import os
