@@ -113,11 +113,8 @@ def list_shards(data_dir, split, prefix=None):
 
 
 def prepare_out_dir(out_dir, overwrite, fingerprint):
-    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do).
-
-    Temp files of killed writes go first. A finished set or an unfinished run's shards are refused
-    unless --overwrite; then the manifest goes before the shards, so no moment leaves a readable mix.
-    """
+    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do). Shards are
+    refused unless --overwrite; then the manifest goes before them, so no moment leaves a readable mix."""
     clean_stale_temps(out_dir)
     names = os.listdir(out_dir)
     ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
@@ -214,11 +211,8 @@ def _chunks(docs, chunk_docs=64, chunk_chars=4_000_000):
 
 
 def iter_token_chunks(docs, workers):
-    """Tokenize a document stream in order, with `workers` processes (inline when workers <= 1).
-
-    Documents are read here, in the main process (read errors surface as they are), and at most
-    4 * workers chunks are in flight, so memory stays flat.
-    """
+    """Tokenize a document stream in order, with `workers` processes (inline when workers <= 1). Documents are
+    read in this process (read errors surface as they are); at most 4 * workers chunks are in flight."""
     if workers <= 1:
         yield from map(tokenize_documents, _chunks(docs))
         return
@@ -234,11 +228,8 @@ def iter_token_chunks(docs, workers):
 
 def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD_SIZE, val_tokens=None,
                        max_tokens=None, workers=1, progress=True, fingerprint=None):
-    """Tokenize `docs` (str iterable) into a set of shards and its manifest; returns {"shards", "tokens", "documents"}.
-
-    The first tokens are held back until the total is known: val takes val_tokens of them (default
-    1/VAL_SHARE of the total, capped at one shard) and the rest become the last train shard.
-    """
+    """Tokenize `docs` (str iterable) into a set of shards and its manifest -> {"shards", "tokens", "documents"}.
+    The first tokens wait until the total is known: val takes val_tokens of them, the rest are the last train shard."""
     assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
     os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
@@ -280,11 +271,8 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused.
-
-    On failure, what this run made goes: its shards, and the folders it created if left empty.
-    Nothing that was there before is touched (prepare_out_dir keeps an old set unless --overwrite).
-    """
+    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused. On failure, what
+    this run made goes (its shards, the folders it created if left empty); nothing that was there before."""
     made, folder = [], os.path.abspath(out_dir)
     while not os.path.isdir(folder):  # the folders this run makes, deepest first
         made.append(folder)

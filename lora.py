@@ -103,10 +103,8 @@ def find_targets(model, targets):
 
 
 def apply_lora(model, cfg):
-    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place).
-
-    Seed torch first for a reproducible A. Returns the wrapped layers' names.
-    """
+    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place; seed torch first for a
+    reproducible A). Returns the wrapped layers' names."""
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,10 +122,8 @@ def lora_modules(model):
 
 
 def merged_state_dict(model):
-    """The model's state dict with every adapter merged (W + scale * B A) and its keys dropped.
-
-    Canonical GPT names (a plain GPT of the same config loads it strictly). CPU tensors.
-    """
+    """The model's state dict, CPU tensors, with every adapter merged (W + scale * B A) and its keys dropped:
+    a plain GPT of the same config loads it strictly."""
     deltas = {f"{name}.weight": m.delta_weight() for name, m in lora_modules(model)}
     out = {}
     for key, value in model.state_dict().items():

@@ -243,10 +243,8 @@ def format_summary(meta):
 
 def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DEFAULT_MAX_LEN, seed=1337,
             progress=True):
-    """Clean, tokenize, split and write `rows` (dicts of the four fields) to out_dir; returns meta.
-
-    UserError, with nothing written, when every row is dropped or no row can be held out for val.
-    """
+    """Clean, tokenize, split and write `rows` (dicts of the four fields) to out_dir -> meta. UserError, with
+    nothing written, when every row is dropped or no row can be held out for val."""
     kept, drops = clean_rows(rows)
     examples, cats = [], []
     for row, (p, r) in zip(kept, tokenize_rows(kept, progress) if kept else []):

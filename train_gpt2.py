@@ -78,13 +78,10 @@ def lr_factor(a, step):
 
 
 class TokenWindows:
-    """Training rows from token shards, read as one concatenated, memory-mapped stream.
-
-    Window i is tokens [i*T, i*T + T + 1): x its first T tokens, y the last T. Windows cross shard
-    boundaries, so no token is dropped there. Epoch e visits every window in the order
-    np.random.default_rng([seed, e]).permutation; epochs follow each other as one endless sequence.
-    Step s takes the next `rows` windows (all ranks) and rank r gets rows r, r + W, ... of them.
-    """
+    """Training rows from token shards, read as one concatenated, memory-mapped stream. Window i is tokens
+    [i*T, i*T + T + 1) (across shard boundaries: no token is dropped). Epoch e visits every window in the order
+    np.random.default_rng([seed, e]).permutation, epochs following as one endless sequence; step s takes the
+    next `rows` windows and rank r gets rows r, r + W, ... of them."""
 
     def __init__(self, paths, seq_len, rows, rank=0, world_size=1, seed=0):
         if not paths:
