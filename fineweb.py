@@ -88,12 +88,11 @@ def read_manifest(data_dir, split="train"):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        ok = all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"])
+        if all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"]):
+            return manifest
     except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} is not a shard manifest written by fineweb.py")
-    return manifest
+        pass
+    raise UserError(f"{path} is not a shard manifest written by fineweb.py")
 
 
 def list_shards(data_dir, split, prefix=None):
@@ -116,8 +115,7 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     """Make out_dir ready for a new set; True when it already holds this very set (nothing to do). Shards are
     refused unless --overwrite; then the manifest goes before them, so no moment leaves a readable mix."""
     clean_stale_temps(out_dir)
-    names = os.listdir(out_dir)
-    ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
+    ours = [n for n in os.listdir(out_dir) if SHARD_RE.match(n) or n == MANIFEST]
     if MANIFEST in ours and not overwrite:
         if read_manifest(out_dir).get("fingerprint") == fingerprint:
             return True

@@ -193,8 +193,6 @@ class Trainer:
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
-        if self.ptdtype == torch.float16:
-            raise UserError("--dtype float16 needs loss scaling, which this loop does not do: use bfloat16 or float32")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
         if train_data.seq_len > model.config.block_size:
