@@ -72,5 +72,5 @@ def setup_distributed(device=None):
 
 
 def teardown_distributed(info):
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (info.enabled or "RANK" in os.environ) and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
