@@ -53,7 +53,7 @@ def add_train_args(p):
     e.add_argument("--wandb-run", default=None, help="run name (default: wandb's)")
     s = p.add_argument_group("system")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
-    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32"),
                    help="autocast dtype (auto: bf16 on CUDA, else float32; float16 would need loss scaling)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
