@@ -1,12 +1,5 @@
-"""Checkpoints: the one format we write, and the one loader for every model we read.
-
-`{out_dir}/ckpt.pt`, loadable with torch.load(path, weights_only=True): only tensors and plain
-Python containers inside, never pickled classes. Keys:
-  format_version (1), kind ("pretrain" | "sft"), model (state dict, canonical names), config
-  (GPTConfig fields), step, optimizer, train_state, rng, args, metrics, and `lora` (the LoRA
-  config) when `model` holds adapters (a LoRA run's last.pt).
-Written atomically: a crash leaves the previous checkpoint, never a partial one.
-"""
+"""Checkpoints: the one format we write (docs/design.md, Checkpoints: weights_only-loadable, written
+atomically), and the one loader for every model we read (ours, an HF GPT-2 folder, an OpenAI GPT-2 name)."""
 
 import json
 import os
@@ -58,8 +51,7 @@ def _plain(value):
 def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, train_state=None,
                     rng=None, args=None, metrics=None, lora=None):
     """Write a checkpoint atomically. `config` is a dict (GPTConfig.to_dict()), `lora` a LoRAConfig dict."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    assert kind in KINDS, kind
     ckpt = {
         "format_version": FORMAT_VERSION, "kind": kind, "model": clean_state_dict(model_state),
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
@@ -194,30 +186,26 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
     """
     spec = os.fspath(spec)
     full = os.path.abspath(spec)
-    ours = os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME))
-    if ours:
+    if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME)):
         ckpt = load_checkpoint(spec)
         model = model_from_checkpoint(ckpt, resolve_path(spec), dropout)
-        info = {"kind": ckpt["kind"], "config": model.config.to_dict(), "step": ckpt["step"],
-                "metrics": ckpt.get("metrics") or {}}
         folder = full if os.path.isdir(full) else os.path.dirname(full)
-        info.update(path=full, name=os.path.basename(folder) or full)
+        info = {"kind": ckpt["kind"], "step": ckpt["step"], "metrics": ckpt.get("metrics") or {}, "path": full,
+                "name": os.path.basename(folder) or full}
     elif os.path.isdir(spec) or spec in PRETRAINED_CONFIGS:
         if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
             raise UserError(f"{spec} holds neither {CKPT_NAME} nor an HF GPT-2 model (config.json + model.safetensors)")
         local = os.path.isdir(spec)
         model = _load_hf(spec if local else _hf_folder(spec), dropout)
-        info = {"kind": "hf" if local else "openai", "config": model.config.to_dict(), "step": None, "metrics": {},
-                "path": full if local else spec, "name": os.path.basename(full.rstrip("/")) if local else spec}
+        info = {"kind": "hf" if local else "openai", "step": None, "metrics": {}, "path": full if local else spec,
+                "name": os.path.basename(full.rstrip("/")) if local else spec}
     else:
         raise UserError(f"model not found: {spec!r} (expected a {CKPT_NAME} file, a folder holding one, an HF "
                         f"GPT-2 folder, or one of {', '.join(PRETRAINED_CONFIGS)}); make one with make demo "
                         f"(out/demo/sft) or python finetune_dolly.py (out/dolly)")
     model.to(device=device, dtype=dtype)
-    return model.eval(), info
+    return model.eval(), {**info, "config": model.config.to_dict()}
 
-
-# ---------------------------------------------------------------------- RNG state as tensors
 
 def capture_rng_state():
     """Every RNG we use, as tensors and plain containers (weights_only-safe)."""
@@ -236,14 +224,10 @@ def capture_rng_state():
 def restore_rng_state(state):
     if not state:
         return
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

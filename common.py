@@ -16,11 +16,8 @@ from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI e
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it.
-
-    The rename is atomic on POSIX, so readers see the old file or the whole new one, never a
-    partial write, even if the process is killed mid-way.
-    """
+    """Yield a temp path beside `path`; on success rename it over `path` (atomic on POSIX: readers see the old
+    file or the whole new one, even if the process is killed), on failure delete it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -86,10 +83,8 @@ def parse_json(data, where, kind=dict):
 
 
 def iter_jsonl(path):
-    """The one JSONL reader: (line number, object) for each line of a .jsonl[.xz|.gz|.bz2] file.
-
-    Every problem is a UserError `path:line: message`: a blank line, not UTF-8, not JSON or nested too deeply, not
-    an object, a line over MAX_LINE_BYTES, a read or decompression error."""
+    """The one JSONL reader: (line number, object) for each line of a .jsonl[.xz|.gz|.bz2] file; every problem
+    is a UserError `path:line: message` (docs/design.md, Instruction data, lists them)."""
     lineno = 0
     try:
         with open_compressed(path) as f:

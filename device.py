@@ -47,7 +47,6 @@ def autocast(device, dtype):
 class DistInfo:
     enabled: bool
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
 
@@ -57,30 +56,21 @@ class DistInfo:
 
 
 def setup_distributed(device=None):
-    """Initialise torch.distributed when launched by torchrun (NCCL on GPU, gloo on CPU).
-
-    Returns DistInfo; a plain `python script.py` gives a one-process DistInfo.
-    """
+    """-> DistInfo: torch.distributed initialised when launched by torchrun (NCCL on GPU, gloo on CPU), else one
+    process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(False, 0, 0, 1, pick_device(device))
-    import torch.distributed as dist
-
+        return DistInfo(False, 0, 1, pick_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    wanted = pick_device(device)
-    if wanted.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+    dev = torch.device("cpu")
+    if pick_device(device).type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
+        torch.distributed.init_process_group("nccl", device_id=dev)
     else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return DistInfo(world > 1, rank, local_rank, world, dev)
+        torch.distributed.init_process_group("gloo")
+    return DistInfo(world > 1, rank, world, dev)
 
 
 def teardown_distributed(info):
-    if info.enabled or "RANK" in os.environ:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if (info.enabled or "RANK" in os.environ) and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

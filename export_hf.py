@@ -45,12 +45,8 @@ def bytes_to_unicode():
 
 
 def vocab_and_merges(ranks):
-    """tiktoken ranks -> (vocab.json dict, merges in rank order). GPT-2's ids are its ranks.
-
-    Every token past the 256 single bytes is one merge of two earlier tokens, and its rank is that
-    merge's rank. Which two: run byte-level BPE on the token allowing only lower ranks; it stops at
-    exactly the pair the merge joins.
-    """
+    """tiktoken ranks (= GPT-2's ids) -> (vocab.json dict, merges in rank order). Each token past the 256 bytes is
+    one merge, of rank its own: byte-level BPE on it with only lower ranks stops at exactly the pair it joins."""
     spell = bytes_to_unicode()
 
     def text(token):

@@ -6,28 +6,12 @@ Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): o
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     torchrun --standalone --nproc_per_node=8 finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
-    python inference.py --ckpt out/dolly --prompt "Name three primary colours."
 
-The loop is train_gpt2's with instruction rows and keep_best; the flags are train_flags.py's.
-
-Rows: padded, not packed. Each row is one whole example (prompt, response, <|endoftext|>); targets
-are -1 on the padding and wherever the next token is a prompt token, so the loss is on the response
-only: position t is counted when loss_mask[t+1] is 1, so the last prompt position predicts the first
-response token and no position predicts a prompt token. Why not packing: examples in one row would
-attend to each other (no document masking), making each example's loss depend on its neighbours.
-Examples longer than the block size (+1) are left out (counted and reported), never cut.
-
-Steps: every epoch is a seeded shuffle (generator (seed, epoch)) cut into steps of
---examples-per-step examples; within a step the examples are sorted by length, so rows of similar
-length share a micro-batch while a step stays a uniform random draw. A rank's rows are padded to its
-longest, rounded up to --pad-multiple (tensor-core friendly widths, few compiled shapes). Rank r
-takes rows r, r + W, ... of the step, so DDP trains on the same examples as one process. The last
-(n mod E) examples of each epoch's shuffle sit that epoch out (different ones each epoch).
-
-Defaults: lr 5e-5 (HF's for GPT-2: 12x below the pretraining peak, so the pretrained features survive
-~3 epochs), cosine to 0 after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they
-need a ~10x larger step). Evaluation (masked val loss, greedy answers to held-out val instructions) 4
-times an epoch and at the end.
+The loop is train_gpt2's with instruction rows and keep_best. A row is one whole example, padded, never
+packed: packed examples would attend to each other (no document masking). The loss is on the response
+only. Examples longer than the block (+1) are left out and counted, never cut. Defaults: lr 5e-5 (HF's
+for GPT-2: 12x below the pretraining peak, so the pretrained features survive ~3 epochs), cosine to 0
+after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they need a ~10x larger step).
 """
 
 import json
@@ -56,8 +40,6 @@ WARMUP_FRACTION = 0.03
 EVALS_PER_EPOCH = 4
 PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real tokens: causal)
 
-
-# ====================================================================== data
 
 def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
@@ -118,7 +100,12 @@ class Examples:
 
 
 class InstructionBatches:
-    """Training rows for train_gpt2.Trainer: batch(step) -> this rank's whole padded examples of the step."""
+    """Training rows for train_gpt2.Trainer: batch(step) -> this rank's whole padded examples of the step.
+
+    Every epoch is a seeded shuffle cut into steps of E examples, each step sorted by length (similar rows
+    share a micro-batch; a step stays a uniform draw); rank r takes rows r, r + W, ... of it, so DDP trains
+    on the same examples as one process. The last n mod E of each shuffle sit that epoch out.
+    """
 
     def __init__(self, split, seq_len, examples_per_step, rank=0, world_size=1, seed=0, pad_multiple=64):
         self.examples = Examples(split, seq_len, pad_multiple)
@@ -171,8 +158,6 @@ def held_out_prompts(split, count, max_prompt_len):
     picks = sorted({int(round(v)) for v in np.linspace(0, len(eligible) - 1, min(count, len(eligible)))})
     return [decode(split["tokens"][s:s + n].tolist()) for s, n in (eligible[i] for i in picks)]
 
-
-# ====================================================================== CLI
 
 def check_args(args):
     """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""

@@ -4,18 +4,15 @@ Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one sh
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-Each document is <|endoftext|> then its tokens; documents flow across shard boundaries. A shard is a
-header of 256 int32 [20240520, 1, n_tokens, 0...] then n_tokens uint16. A set is
-`{prefix}_val_000000.bin`, `{prefix}_train_NNNNNN.bin` and `manifest.json`, written last: training
-reads only what a manifest lists, so an interrupted run leaves nothing it accepts. A folder that
-holds shards is refused unless --overwrite (the same inputs and options find the set done), and
-so is a folder another run is writing.
+docs/design.md (Token shards) has the format. manifest.json is written last and training reads only what
+it lists, so an interrupted run leaves nothing it accepts.
 """
 
 import collections
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,8 +32,6 @@ SHARD_RE = re.compile(r"^.+_(?P<split>train|val)_\d{6}\.bin$")
 DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
 
-
-# ---------------------------------------------------------------------- shards and manifests
 
 def shard_name(prefix, split, index):
     return f"{prefix}_{split}_{index:06d}.bin"
@@ -93,12 +88,11 @@ def read_manifest(data_dir, split="train"):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        ok = all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"])
+        if all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"]):
+            return manifest
     except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} is not a shard manifest written by fineweb.py")
-    return manifest
+        pass
+    raise UserError(f"{path} is not a shard manifest written by fineweb.py")
 
 
 def list_shards(data_dir, split, prefix=None):
@@ -118,14 +112,10 @@ def list_shards(data_dir, split, prefix=None):
 
 
 def prepare_out_dir(out_dir, overwrite, fingerprint):
-    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do).
-
-    Temp files of killed writes go first. A finished set or an unfinished run's shards are refused
-    unless --overwrite; then the manifest goes before the shards, so no moment leaves a readable mix.
-    """
+    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do). Shards are
+    refused unless --overwrite; then the manifest goes before them, so no moment leaves a readable mix."""
     clean_stale_temps(out_dir)
-    names = os.listdir(out_dir)
-    ours = [n for n in names if SHARD_RE.match(n)] + [n for n in names if n == MANIFEST]
+    ours = [n for n in os.listdir(out_dir) if SHARD_RE.match(n) or n == MANIFEST]
     if MANIFEST in ours and not overwrite:
         if read_manifest(out_dir).get("fingerprint") == fingerprint:
             return True
@@ -138,8 +128,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
         os.remove(os.path.join(out_dir, name))
     return False
 
-
-# ---------------------------------------------------------------------- documents in
 
 def _iter_parquet(path, field):
     import pyarrow as pa  # only parquet inputs need it
@@ -178,34 +166,28 @@ def iter_local_documents(paths, field="text"):
 
 def open_hub_documents(dataset, name, split="train", field="text"):
     """Open a streamed hub dataset now (offline fails at once, in one line); iterate its documents' text."""
-    def fail(e):
-        return UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with --input")
+    def rows():
+        try:
+            import datasets  # online runs only
+            from huggingface_hub.utils import logging as hub_logging
 
-    try:
-        import datasets  # online runs only
-        from huggingface_hub.utils import logging as hub_logging
+            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+            yield from datasets.load_dataset(dataset, name=name, split=split, streaming=True)
+        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
+            raise UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with "
+                            f"--input") from None
 
-        hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
-        rows = iter(datasets.load_dataset(dataset, name=name, split=split, streaming=True))
-        row = next(rows, None)
-    except Exception as e:  # offline, unknown dataset: one line, no traceback
-        raise fail(e) from None
-
-    def documents(row):
-        while row is not None:
+    def documents(stream):
+        for row in stream:
             if not isinstance(row.get(field), str):
                 raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
             yield row[field]
-            try:
-                row = next(rows, None)
-            except Exception as e:
-                raise fail(e) from None
 
-    return documents(row)
+    stream = rows()
+    first = list(itertools.islice(stream, 1))  # opens the stream now: offline fails before any work
+    return documents(itertools.chain(first, stream))
 
-
-# ---------------------------------------------------------------------- tokenizing
 
 def tokenize_documents(texts):
     """[text, ...] -> one uint16 array: for each document <|endoftext|> then its tokens."""
@@ -227,11 +209,8 @@ def _chunks(docs, chunk_docs=64, chunk_chars=4_000_000):
 
 
 def iter_token_chunks(docs, workers):
-    """Tokenize a document stream in order, with `workers` processes (inline when workers <= 1).
-
-    Documents are read here, in the main process (read errors surface as they are), and at most
-    4 * workers chunks are in flight, so memory stays flat.
-    """
+    """Tokenize a document stream in order, with `workers` processes (inline when workers <= 1). Documents are
+    read in this process (read errors surface as they are); at most 4 * workers chunks are in flight."""
     if workers <= 1:
         yield from map(tokenize_documents, _chunks(docs))
         return
@@ -247,11 +226,8 @@ def iter_token_chunks(docs, workers):
 
 def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD_SIZE, val_tokens=None,
                        max_tokens=None, workers=1, progress=True, fingerprint=None):
-    """Tokenize `docs` (str iterable) into a set of shards and its manifest; returns {"shards", "tokens", "documents"}.
-
-    The first tokens are held back until the total is known: val takes val_tokens of them (default
-    1/VAL_SHARE of the total, capped at one shard) and the rest become the last train shard.
-    """
+    """Tokenize `docs` (str iterable) into a set of shards and its manifest -> {"shards", "tokens", "documents"}.
+    The first tokens wait until the total is known: val takes val_tokens of them, the rest are the last train shard."""
     assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
     os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
@@ -293,11 +269,8 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir):
-    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused.
-
-    On failure, what this run made goes: its shards, and the folders it created if left empty.
-    Nothing that was there before is touched (prepare_out_dir keeps an old set unless --overwrite).
-    """
+    """Hold out_dir for this run (an flock, which a killed run frees): a second run is refused. On failure, what
+    this run made goes (its shards, the folders it created if left empty); nothing that was there before."""
     made, folder = [], os.path.abspath(out_dir)
     while not os.path.isdir(folder):  # the folders this run makes, deepest first
         made.append(folder)
@@ -332,8 +305,6 @@ def locked_out_dir(out_dir):
             with contextlib.suppress(OSError):  # only an empty folder goes
                 os.rmdir(path)
 
-
-# ---------------------------------------------------------------------- CLI
 
 def build_parser():
     p = CLIParser(description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards "

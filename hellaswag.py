@@ -1,12 +1,8 @@
 """
-HellaSwag: score a GPT on the validation set (acc and acc_norm), on one process or spread over the
-ranks of a torchrun job (rank r scores examples r, r + W, ...; the counts are summed over ranks).
-
-Each example is a context and 4 candidate endings. A candidate is scored by the model's
-cross-entropy on the ending's tokens given the context (tokens: encode(ctx) + encode(" " + ending)).
-- acc: the ending with the lowest summed loss;
-- acc_norm: the ending with the lowest mean loss per ending token (length-normalised; the figure
-  build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
+HellaSwag: score a GPT on the validation set, on one process or over a torchrun job's ranks (rank r scores
+examples r, r + W, ...). A candidate ending's score is the model's loss on its tokens given the context
+(encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean per token (the
+figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
@@ -74,10 +70,8 @@ def _parse_row(row, where):
 
 
 def render_example(example, max_len=None):
-    """-> (rows, starts): 4 token lists ctx + ending, and where each ending starts in its row.
-
-    Rows longer than max_len lose tokens from the left of the context.
-    """
+    """-> (rows, starts): 4 token lists ctx + ending (longer than max_len: cut from the left), and where each
+    ending starts in its row."""
     ctx = encode(example["ctx"])
     rows, starts = [], []
     for ending in example["endings"]:
@@ -95,17 +89,14 @@ def render_example(example, max_len=None):
 @torch.no_grad()
 def score_examples(model, examples, device, batch_examples=8, autocast_dtype=None):
     """Ending losses for each example: list of (mean_losses[4], sum_losses[4]) as float lists."""
-    model_was_training = model.training
+    model_was_training, device, out = model.training, torch.device(device), []
     model.eval()
-    device = torch.device(device)
-    max_len = model.config.block_size
-    out = []
     try:
         for i in range(0, len(examples), batch_examples):
             group = examples[i:i + batch_examples]
             rows, starts = [], []
             for ex in group:
-                r, s = render_example(ex, max_len)
+                r, s = render_example(ex, model.config.block_size)
                 rows += r
                 starts += s
             length = max(len(r) for r in rows)
@@ -146,10 +137,10 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, au
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     examples = load_examples(args.file, args.limit)
     model, _ = load_model(args.model, device)
-    result = evaluate(model, examples, device, batch_examples=args.batch_examples, autocast_dtype=dtype)
+    result = evaluate(model, examples, device, batch_examples=args.batch_examples,
+                      autocast_dtype=pick_dtype(args.dtype, device))
     print(f"HellaSwag {result['n']} examples: acc_norm {result['acc_norm']:.4f}  acc {result['acc']:.4f}")
     print(json.dumps(result))
     return result

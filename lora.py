@@ -1,25 +1,13 @@
 """
-LoRA (low-rank adapters) for our GPT: wrap chosen nn.Linear layers, train only the adapters, merge.
+LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
 
-A wrapped layer computes  y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
-with the base W (out, in) and b frozen, A (r, in) initialised like nn.Linear (Kaiming uniform)
-and B (out, r) zero, so training starts from the base model exactly (Hu et al. 2021).
-
-State-dict names stay canonical: a wrapped layer keeps its base `weight` / `bias` under the same
-names (the very Parameter objects) and adds `lora_A` / `lora_B` beside them, e.g.
-`transformer.h.0.attn.c_attn.weight` (frozen), `transformer.h.0.attn.c_attn.lora_A`. So
-`merged_state_dict(model)` (W + scale * B A, adapters dropped) is an ordinary GPT state dict that
-checkpoint.model_from_checkpoint and inference load with nothing special, and a training
-checkpoint of the wrapped model (base + adapters) resumes exactly.
-
-Targets (--lora-targets): names of Linear layers inside the blocks, matched on whole dotted
-suffixes: `c_attn` (fused q, k, v), `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`; `c_proj` means both
-projections and `c_fc` is the same as `mlp.c_fc`. `lm_head` cannot be a target: it is tied to the
-token embedding, so adapting it would silently adapt the input embedding too.
-
-Memory: training updates only the adapters, so the gradients and the optimizer state shrink by the
-fraction of trainable parameters; activation memory does not shrink (backprop still runs through
-every layer). BENCHMARKS.md has the measured figures for GPT-2 124M.
+A wrapped layer computes y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen, A (r, in)
+Kaiming-uniform and B (out, r) zero, so training starts from the base model exactly. The base keeps its
+canonical `weight` / `bias` names with `lora_A` / `lora_B` beside them, so a training checkpoint resumes
+exactly and merged_state_dict (W + scale * B A) is a plain GPT state dict. Targets match whole dotted
+suffixes (`c_attn`, `attn.c_proj`, `mlp.c_fc` = `c_fc`, `mlp.c_proj`; `c_proj` = both); `lm_head` is
+tied to the token embedding, so it is no target. Only the gradients and optimizer state shrink, not the
+activations: BENCHMARKS.md has the figures.
 """
 
 import math
@@ -73,16 +61,15 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in): the same Parameter, so its name stays canonical
         self.bias = base.bias  # (out,) or None
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))  # (out, r): zero
+        self.scale = alpha / rank
+        out_features, in_features = self.weight.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=self.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=self.weight.device))  # (out, r): zero
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -95,11 +82,6 @@ class LoRALinear(nn.Module):
         """scale * B A: (out, in), in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
-
-
-# ---------------------------------------------------------------------- wrapping
 
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
@@ -121,10 +103,8 @@ def find_targets(model, targets):
 
 
 def apply_lora(model, cfg):
-    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place).
-
-    Seed torch first for a reproducible A. Returns the wrapped layers' names.
-    """
+    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place; seed torch first for a
+    reproducible A). Returns the wrapped layers' names."""
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -142,10 +122,8 @@ def lora_modules(model):
 
 
 def merged_state_dict(model):
-    """The model's state dict with every adapter merged (W + scale * B A) and its keys dropped.
-
-    Canonical GPT names (a plain GPT of the same config loads it strictly). CPU tensors.
-    """
+    """The model's state dict, CPU tensors, with every adapter merged (W + scale * B A) and its keys dropped:
+    a plain GPT of the same config loads it strictly."""
     deltas = {f"{name}.weight": m.delta_weight() for name, m in lora_modules(model)}
     out = {}
     for key, value in model.state_dict().items():
@@ -157,8 +135,6 @@ def merged_state_dict(model):
         out[key] = value.cpu().clone()
     return out
 
-
-# ---------------------------------------------------------------------- sizes
 
 def count_parameters(model):
     """(trainable, total) parameter counts, tied weights once."""

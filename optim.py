@@ -1,10 +1,9 @@
 """The optimizer of both training scripts: AdamW alone, or Muon for the blocks' matrices + AdamW for the rest.
 
---optimizer muon: torch.optim.Muon (momentum 0.95, Nesterov; its update is the momentum orthogonalised
-by Newton-Schulz, its LR scaled by sqrt(max(1, rows / cols))) takes every trainable 2-D weight of the
-transformer blocks; AdamW takes the embeddings (the tied head too), norms and biases. Under LoRA the
-trainable 2-D weights are the adapters' A and B, so Muon takes them all and no AdamW is made. Each
-group keeps its peak LR as "peak_lr"; the schedule scales every group's LR by the same factor.
+--optimizer muon: torch.optim.Muon (momentum 0.95, Nesterov, Newton-Schulz orthogonalised updates) takes every
+trainable 2-D weight of the blocks (under LoRA: the adapters' A and B, and no AdamW is made); AdamW takes the
+embeddings (the tied head too), norms and biases. Each group keeps its peak LR as "peak_lr"; the schedule
+scales every group's LR by the same factor.
 """
 
 import inspect

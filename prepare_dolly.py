@@ -3,18 +3,10 @@
     python prepare_dolly.py --out-dir data/dolly                         # databricks-dolly-15k (online)
     python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
 
-Rows have string fields instruction, context (may be empty), response, category; a row that breaks
-this stops the run with an error naming its line and field. Cleaning is normalize_text; rows are then
-dropped, counted under the first reason that applies: empty_instruction, empty_response, duplicate
-(same instruction, context and response as an earlier row) and too_long (over --max-len tokens,
-closing <|endoftext|> included). The split is stratified by category and seeded per category.
-
-An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT]: prompt and
-response are encoded separately, so training sees exactly the prompt tokens inference feeds (it
-encodes the prompt alone) and no BPE merge straddles the boundary. loss_mask is 1 on the response
-and its <|endoftext|>. Output: train.npz and val.npz (`tokens` uint16, `loss_mask` uint8, `offsets`
-int64: example i is tokens[offsets[i]:offsets[i+1]]) and meta.json, all renamed into place only once
-all three are written (meta.json last).
+Rows are cleaned (normalize_text), then dropped under the first reason that applies (DROP_REASONS), then
+split by category. An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT]:
+encoded apart, so training sees exactly the prompt tokens inference feeds and no BPE merge straddles the
+boundary. docs/design.md (Instruction data) has the output format.
 """
 
 import contextlib
@@ -43,8 +35,6 @@ SPLIT_DTYPES = {"tokens": np.dtype(np.uint16), "loss_mask": np.dtype(np.uint8), 
 DEFAULT_VAL_FRACTION = 0.05  # ~750 of Dolly's 15,011 rows: a low-noise val loss, 95% still trains
 DEFAULT_MAX_LEN = 1024  # GPT-2's context length
 
-
-# ---------------------------------------------------------------------- reading
 
 def validate_row(obj, where):
     """One input record -> dict of the four string fields; UserError naming `where` and the field."""
@@ -103,8 +93,6 @@ def read_hub_rows(limit=None, name=HF_DATASET):
     return rows
 
 
-# ---------------------------------------------------------------------- cleaning
-
 _NEWLINES = re.compile(r"\r\n|[\r\u2028\u2029\x85]")
 _INNER_SPACE = re.compile(r"(?<=\S)[^\S\n]+")  # whitespace runs after a non-space: indentation is kept
 _TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.M)
@@ -134,8 +122,6 @@ def clean_rows(rows):
             kept.append(row)
     return kept, drops
 
-
-# ---------------------------------------------------------------------- tokenizing and splitting
 
 def tokenize_rows(rows, progress=True, chunk=2048):
     """(prompt ids, response ids) per row, prompt and response encoded separately (see the module docstring)."""
@@ -180,8 +166,6 @@ def build_split(examples):
                           np.stack([prompt_len, target_len], axis=1).reshape(-1))
     return {"tokens": tokens, "loss_mask": loss_mask, "offsets": offsets}
 
-
-# ---------------------------------------------------------------------- the output format
 
 def check_split(data, name="split"):
     """Validate a split dict (keys, dtypes, offsets, mask, closing EOT); UserError naming `name`."""
@@ -257,14 +241,10 @@ def format_summary(meta):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- the pipeline
-
 def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DEFAULT_MAX_LEN, seed=1337,
             progress=True):
-    """Clean, tokenize, split and write `rows` (dicts of the four fields) to out_dir; returns meta.
-
-    UserError, with nothing written, when every row is dropped or no row can be held out for val.
-    """
+    """Clean, tokenize, split and write `rows` (dicts of the four fields) to out_dir -> meta. UserError, with
+    nothing written, when every row is dropped or no row can be held out for val."""
     kept, drops = clean_rows(rows)
     examples, cats = [], []
     for row, (p, r) in zip(kept, tokenize_rows(kept, progress) if kept else []):
@@ -282,8 +262,6 @@ def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DE
         raise UserError(f"no row can be held out for validation: every category has fewer than 2 of the "
                         f"{len(examples)} kept rows; pass --val-fraction 0 to train without a val split")
     splits = {name: build_split([examples[i] for i in idx]) for name, idx in index.items()}
-    for name, data in splits.items():
-        check_split(data, name)
     meta = {
         "format_version": 1, "source": source,
         "rows": {"read": len(rows), "kept": len(examples), "dropped": drops,

@@ -1,8 +1,5 @@
 """A training run's record (rank 0): one console line per log step, log.jsonl, samples, loss.png, wandb.
-
-Every record carries elapsed_s, the run's wall time (continued across resumes), so any log shows the
-time to a loss; a train record's console line also shows the estimated time left.
-"""
+Every record carries elapsed_s, the run's wall time continued across resumes."""
 
 import json
 import os
@@ -84,7 +81,7 @@ def plot_log(log_path, png_path):
         rows = [json.loads(line) for line in f if line.strip()]
     keys = [k for k in ("train_loss", "val_loss", "hellaswag_acc") if any(k in r for r in rows)]
     if not {"train_loss", "val_loss"} & set(keys):
-        return None
+        return
     panels = [("step", "step", 1), ("elapsed_s", "wall time (min)", 60)]
     fig, axes = plt.subplots(1, 3 if "hellaswag_acc" in keys else 2, figsize=(14, 4), squeeze=False)
     for key in keys:
@@ -99,4 +96,3 @@ def plot_log(log_path, png_path):
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return png_path

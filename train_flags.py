@@ -1,8 +1,5 @@
-"""The flags of train_gpt2.py and finetune_dolly.py, defined once and torch-free (--help answers at once).
-
-add_train_args holds the training flags both scripts share; each parser adds its own and sets the
-defaults of its kind of run.
-"""
+"""The flags of train_gpt2.py and finetune_dolly.py, defined once and torch-free (--help answers at once):
+add_train_args holds those both share; each parser adds its own and sets its defaults."""
 
 import argparse
 
@@ -50,15 +47,14 @@ def add_train_args(p):
     e.add_argument("--sample-prompt", action="append", default=None, help="prompt continued at evaluations (repeatable)")
     e.add_argument("--sample-tokens", type=bounded(int, 0), help="tokens per sample (0: no samples)")
     e.add_argument("--sample-temperature", type=bounded(float, 0), help="sampling temperature (0: greedy)")
-    e.add_argument("--sample-interval", type=bounded(int, 1), default=None,
-                   help="samples only at evaluations whose step is a multiple of this")
     e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_DIR/loss.png")
     e.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     e.add_argument("--wandb-project", default="gpt2-instruct")
     e.add_argument("--wandb-run", default=None, help="run name (default: wandb's)")
     s = p.add_argument_group("system")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
-    s.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, else float32) | bfloat16 | float32")
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32"),
+                   help="autocast dtype (auto: bf16 on CUDA, else float32; float16 would need loss scaling)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     s.add_argument("--prefetch", type=bounded(int, 0), default=4, help="steps loaded ahead in a thread (0: none)")

@@ -5,16 +5,9 @@ Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under to
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
 
-fit() is the loop, read top to bottom: log, evaluate, checkpoint, step. A step takes this rank's rows
-of the step (a pure function of the step number, so a resume continues exactly and a thread can load
-steps ahead), splits them into micro-batches, runs forward + backward under bf16 autocast with
-reduction="sum" scaled by 1 / (targets counted over the whole step and all ranks), all-reduces
-gradients on the last micro-batch only (DDP), clips the norm, scales every group's peak LR by the
-warmup + cosine schedule and steps the optimizer (optim.py: AdamW, or Muon + AdamW). The loss stays
-on the device until a log step: no host sync in between. On CUDA out-of-memory (one process) the
-micro-batch halves and the same step runs again. finetune_dolly.py runs the same loop with
-instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes). --compile compiles
-the model of the training step and the val loss; HellaSwag and samples use the eager raw_model.
+fit() is the loop, read top to bottom: log, evaluate, checkpoint, step. A step's rows are a pure function of
+the step number, so a resume continues exactly and a thread can load steps ahead. finetune_dolly.py runs
+the same loop with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
 """
 
 import contextlib
@@ -84,16 +77,11 @@ def lr_factor(a, step):
     return lr_at(step, a.max_steps, a.warmup_steps, 1.0, a.min_lr / a.lr)
 
 
-# ====================================================================== data
-
 class TokenWindows:
-    """Training rows from token shards, read as one concatenated, memory-mapped stream.
-
-    Window i is tokens [i*T, i*T + T + 1): x its first T tokens, y the last T. Windows cross shard
-    boundaries, so no token is dropped there. Epoch e visits every window in the order
-    np.random.default_rng([seed, e]).permutation; epochs follow each other as one endless sequence.
-    Step s takes the next `rows` windows (all ranks) and rank r gets rows r, r + W, ... of them.
-    """
+    """Training rows from token shards, read as one concatenated, memory-mapped stream. Window i is tokens
+    [i*T, i*T + T + 1) (across shard boundaries: no token is dropped). Epoch e visits every window in the order
+    np.random.default_rng([seed, e]).permutation, epochs following as one endless sequence; step s takes the
+    next `rows` windows and rank r gets rows r, r + W, ... of them."""
 
     def __init__(self, paths, seq_len, rows, rank=0, world_size=1, seed=0):
         if not paths:
@@ -109,7 +97,6 @@ class TokenWindows:
         self._perms = {}
 
     def tokens(self, start, length):
-        """Tokens [start, start + length) of the concatenated stream, as int64."""
         out = np.empty(length, dtype=np.int64)
         filled, shard = 0, int(np.searchsorted(self.starts, start, side="right") - 1)
         while filled < length:
@@ -119,8 +106,7 @@ class TokenWindows:
             shard += 1
         return out
 
-    def window(self, g):
-        """Row g of the endless sequence of epochs: T + 1 tokens."""
+    def window(self, g):  # row g of the endless sequence of epochs: T + 1 tokens
         epoch, i = divmod(g, self.n_windows)
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # two epochs at most
@@ -150,8 +136,6 @@ def val_windows(paths, seq_len, batch_size, max_windows, rank=0, world_size=1):
         batches.append((x, y))
     return batches
 
-
-# ====================================================================== the training loop
 
 def fit(t):
     """Train Trainer t to --max-steps or a signal / --stop-at-step. Returns the metrics (val loss, best, stopped)."""
@@ -209,14 +193,12 @@ class Trainer:
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
-        if self.ptdtype == torch.float16:
-            raise UserError("--dtype float16 needs loss scaling, which this loop does not do: use bfloat16 or float32")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
         if train_data.seq_len > model.config.block_size:
             raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {model.config.block_size}")
-        self.raw_model = model.to(self.device).train()
-        self.fwd_model = torch.compile(self.raw_model) if args.compile else self.raw_model
+        self.raw_model = model.to(self.device).train()  # HellaSwag and samples run it eagerly
+        self.fwd_model = torch.compile(self.raw_model) if args.compile else self.raw_model  # train step, val loss
         self.model = self.fwd_model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -319,8 +301,7 @@ class Trainer:
         if self.hellaswag:
             out["hellaswag_acc"] = hellaswag_accuracy(self.raw_model, self.hellaswag, self.device, self.dist.rank,
                                                       self.dist.world_size, autocast_dtype=self.ptdtype)["acc_norm"]
-        every = a.sample_interval or 1
-        if self.prompts and a.sample_tokens > 0 and self.dist.is_main and (self.step % every == 0 or self.step >= a.max_steps):
+        if self.prompts and a.sample_tokens > 0 and self.dist.is_main:
             write_samples(self.raw_model, self.prompts, a, self.step)
         self.raw_model.train()
         self.metrics.update(out)
@@ -448,13 +429,8 @@ class StopSignal:
         return bool(flag.item())
 
 
-# ====================================================================== the scripts' start and end
-
 def parse_args(parser, argv, kind):
-    """Parse; with --init-from resume, flags not given again take the run's own values (from its checkpoint).
-
-    Returns (args, the checkpoint to resume or None).
-    """
+    """-> (args, the checkpoint to resume or None); with --init-from resume, flags not given again are the run's."""
     args = parser.parse_args(argv)
     if args.init_from != "resume":
         return args, None
