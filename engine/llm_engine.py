@@ -5,8 +5,9 @@ leave it when they finish; step() is the algorithm: schedule, run (and sample, o
     req = engine.add(prompt_ids, SamplingParams.make(temperature=0.7), n=1)   # checked at the edge first
     while engine.has_work(): for out in engine.step(): ...                  # Output: text, token_ids, ...
 
-On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps
-working while the host makes text; a request's tokens never depend on what else runs.
+On CUDA a step's prefill and decode chunk are queued before the previous step's are read (pipelined),
+so the GPU keeps working while the host makes text and plans the next step; a request's tokens never
+depend on what else runs.
 
 Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
 before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
@@ -55,7 +56,7 @@ class Engine:
     KV-cache). decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: capture
     decode steps in CUDA graphs (default: on CUDA). static: bucketed fixed shapes without graphs (default:
     = graphs; True on CPU runs the graph path's logic). compile: torch.compile the decode forward.
-    pipeline: queue a chunk before reading the previous one (default: on CUDA). add / cancel /
+    pipeline: queue a step's work before reading the previous step's (default: on CUDA). add / cancel /
     add_embedding / stats / has_work / embed are thread-safe; step is called by one thread.
     """
 
@@ -151,14 +152,17 @@ class Engine:
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
             embeds = self._embed_batch(self.scheduler.prefill_chunk - len(rows) * max((n for *_, n in rows), default=0))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
-            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
-            earlier = [w for w in self._inflight + [prefill] if w is not None]
-            masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
+            constrained = decode is not None and decode.fetch is None
+            # pipelined: this step's work is read next step, so the device never waits for the host between
+            # steps; a constrained step's masks need its rows' first tokens now
+            now = prefill is not None and (not self.pipeline or constrained)
+            earlier = self._inflight + ([prefill] if now else [])
+            masks = self.runner.fill_masks(decode, earlier) if constrained else None
             for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
             if masks is not None:  # constrained: sampled under the masks of every token so far
                 self.runner.sample_masked(decode, masks.result())
-            self._inflight = [decode] if self.pipeline and decode else []
+            self._inflight = ([prefill] if prefill and not now else []) + ([decode] if self.pipeline and decode else [])
             if decode is not None and not self.pipeline:
                 self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
