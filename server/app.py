@@ -21,6 +21,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter, ValidationError
 from werkzeug.security import safe_join
 
+from engine.sampling_params import ParamError
+from grammar import ConstraintError
 from server import routes_native, routes_openai, routes_responses
 from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
                            make_config, rate_limit_enabled)
@@ -189,6 +191,9 @@ def install_errors(app, cfg):
         return error_response(ApiError(code, HTTP_TYPES.get(code, "http_error"), message, headers=headers))
 
     app.register_error_handler(ApiError, error_response)
+    # the edge's checks raise these in the client's words: a 400 naming the field
+    app.register_error_handler(ParamError, lambda e: error_response(invalid(e.param, str(e))))
+    app.register_error_handler(ConstraintError, lambda e: error_response(invalid(e.field, str(e))))
 
     @app.errorhandler(Exception)
     def unexpected(e):

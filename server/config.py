@@ -167,8 +167,3 @@ def client_gone(environ):
         return False
     except OSError:
         return True
-
-
-def param_error(error):
-    """A ParamError (already in the client's words) -> 400 naming the field."""
-    return invalid(error.param, str(error))

@@ -8,8 +8,8 @@ import time
 
 from flask import Response, current_app, g, request
 
-from engine.sampling_params import ParamError, fit
-from server.config import ApiError, ClientGone, invalid, param_error
+from engine.sampling_params import fit
+from server.config import ApiError, ClientGone, invalid
 from server.render import SSE_DONE, SSE_KEEPALIVE, sse
 
 log = logging.getLogger("gpt2i.serve")
@@ -99,11 +99,8 @@ def fit_prompt(ids, params, given, names, prompt_name="prompt", echo=False):
     """The prompt against --max-prompt-tokens and the context: an unspecified max_new_tokens is lowered
     to fit, an explicit one that does not fit is a 400 naming it as the client did."""
     server = client()
-    try:
-        return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
-                   prompt_name, names)
-    except ParamError as e:
-        raise param_error(e) from None
+    return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
+               prompt_name, names)
 
 
 def admit(prompts, stream, n=1, logprobs=None, echo=False):

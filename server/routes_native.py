@@ -7,15 +7,15 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, send_fr
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from engine.detokenizer import encode_prompt
-from engine.sampling_params import PARAM_RANGES, ParamError, check_prompt_text
+from engine.sampling_params import PARAM_RANGES, check_ids, check_prompt_text
 from prompt import format_prompt
 from server.chat import chat_context, split_chat
 from grammar import FORMS
-from server.config import ApiError, invalid, param_error
+from server.config import ApiError, invalid
 from server.openapi import openapi_document
 from server.render import native_logprobs, sse, token_str
 from server.respond import admit, client, fit_prompt, respond
-from server.schema import DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, check_ids, read_body, sampling_params, short
+from server.schema import DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, read_body, sampling_params, short
 from tokenizer import decode, encode
 
 bp = Blueprint("native", __name__)
@@ -53,10 +53,7 @@ def params():
 def generate():
     body, given, names = read_body(NATIVE_FIELDS, "/generate")
     p = sampling_params(given, names, body=body)
-    try:
-        check_prompt_text(body["prompt"], p.raw)
-    except ParamError as e:
-        raise param_error(e) from None
+    check_prompt_text(body["prompt"], p.raw)
     if body.get("context") and p.raw:
         raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
     server = client()

@@ -5,9 +5,9 @@ import base64
 from flask import Blueprint, g, jsonify
 
 from engine.detokenizer import encode_prompt
-from engine.sampling_params import ParamError, check_inputs
+from engine.sampling_params import check_inputs
 from server.chat import fold_chat, split_chat
-from server.config import ApiError, invalid, param_error
+from server.config import ApiError, invalid
 from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
 from server.respond import admit, client, fit_prompt, respond
 from server.schema import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, prompt_list, read_body, sampling_params
@@ -123,10 +123,7 @@ def embeddings():
     server = client()
     server.require_ready()
     ids_list = [encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
-    try:
-        check_inputs(ids_list, server.context_length)
-    except ParamError as e:
-        raise param_error(e) from None
+    check_inputs(ids_list, server.context_length)
     b64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}

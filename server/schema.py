@@ -8,9 +8,9 @@ import reprlib
 
 from flask import request
 
-from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids as _check_ids
-from grammar import FORMS, TYPES, ConstraintError, compile_constraint, constraint_from_request
-from server.config import ApiError, invalid, param_error
+from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids
+from grammar import FORMS, TYPES, compile_constraint, constraint_from_request
+from server.config import ApiError, invalid
 from server.tools import MAX_TOOLS
 
 MAX_N = 8  # choices per request (n): they share one prefill
@@ -258,13 +258,10 @@ def _sane_int(text):
 def request_constraint(body):
     """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
     grammar.Constraint or None."""
-    try:
-        constraint = constraint_from_request(body)
-        if constraint is not None:
-            compile_constraint(constraint)  # cached; the engine's process compiles its own copy
-        return constraint
-    except ConstraintError as e:
-        raise invalid(e.field, str(e)) from None
+    constraint = constraint_from_request(body)
+    if constraint is not None:
+        compile_constraint(constraint)  # cached; the engine's process compiles its own copy
+    return constraint
 
 
 def sampling_params(given, names, defaults=None, body=None):
@@ -273,8 +270,8 @@ def sampling_params(given, names, defaults=None, body=None):
     constraint = request_constraint(body or {})
     try:
         return SamplingParams.make({**(defaults or {}), **given, "constraint": constraint}, names=names)
-    except ParamError as e:
-        raise param_error(e) from None
+    except ParamError:
+        raise  # already in the client's words
     except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape the checks did not expect
         raise invalid(None, f"invalid generation parameter: {e}") from None
 
@@ -294,9 +291,3 @@ def prompt_list(value, param):
             return [check_ids(v, f"{param}[{i}]") for i, v in enumerate(value)]
     raise invalid(param, f"{param} must be a string, a list of strings, a list of token ids, or a list of "
                          f"token-id lists (none empty), got {short(value)}")
-
-def check_ids(ids, param):
-    try:
-        return _check_ids(ids, param)
-    except ParamError as e:
-        raise invalid(param, str(e)) from None

@@ -8,7 +8,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from grammar import JSON_OPTIONS, ConstraintError, compile_constraint, make_constraint
+from grammar import JSON_OPTIONS, compile_constraint, make_constraint
 from server.config import invalid
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -109,12 +109,9 @@ def tool_plan(body):
 
 def compiled(kind, spec, field):
     """A grammar.Constraint, compiled now: a schema llguidance refuses is a 400 naming its field."""
-    try:
-        constraint = make_constraint(kind, spec, field)
-        compile_constraint(constraint)
-        return constraint
-    except ConstraintError as e:
-        raise invalid(e.field, str(e)) from None
+    constraint = make_constraint(kind, spec, field)
+    compile_constraint(constraint)
+    return constraint
 
 
 def parameters(function):
