@@ -1,18 +1,12 @@
-"""
-The whole pipeline on the bundled data, on a CPU, in a few minutes: `make demo` (or `python demo.py`).
+"""The whole pipeline on the bundled data, on a CPU, in a few minutes: `make demo` (or `python demo.py`):
+fineweb.py -> train_gpt2.py -> prepare_dolly.py -> finetune_dolly.py (into data/demo and out/demo), then
+serve.py on http://127.0.0.1:5000 until Ctrl+C.
 
-  1. fineweb.py         demo_data/books.jsonl.xz (5 public-domain books, 0.6M tokens) -> data/demo/shards
-  2. train_gpt2.py      a tiny GPT from scratch on those shards                       -> out/demo/pretrain
-  3. prepare_dolly.py   demo_data/instructions.jsonl.xz (1,500 instructions)          -> data/demo/dolly
-  4. finetune_dolly.py  the pretrained model, instruction-tuned                       -> out/demo/sft
-  5. serve.py           out/demo/sft on http://127.0.0.1:5000 (the chat page and the API) until Ctrl+C
-
-Each stage is the script's own main(argv), its command printed first: what you would type in the
-repository root. A finished stage leaves .demo-stage.json (its command) in its folder, and a second
-run reuses it; a stage whose command changed, or that reads a stage that ran again, starts afresh in
-an emptied folder. Ctrl+C while training saves a checkpoint; the next run continues from it
-(--init-from resume). --smoke: tiny sizes in demo-smoke folders, then one POST /generate and exit.
-Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g. the port is taken), 130 interrupted.
+Each stage is the script's own main(argv), its command printed first. A finished stage leaves
+.demo-stage.json (its command) in its folder and a second run reuses it; a stage whose command changed,
+or that reads a stage that ran again, starts afresh in an emptied folder. Ctrl+C while training saves a
+checkpoint; the next run continues from it. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
+the port is taken), 130 interrupted.
 """
 
 import argparse
@@ -32,7 +26,6 @@ from cli import help_requested
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="The whole pipeline on the bundled data, on CPU: tokenize 5 public-domain books, pretrain a "
@@ -51,8 +44,6 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
                    "(default: %(default)s)")
     return p
-
-
 
 if __name__ == "__main__" and help_requested():
     build_parser().parse_args()  # --help answers here, before the training scripts (and torch) load
@@ -83,7 +74,6 @@ MARKER = ".demo-stage.json"
 MODEL_NAME = "gpt2-instruct-demo"
 EXAMPLE = "Name three primary colours."
 
-
 def flags(options):
     """{"max_steps": 4, "lr": 1e-3, "no_compile": True} -> ["--max-steps", "4", "--lr", "0.001", "--no-compile"]."""
     out = []
@@ -93,12 +83,10 @@ def flags(options):
             out.append(f"{value:g}" if isinstance(value, float) else str(value))
     return out
 
-
 def shown(path):
     """A path as written in commands: relative to the repository root (where they run) when inside it."""
     rel = os.path.relpath(path, ROOT)
     return path if rel.startswith("..") else rel
-
 
 class Stage:
     def __init__(self, key, title, main, script, out_dir, options, ckpt=None, needs=()):
@@ -126,7 +114,6 @@ class Stage:
                 os.path.isfile(os.path.join(self.out_dir, self.ckpt)):
             return "interrupted"
         return "new"
-
 
 def build_stages(smoke, data_dir, out_dir, device):
     """The four stages of a mode, with their exact commands (data_dir / out_dir: this mode's folders)."""
@@ -162,14 +149,11 @@ def build_stages(smoke, data_dir, out_dir, device):
                "sample_count": 1, "pad_multiple": 16}, ckpt="last.pt", needs=("pretrain", "dolly")),
     ]
 
-
 class StageFailed(Exception):
     """A stage (or the server) failed; the message says which and how."""
 
-
 def say(msg=""):
     print(msg, flush=True)
-
 
 def run_stage(index, stage, fresh):
     """Run one stage unless its finished output can be reused; True when it ran."""
@@ -201,7 +185,6 @@ def run_stage(index, stage, fresh):
     say(f"[{index}/4] done in {time.time() - t0:.0f} s")
     return True
 
-
 # ---------------------------------------------------------------- serving
 
 def check_port_free(host, port):
@@ -213,7 +196,6 @@ def check_port_free(host, port):
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): stop what uses it, or pass "
                             f"--port N (or --no-serve)") from None
-
 
 def http_json(url, body=None, timeout=10.0):
     """(status, parsed JSON or None) of a GET (body None) or a JSON POST."""
@@ -228,7 +210,6 @@ def http_json(url, body=None, timeout=10.0):
         return status, json.loads(raw)
     except ValueError:
         return status, None
-
 
 def serve(argv, base, smoke):
     """Start serve.py; print the URL and a curl example (smoke: one POST /generate), then stop it."""
@@ -267,7 +248,6 @@ def serve(argv, base, smoke):
             except subprocess.TimeoutExpired:
                 proc.kill()
         say(f"{'[smoke] ' if smoke else ''}server stopped (exit code {proc.wait()})")
-
 
 # ---------------------------------------------------------------- the run
 
@@ -309,7 +289,6 @@ def main(argv=None):
     finally:
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, old_term)
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
