@@ -19,7 +19,6 @@ from server.options import OPTIONS, env_name
 CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
            "log_level": ("debug", "info", "warning", "error")}
 
-
 def _convert(name, kind, value):
     """A flag or env string -> the option's type; a bad value is a one-line UserError naming it."""
     if not isinstance(value, str):
@@ -93,17 +92,14 @@ def validate_config(cfg):
 def rate_limit_enabled(cfg):
     return limit_enabled(cfg.rate_limit)
 
-
 def limit_enabled(limit):
     return bool(limit) and limit.strip().lower() not in ("none", "off", "0")
-
 
 def is_loopback(address):
     try:
         return ipaddress.ip_address(address or "").is_loopback
     except ValueError:
         return False
-
 
 def host_name(host):
     """A Host header without its port: "[::1]:5000" -> "[::1]", "localhost:5000" -> "localhost"."""

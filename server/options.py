@@ -44,15 +44,12 @@ OPTIONS = {
     "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
 
-
 def env_name(name):
     return ENV_PREFIX + name.upper()
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, as every other user mistake
         self.exit(2, f"error: {message}\n")
-
 
 def build_parser():
     parser = Parser(

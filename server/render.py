@@ -6,7 +6,6 @@ import time
 
 from engine.detokenizer import token_bytes
 
-
 def sse(obj, event=None):
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -49,7 +48,6 @@ def completion_logprobs(entries, offset):
 def prompt_entries(ids, prompt_logprobs):
     """Engine prompt_logprobs (the first None) -> entries shaped like generated ones."""
     return [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, prompt_logprobs)]
-
 
 def openai_envelope(route, request_id, model_name, include_usage):
     """make(choices, usage, chunk) for one OpenAI reply: its id, object, created and model on every chunk."""
