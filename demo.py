@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 from cli import help_requested
@@ -197,20 +196,6 @@ def check_port_free(host, port):
             raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): stop what uses it, or pass "
                             f"--port N (or --no-serve)") from None
 
-def http_json(url, body=None, timeout=10.0):
-    """(status, parsed JSON or None) of a GET (body None) or a JSON POST."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, None
-
 def serve(argv, base, smoke):
     """Start serve.py; print the URL and a curl example (smoke: one POST /generate), then stop it."""
     say(f"\n[serve] the chat page and the HTTP API\n$ {shlex.join(['python', *argv])}")
@@ -220,18 +205,23 @@ def serve(argv, base, smoke):
             if proc.poll() is not None:
                 raise StageFailed(f"serve.py exited with code {proc.returncode} (its error is above)")
             try:
-                if http_json(base + "/health", timeout=2.0)[0] == 200:
+                with urllib.request.urlopen(base + "/health", timeout=2.0):  # a 503 raises (an OSError)
                     break
             except OSError:
-                pass
-            time.sleep(0.5)
+                time.sleep(0.5)
         if smoke:
             body = {"prompt": EXAMPLE, "max_new_tokens": 16, "temperature": 0.8, "seed": 0}
-            status, reply = http_json(base + "/generate", body, timeout=120.0)
             say(f"[smoke] POST {base}/generate {json.dumps(body)}")
+            request = urllib.request.Request(base + "/generate", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120.0) as resp:
+                    reply = json.load(resp)
+            except OSError as e:
+                raise StageFailed(f"POST /generate failed: {e}") from None
             say(f"[smoke] reply: {json.dumps(reply, ensure_ascii=False)}")
-            if status != 200 or not (reply or {}).get("text"):
-                raise StageFailed(f"POST /generate answered {status} without text")
+            if not reply.get("text"):
+                raise StageFailed("POST /generate answered without text")
             return 0
         body = json.dumps({"prompt": EXAMPLE, "max_new_tokens": 64})
         say(f"\n  The chat page is ready: {base}/\n  Or from another terminal:\n    curl -s {base}/generate "
