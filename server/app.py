@@ -162,10 +162,7 @@ def install_errors(app, cfg):
     def error_response(e):
         if g.get("rq") is not None:
             g.rq["error"] = e.code
-        resp = jsonify(e.body())
-        resp.status_code = e.status
-        resp.headers.update(e.headers)
-        return resp
+        return jsonify(e.body()), e.status, e.headers
 
     @app.errorhandler(HTTPException)
     def http_error(e):

@@ -3,7 +3,6 @@ CUDA and threads do not survive fork), admission, and the one reader thread. A d
 replaced: what ran ends with an error, /health says "restarting" until the new one is ready."""
 
 import itertools
-import logging
 import os
 import threading
 import time
@@ -12,8 +11,7 @@ from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
 from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
 from server.reply import POLL_S, Embeddings, Handle, Reply
-
-log = logging.getLogger("gpt2i.serve")
+from server.respond import log
 
 class EngineClient:
     """create_app builds one; serve.state(app) is it."""

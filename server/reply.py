@@ -22,11 +22,11 @@ class Handle:
     reply: "Reply"
     base: int
     ids: list
-    open: int = 0  # choices not finished yet
-    done: bool = False
+    finished: int = 0  # choices
 
-    def __post_init__(self):
-        self.open = self.n
+    @property
+    def done(self):
+        return self.finished == self.n
 
 class Reply:
     """One HTTP request's engine requests (a Handle per prompt)."""
@@ -107,8 +107,7 @@ class Reply:
                 metrics.itl.observe((now - self.t_last) / n_new)
             self.t_first, self.t_last = self.t_first or now, now
         if out.finish_reason is not None:
-            handle.open -= 1
-            handle.done = not handle.open
+            handle.finished += 1
             self.completion_tokens += (out.usage or {}).get("completion_tokens", 0)
             if out.finish_reason == "cancelled":
                 metrics.cancelled.inc()
