@@ -137,7 +137,6 @@ def unavailable(code, message, retry_after):
     return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
 
 SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
-
 HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
               405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
               415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}

@@ -6,12 +6,11 @@ import time
 
 from engine.detokenizer import token_bytes
 
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
+
 def sse(obj, event=None):
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-SSE_DONE = "data: [DONE]\n\n"
-
-SSE_KEEPALIVE = ": keep-alive\n\n"
 
 def openai_finish(reason):
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
