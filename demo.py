@@ -1,18 +1,12 @@
-"""
-The whole pipeline on the bundled data, on a CPU, in a few minutes: `make demo` (or `python demo.py`).
+"""The whole pipeline on the bundled data, on a CPU, in a few minutes: `make demo` (or `python demo.py`):
+fineweb.py -> train_gpt2.py -> prepare_dolly.py -> finetune_dolly.py (into data/demo and out/demo), then
+serve.py on http://127.0.0.1:5000 until Ctrl+C.
 
-  1. fineweb.py         demo_data/books.jsonl.xz (5 public-domain books, 0.6M tokens) -> data/demo/shards
-  2. train_gpt2.py      a tiny GPT from scratch on those shards                       -> out/demo/pretrain
-  3. prepare_dolly.py   demo_data/instructions.jsonl.xz (1,500 instructions)          -> data/demo/dolly
-  4. finetune_dolly.py  the pretrained model, instruction-tuned                       -> out/demo/sft
-  5. serve.py           out/demo/sft on http://127.0.0.1:5000 (the chat page and the API) until Ctrl+C
-
-Each stage is the script's own main(argv), its command printed first: what you would type in the
-repository root. A finished stage leaves .demo-stage.json (its command) in its folder, and a second
-run reuses it; a stage whose command changed, or that reads a stage that ran again, starts afresh in
-an emptied folder. Ctrl+C while training saves a checkpoint; the next run continues from it
-(--init-from resume). --smoke: tiny sizes in demo-smoke folders, then one POST /generate and exit.
-Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g. the port is taken), 130 interrupted.
+Each stage is the script's own main(argv), its command printed first. A finished stage leaves
+.demo-stage.json (its command) in its folder and a second run reuses it; a stage whose command changed,
+or that reads a stage that ran again, starts afresh in an emptied folder. Ctrl+C while training saves a
+checkpoint; the next run continues from it. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
+the port is taken), 130 interrupted.
 """
 
 import argparse
@@ -25,13 +19,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 from cli import help_requested
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -51,8 +43,6 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
                    "(default: %(default)s)")
     return p
-
-
 
 if __name__ == "__main__" and help_requested():
     build_parser().parse_args()  # --help answers here, before the training scripts (and torch) load
@@ -83,7 +73,6 @@ MARKER = ".demo-stage.json"
 MODEL_NAME = "gpt2-instruct-demo"
 EXAMPLE = "Name three primary colours."
 
-
 def flags(options):
     """{"max_steps": 4, "lr": 1e-3, "no_compile": True} -> ["--max-steps", "4", "--lr", "0.001", "--no-compile"]."""
     out = []
@@ -93,12 +82,10 @@ def flags(options):
             out.append(f"{value:g}" if isinstance(value, float) else str(value))
     return out
 
-
 def shown(path):
     """A path as written in commands: relative to the repository root (where they run) when inside it."""
     rel = os.path.relpath(path, ROOT)
     return path if rel.startswith("..") else rel
-
 
 class Stage:
     def __init__(self, key, title, main, script, out_dir, options, ckpt=None, needs=()):
@@ -126,7 +113,6 @@ class Stage:
                 os.path.isfile(os.path.join(self.out_dir, self.ckpt)):
             return "interrupted"
         return "new"
-
 
 def build_stages(smoke, data_dir, out_dir, device):
     """The four stages of a mode, with their exact commands (data_dir / out_dir: this mode's folders)."""
@@ -162,14 +148,11 @@ def build_stages(smoke, data_dir, out_dir, device):
                "sample_count": 1, "pad_multiple": 16}, ckpt="last.pt", needs=("pretrain", "dolly")),
     ]
 
-
 class StageFailed(Exception):
     """A stage (or the server) failed; the message says which and how."""
 
-
 def say(msg=""):
     print(msg, flush=True)
-
 
 def run_stage(index, stage, fresh):
     """Run one stage unless its finished output can be reused; True when it ran."""
@@ -201,7 +184,6 @@ def run_stage(index, stage, fresh):
     say(f"[{index}/4] done in {time.time() - t0:.0f} s")
     return True
 
-
 # ---------------------------------------------------------------- serving
 
 def check_port_free(host, port):
@@ -214,22 +196,6 @@ def check_port_free(host, port):
             raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): stop what uses it, or pass "
                             f"--port N (or --no-serve)") from None
 
-
-def http_json(url, body=None, timeout=10.0):
-    """(status, parsed JSON or None) of a GET (body None) or a JSON POST."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, None
-
-
 def serve(argv, base, smoke):
     """Start serve.py; print the URL and a curl example (smoke: one POST /generate), then stop it."""
     say(f"\n[serve] the chat page and the HTTP API\n$ {shlex.join(['python', *argv])}")
@@ -239,18 +205,23 @@ def serve(argv, base, smoke):
             if proc.poll() is not None:
                 raise StageFailed(f"serve.py exited with code {proc.returncode} (its error is above)")
             try:
-                if http_json(base + "/health", timeout=2.0)[0] == 200:
+                with urllib.request.urlopen(base + "/health", timeout=2.0):  # a 503 raises (an OSError)
                     break
             except OSError:
-                pass
-            time.sleep(0.5)
+                time.sleep(0.5)
         if smoke:
             body = {"prompt": EXAMPLE, "max_new_tokens": 16, "temperature": 0.8, "seed": 0}
-            status, reply = http_json(base + "/generate", body, timeout=120.0)
             say(f"[smoke] POST {base}/generate {json.dumps(body)}")
+            request = urllib.request.Request(base + "/generate", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120.0) as resp:
+                    reply = json.load(resp)
+            except OSError as e:
+                raise StageFailed(f"POST /generate failed: {e}") from None
             say(f"[smoke] reply: {json.dumps(reply, ensure_ascii=False)}")
-            if status != 200 or not (reply or {}).get("text"):
-                raise StageFailed(f"POST /generate answered {status} without text")
+            if not reply.get("text"):
+                raise StageFailed("POST /generate answered without text")
             return 0
         body = json.dumps({"prompt": EXAMPLE, "max_new_tokens": 64})
         say(f"\n  The chat page is ready: {base}/\n  Or from another terminal:\n    curl -s {base}/generate "
@@ -267,7 +238,6 @@ def serve(argv, base, smoke):
             except subprocess.TimeoutExpired:
                 proc.kill()
         say(f"{'[smoke] ' if smoke else ''}server stopped (exit code {proc.wait()})")
-
 
 # ---------------------------------------------------------------- the run
 
@@ -309,7 +279,6 @@ def main(argv=None):
     finally:
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, old_term)
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

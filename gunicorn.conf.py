@@ -1,7 +1,7 @@
 """gunicorn settings for serve.py:  gunicorn -c gunicorn.conf.py "serve:create_app()"
 
-The app itself is configured by GPT2I_* environment variables (see serve.py's docstring);
-these ones shape the gunicorn process (any other gunicorn setting: its own flags or GUNICORN_CMD_ARGS):
+The app is configured by GPT2I_* variables (python serve.py --help); these shape gunicorn (any other
+setting: gunicorn's own flags or GUNICORN_CMD_ARGS):
 
 | variable | default | meaning |
 |---|---|---|
@@ -12,12 +12,9 @@ these ones shape the gunicorn process (any other gunicorn setting: its own flags
 | GPT2I_RUN_DIR | out/prod | with nginx: its config, pid, temp files and gunicorn's unix socket |
 
 With GPT2I_NGINX_LISTEN (`make serve-prod`, the Docker image), gunicorn binds a unix socket in
-GPT2I_RUN_DIR instead of GPT2I_BIND, fills in nginx.conf, starts nginx as a child of its master once
-the socket is bound, and stops it when it stops itself: one process to run, signal and supervise.
-Clients then reach the app by nginx's address: list the names they use in GPT2I_ALLOWED_HOSTS.
-
-With more than one worker, set GPT2I_RATE_LIMIT_STORAGE=redis://host:port so the workers
-share one rate-limit budget (memory:// counts per worker).
+GPT2I_RUN_DIR, fills in nginx.conf and runs nginx as a child of its master: one process to run, signal and
+supervise. List the names clients use for nginx's address in GPT2I_ALLOWED_HOSTS. With several workers,
+GPT2I_RATE_LIMIT_STORAGE=redis://host:port gives them one rate-limit budget (memory:// counts per worker).
 """
 
 import ctypes
@@ -32,14 +29,12 @@ import time
 import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
 #                              so only its engine process (a fresh interpreter) imports torch before the load
 
-
 def _env_int(name, default):
     value = os.environ.get(name, "").strip()
     try:
         return int(value) if value else default
     except ValueError:
         raise SystemExit(f"error: {name} must be an integer, got {value!r}") from None
-
 
 NGINX_LISTEN = os.environ.get("GPT2I_NGINX_LISTEN", "").strip()
 RUN_DIR = os.path.abspath(os.environ.get("GPT2I_RUN_DIR", "out/prod"))
@@ -55,33 +50,26 @@ workers = _env_int("GPT2I_WORKERS", 1)
 # the worker's main loop keeps heart-beating while requests stream, so `timeout` does not cut streams.
 worker_class = "gthread"
 threads = _env_int("GPT2I_THREADS", 32)
-# Each worker builds its own app (and loads its own model): a model loaded before fork would share
-# a CUDA context across processes, and a HUP reload would keep running the old code.
+# each worker loads its own model: one loaded before fork would share a CUDA context, and a reload
+# would keep running the old code
 preload_app = False
 loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
-# gunicorn's runtime control socket lives in ~/.gunicorn, shared by every instance of the user; unused here.
-control_socket_disable = True
-# Seconds running requests (streams) get to finish on reload or stop; past that they end with an
-# error event (worker_exit below).
-graceful_timeout = 30
+control_socket_disable = True  # gunicorn's control socket (in ~/.gunicorn, shared by the user's instances)
+graceful_timeout = 30  # seconds streams get to finish on reload or stop; then an error event ends them
 STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
 BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers: set by one whose model failed
-
 
 # ---------------------------------------------------------------------------- worker hooks
 
 def app_state(app):
-    """serve.state(app), the engine process and reader thread of this worker's app, read off the app
-    itself: the master never imports serve, so a reload runs the new code."""
+    """serve.state(app), read off the app: the master never imports serve, so a reload runs the new code."""
     return app.extensions["gpt2i"]
-
 
 def post_worker_init(worker):
     """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
     listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
     state = app_state(worker.wsgi)
-    # this worker's own graceful window ends before the master's SIGKILL deadline, leaving time to
-    # close() its streams (worker_exit): a stream past the deadline ends with an error event.
+    # the worker's graceful window ends before the master's SIGKILL, leaving time to close() its streams
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
     try:
         while not state.wait_ready(timeout=1.0):
@@ -93,7 +81,6 @@ def post_worker_init(worker):
     if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
         os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
 
-
 def child_exit(server, worker):
     """In the master: a worker that could not load its model stops the whole server, quietly, with
     exit 2 (instead of respawning forever); its one line is said."""
@@ -102,39 +89,29 @@ def child_exit(server, worker):
         on_exit(server)
         os._exit(2)
 
-
 def on_reload(server):
     """SIGHUP: new workers start beside the old ones, which serve until each new worker has loaded its
     model and asked the master (SIGTTOU) to stop the oldest: no request waits on a load."""
     server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 
-
 def _shutdown(worker):
-    """Stop admission, end running streams with an error event, stop the engine process and join
-    the reader thread."""
+    """Stop admission, end running streams with an error event, stop the engine process."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        state = app_state(app)
-        state.begin_shutdown()
-        state.close(0)  # the graceful time is up, or this is a quick stop
-
+        app_state(app).close(0)  # the graceful time is up, or this is a quick stop
 
 def worker_int(worker):
     _shutdown(worker)  # Ctrl+C, quick stop (SIGINT, SIGQUIT)
 
-
 def worker_exit(server, worker):
     _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
     if worker.booted:
-        # Streams are ended and the engine process stopped: skip the interpreter's teardown, which
-        # under load can take longer than the master waits (then it dies by SIGTERM/SIGKILL) and
-        # is where torch's threads used to abort ("terminate called without an active exception").
-        # A worker that failed to boot keeps its exit status (the master stops on it).
+        # skip the interpreter's teardown: under load it can outlast the master's wait, and torch's threads
+        # used to abort there. A worker that failed to boot keeps its exit status (the master stops on it).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
 
 # ---------------------------------------------------------------------------- nginx in front
 
@@ -148,10 +125,8 @@ def nginx_config():
         text = text.replace(f"@{key}@", value)
     return text
 
-
 def nginx_exe():
     return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
-
 
 def on_starting(server):
     """Before gunicorn binds: the run folder exists and nginx is installed."""
@@ -163,12 +138,10 @@ def on_starting(server):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
 
-
 def _die_with_parent():
     """In nginx's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
 
 def when_ready(server):
     """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
@@ -183,8 +156,8 @@ def when_ready(server):
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
     # as root, nginx would hand its workers to "nobody", who cannot write the temp folders.
     cmd = [nginx_exe(), "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
-    # its own process group: a Ctrl+C reaches gunicorn, which ends its streams (an error event each)
-    # before it stops nginx; and nginx ends with gunicorn's master, even one killed by SIGKILL
+    # its own process group: a Ctrl+C reaches gunicorn, which ends its streams before it stops nginx;
+    # and nginx ends with gunicorn's master, even one killed by SIGKILL
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     while not os.path.exists(pid_file):  # written once nginx has bound its port
         if proc.poll() is not None:  # it said why on stderr (port in use, bad address...)
@@ -195,7 +168,6 @@ def when_ready(server):
     os.environ.setdefault("GPT2I_TRUST_PROXY", "1")
     server.nginx = proc  # on the arbiter: a reload re-reads this file but keeps the arbiter
     server.log.info("nginx listening at %s in front of gunicorn (pid %s)", NGINX_LISTEN, proc.pid)
-
 
 def on_exit(server):
     """Stop nginx with gunicorn; its own in-flight requests are done by now."""

@@ -4,28 +4,76 @@
     GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
 
 Every flag has a GPT2I_* environment variable (`python serve.py --help` lists both); the flag wins.
-The routes, their fields and errors are in GET /openapi.json; the server itself lives in server/ and
-docs/design.md maps it.
+GET /openapi.json lists the routes; the server lives in server/ (docs/design.md maps it).
 """
 
+import errno
 import os
 import signal
-import sys
+import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
+
+from common import UserError, run_cli
 from server.options import OPTIONS, build_parser, env_name  # noqa: F401
 
 if __name__ == "__main__":
     # torch takes about 2 s to import (below): the flags are read first, so that --help and a mistyped
     # flag answer at once
-    build_parser().parse_args()
+    run_cli(lambda argv: build_parser().parse_args(argv))
 
-from common import UserError, run_cli  # noqa: E402, F401
 from server.app import build_app, create_app, state  # noqa: E402, F401
 from server.config import allowed_hosts, make_config, rate_limit_enabled  # noqa: E402, F401
-from server.dev_server import PooledServer  # noqa: E402
 from server.respond import log  # noqa: E402
 
+class _Handler(WSGIRequestHandler):
+    """HTTP/1.0 (one request per connection), a read timeout, no access log of its own."""
+
+    protocol_version = "HTTP/1.0"
+
+    def setup(self):
+        self.timeout = self.server.read_timeout
+        super().setup()
+
+    def log_request(self, *args):
+        pass
+
+    def log(self, type, message, *args):
+        log.debug(message % args if args else message)
+
+class PooledServer(BaseWSGIServer):
+    """The server `python serve.py` runs: werkzeug's, with a fixed pool of request threads (connections past
+    it wait their turn) and a read timeout. gunicorn, with gunicorn.conf.py, is the production server."""
+
+    multithread = True
+
+    def __init__(self, host, port, app, threads, read_timeout):
+        self.read_timeout = read_timeout
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # bound here: werkzeug would print its own message and exit 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            super().__init__(host, port, app, handler=_Handler, fd=sock.fileno())
+        except OSError as e:
+            fix = "; pick a free one with --port (0: any free port)" if e.errno == errno.EADDRINUSE else ""
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}{fix}") from None
+        finally:
+            sock.close()  # werkzeug holds a duplicate
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt2i-http")
+
+    def process_request(self, request, client_address):
+        self.pool.submit(self._serve_one, request, client_address)
+
+    def _serve_one(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -62,7 +110,6 @@ def main(argv=None):
     if failed:
         raise failed[0]
     return 0
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,5 +1,5 @@
-"""The Flask app: create_app() builds the engine client and the app around it: request ids, Host and
-API-key checks, rate limits, security headers, the error model, logging, and the two route blueprints."""
+"""The Flask app around an engine client: request ids, Host and API-key checks, rate limits, security
+headers, the error model, logging, and the route blueprints."""
 
 import hmac
 import json
@@ -21,20 +21,20 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import PathConverter, ValidationError
 from werkzeug.security import safe_join
 
-from server import routes_native, routes_openai, routes_responses
+from engine.sampling_params import ParamError
+from grammar import ConstraintError
+from server import routes_native, routes_openai
 from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
                            make_config, rate_limit_enabled)
 from server.engine_client import EngineClient
 from server.metrics import Metrics
 from server.respond import finish_request, log
 
-OPEN_ENDPOINTS = {"native." + name for name in ("health", "params", "openapi", "index", "static_file",
-                                                "static_root")}  # no API key needed
 QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
+OPEN_ENDPOINTS = QUIET_ENDPOINTS | {"native.params", "native.openapi"}  # no API key needed
 GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings",
-              "responses.responses")
+              "openai.responses")
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
@@ -43,7 +43,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-
 
 def create_app(config=None):
     """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
@@ -56,11 +55,9 @@ def create_app(config=None):
     client.start()
     return app
 
-
 def state(app):
-    """The EngineClient behind an app from create_app (gunicorn's hooks call its wait_ready, begin_shutdown, close)."""
+    """The EngineClient behind an app from create_app."""
     return app.extensions["gpt2i"]
-
 
 def build_app(client):
     cfg = client.config
@@ -83,7 +80,6 @@ def build_app(client):
     app.url_map.converters["staticfile"] = StaticFile
     app.register_blueprint(routes_native.bp)
     app.register_blueprint(routes_openai.bp)
-    app.register_blueprint(routes_responses.bp)
     limiter = Limiter(get_remote_address, default_limits=[], headers_enabled=True, key_prefix="gpt2i",
                       storage_uri=cfg.rate_limit_storage, in_memory_fallback_enabled=True)
     install_hooks(app, client)
@@ -96,7 +92,6 @@ def build_app(client):
              expose_headers=["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                              "X-RateLimit-Reset"], max_age=600)
     return app
-
 
 def install_hooks(app, client):
     """A request id and the Host check first; security headers, the log line and metrics at the end."""
@@ -130,11 +125,9 @@ def install_hooks(app, client):
             rq["info"] = info
         return response
 
-
 def install_limits(app, cfg, limiter):
-    """Per-client limits on the generation routes, shared between them; loopback clients (local tools,
-    evaluators, benchmarks) are exempt. Installed after `end` above, so that flask-limiter's own
-    after_request (which adds Retry-After) runs before it."""
+    """Per-client limits on the generation routes, shared between them; loopback clients are exempt.
+    Installed after `end` above, so that flask-limiter's after_request (which adds Retry-After) runs first."""
     limiter.init_app(app)
     if rate_limit_enabled(cfg):
         limited = limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"],
@@ -142,13 +135,12 @@ def install_limits(app, cfg, limiter):
         for endpoint in GENERATION:
             app.view_functions[endpoint] = limited(app.view_functions[endpoint])
 
-
 def install_auth(app, cfg, limiter):
     """With --api-key, every route but the open ones needs it; a client's failed attempts are limited
     (--auth-rate-limit, loopback included) in the rate limiter's storage. Checked before the rate limit."""
-    limits = parse_many(cfg.auth_rate_limit) if limit_enabled(cfg.auth_rate_limit) else []
     if not cfg.api_key:
         return
+    limits = parse_many(cfg.auth_rate_limit) if limit_enabled(cfg.auth_rate_limit) else []
 
     @app.before_request
     def authenticate():
@@ -164,17 +156,13 @@ def install_auth(app, cfg, limiter):
         raise ApiError(401, "authentication_error", "missing or invalid API key: send Authorization: "
                        "Bearer <key>", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-
 def install_errors(app, cfg):
     """Every error as {"error": {...}}: ours (ApiError), werkzeug's and flask-limiter's, and a 500 for the rest."""
 
     def error_response(e):
         if g.get("rq") is not None:
             g.rq["error"] = e.code
-        resp = jsonify(e.body())
-        resp.status_code = e.status
-        resp.headers.update(e.headers)
-        return resp
+        return jsonify(e.body()), e.status, e.headers
 
     @app.errorhandler(HTTPException)
     def http_error(e):
@@ -189,6 +177,9 @@ def install_errors(app, cfg):
         return error_response(ApiError(code, HTTP_TYPES.get(code, "http_error"), message, headers=headers))
 
     app.register_error_handler(ApiError, error_response)
+    # the edge's checks raise these in the client's words: a 400 naming the field
+    app.register_error_handler(ParamError, lambda e: error_response(invalid(e.param, str(e))))
+    app.register_error_handler(ConstraintError, lambda e: error_response(invalid(e.field, str(e))))
 
     @app.errorhandler(Exception)
     def unexpected(e):
@@ -196,22 +187,18 @@ def install_errors(app, cfg):
         rid = g.rq["request_id"] if g.get("rq") else "?"
         return error_response(ApiError(500, "server_error", f"internal server error (request id {rid})"))
 
-
 # ---------------------------------------------------------------------------- logging
 
-
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
 
     json_lines = True
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
 
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()

@@ -1,6 +1,7 @@
-"""Chat messages -> the instruction template: the last user message is the instruction; system text and
-the other turns (`User: ...` / `Assistant: ...` / `Tool: ...`) fill the Input block, the oldest dropped first.
-An assistant's tool call reads as the JSON the model itself writes for one: {"name": ..., "arguments": ...}."""
+"""Chat messages (and the Responses API's input items) -> the instruction template: the last user message is
+the instruction; system text and the other turns (`User: ...` / `Assistant: ...` / `Tool: ...`) fill the Input
+block, the oldest dropped first. An assistant's tool call reads as the JSON the model writes for one:
+{"name": ..., "arguments": ...}."""
 
 import json
 
@@ -12,7 +13,6 @@ from server.schema import short
 ROLES = ("system", "developer", "user", "assistant", "tool")
 FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}  # beyond role, content and name
 LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
-
 
 def message_text(message, param):
     """A chat message's content as text (a string, or a list of {"type": "text", "text": ...} parts)."""
@@ -94,3 +94,31 @@ def fold_chat(messages, fits, **split):
         else:
             lo = mid
     return best
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+def input_messages(value):
+    """Responses input (a string, or message / function_call / function_call_output items) -> chat messages,
+    one per item so that errors name input[i]."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value or not all(isinstance(item, dict) for item in value):
+        raise invalid("input", f"input must be a string or a non-empty list of items (objects), got {short(value)}")
+    messages = []
+    for i, item in enumerate(value):
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            if isinstance(content, list):  # input_text / output_text parts are chat's text parts
+                content = [{"type": "text", "text": part.get("text")} if isinstance(part, dict)
+                           and part.get("type") in TEXT_PARTS else part for part in content]
+            messages.append({"role": item.get("role"), "content": content})
+        elif kind == "function_call":
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"function": {"name": item.get("name"), "arguments": item.get("arguments")}}]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "content": item.get("output")})
+        else:
+            raise invalid(f"input[{i}].type", f"input[{i}].type must be message, function_call or "
+                                              f"function_call_output, got {short(kind)}")
+    return messages

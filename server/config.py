@@ -19,7 +19,6 @@ from server.options import OPTIONS, env_name
 CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
            "log_level": ("debug", "info", "warning", "error")}
 
-
 def _convert(name, kind, value):
     """A flag or env string -> the option's type; a bad value is a one-line UserError naming it."""
     if not isinstance(value, str):
@@ -93,17 +92,14 @@ def validate_config(cfg):
 def rate_limit_enabled(cfg):
     return limit_enabled(cfg.rate_limit)
 
-
 def limit_enabled(limit):
     return bool(limit) and limit.strip().lower() not in ("none", "off", "0")
-
 
 def is_loopback(address):
     try:
         return ipaddress.ip_address(address or "").is_loopback
     except ValueError:
         return False
-
 
 def host_name(host):
     """A Host header without its port: "[::1]:5000" -> "[::1]", "localhost:5000" -> "localhost"."""
@@ -141,7 +137,6 @@ def unavailable(code, message, retry_after):
     return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
 
 SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
-
 HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
               405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
               415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}
@@ -167,8 +162,3 @@ def client_gone(environ):
         return False
     except OSError:
         return True
-
-
-def param_error(error):
-    """A ParamError (already in the client's words) -> 400 naming the field."""
-    return invalid(error.param, str(error))

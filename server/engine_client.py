@@ -1,15 +1,8 @@
-"""The engine client: the server's half of the pipe to the engine's process (server/engine_worker.py),
-admission, and the one reader thread.
-
-The engine runs in a process of its own (spawned: a fresh interpreter, CUDA and threads do not survive
-fork), whose one loop steps the engine, so request threads never hold it up by holding the
-interpreter lock. Request threads send Add / Cancel / Embed; the reader puts each Step's outputs on
-the replies' queues. An engine process that dies is replaced: what ran ends with an error, /health
-says "restarting" until the new one is ready.
-"""
+"""The engine client: the server's half of the pipe to the engine's process (server/engine_worker.py, spawned:
+CUDA and threads do not survive fork), admission, and the one reader thread. A dead engine process is
+replaced: what ran ends with an error, /health says "restarting" until the new one is ready."""
 
 import itertools
-import logging
 import os
 import threading
 import time
@@ -18,13 +11,10 @@ from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
 from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
 from server.reply import POLL_S, Embeddings, Handle, Reply
-
-log = logging.getLogger("gpt2i.serve")
-
+from server.respond import log
 
 class EngineClient:
-    """The server's half of the pipe: starts (and restarts) the engine process, admits generations
-    against --max-queue, and runs the one reader thread. create_app builds one; serve.state(app) is it."""
+    """create_app builds one; serve.state(app) is it."""
 
     def __init__(self, config, metrics_class):
         self.config, self.model_name = config, config.model_name

@@ -1,6 +1,5 @@
-"""The engine's process and the typed messages of the pipe between it and the server: the server sends
-Add / Cancel / Embed / Stop; the engine answers Ready or LoadFailed once, then a Step per engine step
-(or Failed when a step raised)."""
+"""The engine's process and the typed messages of its pipe: the server sends Add / Cancel / Embed / Stop; the
+engine answers Ready or LoadFailed once, then a Step per engine step (or Failed when a step raised)."""
 
 import multiprocessing
 import signal
@@ -12,7 +11,6 @@ from engine.llm_engine import Engine
 from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
 from grammar import ConstraintError, compile_constraint
-
 
 # ---------------------------------------------------------------- messages: server -> engine
 
@@ -26,22 +24,18 @@ class Add:
     echo: bool
     group: int  # the HTTP request: the scheduler's fairness turn
 
-
 @dataclass
 class Cancel:
     request_id: int
-
 
 @dataclass
 class Embed:
     job_id: int
     inputs: list
 
-
 @dataclass
 class Stop:
     pass
-
 
 # ---------------------------------------------------------------- messages: engine -> server
 
@@ -51,11 +45,9 @@ class Ready:
     context_length: int
     stats: dict
 
-
 @dataclass
 class LoadFailed:
     error: str
-
 
 @dataclass
 class Step:
@@ -63,22 +55,18 @@ class Step:
     embedded: list  # (job id, float32 array (inputs, C))
     stats: dict
 
-
 @dataclass
 class Failed:
     request_ids: list
     error: str
 
-
-def engine_process(conn, options):
+def engine_process(conn, cfg):
     """The engine's process: load the model, then serve the pipe until Stop or the server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the server decides
     try:
-        model, info = load_model_from_checkpoint(options["ckpt"], device=options["device"],
-                                                 dtype=options["dtype"], quantize=options["quantize"])
-        engine = Engine(model, max_batch=options["max_batch"], prefill_chunk=options["prefill_chunk"],
-                        compile=options["compile"], prefix_cache=options["prefix_cache"],
-                        prefix_cache_mb=options["prefix_cache_mb"])
+        model, info = load_model_from_checkpoint(cfg.ckpt, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+        engine = Engine(model, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk, compile=cfg.compile,
+                        prefix_cache=cfg.prefix_cache, prefix_cache_mb=cfg.prefix_cache_mb)
         info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
     except Exception as e:
         conn.send(LoadFailed((str(e).splitlines() or [type(e).__name__])[0]))
@@ -88,7 +76,6 @@ def engine_process(conn, options):
         engine_loop(conn, engine)
     except (EOFError, OSError):
         return  # the server is gone
-
 
 def engine_loop(conn, engine):
     requests = {}  # id -> engine Request, until it is done
@@ -134,19 +121,14 @@ def engine_loop(conn, engine):
         embedded, engine.embedded = engine.embedded, []
         conn.send(Step(outputs, embedded, engine.stats()))
 
-
 def admit(engine, m):
     return engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id, m.group)
 
-
 def spawn_engine(config):
     """Start an engine process for this config -> (the server's end of its pipe, the process)."""
-    options = {"ckpt": config.ckpt, "device": config.device, "dtype": config.dtype, "quantize": config.quantize,
-               "max_batch": config.max_batch, "prefill_chunk": config.prefill_chunk, "compile": config.compile,
-               "prefix_cache": config.prefix_cache, "prefix_cache_mb": config.prefix_cache_mb}
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=engine_process, args=(child, options), name="gpt2i-engine", daemon=True)
+    proc = ctx.Process(target=engine_process, args=(child, config), name="gpt2i-engine", daemon=True)
     proc.start()
     child.close()
     return conn, proc

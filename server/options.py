@@ -1,8 +1,9 @@
 """The server's options: each is a flag (--max-queue) and an environment variable (GPT2I_MAX_QUEUE).
 argparse only (no torch), so `python serve.py --help` and a mistyped flag answer at once."""
 
-import argparse
 import os
+
+from cli import CLIParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_PREFIX = "GPT2I_"
@@ -44,18 +45,11 @@ OPTIONS = {
     "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
 
-
 def env_name(name):
     return ENV_PREFIX + name.upper()
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, as every other user mistake
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser():
-    parser = Parser(
+    parser = CLIParser(  # a mistake is one line and exit 2 (run_cli)
         description="Serve a gpt2-instruct model: POST /generate, OpenAI-compatible /v1/*, the chat page at /. "
                     "Every flag can also be set by an environment variable (shown); the flag wins.",
         epilog='production: GPT2I_CKPT=PATH gunicorn -c gunicorn.conf.py "serve:create_app()"')

@@ -6,13 +6,11 @@ import time
 
 from engine.detokenizer import token_bytes
 
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 def sse(obj, event=None):
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-SSE_DONE = "data: [DONE]\n\n"
-
-SSE_KEEPALIVE = ": keep-alive\n\n"
 
 def openai_finish(reason):
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
@@ -49,7 +47,6 @@ def completion_logprobs(entries, offset):
 def prompt_entries(ids, prompt_logprobs):
     """Engine prompt_logprobs (the first None) -> entries shaped like generated ones."""
     return [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, prompt_logprobs)]
-
 
 def openai_envelope(route, request_id, model_name, include_usage):
     """make(choices, usage, chunk) for one OpenAI reply: its id, object, created and model on every chunk."""

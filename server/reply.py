@@ -13,7 +13,6 @@ KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxi
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
 EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 
-
 @dataclass(eq=False)
 class Handle:
     """The server's side of one engine request (one prompt): choices base .. base + n - 1 of its reply."""
@@ -23,16 +22,14 @@ class Handle:
     reply: "Reply"
     base: int
     ids: list
-    open: int = 0  # choices not finished yet
-    done: bool = False
+    finished: int = 0  # choices
 
-    def __post_init__(self):
-        self.open = self.n
-
+    @property
+    def done(self):
+        return self.finished == self.n
 
 class Reply:
-    """One HTTP request's engine requests, seen from its request thread: outputs arrive on a queue
-    (put there by the reader thread), in order; an ApiError ends it early (shutdown, engine failure)."""
+    """One HTTP request's engine requests (a Handle per prompt)."""
 
     def __init__(self, n_choices, stream):
         self.stream, self.size = stream, n_choices  # size: what it holds against --max-queue
@@ -110,8 +107,7 @@ class Reply:
                 metrics.itl.observe((now - self.t_last) / n_new)
             self.t_first, self.t_last = self.t_first or now, now
         if out.finish_reason is not None:
-            handle.open -= 1
-            handle.done = not handle.open
+            handle.finished += 1
             self.completion_tokens += (out.usage or {}).get("completion_tokens", 0)
             if out.finish_reason == "cancelled":
                 metrics.cancelled.inc()
@@ -122,7 +118,6 @@ class Reply:
                 self.queue.put(self.pending)
                 self.pending = []
         return handle.done
-
 
 class Embeddings:
     """Embedding calls waiting for their vectors: ask() from a request thread, answer() from the reader."""

@@ -8,17 +8,15 @@ import time
 
 from flask import Response, current_app, g, request
 
-from engine.sampling_params import ParamError, fit
-from server.config import ApiError, ClientGone, invalid, param_error
+from engine.sampling_params import fit
+from server.config import ApiError, ClientGone, invalid
 from server.render import SSE_DONE, SSE_KEEPALIVE, sse
 
 log = logging.getLogger("gpt2i.serve")
 
-
 def client():
     """The EngineClient of the app handling this request."""
     return current_app.extensions["gpt2i"]
-
 
 def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):
     """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
@@ -72,7 +70,6 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None
     return Response(body(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-
 def finish_request(rq, info, server=None):
     """One log line and the request metrics, once, when the response is done (streams included)."""
     if info is None or rq["logged"]:
@@ -94,17 +91,12 @@ def finish_request(rq, info, server=None):
         line["error"] = rq["error"]
     log.log(logging.DEBUG if info["quiet"] else logging.INFO, line)
 
-
 def fit_prompt(ids, params, given, names, prompt_name="prompt", echo=False):
     """The prompt against --max-prompt-tokens and the context: an unspecified max_new_tokens is lowered
     to fit, an explicit one that does not fit is a 400 naming it as the client did."""
     server = client()
-    try:
-        return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
-                   prompt_name, names)
-    except ParamError as e:
-        raise param_error(e) from None
-
+    return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
+               prompt_name, names)
 
 def admit(prompts, stream, n=1, logprobs=None, echo=False):
     """client().admit, the reply noted for the request's log line and release."""

@@ -7,22 +7,21 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, send_fr
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from engine.detokenizer import encode_prompt
-from engine.sampling_params import PARAM_RANGES, ParamError, check_prompt_text
-from prompt import format_prompt
-from server.chat import chat_context, split_chat
+from engine.sampling_params import PARAM_RANGES, check_ids, check_prompt_text
 from grammar import FORMS
-from server.config import ApiError, invalid, param_error
-from server.openapi import openapi_document
+from prompt import format_prompt
+from server.chat import fold_chat
+from server.config import ApiError, invalid
 from server.render import native_logprobs, sse, token_str
 from server.respond import admit, client, fit_prompt, respond
-from server.schema import DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, check_ids, read_body, sampling_params, short
+from server.schema import (DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, openapi_document, read_body,
+                           sampling_params, short)
 from tokenizer import decode, encode
 
 bp = Blueprint("native", __name__)
 # the request forms of a constraint (grammar.FORMS): the field holding the spec, the kind of spec, the type
 # field that selects it
 CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.when else None} for f in FORMS]
-
 
 @bp.get("/health")
 def health():
@@ -37,7 +36,6 @@ def health():
             **({"restarts": server.restarts} if server.restarts else {})}
     return jsonify(body), 503, {"Retry-After": "2" if status in ("loading", "restarting") else "60"}
 
-
 @bp.get("/params")
 def params():
     server = client()
@@ -45,24 +43,20 @@ def params():
     table = {name: dict(spec) for name, spec in PARAM_RANGES.items()}
     if ctx:
         table["max_new_tokens"]["max"] = ctx - 1
-    return jsonify({"params": table, "constraints": CONSTRAINTS, "context_length": ctx, "max_prompt_tokens": server.prompt_limit() if ctx
-                    else None, "model": server.model_name, "status": server.status})
-
+    return jsonify({"params": table, "constraints": CONSTRAINTS, "context_length": ctx,
+                    "max_prompt_tokens": server.prompt_limit() if ctx else None, "model": server.model_name,
+                    "status": server.status})
 
 @bp.post("/generate")
 def generate():
     body, given, names = read_body(NATIVE_FIELDS, "/generate")
     p = sampling_params(given, names, body=body)
-    try:
-        check_prompt_text(body["prompt"], p.raw)
-    except ParamError as e:
-        raise param_error(e) from None
+    check_prompt_text(body["prompt"], p.raw)
     if body.get("context") and p.raw:
         raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
     server = client()
     server.require_ready()
-    ids = encode_prompt(format_prompt(body["prompt"], body["context"]), raw=True) \
-        if body.get("context") else encode_prompt(body["prompt"], p.raw)
+    ids = encode_prompt(body["prompt"] if p.raw else format_prompt(body["prompt"], body.get("context", "")), raw=True)
     k, stream = body.get("logprobs"), bool(body.get("stream"))
     reply = admit([(ids, fit_prompt(ids, p, given, names))], stream, logprobs=k)
 
@@ -84,7 +78,6 @@ def generate():
 
     return respond(reply, stream, render, chunks)
 
-
 @bp.post("/tokenize")
 def tokenize():
     body, _, _ = read_body(TOKENIZE_FIELDS, "/tokenize")
@@ -92,8 +85,7 @@ def tokenize():
     if len(given) != 1:
         raise invalid("prompt", "give exactly one of prompt (text; content in llama.cpp's words) or messages (a chat)")
     if "messages" in body:
-        system, history, instruction = split_chat(body["messages"])
-        ids = encode_prompt(format_prompt(instruction, chat_context(system, history)), raw=True)
+        ids = fold_chat(body["messages"], lambda n_tokens: True)  # as the chat route templates it, all turns
     else:
         text = body[given[0]]
         ids = encode(text) if body.get("raw", True) else encode_prompt(text)
@@ -102,7 +94,6 @@ def tokenize():
         out["token_strs"] = [token_str(t) for t in ids]
     return jsonify(out)
 
-
 @bp.post("/detokenize")
 def detokenize():
     body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")
@@ -110,17 +101,14 @@ def detokenize():
         raise invalid("tokens", f"tokens must be a list of token ids, got {short(body['tokens'])}")
     return jsonify({"prompt": decode(check_ids(body["tokens"], "tokens") if body["tokens"] else [])})
 
-
 @bp.get("/metrics")
 def metrics():
     data, content_type = client().metrics.exposition()
     return Response(data, mimetype="text/plain", headers={"Content-Type": content_type})
 
-
 @bp.get("/openapi.json")
 def openapi():
     return jsonify(openapi_document())
-
 
 @bp.get("/")
 def index():
@@ -130,7 +118,6 @@ def index():
     return Response("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title><p>gpt2-instruct server "
                     "(no chat page installed). API: <code>POST /generate</code>, <code>POST /v1/chat/completions"
                     "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
-
 
 @bp.get("/static/<path:filename>", endpoint="static_file")
 # every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the

@@ -1,21 +1,24 @@
-"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models."""
+"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/responses (nothing is stored),
+/v1/embeddings, /v1/models."""
 
 import base64
+import itertools
+import time
 
 from flask import Blueprint, g, jsonify
 
 from engine.detokenizer import encode_prompt
-from engine.sampling_params import ParamError, check_inputs
-from server.chat import fold_chat, split_chat
-from server.config import ApiError, invalid, param_error
+from engine.sampling_params import check_inputs
+from server.chat import fold_chat, input_messages, split_chat
+from server.config import ApiError, invalid
 from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
 from server.respond import admit, client, fit_prompt, respond
-from server.schema import CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, prompt_list, read_body, sampling_params
+from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, RESPONSE_FIELDS, prompt_list, read_body,
+                           sampling_params)
 from server.tools import CallStream, tool_plan
 from tokenizer import decode
 
 bp = Blueprint("openai", __name__)
-
 
 def openai_request(route, table, defaults=None):
     """An OpenAI route's body -> (fields, params given, client names, SamplingParams, stream, make, tail)."""
@@ -32,7 +35,6 @@ def openai_request(route, table, defaults=None):
         yield SSE_DONE
 
     return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
-
 
 @bp.post("/v1/completions")
 def completions():
@@ -63,7 +65,6 @@ def completions():
 
     return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
-
 def chat_prompt(messages, p, given, **split):
     """A chat's prompt ids, folded to fit with room for max_tokens (validated before readiness is asked)."""
     split_chat(messages, **split)
@@ -71,7 +72,6 @@ def chat_prompt(messages, p, given, **split):
     server.require_ready()
     limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
     return fold_chat(messages, lambda n_: n_ <= limit and n_ + min_new <= server.context_length, **split)
-
 
 @bp.post("/v1/chat/completions")
 def chat_completions():
@@ -115,6 +115,68 @@ def chat_completions():
     head = [chunk(i, {"role": "assistant", "content": "" if plan is None else None}) for i in range(n)]
     return respond(reply, stream, render, chunks, head, lambda: tail(reply))
 
+def part(text):
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+@bp.post("/v1/responses")
+def responses():
+    body, given, names = read_body(RESPONSE_FIELDS, "/v1/responses")
+    names.setdefault("max_new_tokens", "max_output_tokens")
+    p = sampling_params(given, names, body=body)  # text.format: a constraint (grammar.FORMS)
+    ids = chat_prompt(input_messages(body["input"]), p, given, name="input", instructions=body.get("instructions"))
+    stream = bool(body.get("stream"))
+    reply = admit([(ids, fit_prompt(ids, p, given, names, "input"))], stream)
+    rid, server = g.rq["request_id"], client()
+    where = {"item_id": "msg_" + rid, "output_index": 0, "content_index": 0}
+    head = {"id": "resp_" + rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+            "model": server.model_name, "output": [], "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"), "max_output_tokens": p.max_new_tokens,
+            "temperature": p.temperature, "top_p": p.top_p, "text": body.get("text") or {"format": {"type": "text"}},
+            "tools": [], "tool_choice": body.get("tool_choice", "none"), "parallel_tool_calls": False,
+            "previous_response_id": None, "store": False, "metadata": body.get("metadata") or {},
+            "truncation": "auto", "user": body.get("user"), "usage": None}
+
+    def message(text, status):
+        return {"type": "message", "id": where["item_id"], "status": status, "role": "assistant",
+                "content": [] if text is None else [part(text)]}
+
+    def final(text, finish_reason):
+        status = "incomplete" if finish_reason == "length" else "completed"
+        return {**head, "status": status, "output": [message(text, status)],
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "usage": {"input_tokens": reply.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": reply.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
+
+    def render(choices):
+        return jsonify(final(choices[0]["text"], choices[0]["finish_reason"]))
+
+    seq, sent = itertools.count(), []
+
+    def event(kind, **fields):
+        return sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
+
+    def chunks(_, out):
+        if out.text:
+            sent.append(out.text)
+            yield event("response.output_text.delta", **where, delta=out.text, logprobs=[])
+        if out.finish_reason is not None:
+            done = final("".join(sent), out.finish_reason)
+            item = done["output"][0]
+            yield event("response.output_text.done", **where, text=item["content"][0]["text"], logprobs=[])
+            yield event("response.content_part.done", **where, part=item["content"][0])
+            yield event("response.output_item.done", output_index=0, item=item)
+            yield event(f"response.{done['status']}", response=done)
+
+    def failed(e):  # the documented error event, then the response as failed
+        yield event("error", code=e.code, message=e.message, param=e.param)
+        yield event("response.failed", response={**head, "status": "failed",
+                                                 "error": {"code": e.code, "message": e.message}})
+
+    opening = [event("response.created", response=head), event("response.in_progress", response=head),
+               event("response.output_item.added", output_index=0, item=message(None, "in_progress")),
+               event("response.content_part.added", **where, part=part(""))]
+    return respond(reply, stream, render, chunks, opening, failed=failed)
 
 @bp.post("/v1/embeddings")
 def embeddings():
@@ -123,10 +185,7 @@ def embeddings():
     server = client()
     server.require_ready()
     ids_list = [encode_prompt(q, raw=True) if isinstance(q, str) else q for q in inputs]
-    try:
-        check_inputs(ids_list, server.context_length)
-    except ParamError as e:
-        raise param_error(e) from None
+    check_inputs(ids_list, server.context_length)
     b64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}
@@ -136,16 +195,13 @@ def embeddings():
     return jsonify({"object": "list", "data": data, "model": server.model_name,
                     "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
-
 def model_card(server):
     return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
             "context_length": server.context_length}
 
-
 @bp.get("/v1/models")
 def models():
     return jsonify({"object": "list", "data": [model_card(client())]})
-
 
 @bp.get("/v1/models/<path:model_id>")
 def model(model_id):

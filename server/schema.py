@@ -1,6 +1,6 @@
-"""Request bodies: each route's fields in one table. A field is a JSON Schema (checked here, published in
-/openapi.json) or the sampling parameter it feeds (checked by SamplingParams.make, published from the
-record's fields). `only` marks OpenAI fields accepted at a no-op value."""
+"""Request bodies: each route's fields in one table. A field is a JSON Schema (checked here) or the sampling
+parameter it feeds (checked by SamplingParams.make). `only` marks OpenAI fields accepted at a no-op value.
+The tables also build the OpenAPI document (/openapi.json)."""
 
 import json
 import math
@@ -8,14 +8,13 @@ import reprlib
 
 from flask import request
 
-from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids as _check_ids
-from grammar import FORMS, TYPES, ConstraintError, compile_constraint, constraint_from_request
-from server.config import ApiError, invalid, param_error
+from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids
+from grammar import FORMS, TYPES, compile_constraint, constraint_from_request
+from server.config import HTTP_TYPES, ApiError, invalid
 from server.tools import MAX_TOOLS
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
-
 
 def param_schema(name):
     """The JSON Schema of one engine parameter, from PARAM_RANGES."""
@@ -63,7 +62,6 @@ FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
 JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 
-
 def constraint_fields():
     """The route fields of the constraint forms (grammar.FORMS), nested as the requests nest them;
     text.format is the Responses API's and not here."""
@@ -82,7 +80,6 @@ def constraint_fields():
                 node = node.setdefault("properties", {}).setdefault(key, {})
             node.update(leaf)
     return {name: F(schema) for name, schema in fields.items()}
-
 
 CONSTRAINT_FIELDS = constraint_fields()
 SAMPLING = [name for name in PARAM_RANGES if name not in ("max_new_tokens", "raw")]
@@ -254,18 +251,13 @@ def _sane_int(text):
         raise ValueError(f"integer {text[:20]}... is out of range")
     return int(text)
 
-
 def request_constraint(body):
     """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
     grammar.Constraint or None."""
-    try:
-        constraint = constraint_from_request(body)
-        if constraint is not None:
-            compile_constraint(constraint)  # cached; the engine's process compiles its own copy
-        return constraint
-    except ConstraintError as e:
-        raise invalid(e.field, str(e)) from None
-
+    constraint = constraint_from_request(body)
+    if constraint is not None:
+        compile_constraint(constraint)  # cached; the engine's process compiles its own copy
+    return constraint
 
 def sampling_params(given, names, defaults=None, body=None):
     """SamplingParams from defaults + the given fields (+ the body's constraint); a ParamError is a 400 in the
@@ -273,11 +265,10 @@ def sampling_params(given, names, defaults=None, body=None):
     constraint = request_constraint(body or {})
     try:
         return SamplingParams.make({**(defaults or {}), **given, "constraint": constraint}, names=names)
-    except ParamError as e:
-        raise param_error(e) from None
+    except ParamError:
+        raise  # already in the client's words
     except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape the checks did not expect
         raise invalid(None, f"invalid generation parameter: {e}") from None
-
 
 def prompt_list(value, param):
     """A prompt field (string, list of strings, ids, list of id lists) -> list of str | list[int]."""
@@ -295,8 +286,57 @@ def prompt_list(value, param):
     raise invalid(param, f"{param} must be a string, a list of strings, a list of token ids, or a list of "
                          f"token-id lists (none empty), got {short(value)}")
 
-def check_ids(ids, param):
-    try:
-        return _check_ids(ids, param)
-    except ParamError as e:
-        raise invalid(param, str(e)) from None
+def openapi_document():
+    """OpenAPI 3.1 for every route, the request bodies built from the route tables and PARAM_RANGES."""
+
+    def body_schema(table):
+        props = {}
+        for name, spec in table.items():
+            schema = param_schema(spec["param"]) if spec["param"] else dict(spec["schema"])
+            props[name] = {"anyOf": [schema, {"type": "null"}]} if not spec.get("required") else schema
+        return {"type": "object", "properties": props, "additionalProperties": False,
+                "required": [n for n, s in table.items() if s.get("required")]}
+
+    error = {"$ref": "#/components/schemas/Error"}
+    errors = {str(code): {"description": HTTP_TYPES.get(code, "error"), "content": {"application/json": {"schema": error}}}
+              for code in (400, 401, 404, 405, 408, 413, 415, 429, 503)}
+    ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    ok_stream = {"description": "OK (JSON, or Server-Sent Events with stream: true)",
+                 "content": {"application/json": {"schema": {"type": "object"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}
+
+    def post(summary, table, ok=ok_json):
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": body_schema(table)}}}, "responses": {"200": ok, **errors}}}
+
+    def get(summary, ok=ok_json):
+        return {"get": {"summary": summary, "responses": {"200": ok, **errors}}}
+
+    model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpt2-instruct", "version": "1", "description": (
+            "Native and OpenAI-compatible generation. Logprobs are the model's raw log-probabilities (before "
+            "temperature, top-k, top-p and penalties). With n > 1, choice i samples with seed + i when seed is given.")},
+        "paths": {
+            "/health": get("Readiness: 200 when the model is loaded, 503 while loading or shutting down"),
+            "/params": get("Generation parameters: type, range, default; context length"),
+            "/generate": post("Native generation (instruction template unless raw)", NATIVE_FIELDS, ok_stream),
+            "/v1/completions": post("OpenAI text completion", COMPLETION_FIELDS, ok_stream),
+            "/v1/chat/completions": post("OpenAI chat completion", CHAT_FIELDS, ok_stream),
+            "/v1/responses": post("OpenAI Responses API (nothing is stored)", RESPONSE_FIELDS, ok_stream),
+            "/v1/embeddings": post("Mean-pooled, L2-normalised final hidden states", EMBEDDING_FIELDS),
+            "/tokenize": post("Text or chat -> token ids", TOKENIZE_FIELDS),
+            "/detokenize": post("Token ids -> text", DETOKENIZE_FIELDS),
+            "/v1/models": get("The served model"),
+            "/v1/models/{model_id}": {"get": {"summary": "One model", "parameters": model_param,
+                                              "responses": {"200": ok_json, **errors}}},
+            "/metrics": get("Prometheus metrics", {"description": "OK", "content": {"text/plain": {
+                "schema": {"type": "string"}}}}),
+            "/openapi.json": get("This document"),
+        },
+        "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["type", "message"], "properties": {
+                "type": {"type": "string"}, "message": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}},
+    }
