@@ -240,10 +240,6 @@ class Matcher:
     def __init__(self, template):
         self._m = template.deep_copy()
 
-    def fork(self):
-        """An independent copy at the same place (each of n choices gets its own)."""
-        return Matcher(self._m)
-
     def accept(self, token):
         """Advance by a sampled token; False when the grammar refused it (the matcher is then in error)."""
         return self._m.consume_token(int(token))
