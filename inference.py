@@ -16,11 +16,6 @@ import sys
 from cli import CLIParser, bounded, run_cli
 from engine.sampling_params import MAX_STOP_STRINGS, PARAM_RANGES
 
-def flag_help(spec):
-    hi = "" if spec["max"] is None else f", at most {spec['max']}"
-    return f"{spec['help']} ({'above' if spec.get('min_exclusive') else 'at least'} {spec['min']}{hi})"
-
-
 def build_parser():
     p = CLIParser(description="Generate text with a gpt2-instruct model (our ckpt.pt, an HF GPT-2 folder, or gpt2).",
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -30,8 +25,10 @@ def build_parser():
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the instruction template")
     for name, spec in PARAM_RANGES.items():  # every numeric sampling parameter of the table
         if spec["type"] in ("int", "float"):
+            hi = "" if spec["max"] is None else f", at most {spec['max']}"
+            bound = f"{'above' if spec.get('min_exclusive') else 'at least'} {spec['min']}{hi}"
             p.add_argument("--" + name.replace("_", "-"), type=int if spec["type"] == "int" else float,
-                           default=spec["default"], help=flag_help(spec))
+                           default=spec["default"], help=f"{spec['help']} ({bound})")
     p.add_argument("--stop", action="append", default=None,
                    help=f"stop string; repeat for several (at most {MAX_STOP_STRINGS}); not included in the output")
     p.add_argument("--ignore-eos", action="store_true", help=PARAM_RANGES["ignore_eos"]["help"])
@@ -69,7 +66,7 @@ from engine.llm_engine import Engine  # noqa: E402
 from engine.loader import (InOutLinear, TiedEmbedding, load_model_from_checkpoint, prepare_model,  # noqa: E402, F401
                            quantize_int8, use_in_out_layout)
 from engine.sampler import TOPK_CANDIDATES, param_row, sample, sampler_kind  # noqa: E402, F401
-from engine.sampling_params import (DEFAULTS, ParamError, SamplingParams,  # noqa: E402, F401
+from engine.sampling_params import (ParamError, SamplingParams,  # noqa: E402, F401
                                     check_ids, check_prompt_text, fit, validate_params)
 from grammar import compile_constraint, make_constraint  # noqa: E402
 

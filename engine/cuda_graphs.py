@@ -1,5 +1,5 @@
 """CUDA graphs of the decode step: one per (batch bucket, cache-length bucket, sampler kind), captured
-on first use or up front by warmup(), so a decode step costs one replay instead of hundreds of launches."""
+on first use or up front by Engine.warmup(), so a decode step costs one replay instead of hundreds of launches."""
 
 import warnings
 
@@ -31,14 +31,6 @@ class DecodeGraphs:
                 warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=3)
                 self.enabled = False
         return graph
-
-    def warmup(self, buckets, kinds):
-        """Capture (and compile) the decode steps of every (batch, cache-length) bucket for these kinds."""
-        with torch.no_grad():
-            for B, L in buckets:
-                for kind in kinds:
-                    self.get(B, L, kind)
-        return len(self.graphs)
 
     def _capture(self, B, L, kind):
         """Warm up (compiles if asked) on a side stream, then record one decode step in a graph. The warm-up

@@ -31,14 +31,6 @@ from engine.sequence import Request
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
 
 
-def pack(lengths, budget):
-    """How many of these rows (in order) one padded batch of at most budget tokens holds; at least one."""
-    k, width = 1, lengths[0]
-    while k < len(lengths) and (k + 1) * max(width, lengths[k]) <= budget:
-        width, k = max(width, lengths[k]), k + 1
-    return k
-
-
 class Engine:
     """max_batch: cache slots. prefill_chunk: prompt and embedding tokens a step computes at most (default:
     PREFILL_CHUNK). prefix_cache_mb: the prefix cache's pool (default: as large as the KV-cache).
@@ -91,9 +83,15 @@ class Engine:
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
+        graphs = self.runner.graphs
         with self._lock:
-            self.runner.graphs.warmup([(B, 0) for B in batches], [k[:3] + (True,) for k in kinds])
-            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], (*kinds, FORWARD))
+            for B in batches:
+                for kind in kinds:
+                    graphs.get(B, 0, kind[:3] + (True,))  # the masked sampler reads no cache
+                for L in lengths:
+                    for kind in (*kinds, FORWARD):
+                        graphs.get(B, L, kind)
+            return len(graphs.graphs)
 
     @torch.no_grad()
     def step(self):
@@ -155,11 +153,13 @@ class Engine:
 
     def _embed_batch(self, budget):
         """Queue one padded forward over the next embedding inputs (of any jobs, in order), as many as
-        budget tokens hold, at least one -> (their jobs, Fetch), or None."""
+        budget tokens hold, padding included, at least one -> (their jobs, Fetch), or None."""
         pending = [(job, ids) for job in self._embeds for ids in job[1][len(job[2]):]]
         if not pending:
             return None
-        k = pack([len(ids) for _, ids in pending], budget)
+        k, width = 1, len(pending[0][1])
+        while k < len(pending) and (k + 1) * max(width, len(pending[k][1])) <= budget:
+            width, k = max(width, len(pending[k][1])), k + 1
         return [job for job, _ in pending[:k]], embed_forward(self.runner, [ids for _, ids in pending[:k]])
 
     def _embedded(self, jobs, fetch):

@@ -62,7 +62,7 @@ class PrefillWork:
     finals: list  # [(batch row, request, last position)] of the prompts this prefill completed
     choices: list  # the choices whose first token was sampled
     fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
-    first: int = 0  # where the first ids sit in the fetch
+    first: int  # where the first ids sit in the fetch
 
 
 @dataclass
@@ -208,6 +208,7 @@ class ModelRunner:
             entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
             fetch += entries or []
             self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
+        first = len(fetch)
         if choices:
             b_idx, t_idx = (self.upload(list(x), torch.long) for x in zip(*at))
             logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
@@ -223,9 +224,8 @@ class ModelRunner:
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
-            first = len(fetch)
             fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
-        return PrefillWork(finals, choices, Fetch(fetch), first if choices else 0)
+        return PrefillWork(finals, choices, Fetch(fetch), first)
 
     def decode(self, rows_by_slot, live):
         """Queue K decode steps for every live choice (no sync) -> DecodeWork or None. A constrained batch

@@ -88,7 +88,6 @@ KINDS = {int: "int", float: "float", bool: "bool", dict: "bias", tuple: "stop"}
 # the published table (server /params, OpenAPI, CLI help, the chat page): type, min, max, default, help
 PARAM_RANGES = {f.name: {"type": KINDS[f.type], "default": None if f.type in (dict, tuple) else f.default,
                         **f.metadata} for f in FIELDS.values()}
-DEFAULTS = {name: spec["default"] for name, spec in PARAM_RANGES.items()}
 
 
 def short(value):

@@ -523,7 +523,7 @@ def test_param_ranges_are_json_ready():
     json.dumps(inf.PARAM_RANGES)  # the server and chat page ship it as is
     assert set(inf.PARAM_RANGES) >= {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                      "presence_penalty", "frequency_penalty", "logit_bias", "stop", "seed", "raw"}
-    assert math.isclose(inf.DEFAULTS["temperature"], 0.8)
+    assert math.isclose(inf.PARAM_RANGES["temperature"]["default"], 0.8)
 
 
 # ---------------------------------------------------------------- loading
