@@ -1,13 +1,10 @@
-"""Text generation for our GPT: the command line, and the Python API on top of the engine package.
+"""Text generation for our GPT: the command line (python inference.py --ckpt PATH --prompt TEXT [flags])
+and the Python API on top of the engine package (engine/, mapped in docs/design.md):
 
-    python inference.py --ckpt PATH --prompt TEXT [--stream] [--raw] [sampling flags]   (--help)
-
-    from inference import load_model_from_checkpoint, generate_text, stream_text, generate_batch, Engine
-    model, info = load_model_from_checkpoint("out/dolly")
+    model, info = load_model_from_checkpoint("out/dolly")   # also: stream_text, generate_batch, Engine
     generate_text(model, "Name three colours.", temperature=0.7, seed=1)   # {"text", "finish_reason", ...}
 
-The engine (continuous batching, one sampler, CUDA graphs) lives in engine/: docs/design.md maps it. The
-Python API checks everything before work starts (ParamError, a ValueError naming the field).
+The Python API checks everything before work starts (ParamError, a ValueError naming the field).
 """
 
 import argparse

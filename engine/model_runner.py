@@ -214,7 +214,7 @@ class ModelRunner:
             logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
             slots = self.upload([c.slot for c in choices], torch.long)
             kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
-            u = self.upload([[0.0 if c.greedy else c.rng.random()] for c in choices], torch.float32)
+            u = self.upload([[0.0 if c.p.greedy else c.rng.random()] for c in choices], torch.float32)
             pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
             masked = apply_bitmask(logits, grammar_masks(choices, new_bitmask(len(choices))).to(self.device)) \
                 if kind[3] else logits
@@ -243,7 +243,7 @@ class ModelRunner:
         rows = [c if c is not None and c.live() else None for c in rows_by_slot[:B]]
         if kind[0] != 0:
             zeros = [0.0] * self.kmax
-            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.greedy else zeros
+            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.p.greedy else zeros
                  for c in rows]
             self.u[:B].copy_(self.upload(u, torch.float32))
         self.j.zero_()

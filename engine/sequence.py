@@ -54,7 +54,6 @@ class Choice:
         self.request, self.index, self.p = request, index, p
         seed = (p.seed + index) % (SEED_MAX + 1) if p.seed is not None else secrets.randbits(63)
         self.rng = random.Random(seed)  # private: one uniform per sampled token
-        self.greedy = p.greedy
         self.slot = None
         self.pos = 0  # host mirror of the slot's next cache position once decoding
         self.queued = 0  # tokens whose computation has been queued
