@@ -121,7 +121,7 @@ class PrefixCache:
     def store(self, ids, cache, slot, logprobs=None):
         """Keep the full blocks of ids whose KV cache slot `slot` holds, with the prompt's echo entries
         (logprobs: as load returns them, P = len(ids) - 1). Under pressure only a head of the prefix is
-        kept (its own rows are never recycled for it). -> the number of blocks added."""
+        kept (its own rows are never recycled for it)."""
         rows, new = [], []  # new: (block index, row) of blocks not cached before
         for j, key in enumerate(block_keys(ids, len(ids) // BLOCK_TOKENS if self.max_blocks else 0)):
             row = self._row.get(key)
@@ -143,7 +143,6 @@ class PrefixCache:
         if logprobs is not None:
             self._store_logprobs(rows, logprobs)
         self.stats.blocks_used = len(self._row)
-        return len(new)
 
     def _store_logprobs(self, rows, logprobs):
         """Echo entries for the blocks that lack them: block j keeps those predicting its tokens (positions
