@@ -1,19 +1,6 @@
-"""
-A constraint on what a sequence may generate: a JSON schema, any JSON object, a regex, a choice among
-strings, or a grammar (GBNF or Lark), enforced by llguidance.
-
-    c = constraint_from_request(body)        # the one request-form table; ConstraintError names the field
-    m = Matcher(compile_constraint(c)); m2 = m.fork()   # LRU of compiled specs; one matcher per sequence
-    bitmask = new_bitmask(rows)              # int32 [rows, 50304 / 32], one bit per token id
-    fill_bitmask([m, m2], bitmask, [0, 3])   # rows 0 and 3; CPU, GIL released: runs while the GPU steps
-    masked = apply_bitmask(logits, bitmask.to(logits.device))      # a copy: disallowed ids -> -inf
-    m.accept(token)                          # after sampling; m.done: only end-of-text is left
-
-Why llguidance, against xgrammar (docs/runs/2026-12-06_cpu_grammar_libraries.txt): no Python dependencies
-and one abi3 wheel, grammars build in 1-7 ms where xgrammar precomputes for up to 500 ms, its outputs
-validate where xgrammar's do not (multipleOf on numbers, control characters in strings), and its parser
-runs under fuel limits: a hostile spec is bounded.
-"""
+"""A constraint on what a sequence may generate: a JSON schema, any JSON object, a regex, a choice among
+strings, or a grammar (GBNF or Lark), enforced by llguidance (why llguidance, the API and the limits:
+docs/design.md). Its parser runs under fuel limits: a hostile spec is bounded."""
 
 import functools
 import json
@@ -64,8 +51,7 @@ class ConstraintError(UserError):
 class Constraint:
     kind: str  # one of KINDS
     spec: str  # canonical text: sorted-key JSON for a schema or the choices, else the regex or grammar
-    field: str = dataclasses.field(compare=False)  # the request field it came from, named in errors (not
-    # in the compile cache's key: one schema, one template, whichever form brought it)
+    field: str = dataclasses.field(compare=False)  # named in errors; not in the compile cache's key
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
@@ -254,10 +240,6 @@ class Matcher:
     def __init__(self, template):
         self._m = template.deep_copy()
 
-    def fork(self):
-        """An independent copy at the same place (each of n choices gets its own)."""
-        return Matcher(self._m)
-
     def accept(self, token):
         """Advance by a sampled token; False when the grammar refused it (the matcher is then in error)."""
         return self._m.consume_token(int(token))
@@ -265,7 +247,6 @@ class Matcher:
     @property
     def done(self):  # the grammar is complete: end-of-text is the only token left
         return self._m.is_stopped()
-
 
 
 def new_bitmask(rows, pin=False):

@@ -1,14 +1,7 @@
-"""
-GPT-2, written from scratch, with a KV-cache of per-sequence slots for batched decoding.
-
-Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT.
-Parameter names match Hugging Face's GPT-2 (transformer.wte / wpe / h.N.attn.c_attn / ...,
-lm_head), so OpenAI's weights map one to one (HF stores Conv1D weights transposed; see
-hf_to_ours and ours_to_hf). Attention goes through F.scaled_dot_product_attention, which
-picks the flash / cuDNN / memory-efficient kernels on GPU.
-
-Shapes in comments: B batch, T query length, S cache slots, L key length, C n_embd, H n_head,
-D head size (C // H), V vocab.
+"""GPT-2, written from scratch, with a KV-cache of per-sequence slots for batched decoding. Parameter names
+match Hugging Face's GPT-2, so OpenAI's weights map one to one (HF stores Conv1D weights transposed: see
+hf_to_ours and ours_to_hf). Shapes in comments: B batch, T query length, S cache slots, L key length,
+C n_embd, H n_head, D head size (C // H), V vocab.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -118,11 +111,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once: k[i], v[i] are (S, block_size, H, D).
-
-    Each of the S slots holds one sequence at its own positions (no padding shared across a
-    batch). Per-layer tensors, not one stacked tensor: torch.compile then writes them in place.
-    """
+    """Keys and values of every layer, allocated once: k[i], v[i] are (S, block_size, H, D), one sequence
+    per slot. Per-layer tensors, not one stacked tensor: torch.compile then writes them in place."""
 
     def __init__(self, config, n_slots, device=None, dtype=torch.float32):
         shape = (n_slots, config.block_size, config.n_head, config.n_embd // config.n_head)
@@ -164,14 +154,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # ------------------------------------------------------------------ forward
-
     def forward(self, idx, targets=None, reduction="mean", **cache):
-        """idx: (B, T) token ids -> (logits (B, T, V), loss or None).
-
-        targets (B, T): next-token ids, -1 where no loss is wanted; loss is a mean over the
-        counted tokens (reduction="mean") or their sum ("sum"). cache: see hidden.
-        """
+        """idx: (B, T) token ids -> (logits (B, T, V), loss or None). targets (B, T): next-token ids, -1 where
+        no loss is wanted; loss: the mean over counted tokens (reduction="mean") or their sum ("sum")."""
         logits = self.lm_head(self.hidden(idx, **cache))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -180,15 +165,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
-        """Final hidden states (B, T, C), after ln_f.
-
-        Without a cache: plain causal attention over idx. With a KVCache: row b's tokens sit at
-        positions pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot slots[b] (slots: (B,)
-        tensor; None = slots 0..B-1, read as views). Their keys and values are written there, then
-        each query attends to the first kv_len positions of its slot, those after its own masked.
-        Every shape depends on B, T and kv_len only, so a decode step (T = 1) can be captured in a
-        CUDA graph or compiled once per shape; positions are never checked here (that would sync).
-        """
+        """Final hidden states (B, T, C), after ln_f. Without a cache: plain causal attention over idx. With a
+        KVCache: row b's tokens sit at positions pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot
+        slots[b] (slots: (B,) tensor; None = slots 0..B-1, read as views); their keys and values are written
+        there, then each query attends to the first kv_len positions of its slot, those after its own
+        masked. Shapes depend on B, T and kv_len only (CUDA graphs, compile); positions are never checked
+        here (that would sync)."""
         B, T = idx.size()
         steps = torch.arange(T, device=idx.device)  # (T,)
         if cache is None:
@@ -207,8 +189,6 @@ class GPT(nn.Module):
         for block, kv in zip(self.transformer.h, kvs):
             x = block(x, kv, where)
         return self.transformer.ln_f(x)
-
-    # ------------------------------------------------------------------ sizes and costs
 
     def num_params(self, exclude_positions=False):
         """Parameter count (tied weights once). exclude_positions drops wpe, as in MFU estimates."""

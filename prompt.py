@@ -9,10 +9,8 @@ RESPONSE_HEADER = "### Response:\n"
 
 
 def format_prompt(instruction, context=""):
-    """The prompt up to and including '### Response:\\n'; the model writes the response after it.
-
-    The '### Input:' block is left out when context is empty.
-    """
+    """The prompt up to and including '### Response:\\n' (the model writes the response after it); the
+    '### Input:' block is left out when context is empty."""
     text = PREAMBLE + f"### Instruction:\n{instruction}\n\n"
     if context:
         text += f"### Input:\n{context}\n\n"

@@ -1,8 +1,5 @@
-"""The GPT-2 tokenizer (BPE via tiktoken), built offline from the bundled assets/gpt2.tiktoken.
-
-tiktoken.get_encoding("gpt2") downloads its ranks file; this builds the identical encoding
-(same ranks, pattern and special token, so the same ids) from the copy in this repository.
-"""
+"""The GPT-2 tokenizer (BPE via tiktoken), built offline: tiktoken.get_encoding("gpt2") downloads its ranks;
+this builds the identical encoding (same ranks, pattern and special token) from assets/gpt2.tiktoken."""
 
 import functools
 import os
@@ -21,10 +18,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """The GPT-2 encoding (cached). encode_ordinary(text) -> ids; decode(ids) -> text."""
-    ranks = load_tiktoken_bpe(BPE_FILE)
-    enc = tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TOKEN: EOT_ID}
-    )
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(BPE_FILE),
+                            special_tokens={EOT_TOKEN: EOT_ID})
     assert enc.n_vocab == N_VOCAB, enc.n_vocab
     return enc
 

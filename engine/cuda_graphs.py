@@ -1,5 +1,5 @@
 """CUDA graphs of the decode step: one per (batch bucket, cache-length bucket, sampler kind), captured
-on first use or up front by warmup(), so a decode step costs one replay instead of hundreds of launches."""
+on first use or up front by Engine.warmup(), so a decode step costs one replay instead of hundreds of launches."""
 
 import warnings
 
@@ -17,21 +17,13 @@ class DecodeGraphs:
         self.graphs, self.pool = {}, None  # (B, L, kind) -> torch.cuda.CUDAGraph
         self.notes = []  # fallbacks taken
 
-    def __len__(self):
-        return len(self.graphs)
-
-    def replay(self, B, L, kind):
-        """Run one decode step from its graph -> True; False when graphs are off (the caller runs it)."""
-        graph = self.get(B, L, kind) if self.enabled else None
-        if graph is None:
-            return False
-        graph.replay()
-        return True
-
     def get(self, B, L, kind):
-        """The graph of a decode step, captured on first use; None (and graphs off) if capture fails."""
+        """The graph of a decode step, captured on first use; None when graphs are off (a failed capture
+        turns them off)."""
+        if not self.enabled:
+            return None
         graph = self.graphs.get((B, L, kind))
-        if graph is None and self.enabled:
+        if graph is None:
             try:
                 graph = self.graphs[(B, L, kind)] = self._capture(B, L, kind)
             except Exception as e:  # keep serving: decode uncaptured, loudly
@@ -40,20 +32,10 @@ class DecodeGraphs:
                 self.enabled = False
         return graph
 
-    def warmup(self, buckets, kinds):
-        """Capture (and compile) the decode steps of every (batch, cache-length) bucket for these kinds."""
-        with torch.no_grad():
-            for B, L in buckets:
-                for kind in kinds:
-                    self.get(B, L, kind)
-        return len(self.graphs)
-
     def _capture(self, B, L, kind):
-        """Warm up (compiles if asked) on a side stream, then record one decode step in a graph.
-
-        The warm-up steps really run: the state they change is saved and put back. Their cache
-        writes land at or past each slot's filled length, which is rewritten before it is read.
-        """
+        """Warm up (compiles if asked) on a side stream, then record one decode step in a graph. The warm-up
+        steps really run: the state they change is saved and put back; their cache writes land at or past
+        each slot's filled length, which is rewritten before it is read."""
         r = self.runner
         saved = [(t, t.clone()) for t in (r.tok, r.pos, r.j, r.seen, r.counts)]
         side = torch.cuda.Stream(device=r.device)

@@ -1,6 +1,7 @@
 """Text out of token ids, a token at a time: UTF-8 assembly and stop strings; and the prompt template in."""
 
 import codecs
+import functools
 
 from engine.sampling_params import ParamError
 from prompt import format_prompt
@@ -8,10 +9,8 @@ from tokenizer import EOT_ID, encode, get_tokenizer
 
 
 def encode_prompt(prompt, raw=False):
-    """Prompt text -> token ids: the instruction template (prompt.format_prompt) unless raw.
-
-    An empty raw prompt becomes [<|endoftext|>], the start-of-document token GPT-2 was trained on.
-    """
+    """Prompt text -> token ids: the instruction template (prompt.format_prompt) unless raw. An empty raw
+    prompt becomes [<|endoftext|>], the start-of-document token GPT-2 was trained on."""
     if not isinstance(prompt, str):
         raise ParamError("prompt", f"prompt must be a string, got {type(prompt).__name__}")
     ids = encode(prompt if raw else format_prompt(prompt))
@@ -19,13 +18,9 @@ def encode_prompt(prompt, raw=False):
 
 
 class StopFilter:
-    """Cuts text at the first stop string, holding back any tail that could still start one.
-
-    push(text) -> (text safe to emit, hit); once hit, everything from the stop string on is dropped.
-    Of several stop strings the one that completes first wins (then the one that starts first).
-    The held-back tail is always a proper prefix of some stop string, so a match can never start
-    inside text already emitted.
-    """
+    """Cuts text at the first stop string, holding back any tail that could still start one (a proper
+    prefix of a stop string), so a match never starts inside text already emitted. push(text) -> (text
+    safe to emit, hit); once hit, everything from the stop string on is dropped."""
 
     def __init__(self, stops=()):
         self.stops = tuple(stops)
@@ -64,13 +59,6 @@ def utf8_decoder():
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
-
-
-_TOKEN_BYTES = {}
-
-
+@functools.lru_cache(maxsize=None)
 def token_bytes(token):
-    b = _TOKEN_BYTES.get(token)
-    if b is None:
-        b = _TOKEN_BYTES[token] = get_tokenizer().decode_single_token_bytes(token)
-    return b
+    return get_tokenizer().decode_single_token_bytes(token)

@@ -1,31 +1,21 @@
 """The engine: continuous batching for one model. Requests join the running batch between steps and
 leave it when they finish; step() is the algorithm: schedule, run (and sample, on the device), emit.
 
-    engine = Engine(model, max_batch=64)                                     # prefill_chunk: per device
-    req = engine.add(prompt_ids, SamplingParams.make(temperature=0.7), n=1)   # checked at the edge first
-    while engine.has_work(): for out in engine.step(): ...                  # Output: text, token_ids, ...
-
 On CUDA a step's prefill and decode chunk are queued before the previous step's are read (pipelined),
-so the GPU keeps working while the host makes text and plans the next step; a request's tokens never
-depend on what else runs.
-
-Constrained decoding (SamplingParams.constraint, grammar.py): a grammar's next mask needs the token
-before it, so a batch holding a constrained row decodes one token per step in two halves: the forward
-is queued; each matcher takes its last token and a thread fills the masks on the CPU while the host
-emits the earlier work and the device runs the forward; then the batch is sampled under them. Rows
-without a grammar get an all-ones mask (their tokens do not change); a batch without a constrained
-row is untouched.
+so the GPU keeps working while the host makes text and plans the next step. A batch holding a constrained row (grammar.py) decodes one token per step in
+two halves: the forward is queued, a thread fills the grammar masks while the host emits earlier work,
+then the batch is sampled under them (docs/design.md).
 """
 
 import threading
 from collections import deque
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork, embed_forward
 from engine.sampler import TOPK_CANDIDATES, entry
-from engine.sampling_params import check_inputs
 from engine.scheduler import Scheduler
 from engine.sequence import Request
 
@@ -41,24 +31,13 @@ from engine.sequence import Request
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
 
 
-def pack(lengths, budget):
-    """How many of these rows (in order) one padded batch of at most budget tokens holds; at least one."""
-    k, width = 1, lengths[0]
-    while k < len(lengths) and (k + 1) * max(width, lengths[k]) <= budget:
-        width, k = max(width, lengths[k]), k + 1
-    return k
-
-
 class Engine:
-    """max_batch: cache slots (rows decoded together at most). prefill_chunk: prompt and embedding tokens
-    computed per step at most (default: PREFILL_CHUNK of the device kind). prefix_cache: reuse the KV of
-    cached prompt prefixes (prefix_cache.py); prefix_cache_mb: its pool (default: as large as the
-    KV-cache). decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: capture
-    decode steps in CUDA graphs (default: on CUDA). static: bucketed fixed shapes without graphs (default:
-    = graphs; True on CPU runs the graph path's logic). compile: torch.compile the decode forward.
-    pipeline: queue a step's work before reading the previous step's (default: on CUDA). add / cancel /
-    add_embedding / stats / has_work / embed are thread-safe; step is called by one thread.
-    """
+    """max_batch: cache slots. prefill_chunk: prompt and embedding tokens a step computes at most (default:
+    PREFILL_CHUNK). prefix_cache_mb: the prefix cache's pool (default: as large as the KV-cache).
+    decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: CUDA graphs of
+    the decode steps (default: on CUDA). static: bucketed fixed shapes without graphs (default: = graphs;
+    on CPU it runs the graph path's logic). compile: torch.compile the decode forward. pipeline: queue a
+    step's work before reading the previous step's (default: on CUDA). Only step is single-threaded."""
 
     def __init__(self, model, max_batch=64, prefill_chunk=None, decode_chunk=None, graphs=None, compile=False,
                  static=None, pipeline=None, prefix_cache=True, prefix_cache_mb=None):
@@ -68,73 +47,51 @@ class Engine:
         prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, PREFILL_CHUNK["cpu"])
         self.scheduler = Scheduler(max_batch, prefill_chunk, model.config.block_size, self.runner.prefix)
         self.pipeline = self.device.type == "cuda" if pipeline is None else bool(pipeline)
-        self._lock = threading.Lock()  # the device state: step, embed
+        self._lock = threading.Lock()  # the device state: step, warmup
         self._inflight = []  # queued work whose results are not read yet (pipeline)
         self._embeds = deque()  # [job id, id lists, vectors so far] not done yet
         self.embedded = []  # (job id, vectors) done, for the caller to take
 
-    graphs = property(lambda self: self.runner.graphs.enabled)
-    notes = property(lambda self: self.runner.graphs.notes)
-    compile = property(lambda self: self.runner.compile)
-    kmax = property(lambda self: self.runner.kmax)
-
-    def describe(self):
-        r = self.runner
-        return {"graphs": self.graphs, "static": r.static, "compile": r.compile, "decode_chunk": r.kmax,
-                "pipeline": self.pipeline, "max_batch": self.max_batch,
-                "prefill_chunk": self.scheduler.prefill_chunk, "graphs_captured": len(r.graphs),
-                "notes": list(self.notes)}
-
-    # -------------------------------------------------------------- thread-safe API
+    notes = property(lambda self: self.runner.graphs.notes)  # fallbacks taken
 
     def add(self, prompt_ids, params, n=1, logprobs=None, echo=False, request_id=None, group=None):
-        """Queue a request -> its Request. Checked at the edge (sampling_params.check_request)."""
+        """Queue a request -> its Request; checked at the edge (sampling_params: check_ids, fit; n, logprobs)."""
         req = Request(list(prompt_ids), params, n, logprobs, echo, request_id, group)
         self.scheduler.add(req)
         return req
 
     def cancel(self, request):
-        """End a request: its choices finish with "cancelled" at the next step."""
         request.cancelled = True
 
     def add_embedding(self, job_id, inputs):
-        """Queue embeddings of id lists (checked at the edge); step() computes them within its token
-        budget, batched across jobs, and puts (job_id, vectors: a float32 array (len(inputs), C)) in
-        self.embedded."""
+        """Queue embeddings of id lists (checked at the edge: check_inputs); steps compute them within their
+        budget and put (job_id, a float32 array (len(inputs), C)) in self.embedded: each id list's final
+        hidden states, mean-pooled and L2-normalised."""
         self._embeds.append([job_id, inputs, []])
 
     def stats(self):
-        return {**self.scheduler.stats(), "prefix_cache": self.runner.prefix.snapshot()}
+        return {**self.scheduler.stats(), "prefix_cache": asdict(self.runner.prefix.stats)}
 
     def has_work(self):
         return bool(self._inflight or self._embeds) or self.scheduler.has_work()
 
     @torch.no_grad()
-    def embed(self, inputs):
-        """Mean-pooled final hidden states of each id list, L2-normalised -> list of lists of floats."""
-        check_inputs(inputs, self.config.block_size)  # the Python API's edge
-        with self._lock:
-            out = []
-            while len(out) < len(inputs):
-                k = pack([len(x) for x in inputs[len(out):]], self.scheduler.prefill_chunk)
-                out += embed_forward(self.runner, inputs[len(out):len(out) + k]).get()[0]
-            return out
-
-    @torch.no_grad()
     def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
-        kinds (default: greedy, and top-k / top-p sampling without penalties) before serving, so no
-        request waits for a capture; others are captured on first use. The two halves of a constrained
-        step come too: the forward per bucket, the masked sampler of each kind per batch bucket.
-        -> graphs held (0 without graphs)."""
+        kinds (default: greedy, and top-k / top-p without penalties), with the two halves of a constrained
+        step, so no request waits for a capture -> graphs held (0 without graphs)."""
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
+        graphs = self.runner.graphs
         with self._lock:
-            self.runner.graphs.warmup([(B, 0) for B in batches], [k[:3] + (True,) for k in kinds])
-            return self.runner.graphs.warmup([(B, L) for B in batches for L in lengths], (*kinds, FORWARD))
-
-    # -------------------------------------------------------------- the loop
+            for B in batches:
+                for kind in kinds:
+                    graphs.get(B, 0, kind[:3] + (True,))  # the masked sampler reads no cache
+                for L in lengths:
+                    for kind in (*kinds, FORWARD):
+                        graphs.get(B, L, kind)
+            return len(graphs.graphs)
 
     @torch.no_grad()
     def step(self):
@@ -172,25 +129,21 @@ class Engine:
 
     def _emit_prefill(self, work, emitted):
         values = work.fetch.get()
-        for _, r, _ in work.finals:
+        for _, r, _ in work.finals:  # echo: the prompt's entries; max_new_tokens 0 (echo only) ends here
+            entries = [None]
             if r.echo and r.prompt_lp:
-                lp, ids, top = values[:3]
+                entries += [entry(t, *x, r.logprobs) for t, *x in zip(r.prompt[1:], *values[:3])]
                 values = values[3:]
-                entries = [None] + [entry(t, *x, r.logprobs) for t, x in zip(r.prompt[1:], zip(lp, ids, top))]
-            elif r.echo:
-                entries = [None]
             for c in r.choices:
                 if r.echo and c.finish_reason is None:
                     c.output(emitted).prompt_logprobs = entries
+                if r.params.max_new_tokens == 0 and c.finish_reason is None:
+                    c.finish("length", emitted)
         if work.choices:
             nxt, *lps = values
             for i, c in enumerate(work.choices):
                 if c.finish_reason is None:
                     c.feed(nxt[i], entry(nxt[i], *(x[i] for x in lps), c.request.logprobs) if lps else None, emitted)
-        for _, r, _ in work.finals:
-            for c in r.choices:
-                if r.params.max_new_tokens == 0 and c.finish_reason is None:
-                    c.finish("length", emitted)
 
     def _emit_decode(self, work, emitted):
         ids, *lps = work.fetch.get()
@@ -203,11 +156,13 @@ class Engine:
 
     def _embed_batch(self, budget):
         """Queue one padded forward over the next embedding inputs (of any jobs, in order), as many as
-        budget tokens hold, at least one -> (their jobs, Fetch), or None."""
+        budget tokens hold, padding included, at least one -> (their jobs, Fetch), or None."""
         pending = [(job, ids) for job in self._embeds for ids in job[1][len(job[2]):]]
         if not pending:
             return None
-        k = pack([len(ids) for _, ids in pending], budget)
+        k, width = 1, len(pending[0][1])
+        while k < len(pending) and (k + 1) * max(width, len(pending[k][1])) <= budget:
+            width, k = max(width, len(pending[k][1])), k + 1
         return [job for job, _ in pending[:k]], embed_forward(self.runner, [ids for _, ids in pending[:k]])
 
     def _embedded(self, jobs, fetch):

@@ -1,6 +1,7 @@
 """Loading a model for generation: checkpoint.load_model, then eval / device / dtype, and on CPU either
 dynamic int8 Linears or the (in, out) weight layout that single-row matmuls read faster."""
 
+
 import warnings
 
 import torch
@@ -11,12 +12,9 @@ from common import UserError
 from device import pick_device, pick_dtype
 
 def quantize_int8(model):
-    """Dynamic int8 quantization of every nn.Linear (in place), for CPU inference.
-
-    Weights int8 per output channel, activations quantized per call (fbgemm / x86 kernels via
-    torch.ao.quantization.quantize_dynamic: deprecated upstream but present and fast in torch 2.11
-    and 2.13; the tied lm_head gets its own int8 copy, the embedding stays float).
-    """
+    """Dynamic int8 quantization of every nn.Linear (in place), for CPU inference: weights int8 per output
+    channel, activations quantized per call (torch.ao's quantize_dynamic: deprecated upstream but present
+    and fast in torch 2.11 and 2.13; the tied lm_head gets its own int8 copy, the embedding stays float)."""
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:
@@ -32,11 +30,9 @@ def quantize_int8(model):
 
 
 class InOutLinear(nn.Module):
-    """nn.Linear with its weight stored (in, out), as GPT-2's Conv1D: y = x @ W_t + b.
-
-    Single-row matmuls (decoding) read this layout about 1.8x faster than (out, in) on the CPU
-    BLAS here (the 154 MB lm_head: 7.0 ms against 12.4 ms), and decoding is bound by those reads.
-    """
+    """nn.Linear with its weight stored (in, out), as GPT-2's Conv1D: y = x @ W_t + b. Single-row matmuls
+    (decoding) read this layout about 1.8x faster than (out, in) on the CPU BLAS here (the 154 MB lm_head:
+    7.0 ms against 12.4 ms), and decoding is bound by those reads."""
 
     def __init__(self, linear):
         super().__init__()
@@ -61,10 +57,9 @@ class TiedEmbedding(nn.Module):
 
 
 def use_in_out_layout(model):
-    """Replace every nn.Linear by an InOutLinear (in place; for CPU inference, not for training or
-    saving: parameter names change). A tied GPT embedding reads the lm_head's new weight."""
-    tied = getattr(model, "lm_head", None) is not None and \
-        model.lm_head.weight is getattr(getattr(model, "transformer", None), "wte", nn.Embedding(1, 1)).weight
+    """Replace every nn.Linear of a GPT by an InOutLinear (in place; for inference only: parameter names
+    change). A tied embedding reads the lm_head's new weight."""
+    tied = model.lm_head.weight is model.transformer.wte.weight
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
@@ -87,13 +82,9 @@ def prepare_model(model, device, dtype, quantize=None):
 
 
 def load_model_from_checkpoint(path, device=None, dtype=None, quantize=None):
-    """checkpoint.load_model, then ready for generation (prepare_model) -> (model, info).
-
-    device: None/"auto" = CUDA > MPS > CPU. dtype: None/"auto" = bf16 on CUDA, fp32 elsewhere.
-    quantize: None or "int8" (CPU, fp32: dynamic int8 Linears). On CPU the Linears take the
-    (in, out) layout (InOutLinear): the model is for inference only. Bad input raises
-    common.UserError with a one-line message.
-    """
+    """checkpoint.load_model, then prepare_model -> (model, info). device: None/"auto" = CUDA > MPS > CPU.
+    dtype: None/"auto" = bf16 on CUDA, fp32 elsewhere. quantize: None, "none" or "int8". Bad input raises
+    a one-line UserError."""
     try:
         device = pick_device(device)
     except RuntimeError as e:

@@ -1,9 +1,6 @@
-"""The model runner: the device side of the engine. It owns the KV-cache and every decode tensor,
-runs the prefill and decode forwards and samples on the device; what it queues comes back to the
-host through one Fetch per piece of work (the one sync of a chunk).
-
-Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab (ids >= N_VOCAB,
-the padding of the embedding, are never sampled), L cache positions read.
+"""The model runner: the device side of the engine. It owns the KV-cache and every decode tensor, runs
+the forwards and samples on the device; results come back through one Fetch per piece of work.
+Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab, L cache positions read.
 """
 
 import types
@@ -32,11 +29,8 @@ FORWARD = "forward"  # the decode-step kind of a constrained batch's forward alo
 
 
 class Fetch:
-    """Device tensors on their way to the host; get() waits for them (the one sync of a chunk).
-
-    On CUDA the copies to pinned memory are queued behind the work that makes them, so the host can
-    queue more work before it reads these.
-    """
+    """Device tensors on their way to the host; get() waits for them (the one sync of a chunk). On CUDA the
+    copies to pinned memory queue behind the work that makes them, so the host can queue more meanwhile."""
 
     def __init__(self, tensors):
         if tensors and tensors[0].is_cuda:
@@ -57,7 +51,7 @@ class Fetch:
         return self.values
 
     def arrays(self):
-        """The tensors as numpy arrays, without Python lists (bulk values: embeddings)."""
+        """As numpy arrays, without Python lists (bulk values: embeddings)."""
         if self.event is not None:
             self.event.synchronize()
         return [t.numpy() for t in self.host]
@@ -68,7 +62,7 @@ class PrefillWork:
     finals: list  # [(batch row, request, last position)] of the prompts this prefill completed
     choices: list  # the choices whose first token was sampled
     fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
-    first: int = 0  # where the first ids sit in the fetch
+    first: int  # where the first ids sit in the fetch
 
 
 @dataclass
@@ -91,8 +85,8 @@ def _own_copy(fn):
 
 
 def grammar_masks(rows, bitmask):
-    """bitmask[b] <- the tokens the grammar of choice rows[b] allows next; all ones for a row without one (or
-    None) -> bitmask. On the CPU, in llguidance's threads without the GIL: the device runs on meanwhile."""
+    """bitmask[b] <- the tokens the grammar of choice rows[b] allows next; all ones for a row without one
+    -> bitmask. In llguidance's threads, without the GIL: the device runs on meanwhile."""
     bitmask.fill_(-1)
     pairs = [(c.matcher, b) for b, c in enumerate(rows) if c is not None and c.matcher is not None
              and c.finish_reason is None]
@@ -114,20 +108,14 @@ def advance_matchers(works):
                 c.advance(token)
 
 
-def device_dtype(model):
-    """Device and compute dtype of a model (a quantized model keeps float embeddings)."""
-    p = next(p for p in model.parameters() if p.is_floating_point())
-    return p.device, p.dtype
-
-
 class ModelRunner:
-    """See Engine for the options. Every decode tensor is allocated once and written in place
-    (CUDA graphs read them)."""
+    """See Engine for the options. Every decode tensor is allocated once, written in place (graphs read them)."""
 
     def __init__(self, model, max_batch, decode_chunk=None, graphs=None, compile=False, static=None,
                  prefix_mb=None):
         self.model, self.config = model, model.config
-        self.device, self.dtype = device_dtype(model)
+        p = next(p for p in model.parameters() if p.is_floating_point())  # a quantized model keeps float embeddings
+        self.device, self.dtype = p.device, p.dtype
         cuda = self.device.type == "cuda"
         self.compile = bool(compile)
         self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
@@ -156,13 +144,11 @@ class ModelRunner:
         self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
     def upload(self, values, dtype):
-        """A host list -> a device tensor, without waiting for queued work (pinned, async on CUDA)."""
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def load(self, r):
-        """An admitted request's cached prefix into its first slot (r.match, r.filled set by the scheduler),
-        its sampling parameters into its slots' rows."""
+        """An admitted request's cached prefix (r.match) into its first slot, its parameters into its slots."""
         slots = [c.slot for c in r.choices]
         entries = self.prefix.load(r.match, self.cache, slots[0])
         r.prompt_lp = [entries] if entries is not None else []
@@ -222,12 +208,13 @@ class ModelRunner:
             entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
             fetch += entries or []
             self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
+        first = len(fetch)
         if choices:
             b_idx, t_idx = (self.upload(list(x), torch.long) for x in zip(*at))
             logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
             slots = self.upload([c.slot for c in choices], torch.long)
             kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
-            u = self.upload([[0.0 if c.greedy else c.rng.random()] for c in choices], torch.float32)
+            u = self.upload([[0.0 if c.p.greedy else c.rng.random()] for c in choices], torch.float32)
             pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
             masked = apply_bitmask(logits, grammar_masks(choices, new_bitmask(len(choices))).to(self.device)) \
                 if kind[3] else logits
@@ -237,13 +224,12 @@ class ModelRunner:
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
-            first = len(fetch)
             fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
-        return PrefillWork(finals, choices, Fetch(fetch), first if choices else 0)
+        return PrefillWork(finals, choices, Fetch(fetch), first)
 
     def decode(self, rows_by_slot, live):
-        """Queue K decode steps for every live choice (one upload of uniforms, no sync) -> DecodeWork or None.
-        A constrained batch queues one step's forward alone: sample_masked follows (a mask needs the last token)."""
+        """Queue K decode steps for every live choice (no sync) -> DecodeWork or None. A constrained batch
+        queues one step's forward alone: sample_masked follows (a mask needs the last token)."""
         if not live:
             return None
         kind = sampler_kind([c.p for c in live], any(c.request.logprobs is not None for c in live))
@@ -257,7 +243,7 @@ class ModelRunner:
         rows = [c if c is not None and c.live() else None for c in rows_by_slot[:B]]
         if kind[0] != 0:
             zeros = [0.0] * self.kmax
-            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.greedy else zeros
+            u = [[c.rng.random() for _ in range(K)] + zeros[K:] if c is not None and not c.p.greedy else zeros
                  for c in rows]
             self.u[:B].copy_(self.upload(u, torch.float32))
         self.j.zero_()
@@ -272,30 +258,32 @@ class ModelRunner:
         return work
 
     def fill_masks(self, work, earlier):
-        """Start the masks of a constrained step (queued by decode) -> a Future of the bitmask: each matcher
-        takes its last token from the earlier works, then a thread fills the masks (llguidance, without
-        the GIL) while the host makes the text and the device runs the forward."""
+        """Start the masks of a constrained step -> a Future of the bitmask: each matcher takes its last token
+        from the earlier works, then a thread fills the masks while the host makes the text."""
         advance_matchers(earlier)
         return self.filler.submit(grammar_masks, work.rows, self.host_mask[:len(work.rows)])
 
     def sample_masked(self, work, bitmask):
-        """Sample a constrained step under its masks: one upload, the masked sampler -> work.fetch."""
+        """Sample a constrained step under its masks -> work.fetch."""
         B = len(work.rows)
         self.mask[:B].copy_(bitmask, non_blocking=True)
         self._step(B, 0, work.kind)
         work.fetch = self._fetch(B, work.kind)
 
     def _step(self, B, L, kind):
-        self.graphs.replay(B, L, kind) or self.decode_step(B, L, kind)
+        graph = self.graphs.get(B, L, kind)
+        if graph is None:
+            self.decode_step(B, L, kind)
+        else:
+            graph.replay()
 
     def _fetch(self, B, kind):
         return Fetch([self.out[:B]] + ([self.out_lp[:B], self.top_ids[:B], self.top_lp[:B]] if kind[2] else []))
 
     def decode_step(self, B, L, kind):
-        """One decode step of slots 0..B-1 reading L cache positions: the unit captured in a CUDA
-        graph. No host sync; every result lands in the runner's tensors. A constrained batch runs it
-        in two halves: kind FORWARD keeps the logits, then its masked sampler kind samples them under
-        self.mask (rows without a grammar: all ones, their logits unchanged)."""
+        """One decode step of slots 0..B-1 reading L cache positions: the unit of a CUDA graph, no host sync.
+        A constrained batch runs it in two halves: kind FORWARD keeps the logits, then the masked sampler
+        kind samples them under self.mask."""
         if kind == FORWARD:
             self.logits[:B].copy_(self.forward(self.model, self.tok[:B], self.cache, self.pos[:B], L)[:, -1])
             return
@@ -323,8 +311,8 @@ class ModelRunner:
 
 
 def embed_forward(runner, inputs):
-    """Queue one padded forward over id lists -> Fetch of their mean-pooled final hidden states,
-    L2-normalised (B, C). Causal attention: the padding after a row changes nothing before it."""
+    """Queue one padded forward over id lists -> Fetch of their mean-pooled final hidden states, L2-normalised
+    (B, C). Causal attention: the padding after a row changes nothing before it."""
     width = max(map(len, inputs))
     idx = runner.upload([ids + [EOT_ID] * (width - len(ids)) for ids in inputs], torch.long)  # (B, W)
     with sdpa_kernel(ATTENTION):

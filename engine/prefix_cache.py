@@ -1,29 +1,13 @@
-"""Automatic prefix caching: the KV of full blocks of prompt tokens, kept in a bounded pool on the model's
-device and copied into a new request's cache slot, so only the rest of its prompt is prefilled.
-
-    m = pc.match(prompt_ids, logprobs=False)  # longest cached prefix: m.tokens (a multiple of BLOCK_TOKENS)
-    pc.load(m, cache, slot)                   # its KV -> the slot's first m.tokens positions
-    ... prefill prompt_ids[m.tokens:] at position m.tokens ...
-    pc.store(prompt_ids, cache, slot)         # the slot's full blocks -> the pool (those not there yet)
-
-vLLM's automatic prefix caching, with copies instead of paged attention (our KV is one contiguous row per
-slot, model.KVCache):
-- A prompt is cut into blocks of BLOCK_TOKENS tokens. A block's key hashes its tokens chained with the key
-  of the block before it, so a key names the whole prefix up to the block's end: equal keys, equal KV.
-- The pool is one tensor (N, L, 2, T, H, D) allocated once: it never grows past its bound. Rows are recycled
-  least recently used first; a lookup refreshes a chain back to front, so a chain's head goes last.
-- Copies are queued on the current stream, in order: a store into a row cannot overtake a load that read it.
-- match() never covers the block holding a prompt's last token: its logits give the first new token.
-- Echo (logprobs of every prompt token): a block may also hold the entries predicting its tokens (raw
-  logprob, top ids and logprobs). match(logprobs=True) stops at the first block without them, and the
-  caller prefills from m.tokens - 1: the entry predicting token m.tokens needs that position's hidden state.
-A pool of 0 blocks is the cache turned off. Shapes: N rows, L layers, T = BLOCK_TOKENS, H heads, D head size.
+"""Automatic prefix caching (vLLM's, with copies instead of paged attention: our KV is one contiguous
+row per slot): the KV of full blocks of prompt tokens, keyed by chained hashes, kept in a bounded pool on
+the model's device and copied into a new request's slot. docs/design.md has the contract.
+Shapes: N pool rows, L layers, T = BLOCK_TOKENS, H heads, D head size.
 """
 
 import hashlib
 from array import array
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,8 +19,8 @@ ROOT_KEY = b"gpt2-prefix-v1"  # the chain's seed: the key "before" the first blo
 
 
 def block_keys(ids, n_blocks):
-    """Keys of the first n_blocks full blocks of ids, lazily: key_j = BLAKE2b-128(key_{j-1} || block j as
-    uint32). A cryptographic hash: a client cannot craft another prefix with the same key (and so read its KV)."""
+    """Keys of the first n_blocks full blocks of ids, lazily. A cryptographic hash: a client cannot craft
+    another prefix with the same key (and so read its KV)."""
     data, size, key = array("I", ids[:n_blocks * BLOCK_TOKENS]).tobytes(), 4 * BLOCK_TOKENS, ROOT_KEY
     for j in range(n_blocks):
         key = hashlib.blake2b(key + data[j * size:(j + 1) * size], digest_size=16).digest()
@@ -54,7 +38,6 @@ def shared_blocks(a, b, n):
 @dataclass
 class Match:
     """A cached prefix: its length in tokens and the pool rows holding it, in order."""
-
     tokens: int = 0
     rows: list = field(default_factory=list)
     logprobs: bool = False  # matched for an echo request: every row holds prompt logprob entries
@@ -63,7 +46,6 @@ class Match:
 @dataclass
 class PrefixStats:
     """For /metrics and /health. hits / misses count lookups (a hit reuses at least one block)."""
-
     enabled: bool
     blocks_used: int = 0
     blocks_total: int = 0
@@ -81,8 +63,7 @@ def pool_blocks(config, slots, dtype, mb=None):
 
 
 class PrefixCache:
-    """A bounded pool of KV blocks keyed by chained token hashes, for one model.KVCache layout.
-    Used by the engine's loop only."""
+    """A bounded pool of KV blocks for one model.KVCache layout; used by the engine's loop only."""
 
     def __init__(self, config, max_blocks, device=None, dtype=torch.float32):
         T, H = BLOCK_TOKENS, config.n_head
@@ -97,8 +78,6 @@ class PrefixCache:
         self._free = list(range(self.max_blocks - 1, -1, -1))  # pop() gives the lowest row first
         self.stats = PrefixStats(enabled=self.max_blocks > 0, blocks_total=self.max_blocks)
 
-    # -------------------------------------------------------------- lookup and load
-
     def _lookup(self, ids, logprobs):
         """Pool rows of the longest cached prefix of ids (full blocks, never the last token's block)."""
         rows = []
@@ -109,13 +88,12 @@ class PrefixCache:
             rows.append(row)
         return rows
 
-    def cached_blocks(self, ids, logprobs=False):
-        """How many blocks match() would find now (no side effects)."""
+    def cached_blocks(self, ids, logprobs=False):  # what match() would find now, in blocks
         return len(self._lookup(ids, logprobs))
 
     def match(self, ids, logprobs=False):
-        """The longest cached prefix of ids made of full blocks, never the block of ids' last token;
-        logprobs: only blocks holding echo entries. Counted in the stats."""
+        """The longest cached prefix of ids (full blocks, never the last token's block, whose logits give the
+        first new token); logprobs: only blocks holding echo entries. Counted in the stats."""
         rows = self._lookup(ids, logprobs)
         self._touch(rows)
         s = self.stats
@@ -124,10 +102,10 @@ class PrefixCache:
         return Match(len(rows) * BLOCK_TOKENS, rows, bool(logprobs))
 
     def load(self, match, cache, slot):
-        """Queue copies of a match's KV into positions 0 .. match.tokens - 1 of cache slot `slot` (an int).
-        -> for a logprobs match, the echo entries predicting tokens 1 .. match.tokens - 1 as (logprob (P,),
-        top ids (P, K), top logprobs (P, K)) device tensors; else None. Nothing may write those positions
-        before the rest of the prompt is prefilled (idle decode rows write at their slot's position)."""
+        """Queue copies of a match's KV into positions 0 .. match.tokens - 1 of cache slot `slot` -> for a
+        logprobs match, the echo entries predicting tokens 1 .. match.tokens - 1 (logprob (P,), top ids
+        (P, K), top logprobs (P, K)); else None. Copies queue on the current stream, in order: a later
+        store into a row cannot overtake this load."""
         if not match.rows:
             return None
         n, T = len(match.rows), BLOCK_TOKENS
@@ -140,13 +118,10 @@ class PrefixCache:
             return tuple(t.index_select(0, rows).flatten(0, 1)[1:] for t in self.lp)  # token 0 has no entry
         return None
 
-    # -------------------------------------------------------------- store
-
     def store(self, ids, cache, slot, logprobs=None):
-        """Keep the full blocks of ids whose KV cache slot `slot` holds at positions 0 .. len(ids) - 1.
-        logprobs: the prompt's echo entries (logprob (P,), top ids (P, K), top logprobs (P, K)) predicting
-        tokens 1 .. P, P = len(ids) - 1: kept with the blocks. Under pressure only a head of the prefix is
-        kept (its own rows are never recycled for it). -> the number of blocks added."""
+        """Keep the full blocks of ids whose KV cache slot `slot` holds, with the prompt's echo entries
+        (logprobs: as load returns them, P = len(ids) - 1). Under pressure only a head of the prefix is
+        kept (its own rows are never recycled for it)."""
         rows, new = [], []  # new: (block index, row) of blocks not cached before
         for j, key in enumerate(block_keys(ids, len(ids) // BLOCK_TOKENS if self.max_blocks else 0)):
             row = self._row.get(key)
@@ -168,7 +143,6 @@ class PrefixCache:
         if logprobs is not None:
             self._store_logprobs(rows, logprobs)
         self.stats.blocks_used = len(self._row)
-        return len(new)
 
     def _store_logprobs(self, rows, logprobs):
         """Echo entries for the blocks that lack them: block j keeps those predicting its tokens (positions
@@ -186,8 +160,6 @@ class PrefixCache:
             pool.index_copy_(0, dst, padded.index_select(0, pick))
         for _, row in missing:
             self._has_lp[row] = True
-
-    # -------------------------------------------------------------- rows
 
     def _take(self, keep):
         """A row for a new block: a free one, else the least recently used one not in keep."""
@@ -208,9 +180,5 @@ class PrefixCache:
             self._lru.move_to_end(self._key[row])
 
     def _index(self, values):
-        """A host list -> a long tensor on the pool's device (pinned and asynchronous on CUDA)."""
         t = torch.tensor(values, dtype=torch.long)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
-
-    def snapshot(self):
-        return asdict(self.stats)

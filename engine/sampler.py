@@ -1,9 +1,6 @@
 """The sampler: penalties, temperature, top-k / top-p / min-p and a seeded draw, on the device, no host sync.
-
-Each slot of the engine has a row of parameters (param_row) in a device table; a batch samples from
-its rows with one uniform per token drawn on the host from the choice's own RNG, so a choice's tokens
-do not depend on the batch it runs in or the device path taken.
-"""
+Each slot has a row of parameters (param_row) in a device table and one uniform per token from its choice's
+own RNG, so a choice's tokens do not depend on the batch it runs in or the device path taken."""
 
 import torch
 
@@ -19,21 +16,17 @@ TEMP, TOPK, TOPP, MINP, REP, PRES, FREQ, GREEDY = range(len(COLS))
 
 
 def param_row(p):
-    """A choice's row of the parameter table (SamplingParams p); filters that are off get values that
-    change nothing."""
+    """A choice's row of the parameter table; filters that are off get values that change nothing."""
     off = {"temperature": 1.0 if p.greedy else p.temperature, "top_k": p.top_k if 1 <= p.top_k < N_VOCAB else N_VOCAB,
            "top_p": p.top_p if p.top_p < 1.0 else 2.0, "greedy": float(p.greedy)}
     return [off[name] if name in off else getattr(p, name) for name in COLS]
 
 
 def sampler_kind(params_list, logprobs=False):
-    """How a batch samples: (n_cand, penalize, logprobs, masked), fixed for the batch (part of a CUDA graph's key).
-
-    n_cand (see sample): 0 if every row is greedy; -1 if no sampled row has top-k / top-p;
-    TOPK_CANDIDATES if every sampled row's top_k is within it; else N_VOCAB (full sort).
-    penalize: some row has a penalty or a logit bias (otherwise those ops and their state are skipped).
-    masked: some row has a grammar (grammar.Constraint): the batch samples under a token bitmask.
-    """
+    """How a batch samples: (n_cand, penalize, logprobs, masked), part of a CUDA graph's key. n_cand (see
+    sample): 0 if every row is greedy; -1 if no sampled row has top-k / top-p; TOPK_CANDIDATES if every
+    sampled row's top_k is within it; else N_VOCAB (full sort). penalize: some row has a penalty or a
+    logit bias. masked: some row has a grammar: the batch samples under a token bitmask."""
     penalize = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
                    for p in params_list)
     sampled = [p for p in params_list if not p.greedy]
@@ -49,17 +42,13 @@ def sampler_kind(params_list, logprobs=False):
 
 
 def sample(logits, p, u, n_cand, penalties=None):
-    """Pick the next id of every row, on the logits' device, without a host sync.
-
-    logits (B, V') with V' >= N_VOCAB; p (B, len(COLS)) parameter rows; u (B, 1) uniforms in [0, 1);
-    penalties: None or (bias, seen, counts), each (B, N_VOCAB): logit bias, tokens in the prompt or
-    output (repetition penalty, CTRL-style: a positive logit is divided by it, a negative one
-    multiplied), and how often each token was generated (presence / frequency penalties, OpenAI).
-    n_cand (a Python int, so shapes stay fixed for CUDA graphs): 0 = every row greedy, argmax only;
-    -1 = no top-k / top-p (no sort); k < N_VOCAB = the cut-off from torch.topk(k); N_VOCAB = from a
-    full sort. Sampling is inverse-CDF over the kept tokens in vocabulary order (the first id whose
-    cumulative probability passes u * total), so the id a given u picks never depends on the path.
-    """
+    """Pick the next id of every row, without a host sync. logits (B, V') with V' >= N_VOCAB; p (B, len(COLS))
+    parameter rows; u (B, 1) uniforms in [0, 1); penalties: None or (bias, seen, counts), each (B, N_VOCAB):
+    logit bias, tokens in the prompt or output (repetition penalty, CTRL-style), how often each token was
+    generated (presence / frequency penalties). n_cand (a Python int: fixed shapes for CUDA graphs): 0 =
+    argmax only; -1 = no top-k / top-p (no sort); k < N_VOCAB = the cut-off from torch.topk(k); N_VOCAB =
+    a full sort. Inverse-CDF over the kept tokens in vocabulary order, so the id a given u picks never
+    depends on the path."""
     logits = logits[:, :N_VOCAB].to(torch.promote_types(logits.dtype, torch.float32))  # (B, V); float64 stays
     if penalties is not None:
         bias, seen, counts = penalties

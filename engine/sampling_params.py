@@ -1,10 +1,6 @@
-"""Sampling parameters: one typed record whose fields carry their own range, default and help.
-
-Everything else reads the record's fields: validation (SamplingParams.make), the CLI flags, the
-server's /params and its OpenAPI document (PARAM_RANGES). A new parameter is a field here and its
-use in the sampler. The checks of a whole request (prompt ids, n, logprobs, the context) are here
-too: they run once, at the edge (HTTP body, CLI flags, the Python API); the engine only asserts.
-"""
+"""Sampling parameters: one typed record whose fields carry their own range, default and help, read by
+validation (SamplingParams.make), the CLI flags, /params and OpenAPI (PARAM_RANGES); and the checks of a
+whole request, run once at the edge (HTTP body, CLI flags, the Python API): the engine only asserts."""
 
 import dataclasses
 import math
@@ -22,7 +18,6 @@ SEED_MAX = 2**63 - 1
 
 class ParamError(ValueError):
     """An invalid request field; `param` names it as the caller spelled it (the server's 400 `param`)."""
-
     def __init__(self, param, message):
         super().__init__(message)
         self.param = param
@@ -75,9 +70,7 @@ class SamplingParams:
     @classmethod
     def make(cls, values=None, names=None, **kwargs):
         """Validated parameters from a dict and/or keywords; unknown or bad values raise ParamError.
-
-        names: {field: the caller's name for it} (an OpenAI client says max_tokens), used in messages.
-        """
+        names: {field: the caller's name for it} (an OpenAI client says max_tokens), used in messages."""
         values = {**(values or {}), **kwargs}
         names = names or {}
         out = {"constraint": values.pop("constraint", None)}  # checked where it is made (grammar.py)
@@ -95,7 +88,6 @@ KINDS = {int: "int", float: "float", bool: "bool", dict: "bias", tuple: "stop"}
 # the published table (server /params, OpenAPI, CLI help, the chat page): type, min, max, default, help
 PARAM_RANGES = {f.name: {"type": KINDS[f.type], "default": None if f.type in (dict, tuple) else f.default,
                         **f.metadata} for f in FIELDS.values()}
-DEFAULTS = {name: spec["default"] for name, spec in PARAM_RANGES.items()}
 
 
 def short(value):
@@ -160,20 +152,8 @@ def _check_bias(name, value, spec):
     return out
 
 
-def validate_params(**params):
-    """SamplingParams.make(params): the Python API's spelling."""
+def validate_params(**params):  # the Python API's spelling
     return SamplingParams.make(params)
-
-
-def check_request(prompt_ids, params, n=1, logprobs=None, echo=False, max_n=1, context=None):
-    """Everything Engine.add asserts, checked: the ids, n, logprobs, the context -> the ids; else ParamError."""
-    ids = check_ids(prompt_ids)
-    check_choices(n, logprobs, max_n)
-    fit(len(ids), params, context, echo=echo)
-    return ids
-
-
-# ---------------------------------------------------------------------- a whole request
 
 
 def check_ids(ids, name="prompt"):
@@ -184,16 +164,6 @@ def check_ids(ids, name="prompt"):
         raise ParamError(name, f"{name} must be a non-empty list of token ids between 0 and {N_VOCAB - 1}, "
                                f"got {short(ids)}")
     return list(ids)
-
-
-def check_choices(n, logprobs, max_n, max_logprobs=MAX_LOGPROBS):
-    """n choices and logprobs alternatives within their ranges; else ParamError."""
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
-        raise ParamError("n", f"n must be an integer between 1 and {max_n}, got {short(n)}")
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                 or not 0 <= logprobs <= max_logprobs):
-        raise ParamError("logprobs", f"logprobs must be an integer between 0 and {max_logprobs}, "
-                                     f"got {short(logprobs)}")
 
 
 def fit(n_prompt, params, context, explicit=True, echo=False, limit=None, prompt_name="prompt", names=None):

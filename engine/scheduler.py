@@ -1,14 +1,6 @@
-"""The scheduler: which requests wait and which run, their KV-cache slots, and what each step prefills.
-
-A request takes n slots (one per choice) from admission until it finishes. Admission is fair between
-groups (a server groups the prompts of one HTTP request): when slots free up, the group with the
-fewest running choices goes first, the oldest among equals, so one client's 500 prompts do not hold
-another's request back until they are all done. A step prefills at most prefill_chunk prompt tokens,
-padding included: prompts already prefilling first, then newly admitted ones; a long prompt takes
-several steps, and running rows keep decoding meanwhile. An admitted request starts after its longest
-cached prefix (prefix_cache.py); one that shares with a prompt still prefilling a prefix the cache lacks,
-of at least a quarter of the step budget, waits a step so that it reuses it.
-"""
+"""The scheduler: which requests wait and which run, their KV-cache slots (n per request, one per choice,
+from admission until it finishes), and what each step prefills. Admission is fair between groups (one
+HTTP request's prompts): the group with the fewest running choices goes first, the oldest among equals."""
 
 import heapq
 import threading
@@ -53,12 +45,9 @@ class Scheduler:
         """Requests cancelled and not ended yet; the waiting ones leave their queue."""
         with self.lock:
             gone = [r for queue in self.waiting.values() for r in queue if r.cancelled]
-            for group in [g for g, queue in self.waiting.items() if any(r.cancelled for r in queue)]:
-                kept = deque(r for r in self.waiting[group] if not r.cancelled)
-                if kept:
-                    self.waiting[group] = kept
-                else:
-                    del self.waiting[group]
+            if gone:
+                queues = {g: deque(r for r in queue if not r.cancelled) for g, queue in self.waiting.items()}
+                self.waiting = {g: queue for g, queue in queues.items() if queue}
         return gone + [r for r in self.running if r.cancelled]
 
     def _admit(self):
@@ -86,8 +75,8 @@ class Scheduler:
         return r
 
     def _waits_for_prefix(self, r):
-        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens of full blocks
-        that the cache lacks now (requests admitted together would each prefill their common prefix)."""
+        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens the cache lacks
+        (requests admitted together would each prefill their common prefix)."""
         n = (len(r.prompt) - 1) // BLOCK_TOKENS if self.prefix.max_blocks else 0
         shared = max((shared_blocks(r.prompt, p.prompt, n) for p in self.running if p.filled < len(p.prompt)),
                      default=0)
@@ -95,7 +84,8 @@ class Scheduler:
             self.prefill_chunk // WAIT_SHARE
 
     def schedule(self):
-        """This step's prefill -> (rows [(request, start, n tokens)], requests admitted for it, slots set)."""
+        """This step's prefill, at most prefill_chunk tokens, padding included: prompts already prefilling,
+        then newly admitted ones -> (rows [(request, start, n tokens)], requests admitted, slots set)."""
         rows, admitted, width, budget = [], [], 0, self.prefill_chunk
         pending = [r for r in self.running if r.filled < len(r.prompt) and not r.done]
         while not rows or (len(rows) + 1) * width <= budget:

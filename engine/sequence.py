@@ -13,10 +13,7 @@ from tokenizer import EOT_ID
 
 @dataclass
 class Output:
-    """What one step produced for one choice of a request: new text and ids, maybe its end.
-
-    Plain data (it crosses the server's pipe as is): the request is named by its id."""
-
+    """What one step produced for one choice of a request (plain data: it crosses the server's pipe)."""
     request_id: int
     index: int  # the choice
     text: str = ""  # new text: UTF-8 safe, stop strings held back
@@ -28,9 +25,7 @@ class Output:
 
 
 class Request:
-    """One request: `n` choices of one prompt; `done` once every choice has ended.
-
-    group: requests of one group (one HTTP request's prompts) share the scheduler's fairness turn."""
+    """`n` choices of one prompt; group: requests of one group share the scheduler's fairness turn."""
 
     _ids = itertools.count(1 << 62)  # ids the caller did not choose: far from the ones it does
 
@@ -59,7 +54,6 @@ class Choice:
         self.request, self.index, self.p = request, index, p
         seed = (p.seed + index) % (SEED_MAX + 1) if p.seed is not None else secrets.randbits(63)
         self.rng = random.Random(seed)  # private: one uniform per sampled token
-        self.greedy = p.greedy
         self.slot = None
         self.pos = 0  # host mirror of the slot's next cache position once decoding
         self.queued = 0  # tokens whose computation has been queued

@@ -7,7 +7,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.sampling_params import check_inputs  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+
+
+def embed_all(engine, inputs):
+    """Embeddings of id lists through the engine's steps (checked first, as the server's edge does)."""
+    check_inputs(inputs, engine.config.block_size)
+    engine.add_embedding("embed_all", inputs)
+    while engine.has_work():
+        engine.step()
+    (job, vectors), = engine.embedded
+    engine.embedded.clear()
+    return vectors.tolist()
 
 
 def tiny_config(**overrides):

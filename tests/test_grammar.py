@@ -49,8 +49,7 @@ def model():
 def decode_constrained(model, constraint, n=SAMPLES, seed=0, must_end=True, max_new=MAX_NEW):
     """n samples at temperature 1.0 under the constraint, one row each; returns the texts of those that
     ended (EOS excluded). Only the live rows are masked and sampled (a finished row is fed end-of-text)."""
-    matchers = [Matcher(compile_constraint(constraint))]
-    matchers += [matchers[0].fork() for _ in range(n - 1)]
+    matchers = [Matcher(compile_constraint(constraint)) for _ in range(n)]
     cache = KVCache(model.config, n)
     tokens = torch.full((n,), EOT_ID, dtype=torch.long)  # end-of-text as the start token
     live, out, bitmask = list(range(n)), [[] for _ in range(n)], new_bitmask(n)
@@ -118,10 +117,9 @@ def test_grammar_samples_parse(model, text):  # GBNF, then the same grammar in L
         assert re.fullmatch(rf"{term}( \+ {term}){{0,3}}", out), out
 
 
-def test_forks_are_independent():
+def test_matchers_of_one_template_are_independent():  # as the n choices of a request
     c = make_constraint("choice", ["alpha", "beta"], "guided_choice")
-    a = Matcher(compile_constraint(c))
-    b = a.fork()
+    a, b = Matcher(compile_constraint(c)), Matcher(compile_constraint(c))
     bitmask = new_bitmask(2)
     for t in grammar.get_tokenizer().encode_ordinary("alpha"):
         assert a.accept(t)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from conftest import ROOT, embed_all, tiny_config
 
 import export_hf
 import inference as inf
@@ -248,7 +248,7 @@ def test_echo_with_no_new_tokens(model):
     assert outs[0].prompt_logprobs[0] is None and np.allclose(got, want, atol=1e-4)
     assert all(e["top"] == [] for e in outs[0].prompt_logprobs[1:])
     with pytest.raises(inf.ParamError, match="0 only with echo") as e:  # checked at the edge
-        inf.check_request(prompt, params(max_new_tokens=0), context=engine.config.block_size)
+        inf.fit(len(prompt), params(max_new_tokens=0), engine.config.block_size)
     assert e.value.param == "max_new_tokens"
 
 
@@ -277,13 +277,13 @@ def test_n_choices_share_one_prefill(model, mode):
 def test_embed_is_mean_pooled_and_normalised(model):
     engine = inf.Engine(model, max_batch=1)
     inputs = [ids_of("Hello world"), ids_of("a b c d e")]
-    got = engine.embed(inputs)
+    got = embed_all(engine, inputs)
     for ids, e in zip(inputs, got):
         with torch.no_grad():
             h = model.hidden(torch.tensor([ids]))[0].mean(0)
         assert np.allclose(e, (h / h.norm()).tolist(), atol=1e-5) and abs(np.linalg.norm(e) - 1) < 1e-5
     with pytest.raises(inf.ParamError) as e:
-        engine.embed([[1, N_VOCAB]])
+        embed_all(engine, [[1, N_VOCAB]])
     assert e.value.param == "input"
 
 
@@ -448,17 +448,11 @@ def test_block_size_overflow_is_a_clear_error(model):
     assert e.value.param == "prompt"
 
 
-def test_bad_requests_are_param_errors(model):
-    engine = inf.Engine(model, max_batch=2)
-    for kwargs, name in [(dict(prompt_ids=[]), "prompt"), (dict(prompt_ids=[1, N_VOCAB]), "prompt"),
-                         (dict(prompt_ids=[1, -1]), "prompt"), (dict(prompt_ids="abc"), "prompt"),
-                         (dict(n=0), "n"), (dict(n=3), "n"), (dict(logprobs=21), "logprobs"),
-                         (dict(logprobs=True), "logprobs")]:
-        with pytest.raises(inf.ParamError) as e:  # the edge's check, before anything reaches the engine
-            inf.check_request(**dict(dict(prompt_ids=[1, 2], params=inf.validate_params(), max_n=engine.max_batch,
-                                          context=engine.config.block_size), **kwargs))
-        assert e.value.param == name
-    assert engine.stats()["waiting"] == 0
+def test_bad_prompt_ids_are_param_errors():
+    for ids in ([], [1, N_VOCAB], [1, -1], "abc"):  # the edge's check (n and logprobs: the server's schema)
+        with pytest.raises(inf.ParamError) as e:
+            inf.check_ids(ids)
+        assert e.value.param == "prompt"
 
 
 def test_empty_raw_prompt_starts_from_endoftext(model):
@@ -529,7 +523,7 @@ def test_param_ranges_are_json_ready():
     json.dumps(inf.PARAM_RANGES)  # the server and chat page ship it as is
     assert set(inf.PARAM_RANGES) >= {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                      "presence_penalty", "frequency_penalty", "logit_bias", "stop", "seed", "raw"}
-    assert math.isclose(inf.DEFAULTS["temperature"], 0.8)
+    assert math.isclose(inf.PARAM_RANGES["temperature"]["default"], 0.8)
 
 
 # ---------------------------------------------------------------- loading

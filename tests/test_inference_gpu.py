@@ -6,6 +6,7 @@ Skipped without CUDA. On the GPU machine: python -m pytest tests/test_inference_
 
 import pytest
 import torch
+from conftest import embed_all
 
 import inference as inf
 from grammar import make_constraint
@@ -51,7 +52,7 @@ def test_graph_replays_equal_uncaptured_static_steps(name):
     for prompts in (PROMPTS[:1], PROMPTS):
         static, _ = run(model, prompts, graphs=False, static=True)(**sampling)
         graphs, engine = run(model, prompts, graphs=True)(**sampling)
-        assert engine.graphs and not engine.notes and engine.describe()["graphs_captured"] > 0
+        assert engine.runner.graphs.enabled and not engine.notes and engine.runner.graphs.graphs
         assert graphs == static
 
 
@@ -84,7 +85,7 @@ def test_compiled_graphs_equal_eager_fp32():
     model = gpt2_124m(torch.float32)
     eager, _ = run(model, PROMPTS, graphs=False)(max_new_tokens=150)
     compiled, engine = run(model, PROMPTS, graphs=True, compile=True)(max_new_tokens=150)
-    assert engine.compile and not engine.notes, engine.notes
+    assert engine.runner.compile and not engine.notes, engine.notes
     assert compiled == eager
 
 
@@ -172,10 +173,10 @@ def test_load_model_defaults_on_cuda(tmp_path):
     loaded, info = inf.load_model_from_checkpoint(path)
     assert info["device"].startswith("cuda") and info["dtype"] == "bfloat16"
     engine = inf.Engine(loaded, max_batch=2)
-    assert engine.graphs and engine.pipeline and engine.kmax == 8
+    assert engine.runner.graphs.enabled and engine.pipeline and engine.runner.kmax == 8
     r = inf.generate_text(engine, "Say hi", max_new_tokens=20, seed=0)
     assert r["completion_tokens"] >= 1
-    assert len(engine.embed([[1, 2, 3]])[0]) == 128
+    assert len(embed_all(engine, [[1, 2, 3]])[0]) == 128
 
 
 def test_warmup_captures_up_front():
@@ -187,7 +188,7 @@ def test_warmup_captures_up_front():
     assert n == 3 * 8 * 3 + 3 * 2 and not engine.notes
     inf.generate_batch(engine, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
     inf.generate_batch(engine, PROMPTS[:2], max_new_tokens=100, temperature=0, raw=True, ignore_eos=True)
-    assert engine.describe()["graphs_captured"] == n  # nothing new to capture
+    assert len(engine.runner.graphs.graphs) == n  # nothing new to capture
 
 
 def test_constrained_graphs_equal_eager_fp32():

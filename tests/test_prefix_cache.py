@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import embed_all, tiny_config
 
 import inference as inf
 from engine.prefix_cache import BLOCK_TOKENS as T
@@ -136,8 +136,8 @@ def test_eviction_under_pressure_keeps_outputs_and_the_bound(model):
 def test_embeddings_batched_in_steps_equal_one_at_a_time(model):
     inputs = [ids_of(n, n) for n in (5, 40, 1, 17, 33, 8)]
     engine = inf.Engine(model, max_batch=2, prefill_chunk=64)
-    alone = [engine.embed([x])[0] for x in inputs]
-    assert engine.embed(inputs) == alone
+    alone = [embed_all(engine, [x])[0] for x in inputs]
+    assert embed_all(engine, inputs) == alone
     engine.add_embedding("a", inputs[:4])
     engine.add_embedding("b", inputs[4:])
     steps = 0
