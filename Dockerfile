@@ -27,8 +27,10 @@ RUN apt-get update \
  && useradd --create-home --uid 10001 app
 
 # Only what serving needs: the model, its tokenizer, the engine, the server, the page and the two configs.
-COPY --chown=app:app model.py tokenizer.py prompt.py checkpoint.py common.py inference.py serve.py \
-     gunicorn.conf.py nginx.conf ./
+COPY --chown=app:app model.py tokenizer.py prompt.py checkpoint.py common.py device.py cli.py grammar.py lora.py \
+     train_flags.py inference.py serve.py gunicorn.conf.py nginx.conf ./
+COPY --chown=app:app engine/ engine/
+COPY --chown=app:app server/ server/
 COPY --chown=app:app assets/ assets/
 COPY --chown=app:app static/ static/
 
