@@ -442,8 +442,9 @@ def test_generate_bench_constrained_mode_runs(capsys):
     assert bench.main(["--tiny", "--device", "cpu", "--batch-sizes", "2", "--n-new", "8", "--no-hf", "--repeats",
                        "1", "--json-schema", "nested"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {r["impl"] for r in result["results"]} == {"ours", "ours+json"}
+    assert {r["impl"] for r in result["results"]} == {"ours", "ours+json", "ours+1json"}
     assert result["grammar"]["compile_ms"] > 0 and result["grammar"]["constrained_vs_free"]["eager/b2"] > 0
+    assert result["grammar"]["one_constrained_vs_free"]["eager/b2"] > 0
 
 
 def test_engine_chunked_prefill_beside_running_rows(model):
