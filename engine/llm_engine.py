@@ -1,8 +1,8 @@
 """The engine: continuous batching for one model. Requests join the running batch between steps and
 leave it when they finish; step() is the algorithm: schedule, run (and sample, on the device), emit.
 
-On CUDA a step's prefill and decode chunk are queued before the previous step's are read (pipelined),
-so the GPU keeps working while the host makes text and plans the next step. A batch holding a constrained row (grammar.py) decodes one token per step in
+On CUDA a decode chunk is queued before the previous one is read (pipelined), and so is a prefill when
+no chunk runs, so the GPU keeps working while the host makes text and plans the next step. A batch holding a constrained row (grammar.py) decodes one token per step in
 two halves: the forward is queued, a thread fills the grammar masks while the host emits earlier work,
 then the batch is sampled under them (docs/design.md).
 """
@@ -37,7 +37,7 @@ class Engine:
     decode_chunk: decode steps per host sync (default 8 on CUDA, 1 elsewhere). graphs: CUDA graphs of
     the decode steps (default: on CUDA). static: bucketed fixed shapes without graphs (default: = graphs;
     on CPU it runs the graph path's logic). compile: torch.compile the decode forward. pipeline: queue a
-    step's work before reading the previous step's (default: on CUDA). Only step is single-threaded."""
+    chunk before reading the previous one (default: on CUDA). Only step is single-threaded."""
 
     def __init__(self, model, max_batch=64, prefill_chunk=None, decode_chunk=None, graphs=None, compile=False,
                  static=None, pipeline=None, prefix_cache=True, prefix_cache_mb=None):
@@ -109,12 +109,12 @@ class Engine:
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
             embeds = self._embed_batch(self.scheduler.prefill_chunk - len(rows) * max((n for *_, n in rows), default=0))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
-            constrained = decode is not None and decode.fetch is None
-            # pipelined: this step's work is read next step, so the device never waits for the host between
-            # steps; a constrained step's masks need its rows' first tokens now
-            now = prefill is not None and (not self.pipeline or constrained)
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now,
+            # while the chunk runs, unless no chunk runs: then next step too, or the device would wait for
+            # the host between prefills
+            now = prefill is not None and (not self.pipeline or decode is not None)
             earlier = self._inflight + ([prefill] if now else [])
-            masks = self.runner.fill_masks(decode, earlier) if constrained else None
+            masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
             for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
             if masks is not None:  # constrained: sampled under the masks of every token so far
