@@ -1,8 +1,8 @@
 """The engine: continuous batching for one model. Requests join the running batch between steps and
 leave it when they finish; step() is the algorithm: schedule, run (and sample, on the device), emit.
 
-On CUDA a decode chunk is queued before the previous one is read (pipelined), and so is a prefill when
-no chunk runs, so the GPU keeps working while the host makes text and plans the next step. A batch holding a constrained row (grammar.py) decodes one token per step in
+On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps working
+while the host makes text. A batch holding a constrained row (grammar.py) decodes one token per step in
 two halves: the forward is queued, a thread fills the grammar masks while the host emits earlier work,
 then the batch is sampled under them (docs/design.md).
 """
@@ -109,17 +109,14 @@ class Engine:
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
             embeds = self._embed_batch(self.scheduler.prefill_chunk - len(rows) * max((n for *_, n in rows), default=0))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
-            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now,
-            # while the chunk runs, unless no chunk runs: then next step too, or the device would wait for
-            # the host between prefills
-            now = prefill is not None and (not self.pipeline or decode is not None)
-            earlier = self._inflight + ([prefill] if now else [])
+            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
+            earlier = [w for w in self._inflight + [prefill] if w is not None]
             masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
             for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
             if masks is not None:  # constrained: sampled under the masks of every token so far
                 self.runner.sample_masked(decode, masks.result())
-            self._inflight = ([prefill] if prefill and not now else []) + ([decode] if self.pipeline and decode else [])
+            self._inflight = [decode] if self.pipeline and decode else []
             if decode is not None and not self.pipeline:
                 self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
