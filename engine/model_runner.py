@@ -117,7 +117,6 @@ class ModelRunner:
         p = next(p for p in model.parameters() if p.is_floating_point())  # a quantized model keeps float embeddings
         self.device, self.dtype = p.device, p.dtype
         cuda = self.device.type == "cuda"
-        self.compile = bool(compile)
         self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
         self.max_batch, self.kmax = max_batch, decode_chunk or (8 if cuda else 1)
         S, V, dev = max_batch, N_VOCAB, self.device
@@ -152,7 +151,7 @@ class ModelRunner:
         slots = [c.slot for c in r.choices]
         entries = self.prefix.load(r.match, self.cache, slots[0])
         r.prompt_lp = [entries] if entries is not None else []
-        self.pos[slots[0]] = r.filled  # idle decode rows write at pos: past the loaded prefix
+        self.pos[slots[0]].fill_(r.filled)  # idle decode rows write past the prefix (pos[s] = x: a host copy, a sync)
         idx = self.upload(slots, torch.long)
         self.params.index_copy_(0, idx, self.upload([param_row(r.params)] * r.n, torch.float32))
         self.bias.index_fill_(0, idx, 0)
@@ -204,7 +203,8 @@ class ModelRunner:
                 slots = self.upload([c.slot for c in r.choices], torch.long)
                 self.seen.index_fill_(0, slots, False)
                 self.counts.index_fill_(0, slots, 0)
-                self.seen[slots.view(-1, 1), self.upload(r.prompt, torch.long)] = True
+                seen = (slots.view(-1, 1), self.upload(r.prompt, torch.long))
+                self.seen.index_put_(seen, self.upload(True, torch.bool))  # not seen[...] = True: that waits (a sync)
             entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
             fetch += entries or []
             self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
@@ -216,11 +216,11 @@ class ModelRunner:
             kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
             u = self.upload([[0.0 if c.p.greedy else c.rng.random()] for c in choices], torch.float32)
             pen = (self.bias[slots], self.seen[slots], self.counts[slots]) if kind[1] else None
-            masked = apply_bitmask(logits, grammar_masks(choices, new_bitmask(len(choices))).to(self.device)) \
-                if kind[3] else logits
+            mask = grammar_masks(choices, new_bitmask(len(choices), pin=slots.is_cuda)) if kind[3] else None
+            masked = apply_bitmask(logits, mask.to(self.device, non_blocking=True)) if kind[3] else logits
             nxt = sample(masked, self.params[slots], u, kind[0], pen)
             if kind[1]:
-                self.seen[slots, nxt] = True
+                self.seen.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.bool))
                 self.counts.index_put_((slots, nxt), torch.ones_like(nxt, dtype=torch.float32), accumulate=True)
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))

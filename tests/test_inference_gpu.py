@@ -9,6 +9,7 @@ import torch
 from conftest import embed_all
 
 import inference as inf
+from engine.model_runner import _call_model
 from grammar import make_constraint
 from model import GPT, GPTConfig
 
@@ -85,7 +86,7 @@ def test_compiled_graphs_equal_eager_fp32():
     model = gpt2_124m(torch.float32)
     eager, _ = run(model, PROMPTS, graphs=False)(max_new_tokens=150)
     compiled, engine = run(model, PROMPTS, graphs=True, compile=True)(max_new_tokens=150)
-    assert engine.runner.compile and not engine.notes, engine.notes
+    assert engine.runner.forward is not _call_model and not engine.notes, engine.notes  # compiled
     assert compiled == eager
 
 
@@ -209,3 +210,36 @@ def test_constrained_graphs_equal_eager_fp32():
                 outs.setdefault((o.request_id, o.index), []).extend(o.token_ids)
         got.append([outs[(r.id, i)] for r in reqs for i in range(2)])
     assert got[0] == got[1]
+
+
+def test_steps_never_wait_for_the_device_but_to_read_results():
+    """Admissions mid-stream, first tokens (echo and logprobs, penalties and logit bias, n > 1, a grammar),
+    prefix-cache hits and decode chunks only queue work: under torch's sync debug mode any hidden host-device
+    sync (an item assignment from the host, a copy from pageable memory, .item()) raises. Results are read
+    through Fetch's event, which the mode does not count."""
+    model = gpt2_124m(torch.bfloat16)
+    engine = inf.Engine(model, max_batch=8)
+    c = make_constraint("json_schema", {"type": "object", "properties": {"a": {"type": "integer"}}}, "x")
+    kinds = [(dict(temperature=0), dict(logprobs=2, echo=True)), (dict(temperature=0.8, top_k=50, seed=1), dict(n=2)),
+             (dict(temperature=0.9, presence_penalty=0.5, logit_bias={262: 2.0}, seed=2), {}),
+             (dict(temperature=0.7, seed=3, constraint=c), {})]
+
+    def run_round(prefix):
+        reqs = []
+        for step in range(200):
+            if step in (0, 3, 6):  # a third joins running rows; the shared prefix hits the cache from round 2 on
+                for p, extra in kinds:
+                    params = inf.validate_params(max_new_tokens=12, raw=True, ignore_eos=True, **p)
+                    reqs.append(engine.add(inf.encode_prompt(prefix + f" {step}", raw=True), params, **extra))
+            engine.step()
+            if step > 6 and not engine.has_work():
+                break
+        assert all(r.done for r in reqs)
+
+    run_round(" ".join(["word"] * 40))  # captures the graphs these kinds use (a capture synchronizes)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_round(" ".join(["word"] * 40))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert engine.stats()["prefix_cache"]["hits"] > 0 and not engine.runner.graphs.notes
