@@ -13,7 +13,6 @@ steady: the same streams and probes for 10 s without a reload, the baseline for 
 Prints a table, then one JSON line.
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -26,6 +25,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from cli import CLIParser, UserError, bounded, run_cli  # noqa: E402
+
 PROBE_TIMEOUT = 2.0  # seconds a probe may take to count as answered
 
 
@@ -206,15 +208,17 @@ def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CLIParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint to serve (file or folder)")
     parser.add_argument("--stack", choices=("nginx", "gunicorn"), default="nginx",
                         help="nginx in front of gunicorn (make serve-prod), or gunicorn alone")
-    parser.add_argument("--slow", type=int, default=200, help="slow connections held open (0: reload only)")
-    parser.add_argument("--hold", type=float, default=20.0, help="seconds they are held while probing")
-    parser.add_argument("--streams", type=int, default=4, help="streams running during the reload")
-    parser.add_argument("--max-new-tokens", type=int, default=400, help="tokens per reload stream")
+    parser.add_argument("--slow", type=bounded(int, 0), default=200, help="slow connections held open (0: reload only)")
+    parser.add_argument("--hold", type=bounded(float, 0, inclusive=False), default=20.0, help="seconds they are held while probing")
+    parser.add_argument("--streams", type=bounded(int, 1), default=4, help="streams running during the reload")
+    parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=400, help="tokens per reload stream")
     args = parser.parse_args(argv)
+    if not os.path.exists(args.ckpt):
+        raise UserError(f"--ckpt: no such file or folder: {args.ckpt}")
     rows = {}
     with tempfile.TemporaryDirectory() as folder, \
             Stack(os.path.abspath(args.ckpt), folder, nginx=args.stack == "nginx") as stack:
@@ -230,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

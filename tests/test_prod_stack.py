@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,8 @@ import pytest
 from bench.prod_stack import Stack, request, reload, slowloris, stream, terminal
 from server.app import SECURITY_HEADERS
 from test_serve_config import make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
 
@@ -153,3 +157,10 @@ def test_a_model_that_fails_to_load_stops_the_stack(tmp_path):
         log[-3000:]  # one line says why
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=5).close()  # nginx went with it
+
+
+@pytest.mark.parametrize("args", [["--ckpt", "/no/such/ckpt"], ["--ckpt", ".", "--slow", "-1"], ["--hold", "5"]])
+def test_bad_flags_are_one_line_and_exit_2(args):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prod_stack.py"), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
