@@ -25,6 +25,7 @@ from cli import help_requested
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="The whole pipeline on the bundled data, on CPU: tokenize 5 public-domain books, pretrain a "
@@ -43,6 +44,7 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
                    "(default: %(default)s)")
     return p
+
 
 if __name__ == "__main__" and help_requested():
     build_parser().parse_args()  # --help answers here, before the training scripts (and torch) load
@@ -73,6 +75,7 @@ MARKER = ".demo-stage.json"
 MODEL_NAME = "gpt2-instruct-demo"
 EXAMPLE = "Name three primary colours."
 
+
 def flags(options):
     """{"max_steps": 4, "lr": 1e-3, "no_compile": True} -> ["--max-steps", "4", "--lr", "0.001", "--no-compile"]."""
     out = []
@@ -82,10 +85,12 @@ def flags(options):
             out.append(f"{value:g}" if isinstance(value, float) else str(value))
     return out
 
+
 def shown(path):
     """A path as written in commands: relative to the repository root (where they run) when inside it."""
     rel = os.path.relpath(path, ROOT)
     return path if rel.startswith("..") else rel
+
 
 class Stage:
     def __init__(self, key, title, main, script, out_dir, options, ckpt=None, needs=()):
@@ -113,6 +118,7 @@ class Stage:
                 os.path.isfile(os.path.join(self.out_dir, self.ckpt)):
             return "interrupted"
         return "new"
+
 
 def build_stages(smoke, data_dir, out_dir, device):
     """The four stages of a mode, with their exact commands (data_dir / out_dir: this mode's folders)."""
@@ -148,11 +154,14 @@ def build_stages(smoke, data_dir, out_dir, device):
                "sample_count": 1, "pad_multiple": 16}, ckpt="last.pt", needs=("pretrain", "dolly")),
     ]
 
+
 class StageFailed(Exception):
     """A stage (or the server) failed; the message says which and how."""
 
+
 def say(msg=""):
     print(msg, flush=True)
+
 
 def run_stage(index, stage, fresh):
     """Run one stage unless its finished output can be reused; True when it ran."""
@@ -186,6 +195,7 @@ def run_stage(index, stage, fresh):
 
 # ---------------------------------------------------------------- serving
 
+
 def check_port_free(host, port):
     """A UserError when host:port cannot be bound, before minutes of training."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -195,6 +205,7 @@ def check_port_free(host, port):
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): stop what uses it, or pass "
                             f"--port N (or --no-serve)") from None
+
 
 def serve(argv, base, smoke):
     """Start serve.py; print the URL and a curl example (smoke: one POST /generate), then stop it."""
@@ -241,6 +252,7 @@ def serve(argv, base, smoke):
 
 # ---------------------------------------------------------------- the run
 
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not 0 < args.port < 65536:
@@ -279,6 +291,7 @@ def main(argv=None):
     finally:
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, old_term)
+
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -29,12 +29,14 @@ import time
 import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
 #                              so only its engine process (a fresh interpreter) imports torch before the load
 
+
 def _env_int(name, default):
     value = os.environ.get(name, "").strip()
     try:
         return int(value) if value else default
     except ValueError:
         raise SystemExit(f"error: {name} must be an integer, got {value!r}") from None
+
 
 NGINX_LISTEN = os.environ.get("GPT2I_NGINX_LISTEN", "").strip()
 RUN_DIR = os.path.abspath(os.environ.get("GPT2I_RUN_DIR", "out/prod"))
@@ -61,9 +63,11 @@ BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers
 
 # ---------------------------------------------------------------------------- worker hooks
 
+
 def app_state(app):
     """serve.state(app), read off the app: the master never imports serve, so a reload runs the new code."""
     return app.extensions["gpt2i"]
+
 
 def post_worker_init(worker):
     """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
@@ -81,6 +85,7 @@ def post_worker_init(worker):
     if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
         os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
 
+
 def child_exit(server, worker):
     """In the master: a worker that could not load its model stops the whole server, quietly, with
     exit 2 (instead of respawning forever); its one line is said."""
@@ -89,11 +94,13 @@ def child_exit(server, worker):
         on_exit(server)
         os._exit(2)
 
+
 def on_reload(server):
     """SIGHUP: new workers start beside the old ones, which serve until each new worker has loaded its
     model and asked the master (SIGTTOU) to stop the oldest: no request waits on a load."""
     server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
+
 
 def _shutdown(worker):
     """Stop admission, end running streams with an error event, stop the engine process."""
@@ -101,8 +108,10 @@ def _shutdown(worker):
     if app is not None:
         app_state(app).close(0)  # the graceful time is up, or this is a quick stop
 
+
 def worker_int(worker):
     _shutdown(worker)  # Ctrl+C, quick stop (SIGINT, SIGQUIT)
+
 
 def worker_exit(server, worker):
     _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
@@ -115,6 +124,7 @@ def worker_exit(server, worker):
 
 # ---------------------------------------------------------------------------- nginx in front
 
+
 def nginx_config():
     """nginx.conf with its @FIELDS@ filled in for this run."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
@@ -125,8 +135,10 @@ def nginx_config():
         text = text.replace(f"@{key}@", value)
     return text
 
+
 def nginx_exe():
     return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
+
 
 def on_starting(server):
     """Before gunicorn binds: the run folder exists and nginx is installed."""
@@ -138,10 +150,12 @@ def on_starting(server):
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
 
+
 def _die_with_parent():
     """In nginx's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
 
 def when_ready(server):
     """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
@@ -168,6 +182,7 @@ def when_ready(server):
     os.environ.setdefault("GPT2I_TRUST_PROXY", "1")
     server.nginx = proc  # on the arbiter: a reload re-reads this file but keeps the arbiter
     server.log.info("nginx listening at %s in front of gunicorn (pid %s)", NGINX_LISTEN, proc.pid)
+
 
 def on_exit(server):
     """Stop nginx with gunicorn; its own in-flight requests are done by now."""

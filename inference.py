@@ -13,6 +13,7 @@ import sys
 from cli import CLIParser, bounded, run_cli
 from engine.sampling_params import MAX_STOP_STRINGS, PARAM_RANGES
 
+
 def build_parser():
     p = CLIParser(description="Generate text with a gpt2-instruct model (our ckpt.pt, an HF GPT-2 folder, or gpt2).",
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -28,6 +28,7 @@ from server.app import build_app, create_app, state  # noqa: E402, F401
 from server.config import allowed_hosts, make_config, rate_limit_enabled  # noqa: E402, F401
 from server.respond import log  # noqa: E402
 
+
 class _Handler(WSGIRequestHandler):
     """HTTP/1.0 (one request per connection), a read timeout, no access log of its own."""
 
@@ -42,6 +43,7 @@ class _Handler(WSGIRequestHandler):
 
     def log(self, type, message, *args):
         log.debug(message % args if args else message)
+
 
 class PooledServer(BaseWSGIServer):
     """The server `python serve.py` runs: werkzeug's, with a fixed pool of request threads (connections past
@@ -74,6 +76,7 @@ class PooledServer(BaseWSGIServer):
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
+
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -110,6 +113,7 @@ def main(argv=None):
     if failed:
         raise failed[0]
     return 0
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -11,6 +11,7 @@ from checkpoint import load_model
 from common import UserError
 from device import pick_device, pick_dtype
 
+
 def quantize_int8(model):
     """Dynamic int8 quantization of every nn.Linear (in place), for CPU inference: weights int8 per output
     channel, activations quantized per call (torch.ao's quantize_dynamic: deprecated upstream but present

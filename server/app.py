@@ -44,6 +44,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 
+
 def create_app(config=None):
     """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
     make_config result. The model starts loading in the background; serve.state(app) is its EngineClient."""
@@ -55,9 +56,11 @@ def create_app(config=None):
     client.start()
     return app
 
+
 def state(app):
     """The EngineClient behind an app from create_app."""
     return app.extensions["gpt2i"]
+
 
 def build_app(client):
     cfg = client.config
@@ -93,6 +96,7 @@ def build_app(client):
                              "X-RateLimit-Reset"], max_age=600)
     return app
 
+
 def install_hooks(app, client):
     """A request id and the Host check first; security headers, the log line and metrics at the end."""
     hosts = allowed_hosts(client.config)
@@ -125,6 +129,7 @@ def install_hooks(app, client):
             rq["info"] = info
         return response
 
+
 def install_limits(app, cfg, limiter):
     """Per-client limits on the generation routes, shared between them; loopback clients are exempt.
     Installed after `end` above, so that flask-limiter's after_request (which adds Retry-After) runs first."""
@@ -134,6 +139,7 @@ def install_limits(app, cfg, limiter):
                                        exempt_when=lambda: is_loopback(request.remote_addr))
         for endpoint in GENERATION:
             app.view_functions[endpoint] = limited(app.view_functions[endpoint])
+
 
 def install_auth(app, cfg, limiter):
     """With --api-key, every route but the open ones needs it; a client's failed attempts are limited
@@ -155,6 +161,7 @@ def install_auth(app, cfg, limiter):
                            headers={"Retry-After": str(max(item.get_expiry() for item in limits))})
         raise ApiError(401, "authentication_error", "missing or invalid API key: send Authorization: "
                        "Bearer <key>", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
 
 def install_errors(app, cfg):
     """Every error as {"error": {...}}: ours (ApiError), werkzeug's and flask-limiter's, and a 500 for the rest."""
@@ -189,6 +196,7 @@ def install_errors(app, cfg):
 
 # ---------------------------------------------------------------------------- logging
 
+
 class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
 
@@ -210,6 +218,7 @@ class _StderrHandler(logging.Handler):
         if isinstance(msg, dict):
             msg = " ".join(f"{k}={v}" for k, v in msg.items() if v is not None and k != "event")
         return f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} {msg}"
+
 
 def setup_logging(level, fmt="auto"):
     """One handler on the 'gpt2i.serve' logger, however many apps are created."""

@@ -14,6 +14,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}  # beyond role, content and name
 LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
+
 def message_text(message, param):
     """A chat message's content as text (a string, or a list of {"type": "text", "text": ...} parts)."""
     param = f"{param}.content"
@@ -27,6 +28,7 @@ def message_text(message, param):
         return ""
     raise invalid(param, f'{param} must be a string or a list of text parts ({{"type": "text", "text": ...}})')
 
+
 def call_text(calls, param):
     """An assistant's tool_calls as the lines the model writes for them."""
     if not isinstance(calls, list) or not all(
@@ -34,6 +36,7 @@ def call_text(calls, param):
             and isinstance(c["function"].get("arguments"), str) for c in calls):
         raise invalid(param, f"{param} must be a list of {{\"function\": {{\"name\", \"arguments\"}}}} objects")
     return [f'{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}' for c in calls]
+
 
 def split_chat(messages, name="messages", instructions=None):
     """messages -> (system text, the other turns [(role, text)], the last user text); validates roles and
@@ -68,10 +71,12 @@ def split_chat(messages, name="messages", instructions=None):
         raise invalid(param, f"{param}: the last user message must not be empty")
     return "\n\n".join(s for s in system if s), turns[:last] + turns[last + 1:], turns[last][1]
 
+
 def chat_context(system_text, history):
     """The ### Input: text: system text, blank line, then the transcript `User: ...` / `Assistant: ...`."""
     transcript = "\n".join(f"{LABELS[role]}: {text}" for role, text in history)
     return "\n\n".join(part for part in (system_text, transcript) if part)
+
 
 def fold_chat(messages, fits, **split):
     """The templated prompt ids for a chat, keeping the most recent other turns for which
@@ -95,7 +100,9 @@ def fold_chat(messages, fits, **split):
             lo = mid
     return best
 
+
 TEXT_PARTS = ("input_text", "output_text", "text")
+
 
 def input_messages(value):
     """Responses input (a string, or message / function_call / function_call_output items) -> chat messages,

@@ -19,6 +19,7 @@ from server.options import OPTIONS, env_name
 CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
            "log_level": ("debug", "info", "warning", "error")}
 
+
 def _convert(name, kind, value):
     """A flag or env string -> the option's type; a bad value is a one-line UserError naming it."""
     if not isinstance(value, str):
@@ -37,6 +38,7 @@ def _convert(name, kind, value):
     except ValueError:
         raise UserError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
+
 def make_config(values=None, environ=None):
     """The config (a namespace of OPTIONS) from defaults <- environ (GPT2I_*) <- values (a dict), validated."""
     cfg = {name: list(default) if kind is list else default for name, (default, kind, _) in OPTIONS.items()}
@@ -50,6 +52,7 @@ def make_config(values=None, environ=None):
     cfg = types.SimpleNamespace(**cfg)
     validate_config(cfg)
     return cfg
+
 
 def validate_config(cfg):
     """Fail before the port is bound, with one line, on anything the server could not run with."""
@@ -89,11 +92,14 @@ def validate_config(cfg):
     if cfg.quantize == "int8" and (device.type != "cpu" or cfg.dtype not in ("auto", "float32", "fp32")):
         raise UserError(f"--quantize int8 runs on CPU in float32 only (asked: {device.type}, {cfg.dtype})")
 
+
 def rate_limit_enabled(cfg):
     return limit_enabled(cfg.rate_limit)
 
+
 def limit_enabled(limit):
     return bool(limit) and limit.strip().lower() not in ("none", "off", "0")
+
 
 def is_loopback(address):
     try:
@@ -101,12 +107,14 @@ def is_loopback(address):
     except ValueError:
         return False
 
+
 def host_name(host):
     """A Host header without its port: "[::1]:5000" -> "[::1]", "localhost:5000" -> "localhost"."""
     host = (host or "").lower()
     if host.startswith("["):
         return host[:host.find("]") + 1]
     return host.rsplit(":", 1)[0]
+
 
 def allowed_hosts(cfg):
     """Host names (without port) this server answers to; None = any."""
@@ -116,6 +124,7 @@ def allowed_hosts(cfg):
     if not cfg.allowed_hosts and cfg.host not in ("0.0.0.0", "::", ""):
         names.add(f"[{cfg.host}]" if ":" in cfg.host else cfg.host)
     return {n.lower() for n in names}
+
 
 class ApiError(Exception):
     """An HTTP error rendered as {"error": {"type", "message", "param", "code"}}."""
@@ -129,20 +138,25 @@ class ApiError(Exception):
     def body(self):
         return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
 
+
 def invalid(param, message, code=None):
     """400 for one request field; the message names the field and what is allowed."""
     return ApiError(400, "invalid_request_error", message, param, code)
 
+
 def unavailable(code, message, retry_after):
     return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
 
 SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
 HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
               405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
               415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}
 
+
 class ClientGone(Exception):
     """The client closed its connection: its generation is cancelled."""
+
 
 def client_gone(environ):
     """True when the request's client has closed its connection: a poll and a peek, never a read."""

@@ -13,6 +13,7 @@ from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, S
 from server.reply import POLL_S, Embeddings, Handle, Reply
 from server.respond import log
 
+
 class EngineClient:
     """create_app builds one; serve.state(app) is it."""
 

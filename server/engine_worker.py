@@ -14,6 +14,7 @@ from grammar import ConstraintError, compile_constraint
 
 # ---------------------------------------------------------------- messages: server -> engine
 
+
 @dataclass
 class Add:
     request_id: int
@@ -24,14 +25,17 @@ class Add:
     echo: bool
     group: int  # the HTTP request: the scheduler's fairness turn
 
+
 @dataclass
 class Cancel:
     request_id: int
+
 
 @dataclass
 class Embed:
     job_id: int
     inputs: list
+
 
 @dataclass
 class Stop:
@@ -39,15 +43,18 @@ class Stop:
 
 # ---------------------------------------------------------------- messages: engine -> server
 
+
 @dataclass
 class Ready:
     info: dict
     context_length: int
     stats: dict
 
+
 @dataclass
 class LoadFailed:
     error: str
+
 
 @dataclass
 class Step:
@@ -55,10 +62,12 @@ class Step:
     embedded: list  # (job id, float32 array (inputs, C))
     stats: dict
 
+
 @dataclass
 class Failed:
     request_ids: list
     error: str
+
 
 def engine_process(conn, cfg):
     """The engine's process: load the model, then serve the pipe until Stop or the server is gone."""
@@ -76,6 +85,7 @@ def engine_process(conn, cfg):
         engine_loop(conn, engine)
     except (EOFError, OSError):
         return  # the server is gone
+
 
 def engine_loop(conn, engine):
     requests = {}  # id -> engine Request, until it is done
@@ -121,8 +131,10 @@ def engine_loop(conn, engine):
         embedded, engine.embedded = engine.embedded, []
         conn.send(Step(outputs, embedded, engine.stats()))
 
+
 def admit(engine, m):
     return engine.add(m.ids, m.params, m.n, m.logprobs, m.echo, m.request_id, m.group)
+
 
 def spawn_engine(config):
     """Start an engine process for this config -> (the server's end of its pipe, the process)."""

@@ -8,6 +8,7 @@ PREFIX_COUNTERS = {"hits": "Prompts that reused a cached prefix.", "misses": "Pr
                    "hit_tokens": "Prompt tokens not prefilled thanks to the cache.",
                    "evicted_blocks": "Blocks recycled for newer prefixes."}
 
+
 class PrefixCacheCollector:
     """gpt2i_prefix_cache_*: the engine's counters as of its last step, and the pool's use."""
 
@@ -20,6 +21,7 @@ class PrefixCacheCollector:
             yield CounterMetricFamily(f"gpt2i_prefix_cache_{key}", help_, value=s.get(key, 0))
         for key, help_ in (("blocks_used", "Pool blocks holding a prefix."), ("blocks_total", "Pool blocks.")):
             yield GaugeMetricFamily(f"gpt2i_prefix_cache_{key}", help_ + " (16 tokens a block)", value=s.get(key, 0))
+
 
 class Metrics:
     def __init__(self, client):

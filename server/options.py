@@ -45,8 +45,10 @@ OPTIONS = {
     "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
 
+
 def env_name(name):
     return ENV_PREFIX + name.upper()
+
 
 def build_parser():
     parser = CLIParser(  # a mistake is one line and exit 2 (run_cli)

@@ -9,19 +9,24 @@ from engine.detokenizer import token_bytes
 SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"
 
+
 def sse(obj, event=None):
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
 
 def openai_finish(reason):
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
+
 def token_str(token_id):
     return token_bytes(token_id).decode("utf-8", errors="replace")
+
 
 def native_logprobs(entries):
     return [{"token": token_str(e["token_id"]), "token_id": e["token_id"], "logprob": e["logprob"],
              "top_logprobs": [{"token": token_str(t), "token_id": t, "logprob": lp} for t, lp in e["top"]]}
             for e in entries]
+
 
 def chat_logprobs(entries):
     def one(t, lp):
@@ -29,6 +34,7 @@ def chat_logprobs(entries):
 
     return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
                         for e in entries], "refusal": None}
+
 
 def completion_logprobs(entries, offset):
     """OpenAI's legacy shape; offset: characters of text before these tokens. Prompt entries may be None."""
@@ -44,9 +50,11 @@ def completion_logprobs(entries, offset):
         offset += len(tok)
     return out
 
+
 def prompt_entries(ids, prompt_logprobs):
     """Engine prompt_logprobs (the first None) -> entries shaped like generated ones."""
     return [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, prompt_logprobs)]
+
 
 def openai_envelope(route, request_id, model_name, include_usage):
     """make(choices, usage, chunk) for one OpenAI reply: its id, object, created and model on every chunk."""

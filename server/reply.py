@@ -13,6 +13,7 @@ KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxi
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
 EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 
+
 @dataclass(eq=False)
 class Handle:
     """The server's side of one engine request (one prompt): choices base .. base + n - 1 of its reply."""
@@ -27,6 +28,7 @@ class Handle:
     @property
     def done(self):
         return self.finished == self.n
+
 
 class Reply:
     """One HTTP request's engine requests (a Handle per prompt)."""
@@ -118,6 +120,7 @@ class Reply:
                 self.queue.put(self.pending)
                 self.pending = []
         return handle.done
+
 
 class Embeddings:
     """Embedding calls waiting for their vectors: ask() from a request thread, answer() from the reader."""

@@ -14,9 +14,11 @@ from server.render import SSE_DONE, SSE_KEEPALIVE, sse
 
 log = logging.getLogger("gpt2i.serve")
 
+
 def client():
     """The EngineClient of the app handling this request."""
     return current_app.extensions["gpt2i"]
+
 
 def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):
     """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
@@ -70,6 +72,7 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None
     return Response(body(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
 def finish_request(rq, info, server=None):
     """One log line and the request metrics, once, when the response is done (streams included)."""
     if info is None or rq["logged"]:
@@ -91,12 +94,14 @@ def finish_request(rq, info, server=None):
         line["error"] = rq["error"]
     log.log(logging.DEBUG if info["quiet"] else logging.INFO, line)
 
+
 def fit_prompt(ids, params, given, names, prompt_name="prompt", echo=False):
     """The prompt against --max-prompt-tokens and the context: an unspecified max_new_tokens is lowered
     to fit, an explicit one that does not fit is a 400 naming it as the client did."""
     server = client()
     return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
                prompt_name, names)
+
 
 def admit(prompts, stream, n=1, logprobs=None, echo=False):
     """client().admit, the reply noted for the request's log line and release."""

@@ -23,6 +23,7 @@ bp = Blueprint("native", __name__)
 # field that selects it
 CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.when else None} for f in FORMS]
 
+
 @bp.get("/health")
 def health():
     server = client()
@@ -36,6 +37,7 @@ def health():
             **({"restarts": server.restarts} if server.restarts else {})}
     return jsonify(body), 503, {"Retry-After": "2" if status in ("loading", "restarting") else "60"}
 
+
 @bp.get("/params")
 def params():
     server = client()
@@ -46,6 +48,7 @@ def params():
     return jsonify({"params": table, "constraints": CONSTRAINTS, "context_length": ctx,
                     "max_prompt_tokens": server.prompt_limit() if ctx else None, "model": server.model_name,
                     "status": server.status})
+
 
 @bp.post("/generate")
 def generate():
@@ -78,6 +81,7 @@ def generate():
 
     return respond(reply, stream, render, chunks)
 
+
 @bp.post("/tokenize")
 def tokenize():
     body, _, _ = read_body(TOKENIZE_FIELDS, "/tokenize")
@@ -94,6 +98,7 @@ def tokenize():
         out["token_strs"] = [token_str(t) for t in ids]
     return jsonify(out)
 
+
 @bp.post("/detokenize")
 def detokenize():
     body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")
@@ -101,14 +106,17 @@ def detokenize():
         raise invalid("tokens", f"tokens must be a list of token ids, got {short(body['tokens'])}")
     return jsonify({"prompt": decode(check_ids(body["tokens"], "tokens") if body["tokens"] else [])})
 
+
 @bp.get("/metrics")
 def metrics():
     data, content_type = client().metrics.exposition()
     return Response(data, mimetype="text/plain", headers={"Content-Type": content_type})
 
+
 @bp.get("/openapi.json")
 def openapi():
     return jsonify(openapi_document())
+
 
 @bp.get("/")
 def index():
@@ -118,6 +126,7 @@ def index():
     return Response("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title><p>gpt2-instruct server "
                     "(no chat page installed). API: <code>POST /generate</code>, <code>POST /v1/chat/completions"
                     "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
+
 
 @bp.get("/static/<path:filename>", endpoint="static_file")
 # every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the

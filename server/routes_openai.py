@@ -20,6 +20,7 @@ from tokenizer import decode
 
 bp = Blueprint("openai", __name__)
 
+
 def openai_request(route, table, defaults=None):
     """An OpenAI route's body -> (fields, params given, client names, SamplingParams, stream, make, tail)."""
     body, given, names = read_body(table, route)
@@ -35,6 +36,7 @@ def openai_request(route, table, defaults=None):
         yield SSE_DONE
 
     return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
+
 
 @bp.post("/v1/completions")
 def completions():
@@ -65,6 +67,7 @@ def completions():
 
     return respond(reply, stream, render, chunks, tail=lambda: tail(reply))
 
+
 def chat_prompt(messages, p, given, **split):
     """A chat's prompt ids, folded to fit with room for max_tokens (validated before readiness is asked)."""
     split_chat(messages, **split)
@@ -72,6 +75,7 @@ def chat_prompt(messages, p, given, **split):
     server.require_ready()
     limit, min_new = server.prompt_limit(), p.max_new_tokens if "max_new_tokens" in given else 1
     return fold_chat(messages, lambda n_: n_ <= limit and n_ + min_new <= server.context_length, **split)
+
 
 @bp.post("/v1/chat/completions")
 def chat_completions():
@@ -115,8 +119,10 @@ def chat_completions():
     head = [chunk(i, {"role": "assistant", "content": "" if plan is None else None}) for i in range(n)]
     return respond(reply, stream, render, chunks, head, lambda: tail(reply))
 
+
 def part(text):
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
 
 @bp.post("/v1/responses")
 def responses():
@@ -178,6 +184,7 @@ def responses():
                event("response.content_part.added", **where, part=part(""))]
     return respond(reply, stream, render, chunks, opening, failed=failed)
 
+
 @bp.post("/v1/embeddings")
 def embeddings():
     body, _, _ = read_body(EMBEDDING_FIELDS, "/v1/embeddings")
@@ -195,13 +202,16 @@ def embeddings():
     return jsonify({"object": "list", "data": data, "model": server.model_name,
                     "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
+
 def model_card(server):
     return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
             "context_length": server.context_length}
 
+
 @bp.get("/v1/models")
 def models():
     return jsonify({"object": "list", "data": [model_card(client())]})
+
 
 @bp.get("/v1/models/<path:model_id>")
 def model(model_id):

@@ -16,6 +16,7 @@ from server.tools import MAX_TOOLS
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
 
+
 def param_schema(name):
     """The JSON Schema of one engine parameter, from PARAM_RANGES."""
     spec = PARAM_RANGES[name]
@@ -35,12 +36,15 @@ def param_schema(name):
         schema["default"] = spec["default"]
     return {**schema, "description": spec.get("help", "")}
 
+
 def F(schema=None, param=None, only=None, why=None, **extra):
     """One field of a route table."""
     return {"schema": schema or {}, "param": param, "only": only, "why": why, **extra}
 
+
 def T(kind, description="", **bounds):
     return F({"type": kind, "description": description, **bounds})
+
 
 STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
@@ -62,6 +66,7 @@ FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
 JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 
+
 def constraint_fields():
     """The route fields of the constraint forms (grammar.FORMS), nested as the requests nest them;
     text.format is the Responses API's and not here."""
@@ -80,6 +85,7 @@ def constraint_fields():
                 node = node.setdefault("properties", {}).setdefault(key, {})
             node.update(leaf)
     return {name: F(schema) for name, schema in fields.items()}
+
 
 CONSTRAINT_FIELDS = constraint_fields()
 SAMPLING = [name for name in PARAM_RANGES if name not in ("max_new_tokens", "raw")]
@@ -179,6 +185,7 @@ EMBEDDING_FIELDS = {
 
 JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
 
+
 def check_type(name, value, schema):
     """The top-level checks of a field's schema (type, enum, bounds, lengths); nested shapes are checked where used."""
     kind = schema.get("type")
@@ -195,8 +202,10 @@ def check_type(name, value, schema):
         raise invalid(name, f"{name} must be between {lo} and {hi}, got {short(value)}")
     return value
 
+
 def short(value):
     return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
+
 
 def read_body(table, route):
     """The JSON body checked against a route table -> (plain fields, engine params given, client names)."""
@@ -237,8 +246,10 @@ def read_body(table, route):
         plain[name] = value
     return plain, params, names
 
+
 def _refuse_number(name):
     raise ValueError(f"{name} is not valid JSON")
+
 
 def _finite_float(text):
     value = float(text)
@@ -246,10 +257,12 @@ def _finite_float(text):
         raise ValueError(f"number {text[:40]} is out of range")
     return value
 
+
 def _sane_int(text):
     if len(text.lstrip("-")) > 300:  # past float range: no field takes it (and math on it overflows)
         raise ValueError(f"integer {text[:20]}... is out of range")
     return int(text)
+
 
 def request_constraint(body):
     """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
@@ -258,6 +271,7 @@ def request_constraint(body):
     if constraint is not None:
         compile_constraint(constraint)  # cached; the engine's process compiles its own copy
     return constraint
+
 
 def sampling_params(given, names, defaults=None, body=None):
     """SamplingParams from defaults + the given fields (+ the body's constraint); a ParamError is a 400 in the
@@ -269,6 +283,7 @@ def sampling_params(given, names, defaults=None, body=None):
         raise  # already in the client's words
     except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a shape the checks did not expect
         raise invalid(None, f"invalid generation parameter: {e}") from None
+
 
 def prompt_list(value, param):
     """A prompt field (string, list of strings, ids, list of id lists) -> list of str | list[int]."""
@@ -285,6 +300,7 @@ def prompt_list(value, param):
             return [check_ids(v, f"{param}[{i}]") for i, v in enumerate(value)]
     raise invalid(param, f"{param} must be a string, a list of strings, a list of token ids, or a list of "
                          f"token-id lists (none empty), got {short(value)}")
+
 
 def openapi_document():
     """OpenAPI 3.1 for every route, the request bodies built from the route tables and PARAM_RANGES."""

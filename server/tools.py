@@ -17,9 +17,11 @@ NO_PARSER = ("this model has no tool parser, so it cannot choose whether to call
              "default with tools): send tool_choice 'required' or {\"type\": \"function\", \"function\": {\"name\": "
              "...}} to force a call, or 'none'")
 
+
 def head(name):
     """What a call to `name` starts with when several tools are offered; its arguments follow, then "}"."""
     return f'{{"name": "{name}", "arguments": '
+
 
 @dataclass(frozen=True)
 class ToolPlan:
@@ -47,8 +49,10 @@ class ToolPlan:
         return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},
                 "tool_calls" if complete else finish_reason)
 
+
 def call_id():
     return "call_" + uuid.uuid4().hex[:24]
+
 
 class CallStream:
     """One streamed choice's tool call: its name and id once known, then the argument fragments."""
@@ -70,6 +74,7 @@ class CallStream:
             calls.append({"index": 0, "function": {"arguments": args[self.sent:]}})
         self.named, self.sent = True, len(args)
         return ({"tool_calls": calls} if calls else None), "tool_calls" if complete else finish_reason
+
 
 def tool_plan(body):
     """The request's tools and tool_choice -> a ToolPlan, or None (no call); 400 for what cannot be served."""
@@ -101,14 +106,17 @@ def tool_plan(body):
     start = "start: " + " | ".join(f"call{i}" for i in range(len(functions)))
     return ToolPlan(tuple(f["name"] for f in functions), compiled("grammar", "\n".join([start, *rules]), "tools"))
 
+
 def compiled(kind, spec, field):
     """A grammar.Constraint, compiled now: a schema llguidance refuses is a 400 naming its field."""
     constraint = make_constraint(kind, spec, field)
     compile_constraint(constraint)
     return constraint
 
+
 def parameters(function):
     return function.get("parameters") or {"type": "object"}
+
 
 def check_tool(tool, i):
     """tools[i] -> its function, checked: {"type": "function", "function": {"name", "parameters"?}}."""
