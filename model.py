@@ -119,11 +119,19 @@ class KVCache:
         # zeros: stale positions are masked, but must stay finite (0 * NaN would poison attention)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self._views = {}
+
+    def views(self, slot, n):
+        """Positions 0 .. n-1 of one slot in every layer, keys then values: 2 * n_layer (n, H, D) views, made
+        once (a copy through them is one torch._foreach_copy_, not two indexing ops and a copy per layer)."""
+        if (slot, n) not in self._views:
+            self._views[slot, n] = [t[slot, :n] for t in self.k + self.v]
+        return self._views[slot, n]
 
     def copy_slot(self, src, dst):
         """Slot dst becomes a copy of slot src (a forked sequence)."""
-        for t in self.k + self.v:
-            t[dst].copy_(t[src])
+        n = self.k[0].size(1)
+        torch._foreach_copy_(self.views(dst, n), self.views(src, n))
 
 
 class GPT(nn.Module):

@@ -20,7 +20,7 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    chat: --turns turns (the transcript as raw text), each a ~35-token message and a 48-token reply;
    median first-token time per turn over 3 conversations. loglik: the committed HellaSwag rows as
    lm-evaluation-harness sends them (ids of context + ending, echo, logprobs 1, max_tokens 1, longest
-   first) by 8 clients: requests/s, and the largest loglikelihood difference between cache on and off.
+   first; --shots solved examples before each context) by 8 clients: requests/s, and the largest loglikelihood difference between cache on and off.
 Throughput: completion tokens made inside the window, divided by it (over HTTP, each request's tokens
 spread evenly over its lifetime). Prompts are token ids and end-of-text is ignored, so every request
 makes exactly --new-tokens tokens. Prints a table; the last line is JSON.
@@ -80,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--burst-tokens", type=int, default=1000)
     p.add_argument("--turns", type=int, default=10, help="chat turns")
     p.add_argument("--rows", type=int, default=200, help="HellaSwag rows (4 requests each)")
+    p.add_argument("--shots", type=int, default=0, help="HellaSwag's few-shot examples per context (lm-eval's "
+                                                        "--num_fewshot; 10 on the Open LLM Leaderboard)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer, "
                                               "embeddings, burst, chat, loglik, cacheoff")
     args = p.parse_args(argv)
@@ -342,14 +344,21 @@ def chat(port, args):
             "last_prompt_tokens": len(encode(prompt))}
 
 
-def hellaswag_pairs(rows):
-    """(context ids, ending ids) as lm-evaluation-harness splits them, longest first as it sends them."""
+def hellaswag_pairs(rows, shots=0):
+    """(context ids, ending ids) as lm-evaluation-harness splits them, longest first as it sends them. shots:
+    its few-shot context (--num_fewshot), solved examples drawn per row from the other committed rows,
+    as many as fit 1,000 tokens."""
     with open(os.path.join(ROOT, "tests", "data", "hellaswag_val_200.jsonl"), encoding="utf-8") as f:
-        data = [json.loads(line) for line in f][:rows]
-    pairs = []
-    for r in data:
-        ctx = encode(f"{r['activity_label']}: {r['ctx']}")
-        pairs += [(ctx, encode(f"{r['activity_label']}: {r['ctx']} {e}")[len(ctx):]) for e in r["endings"]]
+        data = [json.loads(line) for line in f]
+    rng, pairs = random.Random(1234), []
+    for i, r in enumerate(data[:rows]):
+        examples = [f"{x['activity_label']}: {x['ctx']} {x['endings'][x['label']]}\n\n"
+                    for x in rng.sample(data[:i] + data[i + 1:], shots)]
+        text = f"{r['activity_label']}: {r['ctx']}"
+        while len(encode("".join(examples) + text)) > 900:
+            examples.pop()
+        ctx = encode("".join(examples) + text)
+        pairs += [(ctx, encode("".join(examples) + f"{text} {e}")[len(ctx):]) for e in r["endings"]]
     return sorted(pairs, key=lambda p: (-len(p[0] + p[1]), p[0] + p[1]))
 
 
@@ -382,8 +391,8 @@ def prompt_phases(port, args, skip):
         out["chat"] = chat(port, args)
     if "loglik" not in skip:
         say(f"loglik: {args.rows} HellaSwag rows ...")
-        loglik(port, hellaswag_pairs(2))  # untimed: first shapes
-        out["loglik"], lls = loglik(port, hellaswag_pairs(args.rows))
+        loglik(port, hellaswag_pairs(2, args.shots))  # untimed: first shapes
+        out["loglik"], lls = loglik(port, hellaswag_pairs(args.rows, args.shots))
     return out, lls
 
 
@@ -441,7 +450,7 @@ LINES = {  # phase: its report line, formatted with its results and the flags
              "{burst_ttft_p50_ms}/{burst_ttft_p95_ms} ms",
     "chat": "chat, prefix {label}: first-token ms per turn {ttft_ms_per_turn} (turn {turns} / turn 1: "
             "{last_over_first}; target with the cache <= 1.5)",
-    "loglik": "loglik, prefix {label}: {requests_per_s} requests/s, {errors} errors"}
+    "loglik": "loglik, {shots}-shot, prefix {label}: {requests_per_s} requests/s, {errors} errors"}
 
 
 def report(results, args):

@@ -1,7 +1,7 @@
 """Automatic prefix caching (vLLM's, with copies instead of paged attention: our KV is one contiguous
 row per slot): the KV of full blocks of prompt tokens, keyed by chained hashes, kept in a bounded pool on
 the model's device and copied into a new request's slot. docs/design.md has the contract.
-Shapes: N pool rows, L layers, T = BLOCK_TOKENS, H heads, D head size.
+Shapes: N pool rows, L layers (2L: keys of each, then values), T = BLOCK_TOKENS, H heads, D head size.
 """
 
 import hashlib
@@ -68,8 +68,8 @@ class PrefixCache:
     def __init__(self, config, max_blocks, device=None, dtype=torch.float32):
         T, H = BLOCK_TOKENS, config.n_head
         self.max_blocks, self.device = int(max_blocks), torch.device(device or "cpu")
-        shape = (self.max_blocks, config.n_layer, 2, T, H, config.n_embd // H)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype) if self.max_blocks else None  # (N, L, 2, T, H, D)
+        shape = (2 * config.n_layer, self.max_blocks, T, H, config.n_embd // H)  # keys of every layer, then values
+        self.kv = torch.zeros(shape, device=device, dtype=dtype) if self.max_blocks else None  # (2L, N, T, H, D)
         self.lp = None  # echo entries, allocated at the first store that has them: (N, T), (N, T, K), (N, T, K)
         self._row = {}  # key -> pool row
         self._key = [None] * self.max_blocks  # pool row -> key (None: free)
@@ -108,13 +108,14 @@ class PrefixCache:
         store into a row cannot overtake this load."""
         if not match.rows:
             return None
-        n, T = len(match.rows), BLOCK_TOKENS
-        rows = self._index(match.rows)
-        blocks = self.kv.index_select(0, rows)  # (n, L, 2, T, H, D)
-        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
-            k[slot, :n * T].view(n, T, *k.shape[2:]).copy_(blocks[:, layer, 0])
-            v[slot, :n * T].view(n, T, *v.shape[2:]).copy_(blocks[:, layer, 1])
+        n = self._span(len(match.rows), cache)
+        # past the prefix, up to the span: copies of its last block, which the prefill and decoding overwrite
+        # before anything reads them (as they do the right padding of a prefill)
+        rows = self._index(match.rows + match.rows[-1:] * (n - len(match.rows)))
+        blocks = self.kv.index_select(1, rows).flatten(1, 2)  # (2L, n * T, H, D)
+        torch._foreach_copy_(cache.views(slot, n * BLOCK_TOKENS), blocks.unbind(0))
         if match.logprobs:
+            rows = rows[:len(match.rows)]
             return tuple(t.index_select(0, rows).flatten(0, 1)[1:] for t in self.lp)  # token 0 has no entry
         return None
 
@@ -135,14 +136,20 @@ class PrefixCache:
             self._lru[key] = None
         self._touch(rows)
         if new:
-            T, first, last = BLOCK_TOKENS, new[0][0], new[-1][0]
-            span = torch.stack([t[slot, first * T:(last + 1) * T] for kv in zip(cache.k, cache.v) for t in kv])
-            span = span.view(len(cache.k), 2, last + 1 - first, T, *span.shape[2:])  # (L, 2, n, T, H, D)
-            blocks = span.index_select(2, self._index([j - first for j, _ in new])).permute(2, 0, 1, 3, 4, 5)
-            self.kv.index_copy_(0, self._index([row for _, row in new]), blocks.to(self.kv.dtype))
+            n = self._span(new[-1][0] + 1, cache)
+            span = torch.stack(cache.views(slot, n * BLOCK_TOKENS))  # (2L, n * T, H, D)
+            blocks = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:]).index_select(
+                1, self._index([j for j, _ in new]))
+            self.kv.index_copy_(1, self._index([row for _, row in new]), blocks.to(self.kv.dtype))
         if logprobs is not None:
             self._store_logprobs(rows, logprobs)
         self.stats.blocks_used = len(self._row)
+
+    @staticmethod
+    def _span(n, cache):
+        """Blocks a copy of n blocks spans: n rounded up to a power of two (so few shapes of per-slot views
+        exist), within the cache."""
+        return min(1 << (n - 1).bit_length(), cache.k[0].size(1) // BLOCK_TOKENS)
 
     def _store_logprobs(self, rows, logprobs):
         """Echo entries for the blocks that lack them: block j keeps those predicting its tokens (positions

@@ -123,13 +123,13 @@ def test_eviction_under_pressure_keeps_outputs_and_the_bound(model):
     on = inf.Engine(model, max_batch=4, prefix_cache_mb=6 * (2 * 2 * T * 64 * 8) / 2**20)  # a 6-block pool
     off = inf.Engine(model, max_batch=4, prefix_cache=False)
     pool = on.runner.prefix.kv
-    assert pool.shape[0] == 6 and off.runner.prefix.kv is None
+    assert pool.shape[1] == 6 and off.runner.prefix.kv is None
     prompts = [ids_of(2 * T + 3 + i, 20 + i) for i in range(4)] * 2
     jobs = [(ids, dict(SAMPLERS[i % 4], max_new_tokens=2), dict(logprobs=1)) for i, ids in enumerate(prompts)]
     for together in (False, True):
         assert run(on, jobs, together) == run(off, jobs, together)
         s = on.stats()["prefix_cache"]
-        assert s["blocks_used"] <= s["blocks_total"] == 6 and on.runner.prefix.kv is pool and pool.shape[0] == 6
+        assert s["blocks_used"] <= s["blocks_total"] == 6 and on.runner.prefix.kv is pool and pool.shape[1] == 6
     assert s["evicted_blocks"] > 0 and s["hits"] > 0
 
 
