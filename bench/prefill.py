@@ -93,8 +93,8 @@ def engine_budget(model, device, budget, args):
             "lone_first_token_ms": round(lone * 1e3, 2)}
 
 
-def prefill_forward(model, cache, idx, pos, slots, kv_len):
-    return model.lm_head(model.hidden(idx, cache=cache, pos=pos, slots=slots, kv_len=kv_len)[:, -1])
+def prefill_forward(model, cache, idx, slots):
+    return model.lm_head(model.hidden(idx, cache=cache, pos=None, slots=slots)[:, -1])  # new prompts, as the engine
 
 
 def replayer(fn, device):
@@ -116,11 +116,11 @@ def forward_modes(model, device, dtype, B, T, modes, repeats):
     """Prompt tokens/s of one prefill forward of B prompts x T tokens in each mode (None: failed, noted)."""
     cache = KVCache(model.config, B, device=device, dtype=dtype)
     idx = torch.tensor([random_ids(T, random.Random(b)) for b in range(B)], device=device)
-    pos, slots = torch.zeros(B, dtype=torch.long, device=device), torch.arange(B, device=device)
+    slots = torch.arange(B, device=device)
     out = {"prompts": B, "width": T}
     for mode in modes:
         fn = torch.compile(prefill_forward, dynamic=False) if mode == "compile" else prefill_forward
-        step = lambda fn=fn: fn(model, cache, idx, pos, slots, T)  # noqa: E731
+        step = lambda fn=fn: fn(model, cache, idx, slots)  # noqa: E731
         try:
             with sdpa_kernel(ATTENTION):
                 step = replayer(step, device) if mode == "graph" else step

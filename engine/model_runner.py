@@ -170,7 +170,7 @@ class ModelRunner:
         # right padding writes past each prompt's end, where nothing is read before it is overwritten
         idx = self.upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
         starts = [s for _, s, _ in rows]
-        pos = self.upload(starts, torch.long)
+        pos = self.upload(starts, torch.long) if any(starts) else None  # None: new prompts, FlashAttention
         slots = self.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
         with sdpa_kernel(ATTENTION):
             h = self.model.hidden(idx, cache=self.cache, pos=pos, slots=slots, kv_len=max(starts) + width)  # (B, T, C)

@@ -136,11 +136,14 @@ class PrefixCache:
             self._lru[key] = None
         self._touch(rows)
         if new:
-            n = self._span(new[-1][0] + 1, cache)
+            js = [j for j, _ in new]
+            n = self._span(js[-1] + 1, cache)
             span = torch.stack(cache.views(slot, n * BLOCK_TOKENS))  # (2L, n * T, H, D)
-            blocks = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:]).index_select(
-                1, self._index([j for j, _ in new]))
-            self.kv.index_copy_(1, self._index([row for _, row in new]), blocks.to(self.kv.dtype))
+            span = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:])  # (2L, n, T, H, D)
+            # the new blocks are a run (those after the cached head) but for a head evicted meanwhile
+            run = js == list(range(js[0], js[-1] + 1))
+            blocks = span[:, js[0]:js[-1] + 1] if run else span.index_select(1, self._index(js))
+            self.kv.index_copy_(1, self._index([row for _, row in new]), blocks)
         if logprobs is not None:
             self._store_logprobs(rows, logprobs)
         self.stats.blocks_used = len(self._row)
