@@ -206,7 +206,7 @@ class ModelRunner:
                 seen = (slots.view(-1, 1), self.upload(r.prompt, torch.long))
                 self.seen.index_put_(seen, self.upload(True, torch.bool))  # not seen[...] = True: that waits (a sync)
             entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
-            fetch += entries or []
+            fetch += [entries[0]] + [t[:, :r.logprobs or 0] for t in entries[1:]] if entries else []  # those asked for
             self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
         first = len(fetch)
         if choices:
