@@ -126,7 +126,7 @@ class Engine:
 
     def _emit_prefill(self, work, emitted):
         values = work.fetch.get()
-        for _, r, _ in work.finals:  # echo: the prompt's entries; max_new_tokens 0 (echo only) ends here
+        for r in work.finals:  # echo: the prompt's entries; max_new_tokens 0 (echo only) ends here
             entries = [None]
             if r.echo and r.prompt_lp:
                 entries += [entry(t, *x, r.logprobs) for t, *x in zip(r.prompt[1:], *values[:3])]

@@ -59,7 +59,7 @@ class Fetch:
 
 @dataclass
 class PrefillWork:
-    finals: list  # [(batch row, request, last position)] of the prompts this prefill completed
+    finals: list  # the requests whose prompts this prefill completed
     choices: list  # the choices whose first token was sampled
     fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
     first: int  # where the first ids sit in the fetch
@@ -162,35 +162,25 @@ class ModelRunner:
                 self.bias[s, toks] = vals
 
     def prefill(self, rows):
-        """Queue one batched forward over the prompt chunks [(request, start, n)]; prompts completed by it
-        sample their first tokens -> PrefillWork, or None."""
-        if not rows:
-            return None
-        block, width = self.config.block_size, max(n for _, _, n in rows)
-        # right padding writes past each prompt's end, where nothing is read before it is overwritten
-        idx = self.upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
-        starts = [s for _, s, _ in rows]
-        pos = self.upload(starts, torch.long) if any(starts) else None  # None: new prompts, FlashAttention
-        slots = self.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
-        with sdpa_kernel(ATTENTION):
-            h = self.model.hidden(idx, cache=self.cache, pos=pos, slots=slots, kv_len=max(starts) + width)  # (B, T, C)
-        # idle slots decode at the prefilled length, so their garbage lands past it
-        self.pos.index_copy_(0, slots, self.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
-        finals = []
-        for b, (r, s, n) in enumerate(rows):
-            r.filled = s + n
-            m = min(n, len(r.prompt) - s - 1)  # positions predicting a prompt token
-            if r.echo and m > 0:
-                targets = self.upload(r.prompt[s + 1:s + 1 + m], torch.long)
-                r.prompt_lp.append(logprobs(self.model.lm_head(h[b, :m]), targets))
-            if r.filled == len(r.prompt):
-                finals.append((b, r, n - 1))
-        return self._first_tokens(h, finals) if finals else None
+        """Queue the forwards over the prompt chunks [(request, start, n)]: rows from position 0 (new prompts:
+        FlashAttention) and rows continuing a prompt as two batches, each padded to its own width; prompts
+        completed sample their first tokens -> PrefillWork, or None."""
+        finals, last = [], []  # the completed requests, their last positions' hidden states
+        for batch in ([x for x in rows if x[1] == 0], [x for x in rows if x[1] > 0]):
+            if batch:
+                h = prefill_forward(self, batch)  # (B, T, C)
+                done = [(b, r, n - 1) for b, (r, _, n) in enumerate(batch) if r.filled == len(r.prompt)]
+                if done:
+                    b_idx = self.upload([b for b, _, _ in done], torch.long)
+                    last.append(h[b_idx, self.upload([t for _, _, t in done], torch.long)])
+                    finals += [r for _, r, _ in done]
+        return self._first_tokens(torch.cat(last), finals) if finals else None
 
-    def _first_tokens(self, h, finals):
-        """Fork each completed prompt into its choices' slots and sample their first tokens."""
+    def _first_tokens(self, last, finals):
+        """Fork each completed prompt (last: its final hidden state, (len(finals), C)) into its choices' slots
+        and sample their first tokens."""
         choices, at, fetch = [], [], []
-        for b, r, last in finals:
+        for i, r in enumerate(finals):
             for c in r.choices[1:]:
                 self.cache.copy_slot(r.choices[0].slot, c.slot)
             for c in r.choices:
@@ -198,7 +188,7 @@ class ModelRunner:
                 if r.params.max_new_tokens > 0 and c.finish_reason is None:
                     c.queued = 1
                     choices.append(c)
-                    at.append((b, last))
+                    at.append(i)
             if sampler_kind([r.params])[1]:  # now, not at admission: idle rows of decode steps scribble on these
                 slots = self.upload([c.slot for c in r.choices], torch.long)
                 self.seen.index_fill_(0, slots, False)
@@ -210,8 +200,7 @@ class ModelRunner:
             self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
         first = len(fetch)
         if choices:
-            b_idx, t_idx = (self.upload(list(x), torch.long) for x in zip(*at))
-            logits = self.model.lm_head(h[b_idx, t_idx])  # (R, V')
+            logits = self.model.lm_head(last[self.upload(at, torch.long)])  # (R, V')
             slots = self.upload([c.slot for c in choices], torch.long)
             kind = sampler_kind([c.p for c in choices], any(c.request.logprobs is not None for c in choices))
             u = self.upload([[0.0 if c.p.greedy else c.rng.random()] for c in choices], torch.float32)
@@ -308,6 +297,28 @@ class ModelRunner:
         self.tok[:B].copy_(nxt)
         self.pos[:B].add_(1).clamp_(max=self.config.block_size - 1)  # idle rows drift; stay inside the cache
         self.j.add_(1)
+
+
+def prefill_forward(runner, rows):
+    """Queue one padded prefill forward over rows that all start at 0 or all continue -> hidden states
+    (B, T, C); echo rows keep their prompt's logprob entries."""
+    block, width = runner.config.block_size, max(n for _, _, n in rows)
+    # right padding writes past each prompt's end, where nothing is read before it is overwritten
+    idx = runner.upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
+    starts = [s for _, s, _ in rows]
+    pos = runner.upload(starts, torch.long) if starts[0] else None  # None: new prompts
+    slots = runner.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
+    with sdpa_kernel(ATTENTION):
+        h = runner.model.hidden(idx, cache=runner.cache, pos=pos, slots=slots, kv_len=max(starts) + width)
+    # idle slots decode at the prefilled length, so their garbage lands past it
+    runner.pos.index_copy_(0, slots, runner.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
+    for b, (r, s, n) in enumerate(rows):
+        r.filled = s + n
+        m = min(n, len(r.prompt) - s - 1)  # positions predicting a prompt token
+        if r.echo and m > 0:
+            targets = runner.upload(r.prompt[s + 1:s + 1 + m], torch.long)
+            r.prompt_lp.append(logprobs(runner.model.lm_head(h[b, :m]), targets))
+    return h
 
 
 def embed_forward(runner, inputs):

@@ -85,10 +85,13 @@ class Scheduler:
 
     def schedule(self):
         """This step's prefill, at most prefill_chunk tokens, padding included: prompts already prefilling,
-        then newly admitted ones -> (rows [(request, start, n tokens)], requests admitted, slots set)."""
-        rows, admitted, width, budget = [], [], 0, self.prefill_chunk
+        then newly admitted ones -> (rows [(request, start, n tokens)], requests admitted, slots set). Rows
+        from position 0 and rows continuing a prompt are two batches (the runner's), each padded to its
+        own width: a short rest of a prompt is not padded to a new prompt's width, nor the other way."""
+        rows, admitted, budget = [], [], self.prefill_chunk
+        batches = {True: [0, 0, 0], False: [0, 0, 0]}  # from position 0?: [rows, width, largest start]
         pending = [r for r in self.running if r.filled < len(r.prompt) and not r.done]
-        while not rows or (len(rows) + 1) * width <= budget:
+        while not rows or sum(k * w for k, w, _ in batches.values()) < budget:
             if pending:
                 r = pending.pop(0)
             else:
@@ -98,11 +101,12 @@ class Scheduler:
                 admitted.append(r)
             start = r.filled
             n = min(len(r.prompt) - start, budget // (len(rows) + 1))
-            w = max(width, n)
-            if n == 0 or max([s for _, s, _ in rows] + [start]) + w > self.block_size:
-                break  # padding would run past the cache: it prefills next step (an admitted one stays running)
+            mine, other = batches[start == 0], batches[start != 0]
+            k, w, top = mine[0] + 1, max(mine[1], n), max(mine[2], start)
+            if n == 0 or top + w > self.block_size or (rows and k * w + other[0] * other[1] > budget):
+                break  # it prefills next step (an admitted one stays running)
             rows.append((r, start, n))
-            width = w
+            mine[:] = k, w, top
         return rows, admitted
 
     def decoding(self):
