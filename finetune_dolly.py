@@ -7,11 +7,9 @@ Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): o
     torchrun --standalone --nproc_per_node=8 finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows and keep_best. A row is one whole example, padded, never
-packed: packed examples would attend to each other (no document masking). The loss is on the response
-only. Examples longer than the block (+1) are left out and counted, never cut. Defaults: lr 5e-5 (HF's
-for GPT-2: 12x below the pretraining peak, so the pretrained features survive ~3 epochs), cosine to 0
-after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they need a ~10x larger step).
+The loop is train_gpt2's with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
+A row is one whole example, padded, never packed: packed examples would attend to each other (no document
+masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
 """
 
 import json
@@ -180,10 +178,9 @@ def main(argv=None):
     lora = check_args(args)
     dist = setup_distributed(args.device)
     try:
-        args.compile = dist.device.type == "cuda" if args.compile is None else args.compile
         data = load_instruction_data(args.data_dir)
         torch.manual_seed(args.seed)
-        model = initial_model(args, ckpt, None)
+        model = initial_model(args, ckpt)
         if model.config.vocab_size < N_VOCAB:
             raise UserError(f"--init-from {args.init_from}: its vocabulary has {model.config.vocab_size} ids, fewer "
                             f"than GPT-2's {N_VOCAB}: it cannot read the instruction data")
