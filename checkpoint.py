@@ -37,17 +37,6 @@ def resolve_path(path):
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
 
 
-def _plain(value):
-    """Make args JSON-like (paths -> str) so weights_only loading accepts them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, train_state=None,
                     rng=None, args=None, metrics=None, lora=None):
     """Write a checkpoint atomically. `config` is a dict (GPTConfig.to_dict()), `lora` a LoRAConfig dict."""
@@ -55,7 +44,9 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
     ckpt = {
         "format_version": FORMAT_VERSION, "kind": kind, "model": clean_state_dict(model_state),
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
-        "rng": rng or {}, "args": _plain(args or {}), "metrics": _plain(metrics or {}),
+        "rng": rng or {},  # args and metrics JSON-like (paths -> str), so weights_only loading accepts them
+        "args": json.loads(json.dumps(args or {}, default=str)),
+        "metrics": json.loads(json.dumps(metrics or {}, default=str)),
     }
     if lora is not None:
         ckpt["lora"] = dict(lora)

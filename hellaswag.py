@@ -41,7 +41,7 @@ N_ENDINGS = 4
 
 
 def load_examples(path, limit=None):
-    """Rows with `ctx` (or `ctx_a` + `ctx_b`), 4 `endings` and an int `label` in 0..3."""
+    """Rows with `ctx` (HellaSwag's ctx_a + ctx_b), 4 `endings` and an int `label` in 0..3."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
@@ -49,24 +49,20 @@ def load_examples(path, limit=None):
     for lineno, row in iter_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
-        examples.append(_parse_row(row, f"{path}:{lineno}"))
+        ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+        if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
+                or not all(isinstance(e, str) for e in endings):
+            raise UserError(f"{path}:{lineno}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
+        try:
+            label = int(label)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{path}:{lineno}: `label` must be an integer 0..3, got {label!r}") from None
+        if not 0 <= label < N_ENDINGS:
+            raise UserError(f"{path}:{lineno}: `label` must be 0..3, got {label}")
+        examples.append({"ctx": ctx, "endings": endings, "label": label})
     if not examples:
         raise UserError(f"HellaSwag file {path} holds no examples")
     return examples
-
-
-def _parse_row(row, where):
-    ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")  # ctx: HellaSwag's ctx_a + ctx_b
-    if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
-            or not all(isinstance(e, str) for e in endings):
-        raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
-    try:
-        label = int(label)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{where}: `label` must be an integer 0..3, got {label!r}") from None
-    if not 0 <= label < N_ENDINGS:
-        raise UserError(f"{where}: `label` must be 0..3, got {label}")
-    return {"ctx": ctx, "endings": endings, "label": label}
 
 
 def render_example(example, max_len=None):
@@ -128,7 +124,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, au
         correct_norm += int(min(range(N_ENDINGS), key=mean.__getitem__) == ex["label"])
         correct += int(min(range(N_ENDINGS), key=summed.__getitem__) == ex["label"])
     counts = torch.tensor([correct_norm, correct, len(mine)], dtype=torch.float64, device=device)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if world_size > 1:
         torch.distributed.all_reduce(counts)
     correct_norm, correct, n = (int(v) for v in counts.tolist())
     return {"acc_norm": correct_norm / max(n, 1), "acc": correct / max(n, 1), "n": n}
