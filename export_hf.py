@@ -1,8 +1,5 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder that transformers, vLLM, TGI and lm-eval load offline.
-
-The folder holds config.json + model.safetensors and GPT-2's tokenizer files (vocab.json, merges.txt,
-tokenizer.json, tokenizer_config.json), all built from the bundled BPE ranks: no hub lookup needed.
-"""
+"""Export a checkpoint as a Hugging Face GPT-2 folder: config.json, model.safetensors and GPT-2's tokenizer
+files, all built from the bundled BPE ranks, so transformers, vLLM, TGI and lm-eval load it offline."""
 
 import json
 import os
@@ -127,7 +124,6 @@ def export(model, out_dir):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
     clean_stale_temps(args.out_dir)  # what an interrupted export left

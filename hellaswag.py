@@ -65,23 +65,6 @@ def load_examples(path, limit=None):
     return examples
 
 
-def render_example(example, max_len=None):
-    """-> (rows, starts): 4 token lists ctx + ending (longer than max_len: cut from the left), and where each
-    ending starts in its row."""
-    ctx = encode(example["ctx"])
-    rows, starts = [], []
-    for ending in example["endings"]:
-        end = encode(" " + ending)
-        row = ctx + end
-        start = len(ctx)
-        if max_len is not None and len(row) > max_len:
-            cut = len(row) - max_len
-            row, start = row[cut:], max(1, start - cut)
-        rows.append(row)
-        starts.append(start)
-    return rows, starts
-
-
 @torch.no_grad()
 def score_examples(model, examples, device, batch_examples=8, autocast_dtype=None):
     """Ending losses for each example: list of (mean_losses[4], sum_losses[4]) as float lists."""
@@ -89,12 +72,14 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
     model.eval()
     try:
         for i in range(0, len(examples), batch_examples):
-            group = examples[i:i + batch_examples]
-            rows, starts = [], []
-            for ex in group:
-                r, s = render_example(ex, model.config.block_size)
-                rows += r
-                starts += s
+            rows, starts = [], []  # ctx + ending for every ending, and where the ending starts
+            for ex in examples[i:i + batch_examples]:
+                ctx = encode(ex["ctx"])
+                for ending in ex["endings"]:
+                    row = ctx + encode(" " + ending)
+                    cut = max(0, len(row) - model.config.block_size)  # longer than the block: cut from the left
+                    rows.append(row[cut:])
+                    starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
             length = max(len(r) for r in rows)
             tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
             mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens

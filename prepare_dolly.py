@@ -133,13 +133,6 @@ def tokenize_rows(rows, progress=True, chunk=2048):
     return out
 
 
-def n_val_rows(n, val_fraction):
-    """Val rows for a category of n rows: round(n*F), >= 1 when F > 0 and n >= 2, and <= n-1."""
-    if val_fraction <= 0 or n < 2:
-        return 0
-    return min(max(int(np.floor(n * val_fraction + 0.5)), 1), n - 1)
-
-
 def stratified_split(categories, val_fraction, seed):
     """Sorted (train, val) indices; each category shuffled by its own generator, so its split
     does not depend on the other categories."""
@@ -149,7 +142,8 @@ def stratified_split(categories, val_fraction, seed):
     train, val = [], []
     for cat, idx in by_cat.items():
         perm = np.random.default_rng([seed, zlib.crc32(cat.encode("utf-8"))]).permutation(len(idx))
-        k = n_val_rows(len(idx), val_fraction)
+        # round(n F) val rows, at least 1 and at most n - 1: a category of 2+ rows is in both splits
+        k = min(max(int(len(idx) * val_fraction + 0.5), 1), len(idx) - 1) if val_fraction > 0 else 0
         val.extend(idx[j] for j in perm[:k])
         train.extend(idx[j] for j in perm[k:])
     return sorted(train), sorted(val)
@@ -167,16 +161,25 @@ def build_split(examples):
     return {"tokens": tokens, "loss_mask": loss_mask, "offsets": offsets}
 
 
-def check_split(data, name="split"):
-    """Validate a split dict (keys, dtypes, offsets, mask, closing EOT); UserError naming `name`."""
+def load_split(path):
+    """Load and validate a train.npz / val.npz (keys, dtypes, offsets, mask, closing EOT): {"tokens", "loss_mask",
+    "offsets"}; UserError naming the file when malformed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
+                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {key: f[key] for key in f.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError
+        raise UserError(f"{path}: not a valid instruction-data .npz ({type(e).__name__}: {e})") from None
     missing = [k for k in SPLIT_DTYPES if k not in data]
     if missing:
-        raise UserError(f"{name}: missing array(s) {', '.join(missing)}; expected {', '.join(SPLIT_DTYPES)}")
+        raise UserError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(SPLIT_DTYPES)}")
     for key, dtype in SPLIT_DTYPES.items():
         if data[key].dtype != dtype or data[key].ndim != 1:
-            raise UserError(f"{name}: {key} must be a 1-D {dtype} array, got {data[key].ndim}-D {data[key].dtype}")
+            raise UserError(f"{path}: {key} must be a 1-D {dtype} array, got {data[key].ndim}-D {data[key].dtype}")
     tokens, mask, offsets = data["tokens"], data["loss_mask"], data["offsets"]
-    ends = offsets[1:] - 1
     problems = [
         (len(mask) != len(tokens), f"loss_mask has {len(mask)} entries but tokens has {len(tokens)}"),
         (len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens),
@@ -187,23 +190,10 @@ def check_split(data, name="split"):
     ]
     for bad, message in problems:
         if bad:
-            raise UserError(f"{name}: {message}")
+            raise UserError(f"{path}: {message}")
+    ends = offsets[1:] - 1
     if np.any(tokens[ends] != EOT_ID) or np.any(mask[ends] != 1):
-        raise UserError(f"{name}: every example must end with {EOT_TOKEN} under loss_mask 1")
-
-
-def load_split(path):
-    """Load and validate a train.npz / val.npz: {"tokens", "loss_mask", "offsets"}; UserError when malformed."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
-                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {key: f[key] for key in f.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError
-        raise UserError(f"{path}: not a valid instruction-data .npz ({type(e).__name__}: {e})") from None
-    check_split(data, path)
+        raise UserError(f"{path}: every example must end with {EOT_TOKEN} under loss_mask 1")
     return {key: data[key] for key in SPLIT_DTYPES}
 
 
