@@ -4,10 +4,8 @@ atomically), and the one loader for every model we read (ours, an HF GPT-2 folde
 import json
 import os
 import pickle
-import random
 import zipfile
 
-import numpy as np
 import torch
 
 from common import UserError, atomic_path
@@ -199,14 +197,9 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
 
 
 def capture_rng_state():
-    """Every RNG we use, as tensors and plain containers (weights_only-safe)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
+    """torch's RNG states, the only global ones a run draws from (dropout): the data order and the samples
+    have seeded generators of their own."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -215,10 +208,6 @@ def capture_rng_state():
 def restore_rng_state(state):
     if not state:
         return
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    s = state["numpy"]
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
