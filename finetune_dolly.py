@@ -4,7 +4,6 @@ Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): o
     python prepare_dolly.py --input instructions.jsonl.xz --out-dir data/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
-    torchrun --standalone --nproc_per_node=8 finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
 The loop is train_gpt2's with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).

@@ -4,8 +4,7 @@ Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one sh
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-docs/design.md (Token shards) has the format. manifest.json is written last and training reads only what
-it lists, so an interrupted run leaves nothing it accepts.
+docs/design.md (Token shards) has the format and the manifest's contract.
 """
 
 import collections
@@ -129,21 +128,6 @@ def prepare_out_dir(out_dir, overwrite, fingerprint):
     return False
 
 
-def _iter_parquet(path, field):
-    import pyarrow as pa  # only parquet inputs need it
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-        kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else None
-        if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"{path}: no text column {field!r} (columns: {', '.join(pf.schema_arrow.names[:8])})")
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: cannot read as parquet: {str(e).splitlines()[0]}") from None
-
-
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
     for path in paths:  # main() has checked that they exist
@@ -159,7 +143,19 @@ def iter_local_documents(paths, field="text"):
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
         elif path.lower().endswith(".parquet"):
-            yield from _iter_parquet(path, field)
+            import pyarrow as pa  # only parquet inputs need it
+            import pyarrow.parquet as pq
+
+            try:
+                pf = pq.ParquetFile(path)
+                kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else None
+                if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                    raise UserError(f"{path}: no text column {field!r} "
+                                    f"(columns: {', '.join(pf.schema_arrow.names[:8])})")
+                for batch in pf.iter_batches(columns=[field], batch_size=1024):
+                    yield from (t for t in batch.column(0).to_pylist() if t is not None)
+            except (OSError, pa.ArrowException) as e:
+                raise UserError(f"{path}: cannot read as parquet: {str(e).splitlines()[0]}") from None
         else:
             raise UserError(f"unsupported input {path}: use .jsonl (optionally .gz/.xz/.bz2), .txt or .parquet")
 

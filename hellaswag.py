@@ -1,8 +1,7 @@
 """
-HellaSwag: score a GPT on the validation set, on one process or over a torchrun job's ranks (rank r scores
-examples r, r + W, ...). A candidate ending's score is the model's loss on its tokens given the context
-(encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean per token (the
-figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
+HellaSwag: score a GPT on the validation set. A candidate ending's score is the model's loss on its tokens
+given the context (encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean
+per token (the figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """

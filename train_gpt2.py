@@ -81,8 +81,6 @@ class TokenWindows:
     next `rows` windows and rank r gets rows r, r + W, ... of them."""
 
     def __init__(self, paths, seq_len, rows, rank=0, world_size=1, seed=0):
-        if not paths:
-            raise UserError("no token shards given")
         self.shards = [read_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,) stream offsets
         self.n_windows = (int(self.starts[-1]) - 1) // seq_len
