@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from train_flags import DEFAULT_TARGETS  # every Linear of every block (QLoRA: all layers is best)
+from train_flags import DEFAULT_TARGETS
+
 LORA_KEYS = ("lora_A", "lora_B")
 
 
@@ -43,9 +44,7 @@ class LoRAConfig:
                 raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
 
     def to_dict(self):
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
+        return {**asdict(self), "targets": list(self.targets)}
 
 
 def parse_targets(text):
