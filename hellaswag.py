@@ -6,6 +6,7 @@ per token (the figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M)
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
+import itertools
 import json
 import os
 
@@ -45,9 +46,7 @@ def load_examples(path, limit=None):
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
-    for lineno, row in iter_jsonl(path):
-        if limit is not None and len(examples) >= limit:
-            break
+    for lineno, row in itertools.islice(iter_jsonl(path), limit):
         ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
         if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
                 or not all(isinstance(e, str) for e in endings):

@@ -11,6 +11,7 @@ boundary. docs/design.md (Instruction data) has the output format.
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import lzma
@@ -65,11 +66,7 @@ def read_file_rows(path, limit=None):
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
             raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
         records = ((f"{path}: item {i}", obj) for i, obj in enumerate(parse_json(data, path, list), 1))
-    rows = []
-    for where, obj in records:
-        if limit is not None and len(rows) >= limit:
-            break
-        rows.append(validate_row(obj, where))
+    rows = [validate_row(obj, where) for where, obj in itertools.islice(records, limit)]
     if not rows:
         raise UserError(f"{path}: no rows (the file is empty)")
     return rows
@@ -87,7 +84,7 @@ def read_hub_rows(limit=None, name=HF_DATASET):
     except Exception as e:  # no package, network, auth, missing dataset: all mean "use a local file"
         raise UserError(f"could not load {name} from the Hugging Face hub ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:300]}); pass a local copy with --input FILE.jsonl") from None
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(ds, 1) if limit is None or i <= limit]
+    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(itertools.islice(ds, limit), 1)]
     if not rows:
         raise UserError(f"{name}: no rows")
     return rows
