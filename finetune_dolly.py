@@ -134,9 +134,7 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
     """The val examples (or a seeded subset), sorted by length, dealt round-robin to ranks, padded like training:
     the val loss (sum over response tokens of all ranks / their count) is the same for any world size."""
     examples = Examples(split, seq_len, pad_multiple)
-    chosen = np.arange(examples.n)
-    if max_examples is not None and max_examples < examples.n:
-        chosen = np.sort(np.random.default_rng([seed, 7]).permutation(examples.n)[:max_examples])
+    chosen = np.sort(np.random.default_rng([seed, 7]).permutation(examples.n)[:max_examples])  # None: all
     mine = chosen[np.argsort(-examples.lengths[chosen], kind="stable")][rank::world_size]
     return [examples.collate(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
 
@@ -144,14 +142,9 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
 def held_out_prompts(split, count, max_prompt_len):
     """Prompts (the exact template strings, decoded from the tokens) of `count` val examples spread over
     the split, whose prompt has at most max_prompt_len tokens."""
-    offsets, eligible = split["offsets"], []
-    for i in range(len(offsets) - 1):
-        s, e = int(offsets[i]), int(offsets[i + 1])
-        n = prompt_length(split["loss_mask"][s:e])
-        if 0 < n <= max_prompt_len:
-            eligible.append((s, n))
-    if not eligible or count <= 0:
-        return []
+    bounds = split["offsets"].tolist()
+    prompts = [(s, prompt_length(split["loss_mask"][s:e])) for s, e in zip(bounds, bounds[1:])]
+    eligible = [(s, n) for s, n in prompts if 0 < n <= max_prompt_len]
     picks = sorted({int(round(v)) for v in np.linspace(0, len(eligible) - 1, min(count, len(eligible)))})
     return [decode(split["tokens"][s:s + n].tolist()) for s, n in (eligible[i] for i in picks)]
 

@@ -120,16 +120,13 @@ def val_windows(paths, seq_len, batch_size, max_windows, rank=0, world_size=1):
     """The first max_windows windows of the val shards, this rank's share (windows r, r + W, ...), as
     (x, y) batches of one shape: rows past the end have targets -1, so the val loss is the same for any W."""
     stream = TokenWindows(paths, seq_len, 1)
-    mine = list(range(rank, min(max_windows, stream.n_windows), world_size))
-    batches = []
-    for i in range(0, len(mine), batch_size):
-        rows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
-        for k, w in enumerate(mine[i:i + batch_size]):
-            rows[k] = stream.tokens(w * seq_len, seq_len + 1)
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-        y[len(mine[i:i + batch_size]):] = -1
-        batches.append((x, y))
-    return batches
+    mine = range(rank, min(max_windows, stream.n_windows), world_size)
+    rows = np.zeros((-(-len(mine) // batch_size) * batch_size, seq_len + 1), dtype=np.int64)  # whole batches
+    for k, w in enumerate(mine):
+        rows[k] = stream.tokens(w * seq_len, seq_len + 1)
+    x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    y[len(mine):] = -1
+    return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
 def fit(t):
