@@ -149,8 +149,8 @@ def held_out_prompts(split, count, max_prompt_len):
     return [decode(split["tokens"][s:s + n].tolist()) for s, n in (eligible[i] for i in picks)]
 
 
-def check_args(args):
-    """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""
+def main(argv=None):
+    args, ckpt = parse_args(finetune_parser(), argv, "sft")
     if args.epochs is not None and args.max_steps is not None:
         raise UserError("give --epochs or --max-steps, not both")
     if args.init_from == "scratch":
@@ -159,15 +159,8 @@ def check_args(args):
     if args.init_from not in ("resume", *PRETRAINED_CONFIGS) and not os.path.exists(args.init_from):
         raise UserError(f"model not found: {args.init_from} (--init-from, default out/pretrain): make it with python "
                         f"train_gpt2.py --out-dir {args.init_from}, or pass gpt2 or a local HF GPT-2 folder")
-    if args.lora_rank is None:
-        return None
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      targets=parse_targets(args.lora_targets))
-
-
-def main(argv=None):
-    args, ckpt = parse_args(finetune_parser(), argv, "sft")
-    lora = check_args(args)
+    lora = None if args.lora_rank is None else LoRAConfig(  # None: full fine-tuning
+        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=parse_targets(args.lora_targets))
     dist = setup_distributed(args.device)
     try:
         data = load_instruction_data(args.data_dir)

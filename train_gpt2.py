@@ -449,13 +449,14 @@ def initial_model(args, ckpt):
     return load_model(args.init_from, dropout=args.dropout)[0]
 
 
-def prepare_out_dir(args, dist):
-    """Remove temp files of killed writes; a new run refuses an OUT_DIR holding a run unless --overwrite."""
+def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
+    """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit.
+    Temp files of killed writes go; a new run refuses an OUT_DIR holding a run unless --overwrite."""
+    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
     if dist.is_main:
         clean_stale_temps(args.out_dir)
-    if args.init_from == "resume":
-        return
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
+    found = [n for n in RUN_FILES if args.init_from != "resume" and os.path.exists(os.path.join(args.out_dir, n))]
     if found and not args.overwrite:
         raise UserError(f"--out-dir {args.out_dir} holds a run ({', '.join(found)}): continue it with --init-from "
                         f"resume, or pass --overwrite to start afresh")
@@ -464,13 +465,6 @@ def prepare_out_dir(args, dist):
     if dist.is_main:
         for name in found:
             os.remove(os.path.join(args.out_dir, name))
-
-
-def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
-    """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit."""
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
-    prepare_out_dir(args, dist)
     if ckpt is not None:
         trainer.restore(ckpt)
     return fit(trainer)
