@@ -169,10 +169,8 @@ def _load_hf(folder, dropout=None):
 
 def load_model(spec, device="cpu", dtype=None, dropout=None):
     """-> (GPT in eval mode, info) from our checkpoint (file or folder), an HF GPT-2 folder or a GPT-2 name.
-
     info: kind ("pretrain" | "sft" | "hf" | "openai"), config (dict), step, path, name, metrics.
-    Every user mistake is a UserError with one line; corrupt files and non-finite weights a CheckpointError.
-    """
+    Every user mistake is a UserError with one line; corrupt files and non-finite weights a CheckpointError."""
     spec = os.fspath(spec)
     full = os.path.abspath(spec)
     if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME)):

@@ -1,5 +1,4 @@
-"""
-Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
+"""Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
 
     python prepare_dolly.py --input instructions.jsonl.xz --out-dir data/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
@@ -98,11 +97,9 @@ class Examples:
 
 class InstructionBatches:
     """Training rows for train_gpt2.Trainer: batch(step) -> this rank's whole padded examples of the step.
-
     Every epoch is a seeded shuffle cut into steps of E examples, each step sorted by length (similar rows
     share a micro-batch; a step stays a uniform draw); rank r takes rows r, r + W, ... of it, so DDP trains
-    on the same examples as one process. The last n mod E of each shuffle sit that epoch out.
-    """
+    on the same examples as one process. The last n mod E of each shuffle sit that epoch out."""
 
     def __init__(self, split, seq_len, examples_per_step, rank=0, world_size=1, seed=0, pad_multiple=64):
         self.examples = Examples(split, seq_len, pad_multiple)

@@ -1,5 +1,4 @@
-"""
-HellaSwag: score a GPT on the validation set. A candidate ending's score is the model's loss on its tokens
+"""HellaSwag: score a GPT on the validation set. A candidate ending's score is the model's loss on its tokens
 given the context (encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean
 per token (the figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 

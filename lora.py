@@ -1,5 +1,4 @@
-"""
-LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
+"""LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
 
 y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen and B zero at first, so training starts
 from the base model exactly. The base keeps its canonical `weight` / `bias` names beside `lora_A` / `lora_B`,

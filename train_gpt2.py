@@ -1,5 +1,4 @@
-"""
-Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun.
+"""Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun.
 
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly

@@ -1,5 +1,4 @@
-"""
-Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
+"""Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
 configuration (an optimizer, then `:flag=value` overrides of train_gpt2.py flags), same shards, data order
 and initial weights. One model object serves every run, so torch.compile compiles once, in an untimed
 2-step warm-up. Time to the target: training seconds (evaluations excluded) and wall time at the first
