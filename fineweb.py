@@ -109,24 +109,6 @@ def list_shards(data_dir, split, prefix=None):
     return paths
 
 
-def prepare_out_dir(out_dir, overwrite, fingerprint):
-    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do). Shards are
-    refused unless --overwrite; then the manifest goes before them, so no moment leaves a readable mix."""
-    clean_stale_temps(out_dir)
-    ours = [n for n in os.listdir(out_dir) if SHARD_RE.match(n) or n == MANIFEST]
-    if MANIFEST in ours and not overwrite:
-        if read_manifest(out_dir).get("fingerprint") == fingerprint:
-            return True
-        raise UserError(f"{out_dir} holds a finished set of shards made from other inputs or options: pass "
-                        f"--overwrite to replace it, or choose another --out-dir")
-    if ours and not overwrite:
-        raise UserError(f"{out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
-                        f"or choose another --out-dir")
-    for name in sorted(ours, key=lambda n: n != MANIFEST):
-        os.remove(os.path.join(out_dir, name))
-    return False
-
-
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
     for path in paths:  # main() has checked that they exist
@@ -335,9 +317,19 @@ def main(argv=None):
     options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
     fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
     with locked_out_dir(args.out_dir):
-        if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
-            print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
-            return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+        clean_stale_temps(args.out_dir)
+        ours = [n for n in os.listdir(args.out_dir) if SHARD_RE.match(n) or n == MANIFEST]
+        if MANIFEST in ours and not args.overwrite:
+            if read_manifest(args.out_dir).get("fingerprint") == fingerprint:
+                print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
+                return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+            raise UserError(f"{args.out_dir} holds a finished set of shards made from other inputs or options: pass "
+                            f"--overwrite to replace it, or choose another --out-dir")
+        if ours and not args.overwrite:
+            raise UserError(f"{args.out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
+                            f"or choose another --out-dir")
+        for name in sorted(ours, key=lambda n: n != MANIFEST):  # the manifest first: no moment leaves a readable mix
+            os.remove(os.path.join(args.out_dir, name))
         if args.input:
             docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
         else:
