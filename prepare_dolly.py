@@ -194,17 +194,6 @@ def load_split(path):
     return {key: data[key] for key in SPLIT_DTYPES}
 
 
-def write_outputs(out_dir, splits, meta):
-    """train.npz, val.npz, meta.json: all written to temp files, renamed only when all are complete."""
-    with contextlib.ExitStack() as stack:  # exits (renames) in reverse order of entry: meta.json last
-        tmp_meta = stack.enter_context(atomic_path(os.path.join(out_dir, "meta.json")))
-        for name in reversed(SPLITS):
-            with open(stack.enter_context(atomic_path(os.path.join(out_dir, f"{name}.npz"))), "wb") as f:
-                np.savez(f, **splits[name])  # a file object: np.savez would append .npz to a path
-        with open(tmp_meta, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-
-
 def split_stats(data):
     lengths = np.diff(data["offsets"])
     return {"examples": len(lengths), "tokens": len(data["tokens"]), "response_tokens": int(data["loss_mask"].sum()),
@@ -259,7 +248,15 @@ def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DE
         "categories": {cat: {name: sum(cats[i] == cat for i in idx) for name, idx in index.items()}
                        for cat in sorted(set(cats))},
     }
-    write_outputs(out_dir, splits, meta)
+    # train.npz, val.npz, meta.json: all written to temp files, renamed only when all are complete; the stack
+    # exits (renames) in reverse order of entry: meta.json last
+    with contextlib.ExitStack() as stack:
+        tmp_meta = stack.enter_context(atomic_path(os.path.join(out_dir, "meta.json")))
+        for name in reversed(SPLITS):
+            with open(stack.enter_context(atomic_path(os.path.join(out_dir, f"{name}.npz"))), "wb") as f:
+                np.savez(f, **splits[name])  # a file object: np.savez would append .npz to a path
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
     return meta
 
 
