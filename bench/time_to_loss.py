@@ -77,24 +77,6 @@ def plot(results, target, png):
     plt.close(fig)
 
 
-def train_all(runs, dist):
-    """Each run's fit on one model object (so compiled graphs are reused), from the same initial weights."""
-    first = runs[0][1]
-    torch.manual_seed(first.seed)
-    model = initial_model(first, None)
-    init = copy.deepcopy(model.state_dict())
-    val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
-                      first.eval_steps * first.batch_size)
-    for label, a in runs:
-        model.load_state_dict(init)  # in place: the same parameters, so the compiled graphs still fit
-        torch.manual_seed(a.seed)
-        train = TokenWindows(list_shards(a.data_dir, "train", a.data_prefix), a.block_size,
-                             a.total_batch_size // a.block_size, seed=a.seed)
-        run(a, dist, None, model, train, val if a.eval_interval else [], "pretrain")
-        if os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
-            os.remove(os.path.join(a.out_dir, "ckpt.pt"))  # a measurement: its weights are not kept
-
-
 def parse_runs(argv):
     """(bench flags, [(label, train_gpt2 args)]): the common flags with each run's overrides, checked."""
     p = CLIParser(description="Steps, tokens and seconds to a target val loss, per optimizer / LR (train_gpt2's "
@@ -151,7 +133,19 @@ def main(argv=None):
         warm = copy.copy(first)
         warm.max_steps, warm.out_dir, warm.eval_interval = 2, os.path.join(args.out_dir, "warmup"), 2
         warmup = [("warmup", warm)]
-    train_all(warmup + runs, dist)
+    torch.manual_seed(first.seed)  # one model object for every run (compiled graphs are reused), same initial weights
+    model = initial_model(first, None)
+    init = copy.deepcopy(model.state_dict())
+    val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
+                      first.eval_steps * first.batch_size)
+    for _, a in warmup + runs:
+        model.load_state_dict(init)  # in place: the same parameters, so the compiled graphs still fit
+        torch.manual_seed(a.seed)
+        train = TokenWindows(list_shards(a.data_dir, "train", a.data_prefix), a.block_size,
+                             a.total_batch_size // a.block_size, seed=a.seed)
+        run(a, dist, None, model, train, val, "pretrain")
+        if os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
+            os.remove(os.path.join(a.out_dir, "ckpt.pt"))  # a measurement: its weights are not kept
     return report(args, runs, dist.device)
 
 
