@@ -128,22 +128,21 @@ def model_from_checkpoint(ckpt, where="checkpoint", dropout=None):
     return _fill(model, ckpt["model"], where)
 
 
-def _hf_folder(name):
-    """A local folder holding an OpenAI GPT-2 from the Hugging Face hub (downloaded once; online)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # offline, hub down, missing package: one clear message
-        raise UserError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); offline? "
-                        f"pass a local HF folder holding config.json and model.safetensors") from None
-
-
 def _load_hf(folder, dropout=None):
-    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle)."""
+    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle); an OpenAI GPT-2 name is
+    downloaded into one first (once; online)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(f"openai-community/{folder}",
+                                       allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:  # offline, hub down, missing package: one clear message
+            raise UserError(f"could not download {folder!r} from the Hugging Face hub ({type(e).__name__}); offline? "
+                            f"pass a local HF folder holding config.json and model.safetensors") from None
     weights = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(weights):
         pickled = os.path.isfile(os.path.join(folder, "pytorch_model.bin"))
@@ -183,7 +182,7 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
         if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
             raise UserError(f"{spec} holds neither {CKPT_NAME} nor an HF GPT-2 model (config.json + model.safetensors)")
         local = os.path.isdir(spec)
-        model = _load_hf(spec if local else _hf_folder(spec), dropout)
+        model = _load_hf(spec, dropout)
         info = {"kind": "hf" if local else "openai", "step": None, "metrics": {}, "path": full if local else spec,
                 "name": os.path.basename(full.rstrip("/")) if local else spec}
     else:
