@@ -4,10 +4,8 @@ atomically), and the one loader for every model we read (ours, an HF GPT-2 folde
 import json
 import os
 import pickle
-import random
 import zipfile
 
-import numpy as np
 import torch
 
 from common import UserError, atomic_path
@@ -37,17 +35,6 @@ def resolve_path(path):
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
 
 
-def _plain(value):
-    """Make args JSON-like (paths -> str) so weights_only loading accepts them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, train_state=None,
                     rng=None, args=None, metrics=None, lora=None):
     """Write a checkpoint atomically. `config` is a dict (GPTConfig.to_dict()), `lora` a LoRAConfig dict."""
@@ -55,7 +42,9 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
     ckpt = {
         "format_version": FORMAT_VERSION, "kind": kind, "model": clean_state_dict(model_state),
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
-        "rng": rng or {}, "args": _plain(args or {}), "metrics": _plain(metrics or {}),
+        "rng": rng or {},  # args and metrics JSON-like (paths -> str), so weights_only loading accepts them
+        "args": json.loads(json.dumps(args or {}, default=str)),
+        "metrics": json.loads(json.dumps(metrics or {}, default=str)),
     }
     if lora is not None:
         ckpt["lora"] = dict(lora)
@@ -139,22 +128,21 @@ def model_from_checkpoint(ckpt, where="checkpoint", dropout=None):
     return _fill(model, ckpt["model"], where)
 
 
-def _hf_folder(name):
-    """A local folder holding an OpenAI GPT-2 from the Hugging Face hub (downloaded once; online)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # offline, hub down, missing package: one clear message
-        raise UserError(f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); offline? "
-                        f"pass a local HF folder holding config.json and model.safetensors") from None
-
-
 def _load_hf(folder, dropout=None):
-    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle)."""
+    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle); an OpenAI GPT-2 name is
+    downloaded into one first (once; online)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(f"openai-community/{folder}",
+                                       allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:  # offline, hub down, missing package: one clear message
+            raise UserError(f"could not download {folder!r} from the Hugging Face hub ({type(e).__name__}); offline? "
+                            f"pass a local HF folder holding config.json and model.safetensors") from None
     weights = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(weights):
         pickled = os.path.isfile(os.path.join(folder, "pytorch_model.bin"))
@@ -180,10 +168,8 @@ def _load_hf(folder, dropout=None):
 
 def load_model(spec, device="cpu", dtype=None, dropout=None):
     """-> (GPT in eval mode, info) from our checkpoint (file or folder), an HF GPT-2 folder or a GPT-2 name.
-
     info: kind ("pretrain" | "sft" | "hf" | "openai"), config (dict), step, path, name, metrics.
-    Every user mistake is a UserError with one line; corrupt files and non-finite weights a CheckpointError.
-    """
+    Every user mistake is a UserError with one line; corrupt files and non-finite weights a CheckpointError."""
     spec = os.fspath(spec)
     full = os.path.abspath(spec)
     if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, CKPT_NAME)):
@@ -196,7 +182,7 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
         if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
             raise UserError(f"{spec} holds neither {CKPT_NAME} nor an HF GPT-2 model (config.json + model.safetensors)")
         local = os.path.isdir(spec)
-        model = _load_hf(spec if local else _hf_folder(spec), dropout)
+        model = _load_hf(spec, dropout)
         info = {"kind": "hf" if local else "openai", "step": None, "metrics": {}, "path": full if local else spec,
                 "name": os.path.basename(full.rstrip("/")) if local else spec}
     else:
@@ -208,14 +194,9 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
 
 
 def capture_rng_state():
-    """Every RNG we use, as tensors and plain containers (weights_only-safe)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
+    """torch's RNG states, the only global ones a run draws from (dropout): the data order and the samples
+    have seeded generators of their own."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -224,10 +205,6 @@ def capture_rng_state():
 def restore_rng_state(state):
     if not state:
         return
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    s = state["numpy"]
-    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,8 +1,5 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder that transformers, vLLM, TGI and lm-eval load offline.
-
-The folder holds config.json + model.safetensors and GPT-2's tokenizer files (vocab.json, merges.txt,
-tokenizer.json, tokenizer_config.json), all built from the bundled BPE ranks: no hub lookup needed.
-"""
+"""Export a checkpoint as a Hugging Face GPT-2 folder: config.json, model.safetensors and GPT-2's tokenizer
+files, all built from the bundled BPE ranks, so transformers, vLLM, TGI and lm-eval load it offline."""
 
 import json
 import os
@@ -34,20 +31,15 @@ from model import GPT2_VOCAB, ours_to_hf  # noqa: E402
 from tokenizer import BPE_FILE, EOT_ID, EOT_TOKEN  # noqa: E402
 
 
-def bytes_to_unicode():
-    """GPT-2's byte -> character table: vocab.json and merges.txt spell each token's bytes with it."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in bs}  # printable bytes stand for themselves
-    for b in range(256):
-        if b not in table:  # space, control and a few Latin-1 bytes move to 256+ so every token is visible text
-            table[b] = chr(256 + len(table) - len(bs))
-    return table
-
-
 def vocab_and_merges(ranks):
     """tiktoken ranks (= GPT-2's ids) -> (vocab.json dict, merges in rank order). Each token past the 256 bytes is
     one merge, of rank its own: byte-level BPE on it with only lower ranks stops at exactly the pair it joins."""
-    spell = bytes_to_unicode()
+    # GPT-2's byte -> character table, which vocab.json and merges.txt spell tokens with
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spell = {b: chr(b) for b in bs}  # printable bytes stand for themselves
+    for b in range(256):
+        if b not in spell:  # space, control and a few Latin-1 bytes move to 256+ so every token is visible text
+            spell[b] = chr(256 + len(spell) - len(bs))
 
     def text(token):
         return "".join(spell[b] for b in token)
@@ -127,7 +119,6 @@ def export(model, out_dir):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out-dir {args.out_dir} exists and is not a folder")
     clean_stale_temps(args.out_dir)  # what an interrupted export left

@@ -1,17 +1,13 @@
-"""
-Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
+"""Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
 
     python prepare_dolly.py --input instructions.jsonl.xz --out-dir data/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
-    torchrun --standalone --nproc_per_node=8 finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows and keep_best. A row is one whole example, padded, never
-packed: packed examples would attend to each other (no document masking). The loss is on the response
-only. Examples longer than the block (+1) are left out and counted, never cut. Defaults: lr 5e-5 (HF's
-for GPT-2: 12x below the pretraining peak, so the pretrained features survive ~3 epochs), cosine to 0
-after a 3% warmup; LoRA lr 3e-4 (adapters start at zero and are low-rank: they need a ~10x larger step).
+The loop is train_gpt2's with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
+A row is one whole example, padded, never packed: packed examples would attend to each other (no document
+masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
 """
 
 import json
@@ -101,11 +97,9 @@ class Examples:
 
 class InstructionBatches:
     """Training rows for train_gpt2.Trainer: batch(step) -> this rank's whole padded examples of the step.
-
     Every epoch is a seeded shuffle cut into steps of E examples, each step sorted by length (similar rows
     share a micro-batch; a step stays a uniform draw); rank r takes rows r, r + W, ... of it, so DDP trains
-    on the same examples as one process. The last n mod E of each shuffle sit that epoch out.
-    """
+    on the same examples as one process. The last n mod E of each shuffle sit that epoch out."""
 
     def __init__(self, split, seq_len, examples_per_step, rank=0, world_size=1, seed=0, pad_multiple=64):
         self.examples = Examples(split, seq_len, pad_multiple)
@@ -137,9 +131,7 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
     """The val examples (or a seeded subset), sorted by length, dealt round-robin to ranks, padded like training:
     the val loss (sum over response tokens of all ranks / their count) is the same for any world size."""
     examples = Examples(split, seq_len, pad_multiple)
-    chosen = np.arange(examples.n)
-    if max_examples is not None and max_examples < examples.n:
-        chosen = np.sort(np.random.default_rng([seed, 7]).permutation(examples.n)[:max_examples])
+    chosen = np.sort(np.random.default_rng([seed, 7]).permutation(examples.n)[:max_examples])  # None: all
     mine = chosen[np.argsort(-examples.lengths[chosen], kind="stable")][rank::world_size]
     return [examples.collate(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
 
@@ -147,20 +139,15 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
 def held_out_prompts(split, count, max_prompt_len):
     """Prompts (the exact template strings, decoded from the tokens) of `count` val examples spread over
     the split, whose prompt has at most max_prompt_len tokens."""
-    offsets, eligible = split["offsets"], []
-    for i in range(len(offsets) - 1):
-        s, e = int(offsets[i]), int(offsets[i + 1])
-        n = prompt_length(split["loss_mask"][s:e])
-        if 0 < n <= max_prompt_len:
-            eligible.append((s, n))
-    if not eligible or count <= 0:
-        return []
+    bounds = split["offsets"].tolist()
+    prompts = [(s, prompt_length(split["loss_mask"][s:e])) for s, e in zip(bounds, bounds[1:])]
+    eligible = [(s, n) for s, n in prompts if 0 < n <= max_prompt_len]
     picks = sorted({int(round(v)) for v in np.linspace(0, len(eligible) - 1, min(count, len(eligible)))})
     return [decode(split["tokens"][s:s + n].tolist()) for s, n in (eligible[i] for i in picks)]
 
 
-def check_args(args):
-    """The fine-tuning flags' own checks; returns the LoRAConfig (None: full fine-tuning)."""
+def main(argv=None):
+    args, ckpt = parse_args(finetune_parser(), argv, "sft")
     if args.epochs is not None and args.max_steps is not None:
         raise UserError("give --epochs or --max-steps, not both")
     if args.init_from == "scratch":
@@ -169,21 +156,13 @@ def check_args(args):
     if args.init_from not in ("resume", *PRETRAINED_CONFIGS) and not os.path.exists(args.init_from):
         raise UserError(f"model not found: {args.init_from} (--init-from, default out/pretrain): make it with python "
                         f"train_gpt2.py --out-dir {args.init_from}, or pass gpt2 or a local HF GPT-2 folder")
-    if args.lora_rank is None:
-        return None
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      targets=parse_targets(args.lora_targets))
-
-
-def main(argv=None):
-    args, ckpt = parse_args(finetune_parser(), argv, "sft")
-    lora = check_args(args)
+    lora = None if args.lora_rank is None else LoRAConfig(  # None: full fine-tuning
+        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=parse_targets(args.lora_targets))
     dist = setup_distributed(args.device)
     try:
-        args.compile = dist.device.type == "cuda" if args.compile is None else args.compile
         data = load_instruction_data(args.data_dir)
         torch.manual_seed(args.seed)
-        model = initial_model(args, ckpt, None)
+        model = initial_model(args, ckpt)
         if model.config.vocab_size < N_VOCAB:
             raise UserError(f"--init-from {args.init_from}: its vocabulary has {model.config.vocab_size} ids, fewer "
                             f"than GPT-2's {N_VOCAB}: it cannot read the instruction data")

@@ -1,11 +1,9 @@
-"""
-Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one shard reader.
+"""Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one shard reader.
 
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
 
-docs/design.md (Token shards) has the format. manifest.json is written last and training reads only what
-it lists, so an interrupted run leaves nothing it accepts.
+docs/design.md (Token shards) has the format and the manifest's contract.
 """
 
 import collections
@@ -111,39 +109,6 @@ def list_shards(data_dir, split, prefix=None):
     return paths
 
 
-def prepare_out_dir(out_dir, overwrite, fingerprint):
-    """Make out_dir ready for a new set; True when it already holds this very set (nothing to do). Shards are
-    refused unless --overwrite; then the manifest goes before them, so no moment leaves a readable mix."""
-    clean_stale_temps(out_dir)
-    ours = [n for n in os.listdir(out_dir) if SHARD_RE.match(n) or n == MANIFEST]
-    if MANIFEST in ours and not overwrite:
-        if read_manifest(out_dir).get("fingerprint") == fingerprint:
-            return True
-        raise UserError(f"{out_dir} holds a finished set of shards made from other inputs or options: pass "
-                        f"--overwrite to replace it, or choose another --out-dir")
-    if ours and not overwrite:
-        raise UserError(f"{out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
-                        f"or choose another --out-dir")
-    for name in sorted(ours, key=lambda n: n != MANIFEST):
-        os.remove(os.path.join(out_dir, name))
-    return False
-
-
-def _iter_parquet(path, field):
-    import pyarrow as pa  # only parquet inputs need it
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-        kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else None
-        if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"{path}: no text column {field!r} (columns: {', '.join(pf.schema_arrow.names[:8])})")
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: cannot read as parquet: {str(e).splitlines()[0]}") from None
-
-
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
     for path in paths:  # main() has checked that they exist
@@ -159,7 +124,19 @@ def iter_local_documents(paths, field="text"):
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
         elif path.lower().endswith(".parquet"):
-            yield from _iter_parquet(path, field)
+            import pyarrow as pa  # only parquet inputs need it
+            import pyarrow.parquet as pq
+
+            try:
+                pf = pq.ParquetFile(path)
+                kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else None
+                if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                    raise UserError(f"{path}: no text column {field!r} "
+                                    f"(columns: {', '.join(pf.schema_arrow.names[:8])})")
+                for batch in pf.iter_batches(columns=[field], batch_size=1024):
+                    yield from (t for t in batch.column(0).to_pylist() if t is not None)
+            except (OSError, pa.ArrowException) as e:
+                raise UserError(f"{path}: cannot read as parquet: {str(e).splitlines()[0]}") from None
         else:
             raise UserError(f"unsupported input {path}: use .jsonl (optionally .gz/.xz/.bz2), .txt or .parquet")
 
@@ -340,9 +317,19 @@ def main(argv=None):
     options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
     fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
     with locked_out_dir(args.out_dir):
-        if prepare_out_dir(args.out_dir, args.overwrite, fingerprint):
-            print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
-            return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+        clean_stale_temps(args.out_dir)
+        ours = [n for n in os.listdir(args.out_dir) if SHARD_RE.match(n) or n == MANIFEST]
+        if MANIFEST in ours and not args.overwrite:
+            if read_manifest(args.out_dir).get("fingerprint") == fingerprint:
+                print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
+                return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
+            raise UserError(f"{args.out_dir} holds a finished set of shards made from other inputs or options: pass "
+                            f"--overwrite to replace it, or choose another --out-dir")
+        if ours and not args.overwrite:
+            raise UserError(f"{args.out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
+                            f"or choose another --out-dir")
+        for name in sorted(ours, key=lambda n: n != MANIFEST):  # the manifest first: no moment leaves a readable mix
+            os.remove(os.path.join(args.out_dir, name))
         if args.input:
             docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
         else:

@@ -1,12 +1,11 @@
-"""
-HellaSwag: score a GPT on the validation set, on one process or over a torchrun job's ranks (rank r scores
-examples r, r + W, ...). A candidate ending's score is the model's loss on its tokens given the context
-(encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean per token (the
-figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
+"""HellaSwag: score a GPT on the validation set. A candidate ending's score is the model's loss on its tokens
+given the context (encode(ctx) + encode(" " + ending)): acc picks the lowest sum, acc_norm the lowest mean
+per token (the figure build-nanogpt reports, about 0.2955 for OpenAI GPT-2 124M).
 
     python hellaswag.py --model gpt2|CKPT|HF_FOLDER --file hellaswag_val.jsonl.xz [--limit N]
 """
 
+import itertools
 import json
 import os
 
@@ -41,49 +40,26 @@ N_ENDINGS = 4
 
 
 def load_examples(path, limit=None):
-    """Rows with `ctx` (or `ctx_a` + `ctx_b`), 4 `endings` and an int `label` in 0..3."""
+    """Rows with `ctx` (HellaSwag's ctx_a + ctx_b), 4 `endings` and an int `label` in 0..3."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
-    for lineno, row in iter_jsonl(path):
-        if limit is not None and len(examples) >= limit:
-            break
-        examples.append(_parse_row(row, f"{path}:{lineno}"))
+    for lineno, row in itertools.islice(iter_jsonl(path), limit):
+        ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+        if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
+                or not all(isinstance(e, str) for e in endings):
+            raise UserError(f"{path}:{lineno}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
+        try:
+            label = int(label)
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{path}:{lineno}: `label` must be an integer 0..3, got {label!r}") from None
+        if not 0 <= label < N_ENDINGS:
+            raise UserError(f"{path}:{lineno}: `label` must be 0..3, got {label}")
+        examples.append({"ctx": ctx, "endings": endings, "label": label})
     if not examples:
         raise UserError(f"HellaSwag file {path} holds no examples")
     return examples
-
-
-def _parse_row(row, where):
-    ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")  # ctx: HellaSwag's ctx_a + ctx_b
-    if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
-            or not all(isinstance(e, str) for e in endings):
-        raise UserError(f"{where}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
-    try:
-        label = int(label)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{where}: `label` must be an integer 0..3, got {label!r}") from None
-    if not 0 <= label < N_ENDINGS:
-        raise UserError(f"{where}: `label` must be 0..3, got {label}")
-    return {"ctx": ctx, "endings": endings, "label": label}
-
-
-def render_example(example, max_len=None):
-    """-> (rows, starts): 4 token lists ctx + ending (longer than max_len: cut from the left), and where each
-    ending starts in its row."""
-    ctx = encode(example["ctx"])
-    rows, starts = [], []
-    for ending in example["endings"]:
-        end = encode(" " + ending)
-        row = ctx + end
-        start = len(ctx)
-        if max_len is not None and len(row) > max_len:
-            cut = len(row) - max_len
-            row, start = row[cut:], max(1, start - cut)
-        rows.append(row)
-        starts.append(start)
-    return rows, starts
 
 
 @torch.no_grad()
@@ -93,12 +69,14 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
     model.eval()
     try:
         for i in range(0, len(examples), batch_examples):
-            group = examples[i:i + batch_examples]
-            rows, starts = [], []
-            for ex in group:
-                r, s = render_example(ex, model.config.block_size)
-                rows += r
-                starts += s
+            rows, starts = [], []  # ctx + ending for every ending, and where the ending starts
+            for ex in examples[i:i + batch_examples]:
+                ctx = encode(ex["ctx"])
+                for ending in ex["endings"]:
+                    row = ctx + encode(" " + ending)
+                    cut = max(0, len(row) - model.config.block_size)  # longer than the block: cut from the left
+                    rows.append(row[cut:])
+                    starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
             length = max(len(r) for r in rows)
             tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
             mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens
@@ -128,7 +106,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, batch_examples=8, au
         correct_norm += int(min(range(N_ENDINGS), key=mean.__getitem__) == ex["label"])
         correct += int(min(range(N_ENDINGS), key=summed.__getitem__) == ex["label"])
     counts = torch.tensor([correct_norm, correct, len(mine)], dtype=torch.float64, device=device)
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if world_size > 1:
         torch.distributed.all_reduce(counts)
     correct_norm, correct, n = (int(v) for v in counts.tolist())
     return {"acc_norm": correct_norm / max(n, 1), "acc": correct / max(n, 1), "n": n}

@@ -1,13 +1,9 @@
-"""
-LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
+"""LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
 
-A wrapped layer computes y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen, A (r, in)
-Kaiming-uniform and B (out, r) zero, so training starts from the base model exactly. The base keeps its
-canonical `weight` / `bias` names with `lora_A` / `lora_B` beside them, so a training checkpoint resumes
-exactly and merged_state_dict (W + scale * B A) is a plain GPT state dict. Targets match whole dotted
-suffixes (`c_attn`, `attn.c_proj`, `mlp.c_fc` = `c_fc`, `mlp.c_proj`; `c_proj` = both); `lm_head` is
-tied to the token embedding, so it is no target. Only the gradients and optimizer state shrink, not the
-activations: BENCHMARKS.md has the figures.
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen and B zero at first, so training starts
+from the base model exactly. The base keeps its canonical `weight` / `bias` names beside `lora_A` / `lora_B`,
+so merged_state_dict (W + scale * B A) is a plain GPT state dict. Only the gradients and optimizer state
+shrink, not the activations (BENCHMARKS.md).
 """
 
 import math
@@ -19,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from train_flags import DEFAULT_TARGETS  # every Linear of every block (QLoRA: all layers is best)
+from train_flags import DEFAULT_TARGETS
+
 LORA_KEYS = ("lora_A", "lora_B")
 
 
@@ -46,9 +43,7 @@ class LoRAConfig:
                 raise UserError(f"--lora-targets: {t!r} is not a layer name (e.g. c_attn, attn.c_proj, mlp.c_fc)")
 
     def to_dict(self):
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
+        return {**asdict(self), "targets": list(self.targets)}
 
 
 def parse_targets(text):
@@ -62,10 +57,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
         self.weight = base.weight  # (out, in): the same Parameter, so its name stays canonical
-        self.bias = base.bias  # (out,) or None
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.bias = base.bias  # (out,) or None; apply_lora has frozen both
         self.scale = alpha / rank
         out_features, in_features = self.weight.shape
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=self.weight.device))  # (r, in)

@@ -1,10 +1,5 @@
-"""The optimizer of both training scripts: AdamW alone, or Muon for the blocks' matrices + AdamW for the rest.
-
---optimizer muon: torch.optim.Muon (momentum 0.95, Nesterov, Newton-Schulz orthogonalised updates) takes every
-trainable 2-D weight of the blocks (under LoRA: the adapters' A and B, and no AdamW is made); AdamW takes the
-embeddings (the tied head too), norms and biases. Each group keeps its peak LR as "peak_lr"; the schedule
-scales every group's LR by the same factor.
-"""
+"""The optimizer of both training scripts: AdamW alone, or torch.optim.Muon for the blocks' trainable 2-D
+weights (under LoRA: the adapters, and no AdamW) + AdamW for the rest (docs/design.md, Command lines)."""
 
 import inspect
 

@@ -11,6 +11,7 @@ boundary. docs/design.md (Instruction data) has the output format.
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import lzma
@@ -65,11 +66,7 @@ def read_file_rows(path, limit=None):
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
             raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
         records = ((f"{path}: item {i}", obj) for i, obj in enumerate(parse_json(data, path, list), 1))
-    rows = []
-    for where, obj in records:
-        if limit is not None and len(rows) >= limit:
-            break
-        rows.append(validate_row(obj, where))
+    rows = [validate_row(obj, where) for where, obj in itertools.islice(records, limit)]
     if not rows:
         raise UserError(f"{path}: no rows (the file is empty)")
     return rows
@@ -87,7 +84,7 @@ def read_hub_rows(limit=None, name=HF_DATASET):
     except Exception as e:  # no package, network, auth, missing dataset: all mean "use a local file"
         raise UserError(f"could not load {name} from the Hugging Face hub ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:300]}); pass a local copy with --input FILE.jsonl") from None
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(ds, 1) if limit is None or i <= limit]
+    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(itertools.islice(ds, limit), 1)]
     if not rows:
         raise UserError(f"{name}: no rows")
     return rows
@@ -133,13 +130,6 @@ def tokenize_rows(rows, progress=True, chunk=2048):
     return out
 
 
-def n_val_rows(n, val_fraction):
-    """Val rows for a category of n rows: round(n*F), >= 1 when F > 0 and n >= 2, and <= n-1."""
-    if val_fraction <= 0 or n < 2:
-        return 0
-    return min(max(int(np.floor(n * val_fraction + 0.5)), 1), n - 1)
-
-
 def stratified_split(categories, val_fraction, seed):
     """Sorted (train, val) indices; each category shuffled by its own generator, so its split
     does not depend on the other categories."""
@@ -149,7 +139,8 @@ def stratified_split(categories, val_fraction, seed):
     train, val = [], []
     for cat, idx in by_cat.items():
         perm = np.random.default_rng([seed, zlib.crc32(cat.encode("utf-8"))]).permutation(len(idx))
-        k = n_val_rows(len(idx), val_fraction)
+        # round(n F) val rows, at least 1 and at most n - 1: a category of 2+ rows is in both splits
+        k = min(max(int(len(idx) * val_fraction + 0.5), 1), len(idx) - 1) if val_fraction > 0 else 0
         val.extend(idx[j] for j in perm[:k])
         train.extend(idx[j] for j in perm[k:])
     return sorted(train), sorted(val)
@@ -167,16 +158,25 @@ def build_split(examples):
     return {"tokens": tokens, "loss_mask": loss_mask, "offsets": offsets}
 
 
-def check_split(data, name="split"):
-    """Validate a split dict (keys, dtypes, offsets, mask, closing EOT); UserError naming `name`."""
+def load_split(path):
+    """Load and validate a train.npz / val.npz (keys, dtypes, offsets, mask, closing EOT): {"tokens", "loss_mask",
+    "offsets"}; UserError naming the file when malformed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
+                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {key: f[key] for key in f.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError
+        raise UserError(f"{path}: not a valid instruction-data .npz ({type(e).__name__}: {e})") from None
     missing = [k for k in SPLIT_DTYPES if k not in data]
     if missing:
-        raise UserError(f"{name}: missing array(s) {', '.join(missing)}; expected {', '.join(SPLIT_DTYPES)}")
+        raise UserError(f"{path}: missing array(s) {', '.join(missing)}; expected {', '.join(SPLIT_DTYPES)}")
     for key, dtype in SPLIT_DTYPES.items():
         if data[key].dtype != dtype or data[key].ndim != 1:
-            raise UserError(f"{name}: {key} must be a 1-D {dtype} array, got {data[key].ndim}-D {data[key].dtype}")
+            raise UserError(f"{path}: {key} must be a 1-D {dtype} array, got {data[key].ndim}-D {data[key].dtype}")
     tokens, mask, offsets = data["tokens"], data["loss_mask"], data["offsets"]
-    ends = offsets[1:] - 1
     problems = [
         (len(mask) != len(tokens), f"loss_mask has {len(mask)} entries but tokens has {len(tokens)}"),
         (len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens),
@@ -187,35 +187,11 @@ def check_split(data, name="split"):
     ]
     for bad, message in problems:
         if bad:
-            raise UserError(f"{name}: {message}")
+            raise UserError(f"{path}: {message}")
+    ends = offsets[1:] - 1
     if np.any(tokens[ends] != EOT_ID) or np.any(mask[ends] != 1):
-        raise UserError(f"{name}: every example must end with {EOT_TOKEN} under loss_mask 1")
-
-
-def load_split(path):
-    """Load and validate a train.npz / val.npz: {"tokens", "loss_mask", "offsets"}; UserError when malformed."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
-                        f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {key: f[key] for key in f.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError
-        raise UserError(f"{path}: not a valid instruction-data .npz ({type(e).__name__}: {e})") from None
-    check_split(data, path)
+        raise UserError(f"{path}: every example must end with {EOT_TOKEN} under loss_mask 1")
     return {key: data[key] for key in SPLIT_DTYPES}
-
-
-def write_outputs(out_dir, splits, meta):
-    """train.npz, val.npz, meta.json: all written to temp files, renamed only when all are complete."""
-    with contextlib.ExitStack() as stack:  # exits (renames) in reverse order of entry: meta.json last
-        tmp_meta = stack.enter_context(atomic_path(os.path.join(out_dir, "meta.json")))
-        for name in reversed(SPLITS):
-            with open(stack.enter_context(atomic_path(os.path.join(out_dir, f"{name}.npz"))), "wb") as f:
-                np.savez(f, **splits[name])  # a file object: np.savez would append .npz to a path
-        with open(tmp_meta, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
 
 
 def split_stats(data):
@@ -272,7 +248,15 @@ def prepare(rows, out_dir, source, val_fraction=DEFAULT_VAL_FRACTION, max_len=DE
         "categories": {cat: {name: sum(cats[i] == cat for i in idx) for name, idx in index.items()}
                        for cat in sorted(set(cats))},
     }
-    write_outputs(out_dir, splits, meta)
+    # train.npz, val.npz, meta.json: all written to temp files, renamed only when all are complete; the stack
+    # exits (renames) in reverse order of entry: meta.json last
+    with contextlib.ExitStack() as stack:
+        tmp_meta = stack.enter_context(atomic_path(os.path.join(out_dir, "meta.json")))
+        for name in reversed(SPLITS):
+            with open(stack.enter_context(atomic_path(os.path.join(out_dir, f"{name}.npz"))), "wb") as f:
+                np.savez(f, **splits[name])  # a file object: np.savez would append .npz to a path
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
     return meta
 
 

@@ -7,12 +7,13 @@ from cli import CLIParser, DefaultsFormatter, bounded
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_LR_RATIO = 100 / 3  # Muon's default peak LR per unit of --lr: 0.02 at the pretraining lr 6e-4
-DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 3e-4  # fine-tuning (see finetune_dolly.py)
+# fine-tuning: HF's lr for GPT-2, 12x below the pretraining peak, so the pretrained features survive ~3 epochs;
+# LoRA's adapters start at zero and are low-rank: they need a ~10x larger step
+DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 3e-4
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # LoRA on every Linear of every block (QLoRA: all layers is best)
 
 
 def add_train_args(p):
-    """The training flags of both scripts (each script sets its defaults)."""
     a = p.add_argument_group("data and output")
     a.add_argument("--data-dir", help="the training data folder")
     a.add_argument("--out-dir", help="checkpoints, log.jsonl, samples.jsonl, loss.png")

@@ -1,13 +1,10 @@
-"""
-Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun.
+"""Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun.
 
-    python fineweb.py --input books.jsonl.xz --out-dir data/books --shard-size 10000000
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
 
-fit() is the loop, read top to bottom: log, evaluate, checkpoint, step. A step's rows are a pure function of
-the step number, so a resume continues exactly and a thread can load steps ahead. finetune_dolly.py runs
-the same loop with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
+fit() is the loop, read top to bottom. A step's rows are a pure function of the step number, so a resume
+continues exactly and a thread can load steps ahead. finetune_dolly.py runs the same loop.
 """
 
 import contextlib
@@ -17,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,8 +80,6 @@ class TokenWindows:
     next `rows` windows and rank r gets rows r, r + W, ... of them."""
 
     def __init__(self, paths, seq_len, rows, rank=0, world_size=1, seed=0):
-        if not paths:
-            raise UserError("no token shards given")
         self.shards = [read_shard(p) for p in paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # (n_shards + 1,) stream offsets
         self.n_windows = (int(self.starts[-1]) - 1) // seq_len
@@ -125,16 +119,13 @@ def val_windows(paths, seq_len, batch_size, max_windows, rank=0, world_size=1):
     """The first max_windows windows of the val shards, this rank's share (windows r, r + W, ...), as
     (x, y) batches of one shape: rows past the end have targets -1, so the val loss is the same for any W."""
     stream = TokenWindows(paths, seq_len, 1)
-    mine = list(range(rank, min(max_windows, stream.n_windows), world_size))
-    batches = []
-    for i in range(0, len(mine), batch_size):
-        rows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
-        for k, w in enumerate(mine[i:i + batch_size]):
-            rows[k] = stream.tokens(w * seq_len, seq_len + 1)
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-        y[len(mine[i:i + batch_size]):] = -1
-        batches.append((x, y))
-    return batches
+    mine = range(rank, min(max_windows, stream.n_windows), world_size)
+    rows = np.zeros((-(-len(mine) // batch_size) * batch_size, seq_len + 1), dtype=np.int64)  # whole batches
+    for k, w in enumerate(mine):
+        rows[k] = stream.tokens(w * seq_len, seq_len + 1)
+    x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    y[len(mine):] = -1
+    return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
 def fit(t):
@@ -193,6 +184,8 @@ class Trainer:
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
+        args.compile = self.device.type == "cuda" if args.compile is None else args.compile
+        args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
         if train_data.seq_len > model.config.block_size:
@@ -407,9 +400,6 @@ class StopSignal:
 
     @contextlib.contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
         old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
@@ -448,22 +438,24 @@ def parse_args(parser, argv, kind):
     return parser.parse_args(argv), ckpt
 
 
-def initial_model(args, ckpt, config):
-    """The model a run starts from: the resumed checkpoint's, GPT(config) for scratch, or loaded weights."""
+def initial_model(args, ckpt):
+    """The model a run starts from: the resumed checkpoint's, a new GPT of the model flags, or loaded weights."""
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
     if args.init_from == "scratch":
-        return build_model(config, "the model flags")
+        shape = {k: vars(args)[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        return build_model({**shape, "dropout": args.dropout or 0.0}, "the model flags")
     return load_model(args.init_from, dropout=args.dropout)[0]
 
 
-def prepare_out_dir(args, dist):
-    """Remove temp files of killed writes; a new run refuses an OUT_DIR holding a run unless --overwrite."""
+def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
+    """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit.
+    Temp files of killed writes go; a new run refuses an OUT_DIR holding a run unless --overwrite."""
+    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
     if dist.is_main:
         clean_stale_temps(args.out_dir)
-    if args.init_from == "resume":
-        return
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
+    found = [n for n in RUN_FILES if args.init_from != "resume" and os.path.exists(os.path.join(args.out_dir, n))]
     if found and not args.overwrite:
         raise UserError(f"--out-dir {args.out_dir} holds a run ({', '.join(found)}): continue it with --init-from "
                         f"resume, or pass --overwrite to start afresh")
@@ -472,13 +464,6 @@ def prepare_out_dir(args, dist):
     if dist.is_main:
         for name in found:
             os.remove(os.path.join(args.out_dir, name))
-
-
-def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
-    """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit."""
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
-    prepare_out_dir(args, dist)
     if ckpt is not None:
         trainer.restore(ckpt)
     return fit(trainer)
@@ -486,22 +471,17 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
 
 def main(argv=None):
     args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if args.total_batch_size % args.block_size:
         raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
     dist = setup_distributed(args.device)
     try:
-        args.compile = dist.device.type == "cuda" if args.compile is None else args.compile
         torch.manual_seed(args.seed)
-        config = dict(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                      n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout or 0.0)
         train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
                              args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
-        model = initial_model(args, ckpt, config)
-        val = []
-        if args.eval_interval > 0 and args.eval_steps > 0:
-            val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
-                              args.eval_steps * args.batch_size, dist.rank, dist.world_size)
+        model = initial_model(args, ckpt)
+        n_val = args.eval_steps * args.batch_size if args.eval_interval else 0
+        val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
+                          n_val, dist.rank, dist.world_size) if n_val else []
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:
         teardown_distributed(dist)

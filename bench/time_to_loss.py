@@ -1,15 +1,10 @@
-"""
-Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
-configuration, same shards, data order and initial weights; also tokens/s, MFU and peak memory.
+"""Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
+configuration (an optimizer, then `:flag=value` overrides of train_gpt2.py flags), same shards, data order
+and initial weights. One model object serves every run, so torch.compile compiles once, in an untimed
+2-step warm-up. Time to the target: training seconds (evaluations excluded) and wall time at the first
+evaluation at or below it. docs/design.md has the output.
 
     python bench/time_to_loss.py --data-dir data/books --out-dir out/ttl --runs adamw:lr=6e-4,muon:muon_lr=0.02
-
---runs: comma-separated configurations, each an optimizer then `:flag=value` (or `:switch`) overrides
-of train_gpt2.py flags; other train_gpt2.py flags pass through to every run. Defaults (DEFAULTS): 300
-steps of 131,072 tokens, warmup 30, val loss on 8 batches every 25 steps. One model object serves every
-run (initial weights restored in place), so torch.compile compiles once, in an untimed 2-step warm-up.
-Time to the target: training seconds (evaluations excluded) and wall time at the first evaluation at or
-below it. Writes OUT_DIR/<run>/log.jsonl and OUT_DIR/time_to_loss.png; a table, then one JSON line.
 """
 
 import argparse
@@ -26,7 +21,7 @@ import torch  # noqa: E402
 
 from cli import CLIParser, UserError, run_cli  # noqa: E402
 from common import atomic_path  # noqa: E402
-from device import pick_device, setup_distributed  # noqa: E402
+from device import setup_distributed  # noqa: E402
 from fineweb import list_shards  # noqa: E402
 from runlog import duration  # noqa: E402
 from train_flags import pretrain_parser  # noqa: E402
@@ -82,25 +77,6 @@ def plot(results, target, png):
     plt.close(fig)
 
 
-def train_all(runs, dist):
-    """Each run's fit on one model object (so compiled graphs are reused), from the same initial weights."""
-    first = runs[0][1]
-    torch.manual_seed(first.seed)
-    model = initial_model(first, None, dict(block_size=first.block_size, vocab_size=first.vocab_size,
-                                            n_layer=first.n_layer, n_head=first.n_head, n_embd=first.n_embd))
-    init = copy.deepcopy(model.state_dict())
-    val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
-                      first.eval_steps * first.batch_size)
-    for label, a in runs:
-        model.load_state_dict(init)  # in place: the same parameters, so the compiled graphs still fit
-        torch.manual_seed(a.seed)
-        train = TokenWindows(list_shards(a.data_dir, "train", a.data_prefix), a.block_size,
-                             a.total_batch_size // a.block_size, seed=a.seed)
-        run(a, dist, None, model, train, val if a.eval_interval else [], "pretrain")
-        if os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
-            os.remove(os.path.join(a.out_dir, "ckpt.pt"))  # a measurement: its weights are not kept
-
-
 def parse_runs(argv):
     """(bench flags, [(label, train_gpt2 args)]): the common flags with each run's overrides, checked."""
     p = CLIParser(description="Steps, tokens and seconds to a target val loss, per optimizer / LR (train_gpt2's "
@@ -115,11 +91,8 @@ def parse_runs(argv):
         raise UserError("--runs names no configuration")
     runs = [(label, pretrain_parser().parse_args(a)) for label, a in (
         run_argv(s, ["--data-dir", args.data_dir, *common], args.out_dir, i) for i, s in enumerate(specs))]
-    for _, a in runs:
-        a.compile = pick_device(a.device).type == "cuda" if a.compile is None else a.compile
-        a.min_lr = a.lr / 10 if a.min_lr is None else a.min_lr
-        if not a.eval_interval:
-            raise UserError("--eval-interval 0: the runs need val losses")
+    if not all(a.eval_interval for _, a in runs):
+        raise UserError("--eval-interval 0: the runs need val losses")
     return args, runs
 
 
@@ -154,13 +127,25 @@ def report(args, runs, device):
 
 def main(argv=None):
     args, runs = parse_runs(argv)
-    dist = setup_distributed(runs[0][1].device)
-    warmup = []
-    if runs[0][1].compile:  # compile the graphs once, untimed
-        warm = copy.copy(runs[0][1])
+    first, warmup = runs[0][1], []
+    dist = setup_distributed(first.device)
+    if dist.device.type == "cuda" if first.compile is None else first.compile:  # compile the graphs once, untimed
+        warm = copy.copy(first)
         warm.max_steps, warm.out_dir, warm.eval_interval = 2, os.path.join(args.out_dir, "warmup"), 2
         warmup = [("warmup", warm)]
-    train_all(warmup + runs, dist)
+    torch.manual_seed(first.seed)  # one model object for every run (compiled graphs are reused), same initial weights
+    model = initial_model(first, None)
+    init = copy.deepcopy(model.state_dict())
+    val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
+                      first.eval_steps * first.batch_size)
+    for _, a in warmup + runs:
+        model.load_state_dict(init)  # in place: the same parameters, so the compiled graphs still fit
+        torch.manual_seed(a.seed)
+        train = TokenWindows(list_shards(a.data_dir, "train", a.data_prefix), a.block_size,
+                             a.total_batch_size // a.block_size, seed=a.seed)
+        run(a, dist, None, model, train, val, "pretrain")
+        if os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):
+            os.remove(os.path.join(a.out_dir, "ckpt.pt"))  # a measurement: its weights are not kept
     return report(args, runs, dist.device)
 
 
