@@ -12,8 +12,7 @@ from grammar import FORMS
 from prompt import format_prompt
 from server.chat import fold_chat
 from server.config import ApiError, invalid
-from server.render import native_logprobs, sse, token_str
-from server.respond import admit, client, fit_prompt, respond
+from server.respond import admit, client, fit_prompt, native_logprobs, respond, sse, token_str
 from server.schema import (DETOKENIZE_FIELDS, NATIVE_FIELDS, TOKENIZE_FIELDS, openapi_document, read_body,
                            sampling_params, short)
 from tokenizer import decode, encode

@@ -11,8 +11,8 @@ from engine.detokenizer import encode_prompt
 from engine.sampling_params import check_inputs
 from server.chat import fold_chat, input_messages, split_chat
 from server.config import ApiError, invalid
-from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
-from server.respond import admit, client, fit_prompt, respond
+from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, fit_prompt, openai_envelope,
+                            openai_finish, respond, sse)
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, RESPONSE_FIELDS, prompt_list, read_body,
                            sampling_params)
 from server.tools import CallStream, tool_plan
