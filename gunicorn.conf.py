@@ -1,21 +1,5 @@
-"""gunicorn settings for serve.py:  gunicorn -c gunicorn.conf.py "serve:create_app()"
-
-The app is configured by GPT2I_* variables (python serve.py --help); these shape gunicorn (any other
-setting: gunicorn's own flags or GUNICORN_CMD_ARGS):
-
-| variable | default | meaning |
-|---|---|---|
-| GPT2I_BIND | GPT2I_HOST:GPT2I_PORT (127.0.0.1:5000) | address(es) gunicorn binds, comma-separated |
-| GPT2I_WORKERS | 1 | worker processes; each loads its own model and engine (one per GPU, or a few on CPU) |
-| GPT2I_THREADS | 32 | threads per worker: the most requests a worker handles at once (streams hold one each) |
-| GPT2I_NGINX_LISTEN | (none) | when set (e.g. 0.0.0.0:8000), nginx listens there in front of gunicorn (below) |
-| GPT2I_RUN_DIR | out/prod | with nginx: its config, pid, temp files and gunicorn's unix socket |
-
-With GPT2I_NGINX_LISTEN (`make serve-prod`, the Docker image), gunicorn binds a unix socket in
-GPT2I_RUN_DIR, fills in nginx.conf and runs nginx as a child of its master: one process to run, signal and
-supervise. List the names clients use for nginx's address in GPT2I_ALLOWED_HOSTS. With several workers,
-GPT2I_RATE_LIMIT_STORAGE=redis://host:port gives them one rate-limit budget (memory:// counts per worker).
-"""
+"""gunicorn settings for serve.py: gunicorn -c gunicorn.conf.py "serve:create_app()". What it reads (GPT2I_BIND,
+GPT2I_WORKERS, GPT2I_THREADS, GPT2I_NGINX_LISTEN, GPT2I_RUN_DIR) and how the stack runs: README "Production"."""
 
 import ctypes
 import multiprocessing
@@ -64,15 +48,10 @@ BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers
 # ---------------------------------------------------------------------------- worker hooks
 
 
-def app_state(app):
-    """serve.state(app), read off the app: the master never imports serve, so a reload runs the new code."""
-    return app.extensions["gpt2i"]
-
-
 def post_worker_init(worker):
     """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
     listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
-    state = app_state(worker.wsgi)
+    state = worker.wsgi.extensions["gpt2i"]  # serve.state(app): the master never imports serve (a reload runs new code)
     # the worker's graceful window ends before the master's SIGKILL, leaving time to close() its streams
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
     try:
@@ -106,7 +85,7 @@ def _shutdown(worker):
     """Stop admission, end running streams with an error event, stop the engine process."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        app_state(app).close(0)  # the graceful time is up, or this is a quick stop
+        app.extensions["gpt2i"].close(0)  # the graceful time is up, or this is a quick stop
 
 
 def worker_int(worker):
