@@ -93,10 +93,6 @@ def validate_config(cfg):
         raise UserError(f"--quantize int8 runs on CPU in float32 only (asked: {device.type}, {cfg.dtype})")
 
 
-def rate_limit_enabled(cfg):
-    return limit_enabled(cfg.rate_limit)
-
-
 def limit_enabled(limit):
     return bool(limit) and limit.strip().lower() not in ("none", "off", "0")
 

@@ -10,6 +10,7 @@ import time
 from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
 from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
+from server.metrics import Metrics
 from server.reply import POLL_S, Embeddings, Handle, Reply
 from server.respond import log
 
@@ -17,7 +18,7 @@ from server.respond import log
 class EngineClient:
     """create_app builds one; serve.state(app) is it."""
 
-    def __init__(self, config, metrics_class):
+    def __init__(self, config):
         self.config, self.model_name = config, config.model_name
         self.status, self.error, self.restarts = "loading", None, 0
         self.info, self.context_length, self.stats = {}, None, {"running": 0, "waiting": 0, "slots_used": 0,
@@ -31,7 +32,7 @@ class EngineClient:
         self._ready, self._closed = threading.Event(), False
         self._conn = self._proc = None
         self._thread = threading.Thread(target=self._run, name="gpt2i-reader", daemon=True)
-        self.metrics = metrics_class(self)
+        self.metrics = Metrics(self)
 
     def admitted(self):
         return sum(r.size for r in self._replies)

@@ -4,23 +4,12 @@ and gauges and prefix-cache counters read from the engine client when scraped.""
 import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-PREFIX_COUNTERS = {"hits": "Prompts that reused a cached prefix.", "misses": "Prompts that found none.",
-                   "hit_tokens": "Prompt tokens not prefilled thanks to the cache.",
-                   "evicted_blocks": "Blocks recycled for newer prefixes."}
-
-
-class PrefixCacheCollector:
-    """gpt2i_prefix_cache_*: the engine's counters as of its last step, and the pool's use."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def collect(self):
-        s = self.client.stats.get("prefix_cache") or {}
-        for key, help_ in PREFIX_COUNTERS.items():
-            yield CounterMetricFamily(f"gpt2i_prefix_cache_{key}", help_, value=s.get(key, 0))
-        for key, help_ in (("blocks_used", "Pool blocks holding a prefix."), ("blocks_total", "Pool blocks.")):
-            yield GaugeMetricFamily(f"gpt2i_prefix_cache_{key}", help_ + " (16 tokens a block)", value=s.get(key, 0))
+PREFIX_CACHE = {"hits": (CounterMetricFamily, "Prompts that reused a cached prefix."),
+                "misses": (CounterMetricFamily, "Prompts that found none."),
+                "hit_tokens": (CounterMetricFamily, "Prompt tokens not prefilled thanks to the cache."),
+                "evicted_blocks": (CounterMetricFamily, "Blocks recycled for newer prefixes."),
+                "blocks_used": (GaugeMetricFamily, "Pool blocks holding a prefix. (16 tokens a block)"),
+                "blocks_total": (GaugeMetricFamily, "Pool blocks. (16 tokens a block)")}
 
 
 class Metrics:
@@ -51,7 +40,14 @@ class Metrics:
                    registry=r).set_function(lambda: client.admitted())
         prom.Gauge("gpt2i_model_loaded", "1 when the model is loaded.",
                    registry=r).set_function(lambda: int(client.status == "ok"))
-        r.register(PrefixCacheCollector(client))
+        self.client = client
+        r.register(self)  # collect() below
+
+    def collect(self):
+        """gpt2i_prefix_cache_*: the engine's counters as of its last step, and the pool's use."""
+        stats = self.client.stats.get("prefix_cache") or {}
+        for key, (family, help_) in PREFIX_CACHE.items():
+            yield family(f"gpt2i_prefix_cache_{key}", help_, value=stats.get(key, 0))
 
     def exposition(self):
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST

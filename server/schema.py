@@ -264,19 +264,12 @@ def _sane_int(text):
     return int(text)
 
 
-def request_constraint(body):
-    """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
-    grammar.Constraint or None."""
-    constraint = constraint_from_request(body)
+def sampling_params(given, names, defaults=None, body=None):
+    """SamplingParams from defaults + the given fields + the body's constraint (grammar.FORMS, compiled now so
+    that a bad one is a 400 naming its field); a ParamError is a 400 in the client's words."""
+    constraint = constraint_from_request(body or {})
     if constraint is not None:
         compile_constraint(constraint)  # cached; the engine's process compiles its own copy
-    return constraint
-
-
-def sampling_params(given, names, defaults=None, body=None):
-    """SamplingParams from defaults + the given fields (+ the body's constraint); a ParamError is a 400 in the
-    client's words."""
-    constraint = request_constraint(body or {})
     try:
         return SamplingParams.make({**(defaults or {}), **given, "constraint": constraint}, names=names)
     except ParamError:
@@ -325,10 +318,9 @@ def openapi_document():
         return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
             "application/json": {"schema": body_schema(table)}}}, "responses": {"200": ok, **errors}}}
 
-    def get(summary, ok=ok_json):
-        return {"get": {"summary": summary, "responses": {"200": ok, **errors}}}
+    def get(summary, ok=ok_json, **parameters):
+        return {"get": {"summary": summary, **parameters, "responses": {"200": ok, **errors}}}
 
-    model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpt2-instruct", "version": "1", "description": (
@@ -345,8 +337,8 @@ def openapi_document():
             "/tokenize": post("Text or chat -> token ids", TOKENIZE_FIELDS),
             "/detokenize": post("Token ids -> text", DETOKENIZE_FIELDS),
             "/v1/models": get("The served model"),
-            "/v1/models/{model_id}": {"get": {"summary": "One model", "parameters": model_param,
-                                              "responses": {"200": ok_json, **errors}}},
+            "/v1/models/{model_id}": get("One model", parameters=[{"name": "model_id", "in": "path", "required": True,
+                                                                   "schema": {"type": "string"}}]),
             "/metrics": get("Prometheus metrics", {"description": "OK", "content": {"text/plain": {
                 "schema": {"type": "string"}}}}),
             "/openapi.json": get("This document"),
