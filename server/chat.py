@@ -1,8 +1,7 @@
 """Chat messages (and the Responses API's input items) -> the instruction template: the last user message is
-the instruction; system text and the other turns (`User: ...` / `Assistant: ...` / `Tool: ...`) fill the Input
-block, the oldest dropped first. An assistant's tool call reads as the JSON the model writes for one:
-{"name": ..., "arguments": ...}."""
+the instruction; system text and the other turns fill the Input block, the oldest dropped first (docs/design.md)."""
 
+import bisect
 import json
 
 from engine.detokenizer import encode_prompt
@@ -72,33 +71,20 @@ def split_chat(messages, name="messages", instructions=None):
     return "\n\n".join(s for s in system if s), turns[:last] + turns[last + 1:], turns[last][1]
 
 
-def chat_context(system_text, history):
-    """The ### Input: text: system text, blank line, then the transcript `User: ...` / `Assistant: ...`."""
-    transcript = "\n".join(f"{LABELS[role]}: {text}" for role, text in history)
-    return "\n\n".join(part for part in (system_text, transcript) if part)
-
-
 def fold_chat(messages, fits, **split):
-    """The templated prompt ids for a chat, keeping the most recent other turns for which
-    fits(n_tokens) holds. Binary search on how many of the oldest turns to drop (a few encodings)."""
+    """The templated prompt ids for a chat, keeping the most recent other turns for which fits(n_tokens) holds."""
     system, history, instruction = split_chat(messages, **split)
 
-    def build(drop):
-        return encode_prompt(format_prompt(instruction, chat_context(system, history[drop:])), raw=True)
+    def build(drop):  # Input: system text, blank line, then the transcript `User: ...` / `Assistant: ...`
+        transcript = "\n".join(f"{LABELS[role]}: {text}" for role, text in history[drop:])
+        context = "\n\n".join(part for part in (system, transcript) if part)
+        return encode_prompt(format_prompt(instruction, context), raw=True)
 
-    best = build(0)
-    if fits(len(best)) or not history:
-        return best
-    lo, hi = 0, len(history)  # dropping lo turns does not fit; dropping hi is the last resort
-    best = build(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ids = build(mid)
-        if fits(len(ids)):
-            hi, best = mid, ids
-        else:
-            lo = mid
-    return best
+    ids = build(0)
+    if fits(len(ids)) or not history:
+        return ids
+    # the fewest oldest turns to drop, by binary search (a few encodings); all of them is the last resort
+    return build(1 + bisect.bisect_left(range(1, len(history)), True, key=lambda drop: fits(len(build(drop)))))
 
 
 TEXT_PARTS = ("input_text", "output_text", "text")

@@ -1,7 +1,6 @@
-"""Tool calls on /v1/chat/completions. The model has no tool parser, so a call is made only when the request
-forces one: tool_choice "required" or a named function. One function: its arguments decode under its
-parameters schema. Several ("required"): a grammar picks one and writes {"name": ..., "arguments": ...},
-the form the chat history shows past calls in (server/chat.py). Either way the reply is one tool call."""
+"""Tool calls on /v1/chat/completions, made only when the request forces one (the model has no tool parser):
+one function's arguments decode under its parameters schema; several, under a grammar that writes
+{"name": ..., "arguments": ...}, as the chat history shows past calls (server/chat.py)."""
 
 import json
 import re
