@@ -81,19 +81,16 @@ def on_reload(server):
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 
 
-def _shutdown(worker):
-    """Stop admission, end running streams with an error event, stop the engine process."""
+def worker_int(worker):
+    """Ctrl+C or a quick stop (SIGINT, SIGQUIT), and every exit (worker_exit): stop admission, end running
+    streams with an error event, stop the engine process."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
         app.extensions["gpt2i"].close(0)  # the graceful time is up, or this is a quick stop
 
 
-def worker_int(worker):
-    _shutdown(worker)  # Ctrl+C, quick stop (SIGINT, SIGQUIT)
-
-
 def worker_exit(server, worker):
-    _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
+    worker_int(worker)  # after SIGTERM (reload, stop), once the graceful time is up
     if worker.booted:
         # skip the interpreter's teardown: under load it can outlast the master's wait, and torch's threads
         # used to abort there. A worker that failed to boot keeps its exit status (the master stops on it).

@@ -3,9 +3,7 @@
     python serve.py --ckpt out/demo/sft                      # http://127.0.0.1:5000
     GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
 
-Every flag has a GPT2I_* environment variable (`python serve.py --help` lists both); the flag wins.
-GET /openapi.json lists the routes; the server lives in server/ (docs/design.md maps it).
-"""
+The server lives in server/ (docs/design.md maps it)."""
 
 import errno
 import os

@@ -137,12 +137,11 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def finish_request(rq, info, server=None):
+def finish_request(rq, info, server):
     """One log line and the request metrics, once, when the response is done (streams included)."""
     if info is None or rq["logged"]:
         return
     rq["logged"] = True
-    server = server or client()
     if rq["reply"] is not None:
         server.release(rq["reply"])
     latency = time.perf_counter() - rq["t0"]

@@ -307,8 +307,8 @@ def openapi_document():
                 "required": [n for n, s in table.items() if s.get("required")]}
 
     error = {"$ref": "#/components/schemas/Error"}
-    errors = {str(code): {"description": HTTP_TYPES.get(code, "error"), "content": {"application/json": {"schema": error}}}
-              for code in (400, 401, 404, 405, 408, 413, 415, 429, 503)}
+    errors = {str(code): {"description": kind, "content": {"application/json": {"schema": error}}}
+              for code, kind in HTTP_TYPES.items()}
     ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     ok_stream = {"description": "OK (JSON, or Server-Sent Events with stream: true)",
                  "content": {"application/json": {"schema": {"type": "object"}},
