@@ -23,7 +23,7 @@ from werkzeug.security import safe_join
 
 from engine.sampling_params import ParamError
 from grammar import ConstraintError
-from server import routes_native, routes_openai
+from server.routes import native, openai
 from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
                            make_config)
 from server.engine_client import EngineClient
@@ -80,8 +80,8 @@ def build_app(client):
             return value
 
     app.url_map.converters["staticfile"] = StaticFile
-    app.register_blueprint(routes_native.bp)
-    app.register_blueprint(routes_openai.bp)
+    app.register_blueprint(native)
+    app.register_blueprint(openai)
     limiter = Limiter(get_remote_address, default_limits=[], headers_enabled=True, key_prefix="gpt2i",
                       storage_uri=cfg.rate_limit_storage, in_memory_fallback_enabled=True)
     install_hooks(app, client)
