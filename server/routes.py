@@ -14,14 +14,12 @@ from engine.detokenizer import encode_prompt
 from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_prompt_text
 from grammar import FORMS
 from prompt import format_prompt
-from server.chat import fold_chat, input_messages, split_chat
-from server.config import ApiError, invalid
+from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
+from server.config import ApiError, invalid, short
 from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, fit_prompt, native_logprobs,
                             openai_envelope, openai_finish, respond, sse, token_str)
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
-                           RESPONSE_FIELDS, TOKENIZE_FIELDS, openapi_document, prompt_list, read_body, sampling_params,
-                           short)
-from server.tools import CallStream, tool_plan
+                           RESPONSE_FIELDS, TOKENIZE_FIELDS, openapi_document, prompt_list, read_body, sampling_params)
 from tokenizer import decode, encode
 
 native = Blueprint("native", __name__)

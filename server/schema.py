@@ -4,14 +4,13 @@ The tables also build the OpenAPI document (/openapi.json)."""
 
 import json
 import math
-import reprlib
 
 from flask import request
 
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids
 from grammar import FORMS, TYPES, compile_constraint, constraint_from_request
-from server.config import HTTP_TYPES, ApiError, invalid
-from server.tools import MAX_TOOLS
+from server.chat import MAX_TOOLS
+from server.config import HTTP_TYPES, ApiError, invalid, short
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
@@ -201,10 +200,6 @@ def check_type(name, value, schema):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise invalid(name, f"{name} must be between {lo} and {hi}, got {short(value)}")
     return value
-
-
-def short(value):
-    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
 
 
 def read_body(table, route):
