@@ -15,7 +15,7 @@ from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_
 from grammar import FORMS
 from prompt import format_prompt
 from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
-from server.config import ApiError, invalid, short
+from server.config import ApiError, invalid
 from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, fit_prompt, native_logprobs,
                             openai_envelope, openai_finish, respond, sse, token_str)
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
@@ -106,9 +106,7 @@ def tokenize():
 
 @native.post("/detokenize")
 def detokenize():
-    body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")
-    if not isinstance(body["tokens"], list):
-        raise invalid("tokens", f"tokens must be a list of token ids, got {short(body['tokens'])}")
+    body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")  # tokens: an array (its schema)
     return jsonify({"prompt": decode(check_ids(body["tokens"], "tokens") if body["tokens"] else [])})
 
 
