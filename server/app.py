@@ -196,16 +196,11 @@ def install_errors(app, cfg):
 # ---------------------------------------------------------------------------- logging
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
+class _StderrHandler(logging.StreamHandler):
+    """JSON or text lines to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
 
     json_lines = True
-
-    def emit(self, record):
-        try:
-            print(self.format(record), file=sys.stderr, flush=True)
-        except Exception:
-            self.handleError(record)
+    stream = property(lambda self: sys.stderr, lambda self, _: None)  # StreamHandler writes and flushes it
 
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
