@@ -142,15 +142,13 @@ def finish_request(rq, info, server):
     if info is None or rq["logged"]:
         return
     rq["logged"] = True
-    if rq["reply"] is not None:
-        server.release(rq["reply"])
-    latency = time.perf_counter() - rq["t0"]
+    latency, reply = time.perf_counter() - rq["t0"], rq["reply"]
     server.metrics.requests.labels(info["endpoint"], str(info["status"])).inc()
     server.metrics.latency.labels(info["endpoint"]).observe(latency)
-    reply = rq["reply"]
     line = {"event": "request", "request_id": rq["request_id"], **{k: v for k, v in info.items() if k != "quiet"},
             "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
     if reply is not None:
+        server.release(reply)
         line.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
                     finish_reason=",".join(sorted(set(reply.finish_reasons.values()))) or None)
     if rq["error"]:
