@@ -101,23 +101,12 @@ def worker_exit(server, worker):
 # ---------------------------------------------------------------------------- nginx in front
 
 
-def nginx_config():
-    """nginx.conf with its @FIELDS@ filled in for this run."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
-        text = f.read()
-    fields = {"LISTEN": NGINX_LISTEN, "RUN_DIR": RUN_DIR, "UPSTREAM": f"unix:{RUN_DIR}/gunicorn.sock",
-              "STATIC_DIR": os.path.abspath(os.environ.get("GPT2I_STATIC_DIR", "static"))}
-    for key, value in fields.items():
-        text = text.replace(f"@{key}@", value)
-    return text
-
-
 def nginx_exe():
     return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
 
 
 def on_starting(server):
-    """Before gunicorn binds: the run folder exists and nginx is installed."""
+    """Before gunicorn binds: nginx is installed, and the run folder holds nginx.conf filled in for this run."""
     if not NGINX_LISTEN:
         return
     if nginx_exe() is None:
@@ -125,6 +114,15 @@ def on_starting(server):
         raise SystemExit(2)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
+        text = f.read()
+    fields = {"LISTEN": NGINX_LISTEN, "RUN_DIR": RUN_DIR, "UPSTREAM": f"unix:{RUN_DIR}/gunicorn.sock",
+              "STATIC_DIR": os.path.abspath(os.environ.get("GPT2I_STATIC_DIR", "static"))}
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", value)
+    with open(os.path.join(RUN_DIR, "nginx.conf.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(RUN_DIR, "nginx.conf.tmp"), os.path.join(RUN_DIR, "nginx.conf"))
 
 
 def _die_with_parent():
@@ -137,10 +135,7 @@ def when_ready(server):
     """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
     if not NGINX_LISTEN:
         return
-    conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")
-    with open(conf + ".tmp", "w") as f:
-        f.write(nginx_config())
-    os.replace(conf + ".tmp", conf)
+    conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")  # conf: on_starting
     if os.path.exists(pid_file):
         os.remove(pid_file)  # left by a run that was killed; nginx writes it once it listens
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
