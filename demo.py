@@ -1,11 +1,7 @@
-"""The whole pipeline on the bundled data, on a CPU, in a few minutes: `make demo` (or `python demo.py`):
-fineweb.py -> train_gpt2.py -> prepare_dolly.py -> finetune_dolly.py (into data/demo and out/demo), then
-serve.py on http://127.0.0.1:5000 until Ctrl+C.
-
-Each stage is the script's own main(argv), its command printed first. A finished stage leaves
-.demo-stage.json (its command) in its folder and a second run reuses it; a stage whose command changed,
-or that reads a stage that ran again, starts afresh in an emptied folder. Ctrl+C while training saves a
-checkpoint; the next run continues from it. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
+"""The whole pipeline on the bundled data, on a CPU: `make demo` (README "Quick start"). Each stage is the
+script's own main(argv), its command printed first. A finished stage leaves .demo-stage.json (its command)
+in its folder and a second run reuses it; a stage whose command changed, or that reads a stage that ran
+again, starts afresh in an emptied folder. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
 the port is taken), 130 interrupted.
 """
 
@@ -98,20 +94,17 @@ class Stage:
         self.argv, self.needs = flags(options), needs  # needs: the stages whose output this one reads
         self.ckpt = ckpt  # the checkpoint an interrupted run leaves (it continues with --init-from resume)
 
-    def marker(self):
-        try:
-            with open(os.path.join(self.out_dir, MARKER)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
     def write_marker(self, state):
         with atomic_path(os.path.join(self.out_dir, MARKER)) as tmp, open(tmp, "w") as f:
             json.dump({"argv": self.argv, "state": state}, f)
 
     def status(self):
         """'done' | 'interrupted' | 'new' for this stage's command."""
-        marker = self.marker()
+        try:
+            with open(os.path.join(self.out_dir, MARKER)) as f:
+                marker = json.load(f)
+        except (OSError, ValueError):
+            return "new"
         if marker == {"argv": self.argv, "state": "done"}:
             return "done"
         if marker == {"argv": self.argv, "state": "running"} and self.ckpt and \

@@ -83,8 +83,7 @@ FORMS = (
     Form("guided_grammar", "grammar", (str,)),
 )
 # The discriminators' allowed values: "text" means no constraint.
-TYPES = {"response_format.type": ("text", "json_object", "json_schema"),
-         "text.format.type": ("text", "json_object", "json_schema")}
+TYPES = dict.fromkeys(("response_format.type", "text.format.type"), ("text", "json_object", "json_schema"))
 TYPE_NAMES = {dict: "an object", str: "a string", list: "an array", bool: "a boolean"}
 _MISSING = object()
 

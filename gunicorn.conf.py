@@ -1,21 +1,5 @@
-"""gunicorn settings for serve.py:  gunicorn -c gunicorn.conf.py "serve:create_app()"
-
-The app is configured by GPT2I_* variables (python serve.py --help); these shape gunicorn (any other
-setting: gunicorn's own flags or GUNICORN_CMD_ARGS):
-
-| variable | default | meaning |
-|---|---|---|
-| GPT2I_BIND | GPT2I_HOST:GPT2I_PORT (127.0.0.1:5000) | address(es) gunicorn binds, comma-separated |
-| GPT2I_WORKERS | 1 | worker processes; each loads its own model and engine (one per GPU, or a few on CPU) |
-| GPT2I_THREADS | 32 | threads per worker: the most requests a worker handles at once (streams hold one each) |
-| GPT2I_NGINX_LISTEN | (none) | when set (e.g. 0.0.0.0:8000), nginx listens there in front of gunicorn (below) |
-| GPT2I_RUN_DIR | out/prod | with nginx: its config, pid, temp files and gunicorn's unix socket |
-
-With GPT2I_NGINX_LISTEN (`make serve-prod`, the Docker image), gunicorn binds a unix socket in
-GPT2I_RUN_DIR, fills in nginx.conf and runs nginx as a child of its master: one process to run, signal and
-supervise. List the names clients use for nginx's address in GPT2I_ALLOWED_HOSTS. With several workers,
-GPT2I_RATE_LIMIT_STORAGE=redis://host:port gives them one rate-limit budget (memory:// counts per worker).
-"""
+"""gunicorn settings for serve.py: gunicorn -c gunicorn.conf.py "serve:create_app()". What it reads (GPT2I_BIND,
+GPT2I_WORKERS, GPT2I_THREADS, GPT2I_NGINX_LISTEN, GPT2I_RUN_DIR) and how the stack runs: README "Production"."""
 
 import ctypes
 import multiprocessing
@@ -64,15 +48,10 @@ BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers
 # ---------------------------------------------------------------------------- worker hooks
 
 
-def app_state(app):
-    """serve.state(app), read off the app: the master never imports serve, so a reload runs the new code."""
-    return app.extensions["gpt2i"]
-
-
 def post_worker_init(worker):
     """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
     listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
-    state = app_state(worker.wsgi)
+    state = worker.wsgi.extensions["gpt2i"]  # serve.state(app): the master never imports serve (a reload runs new code)
     # the worker's graceful window ends before the master's SIGKILL, leaving time to close() its streams
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
     try:
@@ -102,19 +81,16 @@ def on_reload(server):
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
 
 
-def _shutdown(worker):
-    """Stop admission, end running streams with an error event, stop the engine process."""
+def worker_int(worker):
+    """Ctrl+C or a quick stop (SIGINT, SIGQUIT), and every exit (worker_exit): stop admission, end running
+    streams with an error event, stop the engine process."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        app_state(app).close(0)  # the graceful time is up, or this is a quick stop
-
-
-def worker_int(worker):
-    _shutdown(worker)  # Ctrl+C, quick stop (SIGINT, SIGQUIT)
+        app.extensions["gpt2i"].close(0)  # the graceful time is up, or this is a quick stop
 
 
 def worker_exit(server, worker):
-    _shutdown(worker)  # every exit: after SIGTERM (reload, stop), once the graceful time is up
+    worker_int(worker)  # after SIGTERM (reload, stop), once the graceful time is up
     if worker.booted:
         # skip the interpreter's teardown: under load it can outlast the master's wait, and torch's threads
         # used to abort there. A worker that failed to boot keeps its exit status (the master stops on it).
@@ -125,23 +101,12 @@ def worker_exit(server, worker):
 # ---------------------------------------------------------------------------- nginx in front
 
 
-def nginx_config():
-    """nginx.conf with its @FIELDS@ filled in for this run."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
-        text = f.read()
-    fields = {"LISTEN": NGINX_LISTEN, "RUN_DIR": RUN_DIR, "UPSTREAM": f"unix:{RUN_DIR}/gunicorn.sock",
-              "STATIC_DIR": os.path.abspath(os.environ.get("GPT2I_STATIC_DIR", "static"))}
-    for key, value in fields.items():
-        text = text.replace(f"@{key}@", value)
-    return text
-
-
 def nginx_exe():
     return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
 
 
 def on_starting(server):
-    """Before gunicorn binds: the run folder exists and nginx is installed."""
+    """Before gunicorn binds: nginx is installed, and the run folder holds nginx.conf filled in for this run."""
     if not NGINX_LISTEN:
         return
     if nginx_exe() is None:
@@ -149,6 +114,15 @@ def on_starting(server):
         raise SystemExit(2)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(RUN_DIR, "tmp", sub), exist_ok=True)
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx.conf")) as f:
+        text = f.read()
+    fields = {"LISTEN": NGINX_LISTEN, "RUN_DIR": RUN_DIR, "UPSTREAM": f"unix:{RUN_DIR}/gunicorn.sock",
+              "STATIC_DIR": os.path.abspath(os.environ.get("GPT2I_STATIC_DIR", "static"))}
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", value)
+    with open(os.path.join(RUN_DIR, "nginx.conf.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(RUN_DIR, "nginx.conf.tmp"), os.path.join(RUN_DIR, "nginx.conf"))
 
 
 def _die_with_parent():
@@ -161,10 +135,7 @@ def when_ready(server):
     """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
     if not NGINX_LISTEN:
         return
-    conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")
-    with open(conf + ".tmp", "w") as f:
-        f.write(nginx_config())
-    os.replace(conf + ".tmp", conf)
+    conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")  # conf: on_starting
     if os.path.exists(pid_file):
         os.remove(pid_file)  # left by a run that was killed; nginx writes it once it listens
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;

@@ -3,9 +3,7 @@
     python serve.py --ckpt out/demo/sft                      # http://127.0.0.1:5000
     GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
 
-Every flag has a GPT2I_* environment variable (`python serve.py --help` lists both); the flag wins.
-GET /openapi.json lists the routes; the server lives in server/ (docs/design.md maps it).
-"""
+The server lives in server/ (docs/design.md maps it)."""
 
 import errno
 import os
@@ -17,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
 from common import UserError, run_cli
-from server.options import OPTIONS, build_parser, env_name  # noqa: F401
+from server.options import build_parser
 
 if __name__ == "__main__":
     # torch takes about 2 s to import (below): the flags are read first, so that --help and a mistyped
     # flag answer at once
     run_cli(lambda argv: build_parser().parse_args(argv))
 
-from server.app import build_app, create_app, state  # noqa: E402, F401
-from server.config import allowed_hosts, make_config, rate_limit_enabled  # noqa: E402, F401
+from server.app import create_app, state  # noqa: E402
+from server.config import make_config  # noqa: E402
 from server.respond import log  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """
 Generation speed: the inference.py Engine (ours) against transformers' GPT2LMHeadModel.generate on the
 same weights, device and prompts (--prompt-len random token ids a row), greedy, --n-new tokens a row
-(end-of-text ignored), in one run.
+(end-of-text ignored), in one run. A table, then a JSON line.
 
     python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32/64
     python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
@@ -9,14 +9,11 @@ same weights, device and prompts (--prompt-len random token ids a row), greedy, 
     python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
     python bench/generate.py --json-schema nested --batch-sizes 32 --no-hf      # constrained against free
 
-Ours: one Engine per mode (MODES) with max(batch sizes) slots; each batch is added at once and stepped
-until idle, after a warm-up run of the same shape (graph capture, compilation). Best of --repeats.
-tok/s = rows x n_new / the whole run; prefill ms = until every row has its first token; decode tok/s =
-rows x (n_new - 1) / the rest. transformers: prefill from generate(max_new_tokens=1), decode from the
-difference to the full run; its greedy tokens are compared with ours (row 0). --json-schema FILE (or
-"nested", built in) also times ours with every row under the schema ("ours+json") and with only the first
-("ours+1json") against the free run, and the schema's compile time; it must not complete within --n-new
-tokens. A table, then a JSON line.
+Ours: one Engine per mode (MODES), each batch added at once and stepped until idle after a warm-up run of the
+same shape; best of --repeats. prefill ms = until every row has its first token; decode tok/s = rows x
+(n_new - 1) / the rest. transformers: prefill from generate(max_new_tokens=1), decode from the difference to
+the full run; its greedy tokens are compared with ours (row 0). --json-schema FILE (or "nested") also times
+every row under the schema ("ours+json") and only the first ("ours+1json"); it must not complete early.
 """
 
 import json
@@ -25,6 +22,7 @@ import platform
 import random
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -55,13 +53,18 @@ MODES = {  # "static": the graph path's bucketed shapes, uncaptured
     "graphs+compile": dict(graphs=True, compile=True)}
 
 
+def sizes(text):
+    return [bounded(int, 1)(b) for b in text.split(",")]
+
+
 def parse_args(argv):
     p = CLIParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--ckpt", default=None, help="weights to load (default: random GPT-2 124M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
-    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,8,32,64 on CUDA, 1,8 elsewhere)")
+    p.add_argument("--batch-sizes", type=sizes, default=None,
+                   help="comma-separated (default: 1,8,32,64 on CUDA, 1,8 elsewhere)")
     p.add_argument("--n-new", type=bounded(int, 2), default=None,
                    help="new tokens a row (default 256 on CUDA, 32 on CPU)")
     p.add_argument("--prompt-len", type=bounded(int, 1), default=32)
@@ -73,13 +76,6 @@ def parse_args(argv):
     p.add_argument("--json-schema", default=None, help='also time ours under this schema: a file, or "nested"')
     p.add_argument("--tiny", action="store_true", help="random weights, 2 layers of width 64 (a smoke test)")
     args = p.parse_args(argv)
-    if args.batch_sizes is not None:
-        try:
-            args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-        if not args.batch_sizes or min(args.batch_sizes) < 1:
-            raise UserError("--batch-sizes needs positive integers")
     if args.modes and not set(args.modes.split(",")) <= set(MODES):
         raise UserError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     return args
@@ -168,10 +164,6 @@ def time_hf(hf, prompts, n_new, repeats, device):
     return first, max(full - first, 1e-9), full, tokens
 
 
-def common_prefix(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def run_config(impl, mode, fn, B, prompt_len, n_new):
     try:
         prefill, decode, total, tokens = fn()
@@ -236,23 +228,21 @@ def main(argv=None):
     for B in batch_sizes:
         rng = random.Random(0)
         prompts = [random_ids(args.prompt_len, rng) for _ in range(B)]
-        hf_tokens = None
+        shape, hf_tokens = (B, args.prompt_len, n_new), None
         if hf is not None:
-            hf_run = lambda: time_hf(hf, prompts, n_new, args.repeats, device)  # noqa: E731
-            row, hf_tokens = run_config("transformers", "generate", hf_run, B, args.prompt_len, n_new)
+            row, hf_tokens = run_config("transformers", "generate", partial(time_hf, hf, prompts, n_new, args.repeats,
+                                                                            device), *shape)
             rows.append(row)
         for mode, engine in engines.items():
-            row, tokens = run_config("ours", mode, lambda: time_ours(engine, prompts, n_new, args.repeats),
-                                     B, args.prompt_len, n_new)
+            timed = partial(time_ours, engine, prompts, n_new, args.repeats)
+            row, tokens = run_config("ours", mode, timed, *shape)
             rows.append({**row, "engine_notes": engine.notes[:]})
             if tokens is not None and hf_tokens is not None:
-                agree[f"{mode}/b{B}"] = common_prefix(tokens, hf_tokens)
+                agree[f"{mode}/b{B}"] = len(os.path.commonprefix([tokens, hf_tokens]))
             if constraint is not None:
-                rows.append(run_config("ours+json", mode, lambda: time_ours(engine, prompts, n_new, args.repeats,
-                                                                            constraint), B, args.prompt_len, n_new)[0])
+                rows.append(run_config("ours+json", mode, partial(timed, constraint), *shape)[0])
             if constraint is not None and B > 1:  # one constrained row among free ones: the batch's pace
-                rows.append(run_config("ours+1json", mode, lambda: time_ours(engine, prompts, n_new, args.repeats,
-                                                                             constraint, 1), B, args.prompt_len, n_new)[0])
+                rows.append(run_config("ours+1json", mode, partial(timed, constraint, 1), *shape)[0])
     report(rows, agree, device, {"bench": "generate", "model": name, "device": str(device), "hardware": hw,
                                  "dtype": str(dtype).replace("torch.", ""), "quantize": args.quantize, "n_new": n_new,
                                  "prompt_len": args.prompt_len, "torch": torch.__version__,

@@ -3,14 +3,10 @@
     python bench/prod_stack.py --ckpt out/demo/sft                    # nginx + gunicorn (make serve-prod)
     python bench/prod_stack.py --ckpt out/demo/sft --stack gunicorn   # gunicorn alone on its port
 
-slowloris: --slow connections each hold half a request (a header without its end, or a header and half
-its body) while GET /health and a small POST /generate are probed once a second for --hold seconds: how
-many are answered within 2 s, and did any slow connection get a reply.
-reload: SIGHUP to gunicorn's master while --streams streams run; /health and /generate are probed until
-the new worker has served and the old one has exited: 503s and connection errors counted, every stream
-checked for a terminal event, gunicorn's log for a worker ended by a signal.
-steady: the same streams and probes for 10 s without a reload, the baseline for the probes' latency.
-Prints a table, then one JSON line.
+slowloris: --slow connections each hold half a request while GET /health and a small POST /generate are
+probed once a second for --hold seconds. reload: SIGHUP to gunicorn's master while --streams streams run,
+probing until the old worker has exited: 503s, connection errors, streams cut, workers ended by a signal.
+steady: the same for 10 s without a reload (the probes' baseline latency). A table, then one JSON line.
 """
 
 import http.client

@@ -23,11 +23,10 @@ from werkzeug.security import safe_join
 
 from engine.sampling_params import ParamError
 from grammar import ConstraintError
-from server import routes_native, routes_openai
+from server.routes import native, openai
 from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, invalid, is_loopback, limit_enabled,
-                           make_config, rate_limit_enabled)
+                           make_config)
 from server.engine_client import EngineClient
-from server.metrics import Metrics
 from server.respond import finish_request, log
 
 QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
@@ -51,7 +50,7 @@ def create_app(config=None):
     if not isinstance(config, types.SimpleNamespace):
         config = make_config(config, environ=os.environ if config is None else None)
     setup_logging(config.log_level, config.log_format)
-    client = EngineClient(config, Metrics)
+    client = EngineClient(config)
     app = build_app(client)
     client.start()
     return app
@@ -81,8 +80,8 @@ def build_app(client):
             return value
 
     app.url_map.converters["staticfile"] = StaticFile
-    app.register_blueprint(routes_native.bp)
-    app.register_blueprint(routes_openai.bp)
+    app.register_blueprint(native)
+    app.register_blueprint(openai)
     limiter = Limiter(get_remote_address, default_limits=[], headers_enabled=True, key_prefix="gpt2i",
                       storage_uri=cfg.rate_limit_storage, in_memory_fallback_enabled=True)
     install_hooks(app, client)
@@ -134,7 +133,7 @@ def install_limits(app, cfg, limiter):
     """Per-client limits on the generation routes, shared between them; loopback clients are exempt.
     Installed after `end` above, so that flask-limiter's after_request (which adds Retry-After) runs first."""
     limiter.init_app(app)
-    if rate_limit_enabled(cfg):
+    if limit_enabled(cfg.rate_limit):
         limited = limiter.shared_limit(cfg.rate_limit, scope="generation", methods=["POST"],
                                        exempt_when=lambda: is_loopback(request.remote_addr))
         for endpoint in GENERATION:
@@ -197,16 +196,11 @@ def install_errors(app, cfg):
 # ---------------------------------------------------------------------------- logging
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (gunicorn and pytest swap it); JSON or text lines."""
+class _StderrHandler(logging.StreamHandler):
+    """JSON or text lines to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
 
     json_lines = True
-
-    def emit(self, record):
-        try:
-            print(self.format(record), file=sys.stderr, flush=True)
-        except Exception:
-            self.handleError(record)
+    stream = property(lambda self: sys.stderr, lambda self, _: None)  # StreamHandler writes and flushes it
 
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()

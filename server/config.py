@@ -4,6 +4,7 @@ and its error model: every error is {"error": {"type", "message", "param", "code
 import ipaddress
 import math
 import os
+import reprlib
 import select
 import socket
 import types
@@ -93,10 +94,6 @@ def validate_config(cfg):
         raise UserError(f"--quantize int8 runs on CPU in float32 only (asked: {device.type}, {cfg.dtype})")
 
 
-def rate_limit_enabled(cfg):
-    return limit_enabled(cfg.rate_limit)
-
-
 def limit_enabled(limit):
     return bool(limit) and limit.strip().lower() not in ("none", "off", "0")
 
@@ -142,6 +139,10 @@ class ApiError(Exception):
 def invalid(param, message, code=None):
     """400 for one request field; the message names the field and what is allowed."""
     return ApiError(400, "invalid_request_error", message, param, code)
+
+
+def short(value):
+    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
 
 
 def unavailable(code, message, retry_after):

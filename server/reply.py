@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 from server.config import ApiError, ClientGone, client_gone
-from server.render import prompt_entries
 
 KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
@@ -84,11 +83,13 @@ class Reply:
             pass
 
     def entries(self, index, out):
-        """The logprob entries of an output: the prompt's first (echo), then the new tokens'."""
+        """The logprob entries of an output: the prompt's first (echo; the first None, shaped like the
+        others), then the new tokens'."""
         if not out.prompt_logprobs:
             return list(out.logprobs or [])
         ids = next(h.ids for h in self.handles if h.base <= index < h.base + h.n)
-        return prompt_entries(ids, out.prompt_logprobs) + list(out.logprobs or [])
+        prompt = [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, out.prompt_logprobs)]
+        return prompt + list(out.logprobs or [])
 
     def timings(self):
         end = self.t_end or time.perf_counter()

@@ -1,16 +1,18 @@
-"""What every generation route shares: the app's engine client, the reply written out (JSON, or SSE
-with keep-alives and a final error event), and the one log line and metrics of a finished request."""
+"""What every generation route shares: the app's engine client, the response shapes (logprobs in the
+native, chat and legacy-completion forms, OpenAI's envelopes, Server-Sent Events), the reply written out
+(JSON, or SSE with keep-alives and a final error event), and the one log line and metrics of a request."""
 
 import itertools
+import json
 import logging
 import os
 import time
 
 from flask import Response, current_app, g, request
 
+from engine.detokenizer import token_bytes
 from engine.sampling_params import fit
 from server.config import ApiError, ClientGone, invalid
-from server.render import SSE_DONE, SSE_KEEPALIVE, sse
 
 log = logging.getLogger("gpt2i.serve")
 
@@ -18,6 +20,68 @@ log = logging.getLogger("gpt2i.serve")
 def client():
     """The EngineClient of the app handling this request."""
     return current_app.extensions["gpt2i"]
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
+
+
+def sse(obj, event=None):
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def openai_finish(reason):
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def token_str(token_id):
+    return token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def native_logprobs(entries):
+    return [{"token": token_str(e["token_id"]), "token_id": e["token_id"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": token_str(t), "token_id": t, "logprob": lp} for t, lp in e["top"]]}
+            for e in entries]
+
+
+def chat_logprobs(entries):
+    def one(t, lp):
+        return {"token": token_str(t), "logprob": lp, "bytes": list(token_bytes(t))}
+
+    return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries, offset):
+    """OpenAI's legacy shape; offset: characters of text before these tokens. Prompt entries may be None."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        tok = token_str(e["token_id"])
+        out["tokens"].append(tok)
+        out["token_logprobs"].append(e["logprob"])
+        # the token's own entry first, then its alternatives: up to logprobs + 1 (as OpenAI and vLLM)
+        out["top_logprobs"].append(None if e["top"] is None else
+                                   {tok: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
+        out["text_offset"].append(offset)
+        offset += len(tok)
+    return out
+
+
+def openai_envelope(route, request_id, model_name, include_usage):
+    """make(choices, usage, chunk) for one OpenAI reply: its id, object, created and model on every chunk."""
+    obj = "text_completion" if route == "/v1/completions" else "chat.completion"
+    head = {"id": ("cmpl-" if route == "/v1/completions" else "chatcmpl-") + request_id,
+            "object": obj, "created": int(time.time()), "model": model_name, "system_fingerprint": None}
+
+    def make(choices=None, usage=None, chunk=False):
+        out = {**head, "choices": choices, "usage": usage}
+        if chunk:
+            out["object"] = obj if obj == "text_completion" else obj + ".chunk"
+            if not include_usage:
+                del out["usage"]
+        return out
+
+    return make
 
 
 def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):
@@ -73,21 +137,18 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def finish_request(rq, info, server=None):
+def finish_request(rq, info, server):
     """One log line and the request metrics, once, when the response is done (streams included)."""
     if info is None or rq["logged"]:
         return
     rq["logged"] = True
-    server = server or client()
-    if rq["reply"] is not None:
-        server.release(rq["reply"])
-    latency = time.perf_counter() - rq["t0"]
+    latency, reply = time.perf_counter() - rq["t0"], rq["reply"]
     server.metrics.requests.labels(info["endpoint"], str(info["status"])).inc()
     server.metrics.latency.labels(info["endpoint"]).observe(latency)
-    reply = rq["reply"]
     line = {"event": "request", "request_id": rq["request_id"], **{k: v for k, v in info.items() if k != "quiet"},
             "stream": rq["stream"], "latency_ms": round(latency * 1e3, 2), "pid": os.getpid()}
     if reply is not None:
+        server.release(reply)
         line.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
                     finish_reason=",".join(sorted(set(reply.finish_reasons.values()))) or None)
     if rq["error"]:

@@ -4,14 +4,13 @@ The tables also build the OpenAPI document (/openapi.json)."""
 
 import json
 import math
-import reprlib
 
 from flask import request
 
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids
 from grammar import FORMS, TYPES, compile_constraint, constraint_from_request
-from server.config import HTTP_TYPES, ApiError, invalid
-from server.tools import MAX_TOOLS
+from server.chat import MAX_TOOLS
+from server.config import HTTP_TYPES, ApiError, invalid, short
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
@@ -203,10 +202,6 @@ def check_type(name, value, schema):
     return value
 
 
-def short(value):
-    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
-
-
 def read_body(table, route):
     """The JSON body checked against a route table -> (plain fields, engine params given, client names)."""
     if request.mimetype != "application/json":
@@ -264,19 +259,12 @@ def _sane_int(text):
     return int(text)
 
 
-def request_constraint(body):
-    """The body's constraint (grammar.FORMS), compiled now so that a bad one is a 400 naming its field -> a
-    grammar.Constraint or None."""
-    constraint = constraint_from_request(body)
+def sampling_params(given, names, defaults=None, body=None):
+    """SamplingParams from defaults + the given fields + the body's constraint (grammar.FORMS, compiled now so
+    that a bad one is a 400 naming its field); a ParamError is a 400 in the client's words."""
+    constraint = constraint_from_request(body or {})
     if constraint is not None:
         compile_constraint(constraint)  # cached; the engine's process compiles its own copy
-    return constraint
-
-
-def sampling_params(given, names, defaults=None, body=None):
-    """SamplingParams from defaults + the given fields (+ the body's constraint); a ParamError is a 400 in the
-    client's words."""
-    constraint = request_constraint(body or {})
     try:
         return SamplingParams.make({**(defaults or {}), **given, "constraint": constraint}, names=names)
     except ParamError:
@@ -314,8 +302,8 @@ def openapi_document():
                 "required": [n for n, s in table.items() if s.get("required")]}
 
     error = {"$ref": "#/components/schemas/Error"}
-    errors = {str(code): {"description": HTTP_TYPES.get(code, "error"), "content": {"application/json": {"schema": error}}}
-              for code in (400, 401, 404, 405, 408, 413, 415, 429, 503)}
+    errors = {str(code): {"description": kind, "content": {"application/json": {"schema": error}}}
+              for code, kind in HTTP_TYPES.items()}
     ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     ok_stream = {"description": "OK (JSON, or Server-Sent Events with stream: true)",
                  "content": {"application/json": {"schema": {"type": "object"}},
@@ -325,10 +313,9 @@ def openapi_document():
         return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
             "application/json": {"schema": body_schema(table)}}}, "responses": {"200": ok, **errors}}}
 
-    def get(summary, ok=ok_json):
-        return {"get": {"summary": summary, "responses": {"200": ok, **errors}}}
+    def get(summary, ok=ok_json, **parameters):
+        return {"get": {"summary": summary, **parameters, "responses": {"200": ok, **errors}}}
 
-    model_param = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpt2-instruct", "version": "1", "description": (
@@ -345,8 +332,8 @@ def openapi_document():
             "/tokenize": post("Text or chat -> token ids", TOKENIZE_FIELDS),
             "/detokenize": post("Token ids -> text", DETOKENIZE_FIELDS),
             "/v1/models": get("The served model"),
-            "/v1/models/{model_id}": {"get": {"summary": "One model", "parameters": model_param,
-                                              "responses": {"200": ok_json, **errors}}},
+            "/v1/models/{model_id}": get("One model", parameters=[{"name": "model_id", "in": "path", "required": True,
+                                                                   "schema": {"type": "string"}}]),
             "/metrics": get("Prometheus metrics", {"description": "OK", "content": {"text/plain": {
                 "schema": {"type": "string"}}}}),
             "/openapi.json": get("This document"),

@@ -12,9 +12,9 @@ import torch
 import inference
 import serve
 from prompt import format_prompt
+from server.app import build_app
 from server.chat import fold_chat, split_chat
 from server.engine_client import EngineClient
-from server.metrics import Metrics
 from test_grammar import HOSTILE, SCHEMAS
 from test_serve_config import close_app, make_app, make_checkpoint, metric, sse_events
 from tokenizer import N_VOCAB, decode, encode
@@ -86,8 +86,8 @@ CHAT = [{"role": "user", "content": "Say hi."}]
 
 
 def test_health_is_503_while_loading_then_200(ckpt):
-    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none", "model_name": "m"}), Metrics)
-    client = serve.build_app(server).test_client()  # not started yet: the model is "loading"
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none", "model_name": "m"}))
+    client = build_app(server).test_client()  # not started yet: the model is "loading"
     r = client.get("/health")
     assert r.status_code == 503 and r.get_json() == {"status": "loading"} and int(r.headers["Retry-After"]) > 0
     assert error_of(post(client, "/generate", {"prompt": "hi"}), 503)["type"] == "model_loading"
@@ -311,8 +311,8 @@ def test_404_405_413_415_500_are_json(app, guarded, ckpt):
     r = guarded.test_client().post("/generate", data=json.dumps({"prompt": "x" * 5000}),
                                    content_type="application/json", headers=AUTH)
     assert error_of(r, 413)["type"] == "request_too_large"
-    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none"}), Metrics)
-    broken = serve.build_app(server)
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "rate_limit": "none"}))
+    broken = build_app(server)
     broken.add_url_rule("/boom", "boom", lambda: 1 / 0)
     err = error_of(broken.test_client().get("/boom", headers={"X-Request-ID": "r500"}), 500)
     assert err["type"] == "server_error" and "r500" in err["message"] and "division" not in err["message"]
@@ -733,8 +733,8 @@ def test_index_and_static_files(guarded, ckpt, tmp_path):
     assert client.get("/app.js").data == b"console.log(1)" and client.get("/static/app.js").status_code == 200
     assert error_of(client.get("/missing.js"), 404)["type"] == "not_found"
     error_of(client.get("/static/../serve.py"), 404)
-    server = EngineClient(serve.make_config({"ckpt": ckpt, "static_dir": str(tmp_path / "none")}), Metrics)
-    r = serve.build_app(server).test_client().get("/")
+    server = EngineClient(serve.make_config({"ckpt": ckpt, "static_dir": str(tmp_path / "none")}))
+    r = build_app(server).test_client().get("/")
     assert r.status_code == 200 and r.mimetype == "text/html" and b"/generate" in r.data
 
 

@@ -19,6 +19,8 @@ from model import GPT
 import serve
 from checkpoint import save_checkpoint
 from common import UserError
+from server.config import allowed_hosts, limit_enabled
+from server.options import OPTIONS, env_name
 
 # ---------------------------------------------------------------------- shared helpers
 
@@ -129,14 +131,14 @@ def test_config_from_env_and_dict_types(tmp_path):
            "GPT2I_ALLOWED_HOSTS": "example.com"}
     cfg = serve.make_config(environ=env)
     assert (cfg.port, cfg.max_queue, cfg.api_key, cfg.compile) == (8080, 3, "k", False)
-    assert cfg.cors_origins == ["http://a.example", "http://b.example"] and not serve.rate_limit_enabled(cfg)
-    assert serve.allowed_hosts(cfg) == {"example.com"}
+    assert cfg.cors_origins == ["http://a.example", "http://b.example"] and not limit_enabled(cfg.rate_limit)
+    assert allowed_hosts(cfg) == {"example.com"}
     cfg = serve.make_config({"port": "9000", "max_queue": 5}, environ=env)  # explicit values win
     assert (cfg.port, cfg.max_queue, cfg.ckpt) == (9000, 5, str(tmp_path))
     assert serve.make_config({"ckpt": "gpt2"}).model_name == "gpt2-instruct"  # a dict alone ignores the env
-    hosts = serve.allowed_hosts(serve.make_config({"ckpt": "gpt2", "host": "10.0.0.5"}))
+    hosts = allowed_hosts(serve.make_config({"ckpt": "gpt2", "host": "10.0.0.5"}))
     assert hosts == {"localhost", "127.0.0.1", "[::1]", "10.0.0.5"}
-    assert serve.allowed_hosts(serve.make_config({"ckpt": "gpt2", "allowed_hosts": "*"})) is None
+    assert allowed_hosts(serve.make_config({"ckpt": "gpt2", "allowed_hosts": "*"})) is None
 
 
 @pytest.mark.parametrize("values, env, needle", [
@@ -169,8 +171,8 @@ def test_help_lists_flags_and_env_vars(capsys):
         serve.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in serve.OPTIONS:
-        assert "--" + name.replace("_", "-") in out and serve.env_name(name) in out, name
+    for name in OPTIONS:
+        assert "--" + name.replace("_", "-") in out and env_name(name) in out, name
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,24 +1,149 @@
-"""The OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/responses (nothing is stored),
-/v1/embeddings, /v1/models."""
+"""The routes, in two blueprints: native (/health, /params, /generate, /tokenize, /detokenize, /metrics,
+/openapi.json, the chat page and its static files) and OpenAI's (/v1/completions, /v1/chat/completions,
+/v1/responses (nothing is stored), /v1/embeddings, /v1/models)."""
 
 import base64
 import itertools
+import os
 import time
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from engine.detokenizer import encode_prompt
-from engine.sampling_params import check_inputs
-from server.chat import fold_chat, input_messages, split_chat
+from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_prompt_text
+from grammar import FORMS
+from prompt import format_prompt
+from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
 from server.config import ApiError, invalid
-from server.render import SSE_DONE, chat_logprobs, completion_logprobs, openai_envelope, openai_finish, sse
-from server.respond import admit, client, fit_prompt, respond
-from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, RESPONSE_FIELDS, prompt_list, read_body,
-                           sampling_params)
-from server.tools import CallStream, tool_plan
-from tokenizer import decode
+from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, fit_prompt, native_logprobs,
+                            openai_envelope, openai_finish, respond, sse, token_str)
+from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
+                           RESPONSE_FIELDS, TOKENIZE_FIELDS, openapi_document, prompt_list, read_body, sampling_params)
+from tokenizer import decode, encode
 
-bp = Blueprint("openai", __name__)
+native = Blueprint("native", __name__)
+openai = Blueprint("openai", __name__)
+# the request forms of a constraint (grammar.FORMS): the field holding the spec, the kind of spec, the type
+# field that selects it
+CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.when else None} for f in FORMS]
+
+
+@native.get("/health")
+def health():
+    server = client()
+    if server.status == "ok" and server.accepting:
+        queue = {k: v for k, v in server.stats.items() if k != "prefix_cache"}
+        return jsonify({"status": "ok", "model": server.model_name, **server.describe(), "restarts": server.restarts,
+                        "queue": {**queue, "admitted": server.admitted(), "max_queue": server.config.max_queue},
+                        "prefix_cache": server.stats.get("prefix_cache")})
+    status = server.status if server.status != "ok" else "shutting_down"
+    body = {"status": status, **({"error": server.error} if server.error else {}),
+            **({"restarts": server.restarts} if server.restarts else {})}
+    return jsonify(body), 503, {"Retry-After": "2" if status in ("loading", "restarting") else "60"}
+
+
+@native.get("/params")
+def params():
+    server = client()
+    ctx = server.context_length
+    table = {name: dict(spec) for name, spec in PARAM_RANGES.items()}
+    if ctx:
+        table["max_new_tokens"]["max"] = ctx - 1
+    return jsonify({"params": table, "constraints": CONSTRAINTS, "context_length": ctx,
+                    "max_prompt_tokens": server.prompt_limit() if ctx else None, "model": server.model_name,
+                    "status": server.status})
+
+
+@native.post("/generate")
+def generate():
+    body, given, names = read_body(NATIVE_FIELDS, "/generate")
+    p = sampling_params(given, names, body=body)
+    check_prompt_text(body["prompt"], p.raw)
+    if body.get("context") and p.raw:
+        raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
+    server = client()
+    server.require_ready()
+    ids = encode_prompt(body["prompt"] if p.raw else format_prompt(body["prompt"], body.get("context", "")), raw=True)
+    k, stream = body.get("logprobs"), bool(body.get("stream"))
+    reply = admit([(ids, fit_prompt(ids, p, given, names))], stream, logprobs=k)
+
+    def logprobs(entries):
+        return {"logprobs": native_logprobs(entries)} if k is not None else {}
+
+    def render(choices):
+        c = choices[0]
+        return jsonify({"id": g.rq["request_id"], "model": server.model_name, "text": c["text"],
+                        "finish_reason": c["finish_reason"], "usage": reply.usage(), "timings": reply.timings(),
+                        **logprobs(c["entries"])})
+
+    def chunks(_, out):
+        if out.text or (k is not None and out.logprobs):
+            yield sse({"token": out.text, **logprobs(out.logprobs)})
+        if out.finish_reason is not None:
+            yield sse({"done": True, "finish_reason": out.finish_reason, "usage": reply.usage(),
+                       "timings": reply.timings()})
+
+    return respond(reply, stream, render, chunks)
+
+
+@native.post("/tokenize")
+def tokenize():
+    body, _, _ = read_body(TOKENIZE_FIELDS, "/tokenize")
+    given = [name for name in ("prompt", "content", "messages") if name in body]
+    if len(given) != 1:
+        raise invalid("prompt", "give exactly one of prompt (text; content in llama.cpp's words) or messages (a chat)")
+    if "messages" in body:
+        ids = fold_chat(body["messages"], lambda n_tokens: True)  # as the chat route templates it, all turns
+    else:
+        text = body[given[0]]
+        ids = encode(text) if body.get("raw", True) else encode_prompt(text)
+    out = {"count": len(ids), "max_model_len": client().context_length, "tokens": ids}
+    if body.get("return_token_strs"):
+        out["token_strs"] = [token_str(t) for t in ids]
+    return jsonify(out)
+
+
+@native.post("/detokenize")
+def detokenize():
+    body, _, _ = read_body(DETOKENIZE_FIELDS, "/detokenize")  # tokens: an array (its schema)
+    return jsonify({"prompt": decode(check_ids(body["tokens"], "tokens") if body["tokens"] else [])})
+
+
+@native.get("/metrics")
+def metrics():
+    data, content_type = client().metrics.exposition()
+    return Response(data, mimetype="text/plain", headers={"Content-Type": content_type})
+
+
+@native.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())
+
+
+@native.get("/")
+def index():
+    folder = current_app.config["STATIC_DIR"]
+    if os.path.isfile(os.path.join(folder, "index.html")):
+        return send_from_directory(folder, "index.html")
+    return Response("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title><p>gpt2-instruct server "
+                    "(no chat page installed). API: <code>POST /generate</code>, <code>POST /v1/chat/completions"
+                    "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
+
+
+@native.get("/static/<path:filename>", endpoint="static_file")
+# every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the
+# method before the converter)
+@native.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def static_files(filename):
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
+    try:
+        return send_from_directory(current_app.config["STATIC_DIR"], filename)
+    except NotFound:
+        raise ApiError(404, "not_found", f"no such route or file: /{filename}") from None
+
+# ---------------------------------------------------------------------------- OpenAI
 
 
 def openai_request(route, table, defaults=None):
@@ -38,7 +163,7 @@ def openai_request(route, table, defaults=None):
     return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
 
 
-@bp.post("/v1/completions")
+@openai.post("/v1/completions")
 def completions():
     body, given, names, p, stream, make, tail = openai_request("/v1/completions", COMPLETION_FIELDS,
                                                                {"raw": True, "max_new_tokens": 16})
@@ -77,7 +202,7 @@ def chat_prompt(messages, p, given, **split):
     return fold_chat(messages, lambda n_: n_ <= limit and n_ + min_new <= server.context_length, **split)
 
 
-@bp.post("/v1/chat/completions")
+@openai.post("/v1/chat/completions")
 def chat_completions():
     body, given, names, p, stream, make, tail = openai_request("/v1/chat/completions", CHAT_FIELDS)
     if "top_logprobs" in body and not body.get("logprobs"):
@@ -124,7 +249,7 @@ def part(text):
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-@bp.post("/v1/responses")
+@openai.post("/v1/responses")
 def responses():
     body, given, names = read_body(RESPONSE_FIELDS, "/v1/responses")
     names.setdefault("max_new_tokens", "max_output_tokens")
@@ -185,7 +310,7 @@ def responses():
     return respond(reply, stream, render, chunks, opening, failed=failed)
 
 
-@bp.post("/v1/embeddings")
+@openai.post("/v1/embeddings")
 def embeddings():
     body, _, _ = read_body(EMBEDDING_FIELDS, "/v1/embeddings")
     inputs = prompt_list(body["input"], "input")
@@ -208,12 +333,12 @@ def model_card(server):
             "context_length": server.context_length}
 
 
-@bp.get("/v1/models")
+@openai.get("/v1/models")
 def models():
     return jsonify({"object": "list", "data": [model_card(client())]})
 
 
-@bp.get("/v1/models/<path:model_id>")
+@openai.get("/v1/models/<path:model_id>")
 def model(model_id):
     server = client()
     if model_id != server.model_name:
