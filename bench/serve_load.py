@@ -15,7 +15,7 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    --newcomer-tokens tokens; its time to first token.
 4. embeddings, burst: those streams' inter-token p95 alone, then beside --embed-clients clients sending
    /v1/embeddings (16 inputs of 16 tokens) back to back, or beside --burst prompts of --burst-tokens
-   random ids (1 new token) arriving at once.
+   random ids (1 new token) arriving at once (after an untimed burst).
 5. chat, loglik: on this server and on one with the prefix cache off (unless "cacheoff" is skipped).
    chat: --turns turns (the transcript as raw text), each a ~35-token message and a 48-token reply;
    median first-token time per turn over 3 conversations. loglik: the committed HellaSwag rows as
@@ -307,8 +307,10 @@ def burst(port, args):
     say(f"burst: {args.burst} prompts of {args.burst_tokens} tokens ...")
     stop = threading.Event()
     streams = background(port, args, stop, 3000)
-    prompts = [Client(port, completions(args.burst_tokens, 1, False), stop, 4000 + i, once=True)
-               for i in range(args.burst)]
+    prompts, warm = ([Client(port, completions(args.burst_tokens, 1, False), stop, seed + i, once=True)
+                      for i in range(args.burst)] for seed in (4000, 5000))
+    for c in launch(warm):  # untimed: a server's first long prompts meet new shapes and an empty prefix pool
+        c.join(600)
     time.sleep(args.warmup)
     t_idle = time.perf_counter()
     time.sleep(min(args.duration, 5.0))
@@ -316,7 +318,7 @@ def burst(port, args):
     for c in launch(prompts):
         c.join(600)
     t1 = time.perf_counter()
-    errors = finish(stop, streams + prompts)
+    errors = finish(stop, streams + prompts + warm)
     gaps = [gap for c in streams for r in c.records for gap in r.gaps]
     ttft = [r.end - r.start for c in prompts for r in c.records]
     return {"itl_p95_ms_idle": ms([g for t, g in gaps if t_idle <= t < t0], 95),

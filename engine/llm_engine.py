@@ -22,9 +22,9 @@ from engine.sequence import Request
 # Prompt (and embedding) tokens a step computes at most, padding included, per device kind. A running
 # stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
 # CUDA (GPT-2 124M, bf16, H100, bench/prefill.py and serve_load.py, BENCHMARKS.md): 32 prompts of 1,000 tokens
-# prefill at 103k tokens/s with 512, 691k-744k with 8,192 and 736k-791k with 16,384 (the forward alone:
-# 0.88M-0.98M); at 8,192 running streams' inter-token p95 rose 2.6x-3.5x while such a burst arrived. 16,384
-# buys 5-7% more prompt throughput and doubles the largest step's prefill (what a stream waits for), so 8,192.
+# prefill at 103k tokens/s with 512, 1.08M with 8,192 and 1.15M with 16,384 (the forward alone: 1.46M-1.57M);
+# at 8,192 running streams' inter-token p95 rose 2.2x-3.1x while such a burst arrived (after a first burst).
+# 16,384 buys 7% more prompt throughput and doubles the largest step's prefill (what a stream waits for), so 8,192.
 # CPU (GPT-2 124M, fp32, bench/prefill.py on 2 busy cores): a bigger step is faster per token (4 x 512
 # tokens: 273 tokens/s, 1 x 512: 159), but a 512-token step already stalls every running stream for seconds
 # there; 512 keeps that stall bounded, and a long prompt still prefills a chunk per step.
