@@ -209,7 +209,8 @@ def main(argv=None):
     parser.add_argument("--stack", choices=("nginx", "gunicorn"), default="nginx",
                         help="nginx in front of gunicorn (make serve-prod), or gunicorn alone")
     parser.add_argument("--slow", type=bounded(int, 0), default=200, help="slow connections held open (0: reload only)")
-    parser.add_argument("--hold", type=bounded(float, 0, inclusive=False), default=20.0, help="seconds they are held while probing")
+    parser.add_argument("--hold", type=bounded(float, 0, inclusive=False), default=20.0,
+                        help="seconds they are held while probing")
     parser.add_argument("--streams", type=bounded(int, 1), default=4, help="streams running during the reload")
     parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=400, help="tokens per reload stream")
     args = parser.parse_args(argv)

@@ -20,7 +20,8 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    chat: --turns turns (the transcript as raw text), each a ~35-token message and a 48-token reply;
    median first-token time per turn over 3 conversations. loglik: the committed HellaSwag rows as
    lm-evaluation-harness sends them (ids of context + ending, echo, logprobs 1, max_tokens 1, longest
-   first; --shots solved examples before each context) by 8 clients: requests/s, and the largest loglikelihood difference between cache on and off.
+   first; --shots solved examples before each context) by 8 clients: requests/s, and the largest
+   loglikelihood difference between cache on and off.
 Throughput: completion tokens made inside the window, divided by it (over HTTP, each request's tokens
 spread evenly over its lifetime). Prompts are token ids and end-of-text is ignored, so every request
 makes exactly --new-tokens tokens. Prints a table; the last line is JSON.
@@ -80,7 +81,7 @@ def parse_args(argv):
     p.add_argument("--burst-tokens", type=int, default=1000)
     p.add_argument("--turns", type=int, default=10, help="chat turns")
     p.add_argument("--rows", type=int, default=200, help="HellaSwag rows (4 requests each)")
-    p.add_argument("--shots", type=int, default=0, help="HellaSwag's few-shot examples per context (lm-eval's "
+    p.add_argument("--shots", type=bounded(int, 0), default=0, help="HellaSwag's few-shot examples per context (lm-eval's "
                                                         "--num_fewshot; 10 on the Open LLM Leaderboard)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer, "
                                               "embeddings, burst, chat, loglik, cacheoff")
@@ -355,7 +356,7 @@ def hellaswag_pairs(rows, shots=0):
     rng, pairs = random.Random(1234), []
     for i, r in enumerate(data[:rows]):
         examples = [f"{x['activity_label']}: {x['ctx']} {x['endings'][x['label']]}\n\n"
-                    for x in rng.sample(data[:i] + data[i + 1:], shots)]
+                    for x in rng.sample(data[:i] + data[i + 1:], min(shots, len(data) - 1))]
         text = f"{r['activity_label']}: {r['ctx']}"
         while len(encode("".join(examples) + text)) > 900:
             examples.pop()
