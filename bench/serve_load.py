@@ -81,8 +81,8 @@ def parse_args(argv):
     p.add_argument("--burst-tokens", type=int, default=1000)
     p.add_argument("--turns", type=int, default=10, help="chat turns")
     p.add_argument("--rows", type=int, default=200, help="HellaSwag rows (4 requests each)")
-    p.add_argument("--shots", type=bounded(int, 0), default=0, help="HellaSwag's few-shot examples per context (lm-eval's "
-                                                        "--num_fewshot; 10 on the Open LLM Leaderboard)")
+    p.add_argument("--shots", type=bounded(int, 0), default=0,
+                   help="solved HellaSwag examples before each context (lm-eval's --num_fewshot)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: engine, nonstream, stream, newcomer, "
                                               "embeddings, burst, chat, loglik, cacheoff")
     args = p.parse_args(argv)
