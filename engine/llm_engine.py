@@ -4,7 +4,7 @@ leave it when they finish; step() is the algorithm: schedule, run (and sample, o
 On CUDA a decode chunk is queued before the previous one is read (pipelined), so the GPU keeps working
 while the host makes text. A batch holding a constrained row (grammar.py) decodes one token per step in
 two halves: the forward is queued, a thread fills the grammar masks while the host emits earlier work,
-then the batch is sampled under them (docs/design.md).
+and the next step starts by sampling the batch under them (docs/design.md).
 """
 
 import threading
@@ -49,6 +49,7 @@ class Engine:
         self.pipeline = self.device.type == "cuda" if pipeline is None else bool(pipeline)
         self._lock = threading.Lock()  # the device state: step, warmup
         self._inflight = []  # queued work whose results are not read yet (pipeline)
+        self._masks = None  # a Future of the masks of the constrained forward in _inflight (pipeline)
         self._embeds = deque()  # [job id, id lists, vectors so far] not done yet
         self.embedded = []  # (job id, vectors) done, for the caller to take
 
@@ -99,6 +100,9 @@ class Engine:
         the Outputs of what finished computing ([] when idle)."""
         with self._lock:
             emitted = []
+            if self._masks is not None:  # last step's constrained forward, sampled before any slot changes
+                self.runner.sample_masked(self._inflight[0], self._masks.result())
+                self._masks = None
             for r in self.scheduler.cancelled():
                 for c in r.choices:
                     if c.finish_reason is None:
@@ -114,9 +118,11 @@ class Engine:
             masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
             for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
-            if masks is not None:  # constrained: sampled under the masks of every token so far
-                self.runner.sample_masked(decode, masks.result())
             self._inflight = [decode] if self.pipeline and decode else []
+            if masks is not None and self.pipeline:  # sampled next step: the host work between overlaps the forward
+                self._masks = masks
+            elif masks is not None:  # constrained: sampled under the masks of every token so far
+                self.runner.sample_masked(decode, masks.result())
             if decode is not None and not self.pipeline:
                 self._emit_decode(decode, emitted)
             self.scheduler.release(emitted)
