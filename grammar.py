@@ -260,17 +260,18 @@ def _executor():
 
 def fill_bitmask(matchers, bitmask, rows=None):
     """Row rows[i] (default i) of bitmask <- the tokens matchers[i] allows next; other rows untouched.
-    A matcher in error allows end-of-text only, so a row is never empty."""
+    A matcher in error allows end-of-text only, so a row is never empty. No torch op here: on a many-core
+    host each small CPU op wakes torch's thread pool, and the ops took 20x the masks' own time."""
     assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
     rows = list(range(len(matchers))) if rows is None else list(rows)
     assert bitmask.shape[1] == MASK_WORDS and len(rows) == len(matchers) and max(rows, default=0) < len(bitmask)
     pairs = [(m._m, r) for m, r in zip(matchers, rows)]
     _executor().unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), MASK_WORDS * 4, bitmask.shape[0])
-    idx = torch.tensor(rows, dtype=torch.long)
-    dead = idx[~bitmask[idx].any(dim=1)]
-    if len(dead):
-        bitmask[dead] = 0
-        bitmask[dead, EOT_ID // 32] = 1 << (EOT_ID % 32)
+    words = bitmask.numpy()
+    for m, r in pairs:
+        if m.is_error():
+            words[r] = 0
+            words[r, EOT_ID // 32] = 1 << (EOT_ID % 32)
 
 
 _BITS = {}  # device -> arange(32): created on first use, outside any CUDA-graph capture

@@ -87,7 +87,7 @@ def _own_copy(fn):
 def grammar_masks(rows, bitmask):
     """bitmask[b] <- the tokens the grammar of choice rows[b] allows next; all ones for a row without one
     -> bitmask. In llguidance's threads, without the GIL: the device runs on meanwhile."""
-    bitmask.fill_(-1)
+    bitmask.numpy().fill(-1)  # numpy: a torch op would wake torch's CPU thread pool
     pairs = [(c.matcher, b) for b, c in enumerate(rows) if c is not None and c.matcher is not None
              and c.finish_reason is None]
     if pairs:
