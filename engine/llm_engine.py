@@ -17,7 +17,7 @@ import torch
 from engine.model_runner import CACHE_BUCKET, FORWARD, ModelRunner, PrefillWork, embed_forward
 from engine.sampler import TOPK_CANDIDATES, entry
 from engine.scheduler import Scheduler
-from engine.sequence import Request
+from engine.sequence import PromptLogprobs, Request
 
 # Prompt (and embedding) tokens a step computes at most, padding included, per device kind. A running
 # stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
@@ -132,14 +132,13 @@ class Engine:
 
     def _emit_prefill(self, work, emitted):
         values = work.fetch.get()
-        for r in work.finals:  # echo: the prompt's entries; max_new_tokens 0 (echo only) ends here
-            entries = [None]
+        for r in work.finals:  # echo: the prompt's logprobs; max_new_tokens 0 (echo only) ends here
+            echo = PromptLogprobs([], [], [])
             if r.echo and r.prompt_lp:
-                entries += [entry(t, *x, r.logprobs) for t, *x in zip(r.prompt[1:], *values[:3])]
-                values = values[3:]
+                echo, values = PromptLogprobs(*values[:3]), values[3:]
             for c in r.choices:
                 if r.echo and c.finish_reason is None:
-                    c.output(emitted).prompt_logprobs = entries
+                    c.output(emitted).prompt_logprobs = echo
                 if r.params.max_new_tokens == 0 and c.finish_reason is None:
                     c.finish("length", emitted)
         if work.choices:

@@ -19,9 +19,18 @@ class Output:
     text: str = ""  # new text: UTF-8 safe, stop strings held back
     token_ids: list = field(default_factory=list)  # new ids
     logprobs: list = None  # per new id {"token_id", "logprob", "top": [(id, logprob), ...]} if asked
-    prompt_logprobs: list = None  # echo: on the first Output, one entry per prompt token, the first None
+    prompt_logprobs: "PromptLogprobs" = None  # echo: on the first Output
     finish_reason: str = None  # None while running; else "eos", "stop", "length" or "cancelled"
     usage: dict = None  # when finished: {"prompt_tokens", "completion_tokens"}
+
+
+@dataclass
+class PromptLogprobs:
+    """Echo: the prompt's logprobs as columns (a long prompt costs no per-token objects), a row per prompt
+    token after the first, which has none."""
+    logprob: list  # (n - 1,) raw log-probability of each prompt token
+    top_ids: list  # (n - 1, k) the k best alternatives at its position, k = the request's logprobs
+    top_logprobs: list  # (n - 1, k)
 
 
 class Request:

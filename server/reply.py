@@ -82,15 +82,6 @@ class Reply:
         except ApiError:
             pass
 
-    def entries(self, index, out):
-        """The logprob entries of an output: the prompt's first (echo; the first None, shaped like the
-        others), then the new tokens'."""
-        if not out.prompt_logprobs:
-            return list(out.logprobs or [])
-        ids = next(h.ids for h in self.handles if h.base <= index < h.base + h.n)
-        prompt = [e or {"token_id": t, "logprob": None, "top": None} for t, e in zip(ids, out.prompt_logprobs)]
-        return prompt + list(out.logprobs or [])
-
     def timings(self):
         end = self.t_end or time.perf_counter()
         ms = lambda t: None if t is None else round((t - self.t0) * 1e3, 2)  # noqa: E731

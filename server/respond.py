@@ -52,9 +52,20 @@ def chat_logprobs(entries):
                         for e in entries], "refusal": None}
 
 
-def completion_logprobs(entries, offset):
-    """OpenAI's legacy shape; offset: characters of text before these tokens. Prompt entries may be None."""
+def completion_logprobs(entries, offset, echo=None):
+    """OpenAI's legacy shape; offset: characters of text before these tokens. echo: (prompt ids,
+    PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if echo is not None:
+        ids, plp = echo
+        toks = [token_str(t) for t in ids]
+        # the token's own entry first, then its alternatives: up to logprobs + 1 (as OpenAI and vLLM)
+        tops = [{tok: lp, **{token_str(t): x for t, x in zip(top, xs)}}
+                for tok, lp, top, xs in zip(toks[1:], plp.logprob, plp.top_ids, plp.top_logprobs)]
+        starts = list(itertools.accumulate(map(len, toks), initial=offset))
+        out = {"tokens": toks, "token_logprobs": [None, *plp.logprob], "top_logprobs": [None, *tops],
+               "text_offset": starts[:-1]}
+        offset = starts[-1]
     for e in entries:
         tok = token_str(e["token_id"])
         out["tokens"].append(tok)
@@ -85,7 +96,7 @@ def openai_envelope(route, request_id, model_name, include_usage):
 
 
 def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):
-    """Non-streamed: wait for every output, then render({choice: {"text", "entries", "finish_reason"}}).
+    """Non-streamed: wait for every output, then render({choice: {"text", "entries", "echo", "finish_reason"}}).
     Streamed: wait for the first output (so that a queued request can still get a JSON 503), then SSE:
     head, chunks(choice, Output) for each output (keep-alive comments while idle), tail(); an ApiError
     mid-stream ends it with failed(error) (default: an {"error": ...} event, then OpenAI's [DONE])."""
@@ -95,9 +106,10 @@ def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None
         if not stream:
             choices = {}
             for index, out in reply.items(environ):
-                c = choices.setdefault(index, {"text": "", "entries": []})
+                c = choices.setdefault(index, {"text": "", "entries": [], "echo": None})
                 c["text"] += out.text
-                c["entries"] += reply.entries(index, out)
+                c["entries"] += out.logprobs or []
+                c["echo"] = c["echo"] or out.prompt_logprobs
                 c["finish_reason"] = out.finish_reason
             server.release(reply)
             return render(choices)

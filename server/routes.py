@@ -175,16 +175,21 @@ def completions():
                    for i, ids in enumerate(ids_list)], stream, n=n, logprobs=k, echo=echo)
     echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
 
+    def echo_of(index, plp):  # the prompt ids with their logprobs, for completion_logprobs
+        return None if plp is None else (ids_list[index // n], plp)
+
     def render(choices):
         return jsonify(make([{"text": echoed.get(i, "") + c["text"], "index": i,
-                              "logprobs": completion_logprobs(c["entries"], 0) if k is not None else None,
+                              "logprobs": completion_logprobs(c["entries"], 0, echo_of(i, c["echo"]))
+                              if k is not None else None,
                               "finish_reason": openai_finish(c["finish_reason"])}
                              for i, c in sorted(choices.items())], reply.usage()))
 
     sent = {}  # choice -> characters of its tokens sent so far (text_offset)
 
     def chunks(index, out):
-        lp = completion_logprobs(reply.entries(index, out), sent.get(index, 0)) if k is not None else None
+        lp = (completion_logprobs(out.logprobs or [], sent.get(index, 0), echo_of(index, out.prompt_logprobs))
+              if k is not None else None)
         text = ("" if index in sent else echoed.get(index, "")) + out.text
         sent[index] = sent.get(index, 0) + sum(map(len, lp["tokens"] if lp else []))
         yield sse(make([{"text": text, "index": index, "logprobs": lp,

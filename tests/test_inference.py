@@ -222,10 +222,10 @@ def test_logprobs_are_raw_log_softmax_of_a_full_forward(model, mode):
         assert [i for i, _ in e["top"]] == row.topk(5).indices.tolist()
         assert all(abs(lp - row[i].item()) < 1e-4 for i, lp in e["top"])
     plp = outs[0].prompt_logprobs
-    assert plp[0] is None and len(plp) == len(prompt)
-    for i, e in enumerate(plp[1:], 1):
-        assert e["token_id"] == prompt[i] and abs(e["logprob"] - ref[i - 1, prompt[i]].item()) < 1e-4
-        assert len(e["top"]) == 5
+    assert len(plp.logprob) == len(plp.top_ids) == len(plp.top_logprobs) == len(prompt) - 1
+    for i in range(1, len(prompt)):
+        assert abs(plp.logprob[i - 1] - ref[i - 1, prompt[i]].item()) < 1e-4
+        assert plp.top_ids[i - 1] == ref[i - 1].topk(5).indices.tolist()
     assert req.done and all(o.prompt_logprobs is None for o in outs[1:])
 
 
@@ -243,10 +243,9 @@ def test_echo_with_no_new_tokens(model):
     assert outs[0].usage == {"prompt_tokens": len(prompt), "completion_tokens": 0} and req.done
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([prompt]))[0][0, :, :N_VOCAB], dim=-1)
-    got = [e["logprob"] for e in outs[0].prompt_logprobs[1:]]
+    plp = outs[0].prompt_logprobs
     want = [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
-    assert outs[0].prompt_logprobs[0] is None and np.allclose(got, want, atol=1e-4)
-    assert all(e["top"] == [] for e in outs[0].prompt_logprobs[1:])
+    assert np.allclose(plp.logprob, want, atol=1e-4) and plp.top_ids == plp.top_logprobs == [[]] * len(want)
     with pytest.raises(inf.ParamError, match="0 only with echo") as e:  # checked at the edge
         inf.fit(len(prompt), params(max_new_tokens=0), engine.config.block_size)
     assert e.value.param == "max_new_tokens"

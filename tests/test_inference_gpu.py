@@ -134,7 +134,7 @@ def test_prefix_cache_on_equals_off_in_graph_mode():
                 for o in engine.step():
                     outs.setdefault(index[o.request_id], []).extend(
                         [o.token_ids, [round(e["logprob"], 9) for e in o.logprobs],
-                         [e and round(e["logprob"], 9) for e in o.prompt_logprobs or []]])
+                         [round(x, 9) for x in o.prompt_logprobs.logprob] if o.prompt_logprobs else []])
 
         for together in (False, True):
             for i, ids in enumerate(prompts):
