@@ -31,10 +31,10 @@ import inference  # noqa: E402
 from common import run_cli  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
 from engine.model_runner import ATTENTION  # noqa: E402
-from model import GPT, GPTConfig, KVCache  # noqa: E402
+from model import GPT, PRETRAINED_CONFIGS, GPTConfig, KVCache  # noqa: E402
 
-MODELS = {"gpt2": {}, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}  # random weights (the speed does not depend
-# on them): GPT-2 124M, and a CPU smoke size
+# random weights (the speed does not depend on them): GPT-2's four sizes, and a CPU smoke size
+MODELS = {**PRETRAINED_CONFIGS, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}
 
 
 def parse_args(argv):
