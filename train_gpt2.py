@@ -26,8 +26,8 @@ if __name__ == "__main__" and help_requested():
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint,  # noqa: E402
-                        load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
+from checkpoint import (CKPT_NAME, SHAPE_KEYS, CheckpointError, build_model, capture_rng_state,  # noqa: E402
+                        load_checkpoint, load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
 from common import UserError, clean_stale_temps  # noqa: E402
 from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
 from fineweb import list_shards, read_shard  # noqa: E402
@@ -443,7 +443,7 @@ def initial_model(args, ckpt):
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
     if args.init_from == "scratch":
-        shape = {k: vars(args)[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        shape = {k: vars(args)[k] for k in SHAPE_KEYS}
         return build_model({**shape, "dropout": args.dropout or 0.0}, "the model flags")
     return load_model(args.init_from, dropout=args.dropout)[0]
 
