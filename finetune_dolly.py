@@ -5,7 +5,7 @@
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
+The loop is train_gpt2's with instruction rows, keeping the best (ckpt.pt = the best val loss; last.pt resumes).
 A row is one whole example, padded, never packed: packed examples would attend to each other (no document
 masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
 """
@@ -191,7 +191,7 @@ def main(argv=None):
                   f"{ex.n:,} train examples ({ex.n_too_long} longer than {args.block_size + 1} tokens left out), "
                   f"{sum(len(x) for x, _ in val) * dist.world_size:,} val; {spe} steps an epoch, {args.max_steps} "
                   f"steps, {lrs} (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
-        return run(args, dist, ckpt, model, train, val, "sft", keep_best=True, prompts=prompts)
+        return run(args, dist, ckpt, model, train, val, "sft", prompts=prompts)
     finally:
         teardown_distributed(dist)
 

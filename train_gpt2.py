@@ -39,7 +39,7 @@ from optim import Optimizer  # noqa: E402
 from runlog import RunLog  # noqa: E402
 from tokenizer import N_VOCAB  # noqa: E402
 
-LAST_NAME = "last.pt"  # with keep_best: the resumable state; ckpt.pt holds the best weights
+LAST_NAME = "last.pt"  # fine-tuning (keep_best): the resumable state; ckpt.pt holds the best weights
 RUN_FILES = (CKPT_NAME, LAST_NAME, "log.jsonl", "samples.jsonl", "loss.png")
 RESUME_FIXED = ("init_from", "out_dir", "overwrite", "stop_at_step", "compile")  # never taken from the checkpoint
 DEFAULT_PROMPTS = ("Hello, I'm a language model,", "The history of the city began")
@@ -58,19 +58,13 @@ def peak_flops_for_name(name):
     return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name.lower())), None)
 
 
-def lr_at(step, max_steps, warmup_steps, lr, min_lr):
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps (step is 0-based)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
 def lr_factor(a, step):
-    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike)."""
-    return lr_at(step, a.max_steps, a.warmup_steps, 1.0, a.min_lr / a.lr)
+    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike). Linear
+    warmup over --warmup-steps, then cosine decay to --min-lr / --lr at --max-steps (step is 0-based)."""
+    if step < a.warmup_steps:
+        return (step + 1) / a.warmup_steps
+    ratio, floor = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)), a.min_lr / a.lr
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1.0 - floor)
 
 
 class TokenWindows:
@@ -176,11 +170,11 @@ class Trainer:
     """The state of a run of either script (args: train_flags' flags). train_data.batch(step) -> this rank's
     (x, y) of a step, CPU int64, y = -1 where no loss is wanted; also .rows (per step, all ranks), .seq_len,
     .steps_per_epoch, .signature (checked at resume). val_batches: this rank's (x, y) batches. prompts: texts
-    continued at evaluations (rank 0). hellaswag: examples scored there. keep_best: ckpt.pt = best val loss."""
+    continued at evaluations (rank 0). hellaswag: examples scored there. kind "sft" keeps the best: ckpt.pt holds
+    the weights of the best val loss, last.pt the resumable state."""
 
-    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", keep_best=False,
-                 prompts=(), hellaswag=None):
-        self.args, self.kind, self.keep_best = args, kind, keep_best
+    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", prompts=(), hellaswag=None):
+        self.args, self.kind, self.keep_best = args, kind, kind == "sft"
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
@@ -206,7 +200,7 @@ class Trainer:
             raise UserError(f"a step of {train_data.rows} sequences does not split into micro-batches of --batch-size "
                             f"{self.micro} on {self.dist.world_size} process(es)")
         self.step, self.metrics = 0, {}
-        self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if keep_best else CKPT_NAME)
+        self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if self.keep_best else CKPT_NAME)
         self.runlog, self.stopper = RunLog(args.out_dir, args.max_steps, self.dist.is_main), StopSignal(self.dist)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = peak_flops_for_name(gpu)  # None for a device not in the table: no MFU
