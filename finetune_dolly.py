@@ -10,6 +10,7 @@ A row is one whole example, padded, never packed: packed examples would attend t
 masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
 """
 
+import functools
 import json
 import os
 import zlib
@@ -110,17 +111,14 @@ class InstructionBatches:
                             f"fewer than --examples-per-step {examples_per_step}")
         self.signature = {"n_examples": self.examples.n, "examples_per_step": examples_per_step,
                           "seq_len": seq_len, "fingerprint": self.examples.fingerprint}
-        self._orders = {}
 
+    @functools.lru_cache(maxsize=2)
     def order(self, epoch):
         """(steps, E) example positions of an epoch: a seeded shuffle cut into steps, each sorted longest first."""
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # two epochs at most
-            E, steps = self.rows, self.steps_per_epoch
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.examples.n)[:steps * E].reshape(steps, E)
-            by_len = np.argsort(-self.examples.lengths[perm], axis=1, kind="stable")
-            self._orders[epoch] = np.take_along_axis(perm, by_len, axis=1)
-        return self._orders[epoch]
+        E, steps = self.rows, self.steps_per_epoch
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.examples.n)[:steps * E].reshape(steps, E)
+        by_len = np.argsort(-self.examples.lengths[perm], axis=1, kind="stable")
+        return np.take_along_axis(perm, by_len, axis=1)
 
     def batch(self, step):
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -161,7 +159,6 @@ def main(argv=None):
     dist = setup_distributed(args.device)
     try:
         data = load_instruction_data(args.data_dir)
-        torch.manual_seed(args.seed)
         model = initial_model(args, ckpt)
         if model.config.vocab_size < N_VOCAB:
             raise UserError(f"--init-from {args.init_from}: its vocabulary has {model.config.vocab_size} ids, fewer "

@@ -8,6 +8,7 @@ continues exactly and a thread can load steps ahead. finetune_dolly.py runs the 
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -82,7 +83,6 @@ class TokenWindows:
         self.seq_len, self.rows, self.rank, self.world_size, self.seed = seq_len, rows, rank, world_size, seed
         self.steps_per_epoch = self.n_windows / rows
         self.signature = {"n_windows": self.n_windows, "seq_len": seq_len}  # a resume needs the same data
-        self._perms = {}
 
     def tokens(self, start, length):
         out = np.empty(length, dtype=np.int64)
@@ -94,12 +94,13 @@ class TokenWindows:
             shard += 1
         return out
 
+    @functools.lru_cache(maxsize=2)  # a step may span two epochs
+    def order(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
     def window(self, g):  # row g of the endless sequence of epochs: T + 1 tokens
         epoch, i = divmod(g, self.n_windows)
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # two epochs at most
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return self.tokens(int(self._perms[epoch][i]) * self.seq_len, self.seq_len + 1)
+        return self.tokens(int(self.order(epoch)[i]) * self.seq_len, self.seq_len + 1)
 
     def batch(self, step):
         """This rank's rows of `step`: x, y (rows / world_size, T) int64 CPU tensors."""
@@ -433,7 +434,9 @@ def parse_args(parser, argv, kind):
 
 
 def initial_model(args, ckpt):
-    """The model a run starts from: the resumed checkpoint's, a new GPT of the model flags, or loaded weights."""
+    """The model a run starts from (torch seeded first): the resumed checkpoint's, a new GPT of the model flags, or
+    loaded weights."""
+    torch.manual_seed(args.seed)
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
     if args.init_from == "scratch":
@@ -469,7 +472,6 @@ def main(argv=None):
         raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
     dist = setup_distributed(args.device)
     try:
-        torch.manual_seed(args.seed)
         train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
                              args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt)

@@ -134,8 +134,7 @@ def main(argv=None):
         warm = copy.copy(first)
         warm.max_steps, warm.out_dir, warm.eval_interval = 2, os.path.join(args.out_dir, "warmup"), 2
         warmup = [("warmup", warm)]
-    torch.manual_seed(first.seed)  # one model object for every run (compiled graphs are reused), same initial weights
-    model = initial_model(first, None)
+    model = initial_model(first, None)  # one model object for every run (compiled graphs are reused), same weights
     init = copy.deepcopy(model.state_dict())
     val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
                       first.eval_steps * first.batch_size)
