@@ -16,7 +16,7 @@ import os
 import zlib
 
 from cli import help_requested, run_cli
-from train_flags import DEFAULT_LORA_LR, DEFAULT_LR, MUON_LR_RATIO, finetune_parser
+from train_flags import DEFAULT_LORA_LR, DEFAULT_LR, finetune_parser
 
 if __name__ == "__main__" and help_requested():
     finetune_parser().parse_args()  # --help answers here, before the ~2 s import of torch below
@@ -173,9 +173,6 @@ def main(argv=None):
         args.max_steps, args.epochs = args.max_steps or max(1, round((args.epochs or 3) * spe)), None
         args.warmup_steps = round(WARMUP_FRACTION * args.max_steps) if args.warmup_steps is None else args.warmup_steps
         args.lr = args.lr or (DEFAULT_LORA_LR if lora else DEFAULT_LR)
-        args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
-        lrs = f"lr {args.lr:g}" if args.optimizer == "adamw" else f"Muon lr {args.muon_lr:g}" + (
-            "" if lora else f", AdamW lr {args.lr:g}")  # LoRA's A and B are matrices: Muon takes them all
         args.eval_interval = max(1, spe // EVALS_PER_EPOCH) if args.eval_interval is None else args.eval_interval
         args.ckpt_interval = args.eval_interval if args.ckpt_interval is None else args.ckpt_interval
         val = val_batches(data["val"], args.block_size, args.batch_size, dist.rank, dist.world_size,
@@ -187,7 +184,7 @@ def main(argv=None):
             print(f"fine-tuning ({'LoRA ' + str(lora.to_dict()) if lora else 'full'}) from {args.init_from}: "
                   f"{ex.n:,} train examples ({ex.n_too_long} longer than {args.block_size + 1} tokens left out), "
                   f"{sum(len(x) for x, _ in val) * dist.world_size:,} val; {spe} steps an epoch, {args.max_steps} "
-                  f"steps, {lrs} (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
+                  f"steps (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
         return run(args, dist, ckpt, model, train, val, "sft", prompts=prompts)
     finally:
         teardown_distributed(dist)

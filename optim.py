@@ -25,10 +25,12 @@ class Optimizer:
                 group["peak_lr"] = group["lr"]
 
     def describe(self):
+        adamw = self.adamw and f"AdamW (lr {self.adamw.param_groups[0]['peak_lr']:g})"
         if self.muon is None:
-            return "AdamW"
+            return adamw
         n = sum(p.numel() for g in self.muon.param_groups for p in g["params"])
-        return f"Muon on {n / 1e6:.2f}M matrix parameters" + (", AdamW on the rest" if self.adamw else "")
+        muon = f"Muon (lr {self.muon.param_groups[0]['peak_lr']:g}) on {n / 1e6:.2f}M matrix parameters"
+        return muon + (f", {adamw} on the rest" if adamw else "")
 
     def step(self, lr_factor):
         """Set every group's LR to its peak x lr_factor (the schedule), then step."""

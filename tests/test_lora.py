@@ -125,7 +125,7 @@ def test_muon_takes_the_block_matrices_or_the_adapters():
     assert len(full.muon.param_groups[0]["params"]) == 4 * CFG["n_layer"] and full.adamw is not None
     model = lora_model(LoRAConfig(rank=2, alpha=4, dropout=0.0))
     opt = Optimizer(model, args, "cpu")
-    assert opt.adamw is None and opt.describe().startswith("Muon on") and list(opt.state_dict()) == ["muon"]
+    assert opt.adamw is None and opt.describe().startswith("Muon (lr 0.02) on") and list(opt.state_dict()) == ["muon"]
     assert len(opt.muon.param_groups[0]["params"]) == 2 * 4 * CFG["n_layer"]
     x = tokens()
     model(x, x)[1].backward()
