@@ -1,13 +1,12 @@
 """Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
 
-    python prepare_dolly.py --input instructions.jsonl.xz --out-dir data/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
 The loop is train_gpt2's with instruction rows, keeping the best (ckpt.pt = the best val loss; last.pt resumes).
-A row is one whole example, padded, never packed: packed examples would attend to each other (no document
-masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
+A row is one whole example, padded, never packed (packed examples would attend to each other: no document
+masking); examples longer than the block (+1) are left out and counted.
 """
 
 import functools
