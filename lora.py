@@ -67,8 +67,6 @@ class LoRALinear(nn.Module):
 
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UserError("the model already has LoRA adapters")
     candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates} | {n.split(".")[-1] for n in candidates})
     chosen = []
