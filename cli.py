@@ -50,6 +50,6 @@ def bounded(kind, low, inclusive=True):
     return convert
 
 
-def help_requested(argv=None):
+def help_requested():
     """True when the command line asks for --help: scripts answer it before importing torch (~2 s)."""
-    return any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    return any(a in ("-h", "--help") for a in sys.argv[1:])
