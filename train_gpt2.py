@@ -329,8 +329,6 @@ class Trainer:
 
     def begin(self):
         a = self.args
-        if self.dist.enabled:
-            self.stopper.agreed()  # every rank creates the control group now, in step
         header = (f"training {self.raw_model.num_params() / 1e6:.1f}M parameters on {self.dist.world_size} x "
                   f"{self.device.type} ({self.ptdtype}), micro batch {self.micro} x {self.train_data.seq_len}, "
                   f"{self.train_data.rows} sequences a step, steps {self.step} -> {a.max_steps}, "
@@ -382,8 +380,10 @@ def write_samples(model, prompts, a, step):
 class StopSignal:
     """SIGTERM / SIGINT: checkpoint after this step, then exit; under DDP every rank stops at the same step."""
 
-    def __init__(self, dist):
-        self.dist, self.requested, self.group = dist, False, None
+    def __init__(self, dist):  # under DDP: every rank, in step (new_group is collective)
+        self.dist, self.requested, self.group = dist, False, torch.distributed.group.WORLD if dist.enabled else None
+        if dist.enabled and dist.device.type == "cuda":
+            self.group = torch.distributed.new_group(backend="gloo")  # agreed()'s CPU all-reduce: no GPU sync
 
     def on_signal(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -406,9 +406,6 @@ class StopSignal:
         """True when any rank got SIGTERM / SIGINT (a CPU all-reduce over gloo: no GPU sync)."""
         if not self.dist.enabled:
             return self.requested
-        if self.group is None:
-            self.group = (torch.distributed.new_group(backend="gloo") if self.dist.device.type == "cuda"
-                          else torch.distributed.group.WORLD)
         flag = torch.tensor([int(self.requested)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
