@@ -171,11 +171,12 @@ class Trainer:
     """The state of a run of either script (args: train_flags' flags). train_data.batch(step) -> this rank's
     (x, y) of a step, CPU int64, y = -1 where no loss is wanted; also .rows (per step, all ranks), .seq_len,
     .steps_per_epoch, .signature (checked at resume). val_batches: this rank's (x, y) batches. prompts: texts
-    continued at evaluations (rank 0). hellaswag: examples scored there. kind "sft" keeps the best: ckpt.pt holds
+    continued at evaluations (rank 0), where --hellaswag is scored too. kind "sft" keeps the best: ckpt.pt holds
     the weights of the best val loss, last.pt the resumable state."""
 
-    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", prompts=(), hellaswag=None):
+    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", prompts=()):
         self.args, self.kind, self.keep_best = args, kind, kind == "sft"
+        self.hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
@@ -194,7 +195,7 @@ class Trainer:
                                                                    gradient_as_bucket_view=True)
         args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
         self.optimizer = Optimizer(self.raw_model, args, self.device.type)
-        self.train_data, self.val_batches, self.hellaswag = train_data, val_batches, hellaswag
+        self.train_data, self.val_batches = train_data, val_batches
         self.prompts = prompts if model.config.vocab_size >= N_VOCAB else ()  # a toy vocabulary cannot read GPT-2 ids
         self.per_rank, self.micro = train_data.rows // self.dist.world_size, args.batch_size
         if train_data.rows % (self.micro * self.dist.world_size):
@@ -442,11 +443,10 @@ def initial_model(args, ckpt):
     return load_model(args.init_from, dropout=args.dropout)[0]
 
 
-def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
+def run(args, dist, ckpt, model, train_data, val_batches, kind, prompts=()):
     """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit.
     Temp files of killed writes go; a new run refuses an OUT_DIR holding a run unless --overwrite."""
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
+    trainer = Trainer(model, args, train_data, val_batches, dist, kind, prompts)
     if dist.is_main:
         clean_stale_temps(args.out_dir)
     found = [n for n in RUN_FILES if args.init_from != "resume" and os.path.exists(os.path.join(args.out_dir, n))]
