@@ -54,7 +54,7 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
     return path
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Load and validate one of our checkpoints; any problem is a CheckpointError with a one-line message."""
     path = resolve_path(path)
     if not os.path.isfile(path):
@@ -67,7 +67,7 @@ def load_checkpoint(path, map_location="cpu"):
     if bad is not None:
         raise CheckpointError(f"checkpoint is corrupt: {path} (member {bad} fails its CRC check)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"not a weights-only checkpoint, or corrupt: {path} "
                               f"({str(e).splitlines()[0][:120]})") from None
