@@ -54,7 +54,7 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
     return path
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Load and validate one of our checkpoints; any problem is a CheckpointError with a one-line message."""
     path = resolve_path(path)
     if not os.path.isfile(path):
@@ -67,14 +67,16 @@ def load_checkpoint(path, map_location="cpu"):
     if bad is not None:
         raise CheckpointError(f"checkpoint is corrupt: {path} (member {bad} fails its CRC check)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"not a weights-only checkpoint, or corrupt: {path} ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"not a weights-only checkpoint, or corrupt: {path} "
+                              f"({str(e).splitlines()[0][:120]})") from None
     except Exception as e:  # anything else torch.load can raise on foreign bytes
         raise CheckpointError(f"not a readable checkpoint: {path} ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a gpt2-instruct checkpoint (needs keys {', '.join(REQUIRED_KEYS)}; has {have})")
+        raise CheckpointError(f"{path} is not a gpt2-instruct checkpoint "
+                              f"(needs keys {', '.join(REQUIRED_KEYS)}; has {have})")
     if ckpt["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format_version {ckpt['format_version']}; "
                               f"this code reads version {FORMAT_VERSION}")
@@ -113,7 +115,8 @@ def _fill(model, state, where):
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(f"{where}: weights do not fit its config: {lines[1] if len(lines) > 1 else lines[0]}") from None
+        misfit = lines[1] if len(lines) > 1 else lines[0]  # lines[0] is torch's header
+        raise CheckpointError(f"{where}: weights do not fit its config: {misfit}") from None
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{where}: weight {name} holds NaN or infinite values")
@@ -154,10 +157,11 @@ def _load_hf(folder, dropout=None):
             hf = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{folder}/config.json: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(hf, dict) or hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{folder} does not hold a GPT-2 model (model_type {hf.get('model_type') if isinstance(hf, dict) else None!r})")
-    config = {"block_size": hf.get("n_positions", hf.get("n_ctx", 1024)), "vocab_size": hf.get("vocab_size", GPT2_VOCAB),
-              "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": hf.get("n_embd"), "bias": True}
+    model_type = hf.get("model_type", "gpt2") if isinstance(hf, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"{folder} does not hold a GPT-2 model (model_type {model_type!r})")
+    config = {"block_size": hf.get("n_positions", hf.get("n_ctx", 1024)), "bias": True,
+              "vocab_size": hf.get("vocab_size", GPT2_VOCAB), **{k: hf.get(k) for k in ("n_layer", "n_head", "n_embd")}}
     model = build_model(config, f"{folder}/config.json", dropout)
     try:
         state = hf_to_ours(load_file(weights))

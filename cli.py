@@ -30,10 +30,10 @@ class CLIParser(argparse.ArgumentParser):
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help names every default; a flag whose default is None says in its own help what decides it."""
+    """--help names every default but a switch's; a flag whose default is None says in its own help what decides it."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -50,6 +50,6 @@ def bounded(kind, low, inclusive=True):
     return convert
 
 
-def help_requested(argv=None):
+def help_requested():
     """True when the command line asks for --help: scripts answer it before importing torch (~2 s)."""
-    return any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+    return any(a in ("-h", "--help") for a in sys.argv[1:])

@@ -41,14 +41,11 @@ STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what atomic_path's mkstem
 
 
 def clean_stale_temps(folder):
-    """Remove temp files that killed atomic_path writes left in `folder`; returns their names."""
-    if not os.path.isdir(folder):
-        return []
-    stale = sorted(n for n in os.listdir(folder) if STALE_TEMP.fullmatch(n))
-    for name in stale:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
-    return stale
+    """Remove the temp files that killed atomic_path writes left in `folder`."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if STALE_TEMP.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 def open_compressed(path):

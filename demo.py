@@ -5,7 +5,6 @@ again, starts afresh in an emptied folder. Exit codes: 0 done, 1 a stage failed,
 the port is taken), 130 interrupted.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -17,28 +16,27 @@ import sys
 import time
 import urllib.request
 
-from cli import help_requested
+from cli import CLIParser, DefaultsFormatter, help_requested
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = CLIParser(
         description="The whole pipeline on the bundled data, on CPU: tokenize 5 public-domain books, pretrain a "
                     "tiny GPT, instruction-tune it on 1,500 bundled instructions, then serve the chat page. "
-                    "A second run reuses finished stages.")
+                    "A second run reuses finished stages.", formatter_class=DefaultsFormatter)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage with a tiny model (demo-smoke "
                    "folders), then serve, send one POST /generate, print the reply and shut down")
     p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
     p.add_argument("--no-serve", action="store_true", help="stop after fine-tuning (print how to serve)")
-    p.add_argument("--host", default="127.0.0.1", help="address the server binds (default: %(default)s)")
-    p.add_argument("--port", type=int, default=5000, help="port the server binds (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address the server binds")
+    p.add_argument("--port", type=int, default=5000, help="port the server binds")
     p.add_argument("--data-root", default=os.path.join(ROOT, "data"), help="data goes to DATA_ROOT/demo "
                    "(or demo-smoke) (default: data beside demo.py)")
     p.add_argument("--out-root", default=os.path.join(ROOT, "out"), help="checkpoints go to OUT_ROOT/demo "
                    "(or demo-smoke) (default: out beside demo.py)")
-    p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps "
-                   "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu (what the sizes are chosen for), auto, cuda, mps")
     return p
 
 

@@ -15,7 +15,7 @@ def pick_device(device=None):
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -32,10 +32,7 @@ def pick_dtype(dtype, device):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}")
         return DTYPES[dtype]
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def autocast(device, dtype):

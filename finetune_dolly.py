@@ -1,21 +1,21 @@
 """Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
 
-    python prepare_dolly.py --input instructions.jsonl.xz --out-dir data/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows and keep_best (ckpt.pt = the best val loss; last.pt resumes).
-A row is one whole example, padded, never packed: packed examples would attend to each other (no document
-masking). The loss is on the response only. Examples longer than the block (+1) are left out and counted.
+The loop is train_gpt2's with instruction rows, keeping the best (ckpt.pt = the best val loss; last.pt resumes).
+A row is one whole example, padded, never packed (packed examples would attend to each other: no document
+masking); examples longer than the block (+1) are left out and counted.
 """
 
+import functools
 import json
 import os
 import zlib
 
 from cli import help_requested, run_cli
-from train_flags import DEFAULT_LORA_LR, DEFAULT_LR, MUON_LR_RATIO, finetune_parser
+from train_flags import DEFAULT_LORA_LR, DEFAULT_LR, finetune_parser
 
 if __name__ == "__main__" and help_requested():
     finetune_parser().parse_args()  # --help answers here, before the ~2 s import of torch below
@@ -110,17 +110,14 @@ class InstructionBatches:
                             f"fewer than --examples-per-step {examples_per_step}")
         self.signature = {"n_examples": self.examples.n, "examples_per_step": examples_per_step,
                           "seq_len": seq_len, "fingerprint": self.examples.fingerprint}
-        self._orders = {}
 
+    @functools.lru_cache(maxsize=2)
     def order(self, epoch):
         """(steps, E) example positions of an epoch: a seeded shuffle cut into steps, each sorted longest first."""
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # two epochs at most
-            E, steps = self.rows, self.steps_per_epoch
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.examples.n)[:steps * E].reshape(steps, E)
-            by_len = np.argsort(-self.examples.lengths[perm], axis=1, kind="stable")
-            self._orders[epoch] = np.take_along_axis(perm, by_len, axis=1)
-        return self._orders[epoch]
+        E, steps = self.rows, self.steps_per_epoch
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.examples.n)[:steps * E].reshape(steps, E)
+        by_len = np.argsort(-self.examples.lengths[perm], axis=1, kind="stable")
+        return np.take_along_axis(perm, by_len, axis=1)
 
     def batch(self, step):
         epoch, s = divmod(step, self.steps_per_epoch)
@@ -161,7 +158,6 @@ def main(argv=None):
     dist = setup_distributed(args.device)
     try:
         data = load_instruction_data(args.data_dir)
-        torch.manual_seed(args.seed)
         model = initial_model(args, ckpt)
         if model.config.vocab_size < N_VOCAB:
             raise UserError(f"--init-from {args.init_from}: its vocabulary has {model.config.vocab_size} ids, fewer "
@@ -176,9 +172,6 @@ def main(argv=None):
         args.max_steps, args.epochs = args.max_steps or max(1, round((args.epochs or 3) * spe)), None
         args.warmup_steps = round(WARMUP_FRACTION * args.max_steps) if args.warmup_steps is None else args.warmup_steps
         args.lr = args.lr or (DEFAULT_LORA_LR if lora else DEFAULT_LR)
-        args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
-        lrs = f"lr {args.lr:g}" if args.optimizer == "adamw" else f"Muon lr {args.muon_lr:g}" + (
-            "" if lora else f", AdamW lr {args.lr:g}")  # LoRA's A and B are matrices: Muon takes them all
         args.eval_interval = max(1, spe // EVALS_PER_EPOCH) if args.eval_interval is None else args.eval_interval
         args.ckpt_interval = args.eval_interval if args.ckpt_interval is None else args.ckpt_interval
         val = val_batches(data["val"], args.block_size, args.batch_size, dist.rank, dist.world_size,
@@ -190,8 +183,8 @@ def main(argv=None):
             print(f"fine-tuning ({'LoRA ' + str(lora.to_dict()) if lora else 'full'}) from {args.init_from}: "
                   f"{ex.n:,} train examples ({ex.n_too_long} longer than {args.block_size + 1} tokens left out), "
                   f"{sum(len(x) for x, _ in val) * dist.world_size:,} val; {spe} steps an epoch, {args.max_steps} "
-                  f"steps, {lrs} (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
-        return run(args, dist, ckpt, model, train, val, "sft", keep_best=True, prompts=prompts)
+                  f"steps (warmup {args.warmup_steps}); {describe_memory(model)}", flush=True)
+        return run(args, dist, ckpt, model, train, val, "sft", prompts=prompts)
     finally:
         teardown_distributed(dist)
 

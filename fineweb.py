@@ -19,7 +19,8 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from common import CLIParser, UserError, atomic_path, bounded, clean_stale_temps, iter_jsonl, run_cli
+from cli import CLIParser, DefaultsFormatter, bounded, run_cli
+from common import UserError, atomic_path, clean_stale_temps, iter_jsonl
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -285,18 +286,18 @@ def locked_out_dir(out_dir):
 
 def build_parser():
     p = CLIParser(description="Tokenize FineWeb-Edu (online) or local text files into GPT-2 token shards "
-                              "(llm.c .bin) and a manifest.json listing them.")
+                              "(llm.c .bin) and a manifest.json listing them.", formatter_class=DefaultsFormatter)
     p.add_argument("--input", nargs="+", metavar="FILE",
                    help="local files (.jsonl[.gz|.xz|.bz2] with a text field, .txt, .parquet) "
                         "(default: stream --dataset from the Hugging Face hub)")
-    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset (default: %(default)s)")
-    p.add_argument("--name", default="sample-10BT", help="HF dataset config name (default: %(default)s)")
-    p.add_argument("--split", default="train", help="HF dataset split to stream (default: %(default)s)")
-    p.add_argument("--text-field", default="text", help="field / column holding the text (default: %(default)s)")
-    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go (default: %(default)s)")
-    p.add_argument("--prefix", default="fineweb", help="shard file name prefix (default: %(default)s)")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="HF hub dataset")
+    p.add_argument("--name", default="sample-10BT", help="HF dataset config name")
+    p.add_argument("--split", default="train", help="HF dataset split to stream")
+    p.add_argument("--text-field", default="text", help="field / column holding the text")
+    p.add_argument("--out-dir", default="data/fineweb", help="where the shards go")
+    p.add_argument("--prefix", default="fineweb", help="shard file name prefix")
     p.add_argument("--shard-size", type=bounded(int, 1), default=DEFAULT_SHARD_SIZE, metavar="N",
-                   help="tokens per shard (default: %(default)s)")
+                   help="tokens per shard")
     p.add_argument("--val-tokens", type=bounded(int, 1), metavar="N",
                    help="tokens in the val shard (default: 1%% of all tokens, at most --shard-size)")
     p.add_argument("--max-tokens", type=bounded(int, 1), metavar="N", help="stop after N tokens (default: all)")

@@ -64,37 +64,33 @@ def load_examples(path, limit=None):
 
 @torch.no_grad()
 def score_examples(model, examples, device, batch_examples=8, autocast_dtype=None):
-    """Ending losses for each example: list of (mean_losses[4], sum_losses[4]) as float lists."""
-    model_was_training, device, out = model.training, torch.device(device), []
-    model.eval()
-    try:
-        for i in range(0, len(examples), batch_examples):
-            rows, starts = [], []  # ctx + ending for every ending, and where the ending starts
-            for ex in examples[i:i + batch_examples]:
-                ctx = encode(ex["ctx"])
-                for ending in ex["endings"]:
-                    row = ctx + encode(" " + ending)
-                    cut = max(0, len(row) - model.config.block_size)  # longer than the block: cut from the left
-                    rows.append(row[cut:])
-                    starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
-            length = max(len(r) for r in rows)
-            tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
-            mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens
-            for j, (r, s) in enumerate(zip(rows, starts)):
-                tokens[j, :len(r)] = torch.tensor(r)
-                mask[j, s:len(r)] = True
-            tokens, mask = tokens.to(device), mask.to(device)
-            with autocast(device, autocast_dtype):
-                logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
-            logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
-            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                     reduction="none").view(len(rows), length - 1)  # (N, L-1)
-            target_mask = mask[:, 1:].float()
-            summed = (losses * target_mask).sum(1)  # (N,)
-            mean = summed / target_mask.sum(1).clamp_min(1)
-            out += zip(mean.view(-1, N_ENDINGS).tolist(), summed.view(-1, N_ENDINGS).tolist())  # per example
-    finally:
-        model.train(model_was_training)
+    """Ending losses for each example (the model in eval mode): list of (mean_losses[4], sum_losses[4])."""
+    device, out = torch.device(device), []
+    for i in range(0, len(examples), batch_examples):
+        rows, starts = [], []  # ctx + ending for every ending, and where the ending starts
+        for ex in examples[i:i + batch_examples]:
+            ctx = encode(ex["ctx"])
+            for ending in ex["endings"]:
+                row = ctx + encode(" " + ending)
+                cut = max(0, len(row) - model.config.block_size)  # longer than the block: cut from the left
+                rows.append(row[cut:])
+                starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
+        length = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens
+        for j, (r, s) in enumerate(zip(rows, starts)):
+            tokens[j, :len(r)] = torch.tensor(r)
+            mask[j, s:len(r)] = True
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast(device, autocast_dtype):
+            logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
+        logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
+        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(len(rows), length - 1)  # (N, L-1)
+        target_mask = mask[:, 1:].float()
+        summed = (losses * target_mask).sum(1)  # (N,)
+        mean = summed / target_mask.sum(1).clamp_min(1)
+        out += zip(mean.view(-1, N_ENDINGS).tolist(), summed.view(-1, N_ENDINGS).tolist())  # per example
     return out
 
 

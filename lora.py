@@ -1,10 +1,6 @@
-"""LoRA for our GPT (Hu et al. 2021): wrap chosen nn.Linear layers of the blocks, train only the adapters, merge.
-
-y = x W^T + b + (alpha / r) * dropout(x) A^T B^T with W, b frozen and B zero at first, so training starts
-from the base model exactly. The base keeps its canonical `weight` / `bias` names beside `lora_A` / `lora_B`,
-so merged_state_dict (W + scale * B A) is a plain GPT state dict. Only the gradients and optimizer state
-shrink, not the activations (BENCHMARKS.md).
-"""
+"""LoRA (Hu et al. 2021): y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, W and b frozen, B zero at first
+(training starts from the base model exactly). W keeps its canonical name, so merged_state_dict (W + scale * B A)
+is a plain GPT state dict. Only gradients and optimizer state shrink, not activations (BENCHMARKS.md)."""
 
 import math
 import re
@@ -16,8 +12,6 @@ import torch.nn.functional as F
 
 from common import UserError
 from train_flags import DEFAULT_TARGETS
-
-LORA_KEYS = ("lora_A", "lora_B")
 
 
 @dataclass(frozen=True)
@@ -70,15 +64,9 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
         return y + update * self.scale
 
-    def delta_weight(self):
-        """scale * B A: (out, in), in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
-
 
 def find_targets(model, targets):
     """Names of the Linear layers the targets select; UserError for a target that selects nothing."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UserError("the model already has LoRA adapters")
     candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates} | {n.split(".")[-1] for n in candidates})
     chosen = []
@@ -96,7 +84,7 @@ def find_targets(model, targets):
 
 def apply_lora(model, cfg):
     """Freeze every parameter, then replace each target Linear by a LoRALinear (in place; seed torch first for a
-    reproducible A). Returns the wrapped layers' names."""
+    reproducible A)."""
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -105,36 +93,19 @@ def apply_lora(model, cfg):
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), cfg.rank, cfg.alpha, cfg.dropout))
     model.lora_config = cfg
-    return names
-
-
-def lora_modules(model):
-    """(name, LoRALinear) pairs, in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def merged_state_dict(model):
     """The model's state dict, CPU tensors, with every adapter merged (W + scale * B A) and its keys dropped:
     a plain GPT of the same config loads it strictly."""
-    deltas = {f"{name}.weight": m.delta_weight() for name, m in lora_modules(model)}
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[-1] in LORA_KEYS:
-            continue
-        value = value.detach()
-        if key in deltas:
-            value = (value.float() + deltas[key]).to(value.dtype)
-        out[key] = value.cpu().clone()
-    return out
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts, tied weights once."""
-    params = list(model.parameters())  # nn.Module.parameters() yields shared tensors once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    deltas = {f"{name}.weight": (m.lora_B.float() @ m.lora_A.float()) * m.scale  # (out, in), in fp32
+              for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {k: ((v.float() + deltas[k]).to(v.dtype) if k in deltas else v).cpu().clone()
+            for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
 
 
 def describe_memory(model):
     """One line for the start of a run: gradients and optimizer state are kept for the trainable parameters only."""
-    trainable, total = count_parameters(model)
+    params = list(model.parameters())  # nn.Module.parameters() yields tied weights once
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     return f"trainable parameters {trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"

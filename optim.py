@@ -1,8 +1,6 @@
 """The optimizer of both training scripts: AdamW alone, or torch.optim.Muon for the blocks' trainable 2-D
 weights (under LoRA: the adapters, and no AdamW) + AdamW for the rest (docs/design.md, Command lines)."""
 
-import inspect
-
 import torch
 
 MUON_MOMENTUM = 0.95  # Keller Jordan's and torch's default; Nesterov on
@@ -17,9 +15,8 @@ class Optimizer:
         rest = [p for _, p in params if all(p is not m for m in matrix)]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         self.adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                       **({"fused": True} if fused else {})) if rest else None
+                                       fused=device_type == "cuda") if rest else None
         self.muon = torch.optim.Muon(matrix, lr=args.muon_lr, weight_decay=args.muon_weight_decay,
                                      momentum=MUON_MOMENTUM, nesterov=True) if matrix else None
         self.named = {name: opt for name, opt in (("adamw", self.adamw), ("muon", self.muon)) if opt is not None}
@@ -28,10 +25,12 @@ class Optimizer:
                 group["peak_lr"] = group["lr"]
 
     def describe(self):
+        adamw = self.adamw and f"AdamW (lr {self.adamw.param_groups[0]['peak_lr']:g})"
         if self.muon is None:
-            return "AdamW"
+            return adamw
         n = sum(p.numel() for g in self.muon.param_groups for p in g["params"])
-        return f"Muon on {n / 1e6:.2f}M matrix parameters" + (", AdamW on the rest" if self.adamw else "")
+        muon = f"Muon (lr {self.muon.param_groups[0]['peak_lr']:g}) on {n / 1e6:.2f}M matrix parameters"
+        return muon + (f", {adamw} on the rest" if adamw else "")
 
     def step(self, lr_factor):
         """Set every group's LR to its peak x lr_factor (the schedule), then step."""

@@ -3,10 +3,9 @@
     python prepare_dolly.py --out-dir data/dolly                         # databricks-dolly-15k (online)
     python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
 
-Rows are cleaned (normalize_text), then dropped under the first reason that applies (DROP_REASONS), then
-split by category. An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT]:
-encoded apart, so training sees exactly the prompt tokens inference feeds and no BPE merge straddles the
-boundary. docs/design.md (Instruction data) has the output format.
+An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart: training
+sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary. docs/design.md
+(Instruction data) has the output format.
 """
 
 import contextlib
@@ -23,8 +22,8 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from common import (CLIParser, UserError, atomic_path, bounded, iter_jsonl, json_type, open_compressed,
-                    parse_json, run_cli)
+from cli import CLIParser, DefaultsFormatter, bounded, run_cli
+from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, parse_json
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -72,10 +71,10 @@ def read_file_rows(path, limit=None):
     return rows
 
 
-def read_hub_rows(limit=None, name=HF_DATASET):
-    """Rows of `name` (split train) from the Hugging Face hub; UserError suggesting --input when unreachable."""
-    print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)",
-          flush=True)
+def read_hub_rows(limit=None):
+    """Rows of databricks-dolly-15k from the Hugging Face hub; UserError suggesting --input when unreachable."""
+    name = HF_DATASET
+    print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)", flush=True)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings would bury the error
     try:
         import datasets  # online runs only
@@ -264,16 +263,16 @@ def build_parser():
     p = CLIParser(
         description="Clean, tokenize and split instruction data (databricks-dolly-15k schema: instruction, "
                     "context, response, category) into OUT_DIR/train.npz, val.npz and meta.json for "
-                    "finetune_dolly.py. Loss mask: 1 on the response and its closing <|endoftext|>.")
+                    "finetune_dolly.py. Loss mask: 1 on the response and its closing <|endoftext|>.",
+        formatter_class=DefaultsFormatter)
     p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2 "
                    f"(default: {HF_DATASET} from the Hugging Face hub, which needs network)")
-    p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder (default: %(default)s)")
+    p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder")
     p.add_argument("--val-fraction", metavar="F", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="fraction of each category held out for validation, 0 <= F < 1 (default: %(default)s)")
+                   help="fraction of each category held out for validation, 0 <= F < 1")
     p.add_argument("--max-len", metavar="N", type=bounded(int, 2), default=DEFAULT_MAX_LEN,
-                   help="drop examples longer than N tokens, prompt + response + <|endoftext|> "
-                        "(default: %(default)s)")
-    p.add_argument("--seed", metavar="S", type=bounded(int, 0), default=1337, help="seed of the split (default: %(default)s)")
+                   help="drop examples longer than N tokens, prompt + response + <|endoftext|>")
+    p.add_argument("--seed", metavar="S", type=bounded(int, 0), default=1337, help="seed of the split")
     p.add_argument("--limit", metavar="N", type=bounded(int, 1), help="use only the first N input rows (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -5,7 +5,6 @@ import argparse
 
 from cli import CLIParser, DefaultsFormatter, bounded
 
-OPTIMIZERS = ("adamw", "muon")
 MUON_LR_RATIO = 100 / 3  # Muon's default peak LR per unit of --lr: 0.02 at the pretraining lr 6e-4
 # fine-tuning: HF's lr for GPT-2, 12x below the pretraining peak, so the pretrained features survive ~3 epochs;
 # LoRA's adapters start at zero and are low-rank: they need a ~10x larger step
@@ -26,7 +25,7 @@ def add_train_args(p):
     o.add_argument("--batch-size", type=bounded(int, 1), help="micro batch: sequences per GPU per micro-step")
     o.add_argument("--max-steps", type=bounded(int, 1), help="optimizer steps")
     o.add_argument("--warmup-steps", type=bounded(int, 0), help="linear LR warmup steps")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: AdamW for every weight | muon: Muon for the "
+    o.add_argument("--optimizer", choices=("adamw", "muon"), help="adamw: AdamW for every weight | muon: Muon for the "
                    "blocks' matrices (with LoRA: the adapters), AdamW (--lr, --weight-decay) for the rest")
     o.add_argument("--lr", type=bounded(float, 0, inclusive=False), help="AdamW's peak learning rate")
     o.add_argument("--min-lr", type=bounded(float, 0), default=None,
@@ -107,9 +106,9 @@ def finetune_parser():
     # adamw: Muon was measured on pretraining only; fine-tuning keeps the optimizer its LRs were tuned for
     p.set_defaults(data_dir="data/dolly", out_dir="out/dolly", init_from="out/pretrain", optimizer="adamw",
                    batch_size=32, min_lr=0.0, weight_decay=0.01, sample_tokens=128, sample_temperature=0.0)
-    decided = {"lr": f"{DEFAULT_LR:g}, LoRA {DEFAULT_LORA_LR:g}", "max_steps": "3 epochs", "warmup_steps": "3%% of "
-               "the steps", "eval_interval": "a quarter epoch", "ckpt_interval": "--eval-interval", "block_size":
-               "the model's", "muon_lr": f"--lr x {MUON_LR_RATIO:.4g}"}
+    decided = {"lr": f"{DEFAULT_LR:g}, LoRA {DEFAULT_LORA_LR:g}", "max_steps": "3 epochs",
+               "warmup_steps": "3%% of the steps", "eval_interval": "a quarter epoch", "block_size": "the model's",
+               "ckpt_interval": "--eval-interval", "muon_lr": f"--lr x {MUON_LR_RATIO:.4g}"}
     for action in p._actions:  # the defaults the data and LoRA decide
         if action.dest in decided:
             action.help = action.help.split(" (default")[0] + f" (default: {decided[action.dest]})"

@@ -8,6 +8,7 @@ continues exactly and a thread can load steps ahead. finetune_dolly.py runs the 
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -26,8 +27,8 @@ if __name__ == "__main__" and help_requested():
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import (CKPT_NAME, CheckpointError, build_model, capture_rng_state, load_checkpoint,  # noqa: E402
-                        load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
+from checkpoint import (CKPT_NAME, SHAPE_KEYS, CheckpointError, build_model, capture_rng_state,  # noqa: E402
+                        load_checkpoint, load_model, model_from_checkpoint, restore_rng_state, save_checkpoint)
 from common import UserError, clean_stale_temps  # noqa: E402
 from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
 from fineweb import list_shards, read_shard  # noqa: E402
@@ -39,7 +40,7 @@ from optim import Optimizer  # noqa: E402
 from runlog import RunLog  # noqa: E402
 from tokenizer import N_VOCAB  # noqa: E402
 
-LAST_NAME = "last.pt"  # with keep_best: the resumable state; ckpt.pt holds the best weights
+LAST_NAME = "last.pt"  # fine-tuning (keep_best): the resumable state; ckpt.pt holds the best weights
 RUN_FILES = (CKPT_NAME, LAST_NAME, "log.jsonl", "samples.jsonl", "loss.png")
 RESUME_FIXED = ("init_from", "out_dir", "overwrite", "stop_at_step", "compile")  # never taken from the checkpoint
 DEFAULT_PROMPTS = ("Hello, I'm a language model,", "The history of the city began")
@@ -58,19 +59,13 @@ def peak_flops_for_name(name):
     return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name.lower())), None)
 
 
-def lr_at(step, max_steps, warmup_steps, lr, min_lr):
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps (step is 0-based)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
 def lr_factor(a, step):
-    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike)."""
-    return lr_at(step, a.max_steps, a.warmup_steps, 1.0, a.min_lr / a.lr)
+    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike). Linear
+    warmup over --warmup-steps, then cosine decay to --min-lr / --lr at --max-steps (step is 0-based)."""
+    if step < a.warmup_steps:
+        return (step + 1) / a.warmup_steps
+    ratio, floor = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)), a.min_lr / a.lr
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1.0 - floor)
 
 
 class TokenWindows:
@@ -88,7 +83,6 @@ class TokenWindows:
         self.seq_len, self.rows, self.rank, self.world_size, self.seed = seq_len, rows, rank, world_size, seed
         self.steps_per_epoch = self.n_windows / rows
         self.signature = {"n_windows": self.n_windows, "seq_len": seq_len}  # a resume needs the same data
-        self._perms = {}
 
     def tokens(self, start, length):
         out = np.empty(length, dtype=np.int64)
@@ -100,12 +94,13 @@ class TokenWindows:
             shard += 1
         return out
 
+    @functools.lru_cache(maxsize=2)  # a step may span two epochs
+    def order(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
     def window(self, g):  # row g of the endless sequence of epochs: T + 1 tokens
         epoch, i = divmod(g, self.n_windows)
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # two epochs at most
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return self.tokens(int(self._perms[epoch][i]) * self.seq_len, self.seq_len + 1)
+        return self.tokens(int(self.order(epoch)[i]) * self.seq_len, self.seq_len + 1)
 
     def batch(self, step):
         """This rank's rows of `step`: x, y (rows / world_size, T) int64 CPU tensors."""
@@ -176,11 +171,12 @@ class Trainer:
     """The state of a run of either script (args: train_flags' flags). train_data.batch(step) -> this rank's
     (x, y) of a step, CPU int64, y = -1 where no loss is wanted; also .rows (per step, all ranks), .seq_len,
     .steps_per_epoch, .signature (checked at resume). val_batches: this rank's (x, y) batches. prompts: texts
-    continued at evaluations (rank 0). hellaswag: examples scored there. keep_best: ckpt.pt = best val loss."""
+    continued at evaluations (rank 0), where --hellaswag is scored too. kind "sft" keeps the best: ckpt.pt holds
+    the weights of the best val loss, last.pt the resumable state."""
 
-    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", keep_best=False,
-                 prompts=(), hellaswag=None):
-        self.args, self.kind, self.keep_best = args, kind, keep_best
+    def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", prompts=()):
+        self.args, self.kind, self.keep_best = args, kind, kind == "sft"
+        self.hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
         self.dist = dist or setup_distributed(args.device)
         self.device = self.dist.device
         self.ptdtype = pick_dtype(args.dtype, self.device)
@@ -199,14 +195,14 @@ class Trainer:
                                                                    gradient_as_bucket_view=True)
         args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
         self.optimizer = Optimizer(self.raw_model, args, self.device.type)
-        self.train_data, self.val_batches, self.hellaswag = train_data, val_batches, hellaswag
+        self.train_data, self.val_batches = train_data, val_batches
         self.prompts = prompts if model.config.vocab_size >= N_VOCAB else ()  # a toy vocabulary cannot read GPT-2 ids
         self.per_rank, self.micro = train_data.rows // self.dist.world_size, args.batch_size
         if train_data.rows % (self.micro * self.dist.world_size):
             raise UserError(f"a step of {train_data.rows} sequences does not split into micro-batches of --batch-size "
                             f"{self.micro} on {self.dist.world_size} process(es)")
         self.step, self.metrics = 0, {}
-        self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if keep_best else CKPT_NAME)
+        self.ckpt_path = os.path.join(args.out_dir, LAST_NAME if self.keep_best else CKPT_NAME)
         self.runlog, self.stopper = RunLog(args.out_dir, args.max_steps, self.dist.is_main), StopSignal(self.dist)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = peak_flops_for_name(gpu)  # None for a device not in the table: no MFU
@@ -334,8 +330,6 @@ class Trainer:
 
     def begin(self):
         a = self.args
-        if self.dist.enabled:
-            self.stopper.agreed()  # every rank creates the control group now, in step
         header = (f"training {self.raw_model.num_params() / 1e6:.1f}M parameters on {self.dist.world_size} x "
                   f"{self.device.type} ({self.ptdtype}), micro batch {self.micro} x {self.train_data.seq_len}, "
                   f"{self.train_data.rows} sequences a step, steps {self.step} -> {a.max_steps}, "
@@ -387,8 +381,10 @@ def write_samples(model, prompts, a, step):
 class StopSignal:
     """SIGTERM / SIGINT: checkpoint after this step, then exit; under DDP every rank stops at the same step."""
 
-    def __init__(self, dist):
-        self.dist, self.requested, self.group = dist, False, None
+    def __init__(self, dist):  # under DDP: every rank, in step (new_group is collective)
+        self.dist, self.requested, self.group = dist, False, torch.distributed.group.WORLD if dist.enabled else None
+        if dist.enabled and dist.device.type == "cuda":
+            self.group = torch.distributed.new_group(backend="gloo")  # agreed()'s CPU all-reduce: no GPU sync
 
     def on_signal(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -411,9 +407,6 @@ class StopSignal:
         """True when any rank got SIGTERM / SIGINT (a CPU all-reduce over gloo: no GPU sync)."""
         if not self.dist.enabled:
             return self.requested
-        if self.group is None:
-            self.group = (torch.distributed.new_group(backend="gloo") if self.dist.device.type == "cuda"
-                          else torch.distributed.group.WORLD)
         flag = torch.tensor([int(self.requested)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
@@ -439,20 +432,21 @@ def parse_args(parser, argv, kind):
 
 
 def initial_model(args, ckpt):
-    """The model a run starts from: the resumed checkpoint's, a new GPT of the model flags, or loaded weights."""
+    """The model a run starts from (torch seeded first): the resumed checkpoint's, a new GPT of the model flags, or
+    loaded weights."""
+    torch.manual_seed(args.seed)
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
     if args.init_from == "scratch":
-        shape = {k: vars(args)[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        shape = {k: vars(args)[k] for k in SHAPE_KEYS}
         return build_model({**shape, "dropout": args.dropout or 0.0}, "the model flags")
     return load_model(args.init_from, dropout=args.dropout)[0]
 
 
-def run(args, dist, ckpt, model, train_data, val_batches, kind, **options):
+def run(args, dist, ckpt, model, train_data, val_batches, kind, prompts=()):
     """Both scripts' end: the Trainer, OUT_DIR made ready (last: every mistake before leaves it as it was), fit.
     Temp files of killed writes go; a new run refuses an OUT_DIR holding a run unless --overwrite."""
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
-    trainer = Trainer(model, args, train_data, val_batches, dist, kind, hellaswag=hellaswag, **options)
+    trainer = Trainer(model, args, train_data, val_batches, dist, kind, prompts)
     if dist.is_main:
         clean_stale_temps(args.out_dir)
     found = [n for n in RUN_FILES if args.init_from != "resume" and os.path.exists(os.path.join(args.out_dir, n))]
@@ -475,7 +469,6 @@ def main(argv=None):
         raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
     dist = setup_distributed(args.device)
     try:
-        torch.manual_seed(args.seed)
         train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
                              args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt)

@@ -7,7 +7,6 @@ evaluation at or below it. docs/design.md has the output.
     python bench/time_to_loss.py --data-dir data/books --out-dir out/ttl --runs adamw:lr=6e-4,muon:muon_lr=0.02
 """
 
-import argparse
 import copy
 import json
 import os
@@ -19,7 +18,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from cli import CLIParser, UserError, run_cli  # noqa: E402
+from cli import CLIParser, DefaultsFormatter, UserError, run_cli  # noqa: E402
 from common import atomic_path  # noqa: E402
 from device import setup_distributed  # noqa: E402
 from fineweb import list_shards  # noqa: E402
@@ -80,9 +79,9 @@ def plot(results, target, png):
 def parse_runs(argv):
     """(bench flags, [(label, train_gpt2 args)]): the common flags with each run's overrides, checked."""
     p = CLIParser(description="Steps, tokens and seconds to a target val loss, per optimizer / LR (train_gpt2's "
-                  "loop; other train_gpt2.py flags pass through).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                  "loop; other train_gpt2.py flags pass through).", formatter_class=DefaultsFormatter)
     p.add_argument("--runs", default="adamw,muon", help="comma-separated OPTIMIZER[:flag=value...] configurations")
-    p.add_argument("--target", type=float, default=None, help="val loss to reach (default: the first AdamW run's final)")
+    p.add_argument("--target", type=float, help="val loss to reach (default: the first AdamW run's final)")
     p.add_argument("--out-dir", default="out/time_to_loss", help="the runs' logs and time_to_loss.png")
     p.add_argument("--data-dir", default="data/fineweb", help="token shards (fineweb.py output)")
     args, common = p.parse_known_args(argv)
@@ -111,8 +110,10 @@ def report(args, runs, device):
         r.update(steps=hit[0], tokens=hit[0] and hit[0] * a.total_batch_size, train_s=hit[1], wall_s=hit[2])
     for r in results:
         r["time_ratio"] = round(r["train_s"] / base["train_s"], 3) if r["train_s"] and base["train_s"] else None
-    print(f"\ntarget val loss {target:.4f} (first evaluation at or below it; ratio: training seconds / {base['label']}'s)")
-    print(f"{'run':<36} {'final val':>9} {'steps':>6} {'tokens':>12} {'train s':>8} {'wall':>8} {'ratio':>6} {'tokens/s':>10}")
+    print(f"\ntarget val loss {target:.4f} (first evaluation at or below it; "
+          f"ratio: training seconds / {base['label']}'s)")
+    print(f"{'run':<36} {'final val':>9} {'steps':>6} {'tokens':>12} {'train s':>8} {'wall':>8} {'ratio':>6} "
+          f"{'tokens/s':>10}")
     for r in results:
         hit = r["steps"] is not None
         print(f"{r['label'][:36]:<36} {r['final_val_loss']:>9.4f} {r['steps'] if hit else '-':>6} "
@@ -133,8 +134,7 @@ def main(argv=None):
         warm = copy.copy(first)
         warm.max_steps, warm.out_dir, warm.eval_interval = 2, os.path.join(args.out_dir, "warmup"), 2
         warmup = [("warmup", warm)]
-    torch.manual_seed(first.seed)  # one model object for every run (compiled graphs are reused), same initial weights
-    model = initial_model(first, None)
+    model = initial_model(first, None)  # one model object for every run (compiled graphs are reused), same weights
     init = copy.deepcopy(model.state_dict())
     val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
                       first.eval_steps * first.batch_size)

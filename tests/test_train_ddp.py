@@ -36,7 +36,7 @@ def pretrain(data_dir, out_dir, optimizer="adamw"):
 
 
 def masked_finetune(out_dir):
-    """The Trainer as finetune_dolly.py uses it: its own rows (masked targets), kind "sft", keep_best."""
+    """The Trainer as finetune_dolly.py uses it: its own rows (masked targets), kind "sft" (keeps the best)."""
     from device import setup_distributed, teardown_distributed
     from model import GPT
     from test_train import MaskedRows, make_args
@@ -48,7 +48,7 @@ def masked_finetune(out_dir):
         model = GPT(tiny_config(vocab_size=200, block_size=16))
         args = make_args(out_dir, batch_size=2, max_steps=4, lr=1e-2, min_lr=1e-2, eval_interval=0, ckpt_interval=0,
                          log_interval=1, plot=False, optimizer="adamw")  # the tight tolerance below is AdamW's
-        fit(Trainer(model, args, MaskedRows(8, 16, dist.rank, dist.world_size), dist=dist, kind="sft", keep_best=True))
+        fit(Trainer(model, args, MaskedRows(8, 16, dist.rank, dist.world_size), dist=dist, kind="sft"))
     finally:
         teardown_distributed(dist)
 
