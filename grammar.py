@@ -248,12 +248,6 @@ class Matcher:
         return self._m.is_stopped()
 
 
-def accept_tokens(matchers, tokens):
-    """Each matcher takes its token, in llguidance's threads -> per matcher False if its grammar refused it
-    (the matcher is then in error)."""
-    return _executor().consume_token_par([(m._m, int(t)) for m, t in zip(matchers, tokens)]) if matchers else []
-
-
 def new_bitmask(rows, pin=False):
     """An int32 [rows, MASK_WORDS] bitmask on the CPU (pinned: for a non_blocking copy to the GPU)."""
     return torch.zeros(rows, MASK_WORDS, dtype=torch.int32, pin_memory=pin)

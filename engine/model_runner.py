@@ -15,7 +15,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from grammar import accept_tokens, apply_bitmask, fill_bitmask, new_bitmask
+from grammar import apply_bitmask, fill_bitmask, new_bitmask
 from model import KVCache
 from tokenizer import EOT_ID, N_VOCAB
 
@@ -96,18 +96,16 @@ def grammar_masks(rows, bitmask):
 
 
 def advance_matchers(works):
-    """Each constrained choice's matcher takes its new token from these works (read now, before the text),
-    all at once in llguidance's threads."""
-    pairs = []
+    """Each constrained choice's matcher takes its new token from these works (read now, before the text)."""
     for w in works:
         ids = w.fetch.get()
         if isinstance(w, PrefillWork):
-            pairs += zip(w.choices, ids[w.first]) if w.choices else ()
-        elif w.kind[3]:  # a constrained batch decodes one step: its tokens are column 0
-            pairs += ((c, row[0]) for c, row in zip(w.rows, ids[0]))
-    due = [(c, t) for c, t in pairs if c is not None and c.matcher is not None and c.awaits_token()]
-    for (c, _), ok in zip(due, accept_tokens([c.matcher for c, _ in due], [t for _, t in due])):
-        c.accepted_token(ok)
+            pairs = zip(w.choices, ids[w.first]) if w.choices else ()
+        else:  # a constrained batch decodes one step: its tokens are column 0
+            pairs = ((c, row[0]) for c, row in zip(w.rows, ids[0])) if w.kind[3] else ()
+        for c, token in pairs:
+            if c is not None and c.matcher is not None:
+                c.advance(token)
 
 
 class ModelRunner:

@@ -86,22 +86,19 @@ class Choice:
             emitted.append(self)
         return self.out
 
-    def awaits_token(self):
-        """The matcher has taken every id so far: the next one is due (the engine may give it before feed,
-        through accept_tokens, to fill the next mask sooner)."""
-        return self.finish_reason is None and self.accepted == len(self.token_ids)
-
-    def accepted_token(self, ok):
-        """The matcher took the next id; not ok: refused (only after a mask step ran out of llguidance's
-        fuel, and then the mask allowed end-of-text alone)."""
-        self.accepted += 1
-        self.complete = not ok or self.matcher.done
+    def advance(self, token):
+        """The matcher takes the next generated id (the engine may do this before feed, to fill the next
+        mask sooner). A refused id: only after a mask step ran out of llguidance's fuel, and then the mask
+        allowed end-of-text alone."""
+        if self.finish_reason is None and self.accepted == len(self.token_ids):
+            self.accepted += 1
+            self.complete = not self.matcher.accept(token) or self.matcher.done
 
     def feed(self, token, logprob, emitted):
         """One generated id (and its logprob entry or None); may finish the choice."""
         out = self.output(emitted)
-        if self.matcher is not None and self.awaits_token():
-            self.accepted_token(self.matcher.accept(token))
+        if self.matcher is not None:
+            self.advance(token)
         self.token_ids.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
