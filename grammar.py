@@ -261,7 +261,7 @@ def _executor():
 def fill_bitmask(matchers, bitmask, rows=None):
     """Row rows[i] (default i) of bitmask <- the tokens matchers[i] allows next; other rows untouched.
     A matcher in error allows end-of-text only, so a row is never empty. No torch op here: on a many-core
-    host each small CPU op wakes torch's thread pool, and the ops took 20x the masks' own time."""
+    host each small CPU op wakes torch's thread pool (one row's mask step: 275 us with them, 70 us without)."""
     assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
     rows = list(range(len(matchers))) if rows is None else list(rows)
     assert bitmask.shape[1] == MASK_WORDS and len(rows) == len(matchers) and max(rows, default=0) < len(bitmask)
