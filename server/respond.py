@@ -54,12 +54,13 @@ def chat_logprobs(entries):
 
 def completion_logprobs(entries, offset, echo=None):
     """OpenAI's legacy shape; offset: characters of text before these tokens. echo: (prompt ids,
-    PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob)."""
+    PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob). Each
+    top_logprobs entry starts with the token itself, then its alternatives: up to logprobs + 1 (as OpenAI
+    and vLLM)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if echo is not None:
         ids, plp = echo
         toks = [token_str(t) for t in ids]
-        # the token's own entry first, then its alternatives: up to logprobs + 1 (as OpenAI and vLLM)
         tops = [{tok: lp, **{token_str(t): x for t, x in zip(top, xs)}}
                 for tok, lp, top, xs in zip(toks[1:], plp.logprob, plp.top_ids, plp.top_logprobs)]
         starts = list(itertools.accumulate(map(len, toks), initial=offset))
@@ -70,9 +71,7 @@ def completion_logprobs(entries, offset, echo=None):
         tok = token_str(e["token_id"])
         out["tokens"].append(tok)
         out["token_logprobs"].append(e["logprob"])
-        # the token's own entry first, then its alternatives: up to logprobs + 1 (as OpenAI and vLLM)
-        out["top_logprobs"].append(None if e["top"] is None else
-                                   {tok: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
+        out["top_logprobs"].append({tok: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
         out["text_offset"].append(offset)
         offset += len(tok)
     return out
