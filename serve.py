@@ -12,7 +12,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from common import UserError, run_cli
 from server.options import build_parser
@@ -43,11 +43,9 @@ class _Handler(WSGIRequestHandler):
         log.debug(message % args if args else message)
 
 
-class PooledServer(BaseWSGIServer):
+class PooledServer(ThreadedWSGIServer):
     """The server `python serve.py` runs: werkzeug's, with a fixed pool of request threads (connections past
     it wait their turn) and a read timeout. gunicorn, with gunicorn.conf.py, is the production server."""
-
-    multithread = True
 
     def __init__(self, host, port, app, threads, read_timeout):
         self.read_timeout = read_timeout
@@ -65,15 +63,7 @@ class PooledServer(BaseWSGIServer):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt2i-http")
 
     def process_request(self, request, client_address):
-        self.pool.submit(self._serve_one, request, client_address)
-
-    def _serve_one(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        self.pool.submit(self.process_request_thread, request, client_address)  # socketserver's thread body
 
 
 def main(argv=None):
