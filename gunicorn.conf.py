@@ -10,8 +10,7 @@ import subprocess
 import sys
 import time
 
-import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
-#                              so only its engine process (a fresh interpreter) imports torch before the load
+import torch  # noqa: F401  here in the master: a (re)started worker forks with it loaded
 
 
 def _env_int(name, default):
@@ -32,8 +31,8 @@ else:
         "GPT2I_BIND", f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
     ).split(",") if b.strip()]
 workers = _env_int("GPT2I_WORKERS", 1)
-# gthread: a thread per connection, so a long SSE stream ties up one thread, not a whole worker;
-# the worker's main loop keeps heart-beating while requests stream, so `timeout` does not cut streams.
+# gthread: a long SSE stream ties up one thread, not a worker, and the worker's main loop keeps
+# heart-beating meanwhile, so `timeout` does not cut streams
 worker_class = "gthread"
 threads = _env_int("GPT2I_THREADS", 32)
 # each worker loads its own model: one loaded before fork would share a CUDA context, and a reload
@@ -44,8 +43,6 @@ control_socket_disable = True  # gunicorn's control socket (in ~/.gunicorn, shar
 graceful_timeout = 30  # seconds streams get to finish on reload or stop; then an error event ends them
 STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
 BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers: set by one whose model failed
-
-# ---------------------------------------------------------------------------- worker hooks
 
 
 def post_worker_init(worker):
@@ -97,8 +94,6 @@ def worker_exit(server, worker):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-# ---------------------------------------------------------------------------- nginx in front
 
 
 def nginx_exe():
