@@ -7,7 +7,7 @@ import time
 
 import prometheus_client as prom
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import MethodNotAllowed
 
 from engine.detokenizer import encode_prompt
 from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_prompt_text
@@ -135,10 +135,7 @@ def index():
 def static_files(filename):
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
-    try:
-        return send_from_directory(current_app.config["STATIC_DIR"], filename)
-    except NotFound:
-        raise ApiError(404, "not_found", f"no such route or file: /{filename}") from None
+    return send_from_directory(current_app.config["STATIC_DIR"], filename)  # a missing file: the 404 of any path
 
 
 def openai_request(route, table, defaults=None):
