@@ -1,9 +1,8 @@
-"""Serve a gpt2-instruct model over HTTP: a native API, an OpenAI-compatible API and the chat page.
+"""Serve a gpt2-instruct model over HTTP: a native API, an OpenAI-compatible API and the chat page (server/).
 
     python serve.py --ckpt out/demo/sft                      # http://127.0.0.1:5000
     GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
-
-The server lives in server/ (docs/design.md maps it)."""
+"""
 
 import errno
 import os
