@@ -17,8 +17,7 @@ from common import UserError, run_cli
 from server.options import build_parser
 
 if __name__ == "__main__":
-    # torch takes about 2 s to import (below): the flags are read first, so that --help and a mistyped
-    # flag answer at once
+    # the flags first: --help and a mistyped flag answer before torch's 2 s import (below)
     run_cli(lambda argv: build_parser().parse_args(argv))
 
 from server.app import create_app, state  # noqa: E402

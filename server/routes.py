@@ -129,8 +129,7 @@ def index():
 
 
 @native.get("/static/<path:filename>", endpoint="static_file")
-# every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the
-# method before the converter)
+# every method: a POST to a path that is no file is a 404, not a 405 (werkzeug checks methods first)
 @native.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def static_files(filename):
     if request.method not in ("GET", "HEAD"):
