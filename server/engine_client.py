@@ -38,14 +38,12 @@ class Metrics:
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.tokens = prom.Counter("gpt2i_tokens", "Tokens processed, by kind (prompt, completion).", ["kind"],
                                    registry=r)
-        self.cancelled = prom.Counter("gpt2i_cancelled", "Generations cancelled (client gone or shutdown).",
-                                      registry=r)
+        self.cancelled = prom.Counter("gpt2i_cancelled", "Generations cancelled (client gone or shutdown).", registry=r)
         self.ttft = prom.Histogram("gpt2i_time_to_first_token_seconds", "Admission to first output.", registry=r,
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = prom.Histogram("gpt2i_inter_token_latency_seconds", "Time between tokens of one choice.",
                                   registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.restarts = prom.Counter("gpt2i_engine_restarts", "Engine processes replaced after they died.",
-                                     registry=r)
+        self.restarts = prom.Counter("gpt2i_engine_restarts", "Engine processes replaced after they died.", registry=r)
         for name, help_, value in (
                 ("gpt2i_requests_waiting", "Requests waiting for the engine.", lambda: client.stats["waiting"]),
                 ("gpt2i_requests_running", "Requests being decoded.", lambda: client.stats["running"]),
