@@ -109,4 +109,3 @@ class Reply:
                 self.queue.put(self.pending)
                 self.pending = []
         return handle.done
-
