@@ -4,9 +4,8 @@
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows, keeping the best (ckpt.pt = the best val loss; last.pt resumes).
-A row is one whole example, padded, never packed (packed examples would attend to each other: no document
-masking); examples longer than the block (+1) are left out and counted.
+train_gpt2's loop on instruction rows, each one whole example, padded, never packed (packed examples would
+attend to each other: no document masking).
 """
 
 import functools
@@ -102,8 +101,8 @@ class InstructionBatches:
     on the same examples as one process. The last n mod E of each shuffle sit that epoch out."""
 
     def __init__(self, split, seq_len, examples_per_step, rank=0, world_size=1, seed=0, pad_multiple=64):
-        self.examples = Examples(split, seq_len, pad_multiple)
-        self.rows, self.seq_len, self.rank, self.world_size, self.seed = examples_per_step, seq_len, rank, world_size, seed
+        self.examples, self.rows, self.seq_len = Examples(split, seq_len, pad_multiple), examples_per_step, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.steps_per_epoch = self.examples.n // examples_per_step
         if self.steps_per_epoch < 1:
             raise UserError(f"only {self.examples.n} training examples fit the block of {seq_len} tokens: "

@@ -184,8 +184,8 @@ class Trainer:
         args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
-        if train_data.seq_len > model.config.block_size:
-            raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {model.config.block_size}")
+        if train_data.seq_len > (block := model.config.block_size):
+            raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {block}")
         self.raw_model = model.to(self.device).train()  # HellaSwag and samples run it eagerly
         self.fwd_model = torch.compile(self.raw_model) if args.compile else self.raw_model  # train step, val loss
         self.model = self.fwd_model
@@ -211,7 +211,7 @@ class Trainer:
         self.ahead = {}  # step -> Future of its rows
 
     def train_step(self):
-        """One optimizer step on this rank's rows of the step -> (loss, grad norm) device tensors, tokens (all ranks)."""
+        """One optimizer step on this rank's rows -> (loss, grad norm) device tensors, tokens (all ranks)."""
         x, y = self.fetch(self.step)
         while True:
             try:
@@ -255,8 +255,9 @@ class Trainer:
         old, self.micro = self.micro, max(1, self.micro // 2)
         while self.per_rank % self.micro:
             self.micro -= 1
-        self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro}, f"CUDA out of memory: micro batch "
-                 f"{old} -> {self.micro}, accumulation {self.per_rank // self.micro} (the same tokens per step)")
+        self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro},
+                        f"CUDA out of memory: micro batch {old} -> {self.micro}, accumulation "
+                        f"{self.per_rank // self.micro} (the same tokens per step)")
 
     def fetch(self, step):
         """This rank's rows of `step`, loaded --prefetch steps ahead in a thread (pinned on CUDA)."""
@@ -357,7 +358,8 @@ class Trainer:
             raise UserError(f"training diverged: loss is {loss_v} at step {self.step}; lower --lr")
         peak = a.lr if self.optimizer.adamw else a.muon_lr  # AdamW's LR; Muon's where it trains alone (LoRA)
         rec = {"train_loss": loss_v, "lr": peak * lr_factor(a, self.step - 1), "grad_norm": float(norm.item()),
-               "tokens_per_sec": tokens / max(seconds, 1e-9), "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
+               "tokens_per_sec": tokens / max(seconds, 1e-9),
+               "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
                "eta_s": round((a.max_steps - self.step) * seconds / max(steps, 1), 1)}
         if self.peak_flops:
             rec["mfu"] = rec["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
@@ -420,8 +422,9 @@ def parse_args(parser, argv, kind):
     path = os.path.join(args.out_dir, LAST_NAME if kind == "sft" else CKPT_NAME)
     if not os.path.isfile(path):
         script = "train_gpt2.py" if kind == "pretrain" else "finetune_dolly.py"
-        raise UserError(f"--init-from resume: no checkpoint at {path} (--out-dir, default {parser.get_default('out_dir')}"
-                        f"): start the run with python {script} --out-dir {args.out_dir}")
+        raise UserError(f"--init-from resume: no checkpoint at {path} (--out-dir, default "
+                        f"{parser.get_default('out_dir')}): start the run with python {script} --out-dir "
+                        f"{args.out_dir}")
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != kind:
         raise UserError(f"--init-from resume: {path} is a {ckpt['kind']!r} checkpoint, this run trains {kind!r}")
@@ -466,7 +469,8 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, prompts=()):
 def main(argv=None):
     args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
     if args.total_batch_size % args.block_size:
-        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
+        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size "
+                        f"{args.block_size}")
     dist = setup_distributed(args.device)
     try:
         train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
