@@ -132,8 +132,7 @@ def model_from_checkpoint(ckpt, where="checkpoint", dropout=None):
 
 
 def _load_hf(folder, dropout=None):
-    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle); an OpenAI GPT-2 name is
-    downloaded into one first (once; online)."""
+    """The GPT of an HF GPT-2 folder (config.json + model.safetensors, never a pickle), or of a GPT-2 name (online)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -198,8 +197,7 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
 
 
 def capture_rng_state():
-    """torch's RNG states, the only global ones a run draws from (dropout): the data order and the samples
-    have seeded generators of their own."""
+    """torch's RNG states, the only global ones a run draws from (dropout; data order and samples are seeded)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()

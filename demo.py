@@ -1,9 +1,6 @@
-"""The whole pipeline on the bundled data, on a CPU: `make demo` (README "Quick start"). Each stage is the
-script's own main(argv), its command printed first. A finished stage leaves .demo-stage.json (its command)
-in its folder and a second run reuses it; a stage whose command changed, or that reads a stage that ran
-again, starts afresh in an emptied folder. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
-the port is taken), 130 interrupted.
-"""
+"""`make demo` (README "Quick start"). Each stage is the script's own main(argv), its command printed first; a
+finished stage leaves .demo-stage.json (its command) and is reused; one whose command changed, or that reads a
+stage that ran again, starts afresh. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake, 130 interrupted."""
 
 import json
 import os

@@ -53,8 +53,7 @@ class DistInfo:
 
 
 def setup_distributed(device=None):
-    """-> DistInfo: torch.distributed initialised when launched by torchrun (NCCL on GPU, gloo on CPU), else one
-    process."""
+    """-> DistInfo: torch.distributed initialised under torchrun (NCCL on GPU, gloo on CPU), else one process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(False, 0, 1, pick_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

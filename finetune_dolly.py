@@ -133,8 +133,7 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
 
 
 def held_out_prompts(split, count, max_prompt_len):
-    """Prompts (the exact template strings, decoded from the tokens) of `count` val examples spread over
-    the split, whose prompt has at most max_prompt_len tokens."""
+    """The prompts (decoded from the tokens) of `count` val examples spread over the split, of <= max_prompt_len."""
     bounds = split["offsets"].tolist()
     prompts = [(s, prompt_length(split["loss_mask"][s:e])) for s, e in zip(bounds, bounds[1:])]
     eligible = [(s, n) for s, n in prompts if 0 < n <= max_prompt_len]

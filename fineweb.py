@@ -1,9 +1,7 @@
-"""Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one shard reader.
+"""Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest (docs/design.md), and the one shard reader.
 
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
-
-docs/design.md (Token shards) has the format and the manifest's contract.
 """
 
 import collections

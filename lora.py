@@ -83,8 +83,7 @@ def find_targets(model, targets):
 
 
 def apply_lora(model, cfg):
-    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place; seed torch first for a
-    reproducible A)."""
+    """Freeze every parameter, then replace each target Linear by a LoRALinear (in place; seed torch first)."""
     names = find_targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)

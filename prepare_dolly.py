@@ -4,8 +4,7 @@
     python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
 
 An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart: training
-sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary. docs/design.md
-(Instruction data) has the output format.
+sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
 """
 
 import contextlib
@@ -130,8 +129,7 @@ def tokenize_rows(rows, progress=True, chunk=2048):
 
 
 def stratified_split(categories, val_fraction, seed):
-    """Sorted (train, val) indices; each category shuffled by its own generator, so its split
-    does not depend on the other categories."""
+    """Sorted (train, val) indices; each category shuffled by its own generator (independent of the others)."""
     by_cat = {}
     for i, cat in enumerate(categories):
         by_cat.setdefault(cat, []).append(i)

@@ -3,8 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
 
-fit() is the loop, read top to bottom. A step's rows are a pure function of the step number, so a resume
-continues exactly and a thread can load steps ahead. finetune_dolly.py runs the same loop.
+fit() is the loop, read top to bottom (finetune_dolly.py runs it too); a step's rows are a function of its number.
 """
 
 import contextlib
@@ -435,8 +434,7 @@ def parse_args(parser, argv, kind):
 
 
 def initial_model(args, ckpt):
-    """The model a run starts from (torch seeded first): the resumed checkpoint's, a new GPT of the model flags, or
-    loaded weights."""
+    """The model a run starts from (torch seeded first): the resumed one, a new GPT of the model flags, or weights."""
     torch.manual_seed(args.seed)
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
