@@ -18,7 +18,6 @@ from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI e
 def atomic_path(path):
     """Yield a temp path beside `path`; on success rename it over `path` (atomic on POSIX: readers see the old
     file or the whole new one, even if the process is killed), on failure delete it."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")

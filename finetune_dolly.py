@@ -38,7 +38,6 @@ PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real t
 
 def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
-    data_dir = os.fspath(data_dir)
     meta_path = os.path.join(data_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:

@@ -30,10 +30,6 @@ DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
 
 
-def shard_name(prefix, split, index):
-    return f"{prefix}_{split}_{index:06d}.bin"
-
-
 def write_shard(path, tokens):
     """Write one shard atomically: header [MAGIC, VERSION, n_tokens, 0...] + uint16 tokens."""
     tokens = np.asarray(tokens)
@@ -49,7 +45,6 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"token shard not found: {path} "
                         f"(fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
@@ -205,11 +200,10 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     """Tokenize `docs` (str iterable) into a set of shards and its manifest -> {"shards", "tokens", "documents"}.
     The first tokens wait until the total is known: val takes val_tokens of them, the rest are the last train shard."""
     assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
-    os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
 
     def add_train(tokens):
-        train.append(write_shard(os.path.join(out_dir, shard_name(prefix, "train", len(train) + 1)), tokens))
+        train.append(write_shard(os.path.join(out_dir, f"{prefix}_train_{len(train) + 1:06d}.bin"), tokens))
 
     with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
         for tokens in iter_token_chunks(docs, workers):
@@ -238,7 +232,7 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     for part in (rest, head[n_val:]):
         if part.size:
             add_train(part)
-    shards = [write_shard(os.path.join(out_dir, shard_name(prefix, "val", 0)), head[:n_val])] + train
+    shards = [write_shard(os.path.join(out_dir, f"{prefix}_val_000000.bin"), head[:n_val])] + train
     write_manifest(out_dir, shards, fingerprint)
     return {"shards": shards, "tokens": total, "documents": n_docs}
 

@@ -41,7 +41,6 @@ N_ENDINGS = 4
 
 def load_examples(path, limit=None):
     """Rows with `ctx` (HellaSwag's ctx_a + ctx_b), 4 `endings` and an int `label` in 0..3."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []

@@ -158,7 +158,6 @@ def build_split(examples):
 def load_split(path):
     """Load and validate a train.npz / val.npz (keys, dtypes, offsets, mask, closing EOT): {"tokens", "loss_mask",
     "offsets"}; UserError naming the file when malformed."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
                         f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
