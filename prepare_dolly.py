@@ -265,7 +265,7 @@ def build_parser():
     p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2 "
                    f"(default: {HF_DATASET} from the Hugging Face hub, which needs network)")
     p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder")
-    p.add_argument("--val-fraction", metavar="F", type=float, default=DEFAULT_VAL_FRACTION,
+    p.add_argument("--val-fraction", metavar="F", type=bounded(float, 0, below=1), default=DEFAULT_VAL_FRACTION,
                    help="fraction of each category held out for validation, 0 <= F < 1")
     p.add_argument("--max-len", metavar="N", type=bounded(int, 2), default=DEFAULT_MAX_LEN,
                    help="drop examples longer than N tokens, prompt + response + <|endoftext|>")
@@ -277,8 +277,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.input:
         rows = read_file_rows(args.input, args.limit)
         with open(args.input, "rb") as f:

@@ -187,11 +187,9 @@ class Trainer:
             raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {block}")
         self.raw_model = model.to(self.device).train()  # HellaSwag and samples run it eagerly
         self.fwd_model = torch.compile(self.raw_model) if args.compile else self.raw_model  # train step, val loss
-        self.model = self.fwd_model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids,
-                                                                   gradient_as_bucket_view=True)
+        self.model = self.fwd_model if not self.dist.enabled else torch.nn.parallel.DistributedDataParallel(
+            self.fwd_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
         args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
         self.optimizer = Optimizer(self.raw_model, args, self.device.type)
         self.train_data, self.val_batches = train_data, val_batches
@@ -206,8 +204,7 @@ class Trainer:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = peak_flops_for_name(gpu)  # None for a device not in the table: no MFU
         self.flops_per_token = self.raw_model.flops_per_token(train_data.seq_len)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if args.prefetch > 0 else None
-        self.ahead = {}  # step -> Future of its rows
+        self.pool, self.ahead = ThreadPoolExecutor(1, thread_name_prefix="prefetch"), {}  # ahead: step -> Future
 
     def train_step(self):
         """One optimizer step on this rank's rows -> (loss, grad norm) device tensors, tokens (all ranks)."""
@@ -260,9 +257,7 @@ class Trainer:
 
     def fetch(self, step):
         """This rank's rows of `step`, loaded --prefetch steps ahead in a thread (pinned on CUDA)."""
-        if self.pool is None:
-            return self.load(step)
-        for s in range(step, step + self.args.prefetch):
+        for s in range(step, step + max(1, self.args.prefetch)):  # --prefetch 0: this step only
             if s not in self.ahead:
                 self.ahead[s] = self.pool.submit(self.load, s)
         return self.ahead.pop(step).result()
@@ -338,8 +333,7 @@ class Trainer:
         self.runlog.begin(self.step, header, wandb)
 
     def end(self, stopped):
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        self.pool.shutdown(cancel_futures=True)
         if self.dist.enabled:
             torch.distributed.barrier(group=self.stopper.group)
         self.metrics["stopped"] = stopped
