@@ -44,10 +44,8 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
         "rng": rng or {},  # args and metrics JSON-like (paths -> str), so weights_only loading accepts them
         "args": json.loads(json.dumps(args or {}, default=str)),
-        "metrics": json.loads(json.dumps(metrics or {}, default=str)),
+        "metrics": json.loads(json.dumps(metrics or {}, default=str)), "lora": lora,  # None: no adapters
     }
-    if lora is not None:
-        ckpt["lora"] = dict(lora)
     path = resolve_path(path)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)  # a zip whose members carry CRC32s: load_checkpoint checks them
