@@ -202,9 +202,7 @@ def capture_rng_state():
     return state
 
 
-def restore_rng_state(state):
-    if not state:
-        return
+def restore_rng_state(state):  # a resumable checkpoint always holds one
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

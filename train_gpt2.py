@@ -321,7 +321,7 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
         self.step, self.metrics = int(ckpt["step"]), dict(ckpt.get("metrics") or {})
         self.runlog.elapsed_before = float(state.get("elapsed_s", 0.0))
-        restore_rng_state(ckpt.get("rng"))
+        restore_rng_state(ckpt["rng"])
 
     def begin(self):
         a = self.args
