@@ -42,7 +42,7 @@ def bounded(kind, low, inclusive=True, below=None):
     """An argparse type: `kind` (int or float) at least `low` (above it when not inclusive), under `below` if given."""
     def convert(text):
         value = kind(text)
-        if value < low or (value == low and not inclusive) or (below is not None and value >= below):
+        if not (value >= low if inclusive else value > low) or not (below is None or value < below):  # NaN fails
             upper = "" if below is None else f" and < {below}"
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}{upper}, got {text}")
         return value

@@ -98,7 +98,7 @@ def finetune_parser():
     lo = p.add_argument_group("LoRA (off unless --lora-rank is given)")
     lo.add_argument("--lora-rank", type=bounded(int, 1), help="adapter rank r (e.g. 8); the base stays frozen")
     lo.add_argument("--lora-alpha", type=bounded(float, 0, inclusive=False), default=16.0, help="scale: alpha / r")
-    lo.add_argument("--lora-dropout", type=bounded(float, 0, below=1), default=0.05, help="on the adapters' input")
+    lo.add_argument("--lora-dropout", type=bounded(float, 0, below=1), default=0.05, help="adapter input dropout")
     lo.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated Linear layers: c_attn, attn.c_proj, mlp.c_fc (= c_fc), mlp.c_proj; "
                          "c_proj = both projections")
