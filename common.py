@@ -4,6 +4,7 @@ writes, compressed files, the one JSONL reader. Devices, dtypes and torchrun: de
 import bz2
 import contextlib
 import gzip
+import itertools
 import json
 import lzma
 import os
@@ -94,3 +95,22 @@ def iter_jsonl(path):
                 yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def open_hub_rows(dataset, split="train", **options):
+    """The rows of datasets.load_dataset(dataset, split=split, **options), online. The first is fetched now, so
+    offline fails at once; every failure, then or later, is one UserError suggesting local files (--input)."""
+    def rows():
+        try:
+            import datasets  # online runs only
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+            yield from datasets.load_dataset(dataset, split=split, **options)
+        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
+            raise UserError(f"could not load {dataset} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); offline? pass local files with --input") from None
+
+    stream = rows()
+    first = list(itertools.islice(stream, 1))
+    return itertools.chain(first, stream)

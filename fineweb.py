@@ -8,7 +8,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -18,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import CLIParser, DefaultsFormatter, bounded, run_cli
-from common import UserError, atomic_path, clean_stale_temps, iter_jsonl
+from common import UserError, atomic_path, clean_stale_temps, iter_jsonl, open_hub_rows
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -135,29 +134,12 @@ def iter_local_documents(paths, field="text"):
             raise UserError(f"unsupported input {path}: use .jsonl (optionally .gz/.xz/.bz2), .txt or .parquet")
 
 
-def open_hub_documents(dataset, name, split="train", field="text"):
-    """Open a streamed hub dataset now (offline fails at once, in one line); iterate its documents' text."""
-    def rows():
-        try:
-            import datasets  # online runs only
-            from huggingface_hub.utils import logging as hub_logging
-
-            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
-            yield from datasets.load_dataset(dataset, name=name, split=split, streaming=True)
-        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
-            raise UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with "
-                            f"--input") from None
-
-    def documents(stream):
-        for row in stream:
-            if not isinstance(row.get(field), str):
-                raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
-            yield row[field]
-
-    stream = rows()
-    first = list(itertools.islice(stream, 1))  # opens the stream now: offline fails before any work
-    return documents(itertools.chain(first, stream))
+def hub_documents(rows, dataset, field):
+    """The text of each row of a hub dataset (common.open_hub_rows)."""
+    for row in rows:
+        if not isinstance(row.get(field), str):
+            raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
+        yield row[field]
 
 
 def tokenize_documents(texts):
@@ -326,8 +308,8 @@ def main(argv=None):
         if args.input:
             docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
         else:
-            docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
-            source = f"{args.dataset} ({args.name})"
+            rows = open_hub_rows(args.dataset, args.split, name=args.name, streaming=True)  # opened now
+            docs, source = hub_documents(rows, args.dataset, args.text_field), f"{args.dataset} ({args.name})"
         result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
                                     args.max_tokens, args.workers, not args.no_progress, fingerprint)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import logging
 import lzma
 import os
 import re
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import CLIParser, DefaultsFormatter, bounded, run_cli
-from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, parse_json
+from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, open_hub_rows, parse_json
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -74,15 +73,8 @@ def read_hub_rows(limit=None):
     """Rows of databricks-dolly-15k from the Hugging Face hub; UserError suggesting --input when unreachable."""
     name = HF_DATASET
     print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)", flush=True)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings would bury the error
-    try:
-        import datasets  # online runs only
-
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # no package, network, auth, missing dataset: all mean "use a local file"
-        raise UserError(f"could not load {name} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}); pass a local copy with --input FILE.jsonl") from None
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(itertools.islice(ds, limit), 1)]
+    records = itertools.islice(open_hub_rows(name), limit)
+    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(records, 1)]
     if not rows:
         raise UserError(f"{name}: no rows")
     return rows
