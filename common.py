@@ -1,5 +1,5 @@
 """Small shared helpers, torch-free (so the data tools' --help answers at once): user-facing errors, atomic
-writes, compressed files, the one JSONL reader. Devices, dtypes and torchrun: device.py."""
+writes, compressed files, the one JSONL reader and hub loader. Devices, dtypes and torchrun: device.py."""
 
 import bz2
 import contextlib
