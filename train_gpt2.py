@@ -248,9 +248,7 @@ class Trainer:
         if self.dist.enabled or self.args.no_auto_shrink or self.micro == 1:
             raise UserError(f"CUDA out of memory at micro batch {self.micro} x {self.train_data.seq_len} tokens: "
                             f"lower --batch-size" + (" or --block-size" if self.micro == 1 else ""))
-        old, self.micro = self.micro, max(1, self.micro // 2)
-        while self.per_rank % self.micro:
-            self.micro -= 1
+        old, self.micro = self.micro, max(d for d in range(1, self.micro // 2 + 1) if self.per_rank % d == 0)
         self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro},
                         f"CUDA out of memory: micro batch {old} -> {self.micro}, accumulation "
                         f"{self.per_rank // self.micro} (the same tokens per step)")
