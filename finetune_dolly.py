@@ -37,7 +37,7 @@ PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real t
 
 
 def load_instruction_data(data_dir):
-    """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
+    """{train, val} splits (prepare_dolly.load_split) of a prepare_dolly.py output folder, its template checked."""
     meta_path = os.path.join(data_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -47,12 +47,11 @@ def load_instruction_data(data_dir):
                         f"python prepare_dolly.py --out-dir {data_dir}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{meta_path}: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("template_version") != TEMPLATE_VERSION:
-        version = meta.get("template_version") if isinstance(meta, dict) else None
+    version = meta.get("template_version") if isinstance(meta, dict) else None
+    if version != TEMPLATE_VERSION:
         raise UserError(f"{data_dir} was prepared with prompt template version {version}, but this code uses "
                         f"version {TEMPLATE_VERSION}: run prepare_dolly.py again")
-    train, val = (load_split(os.path.join(data_dir, f"{name}.npz")) for name in ("train", "val"))
-    return {"train": train, "val": val, "meta": meta}  # no train example: InstructionBatches says so
+    return {name: load_split(os.path.join(data_dir, f"{name}.npz")) for name in ("train", "val")}
 
 
 def example_rows(tokens, loss_mask):
