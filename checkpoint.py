@@ -44,10 +44,8 @@ def save_checkpoint(path, *, kind, model_state, config, step, optimizer=None, tr
         "config": dict(config), "step": int(step), "optimizer": optimizer, "train_state": train_state or {},
         "rng": rng or {},  # args and metrics JSON-like (paths -> str), so weights_only loading accepts them
         "args": json.loads(json.dumps(args or {}, default=str)),
-        "metrics": json.loads(json.dumps(metrics or {}, default=str)),
+        "metrics": json.loads(json.dumps(metrics or {}, default=str)), "lora": lora,  # None: no adapters
     }
-    if lora is not None:
-        ckpt["lora"] = dict(lora)
     path = resolve_path(path)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)  # a zip whose members carry CRC32s: load_checkpoint checks them
@@ -132,8 +130,7 @@ def model_from_checkpoint(ckpt, where="checkpoint", dropout=None):
 
 
 def _load_hf(folder, dropout=None):
-    """The GPT of an HF GPT-2 folder: config.json + model.safetensors (never a pickle); an OpenAI GPT-2 name is
-    downloaded into one first (once; online)."""
+    """The GPT of an HF GPT-2 folder (config.json + model.safetensors, never a pickle), or of a GPT-2 name (online)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -198,17 +195,14 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
 
 
 def capture_rng_state():
-    """torch's RNG states, the only global ones a run draws from (dropout): the data order and the samples
-    have seeded generators of their own."""
+    """torch's RNG states, the only global ones a run draws from (dropout; data order and samples are seeded)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state):
-    if not state:
-        return
+def restore_rng_state(state):  # a resumable checkpoint always holds one
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -38,12 +38,13 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def bounded(kind, low, inclusive=True):
-    """An argparse type: `kind` (int or float) at least `low` (above it when not inclusive)."""
+def bounded(kind, low, inclusive=True, below=None):
+    """An argparse type: `kind` (int or float) at least `low` (above it when not inclusive), under `below` if given."""
     def convert(text):
         value = kind(text)
-        if value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if not (value >= low if inclusive else value > low) or not (below is None or value < below):  # NaN fails
+            upper = "" if below is None else f" and < {below}"
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}{upper}, got {text}")
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"

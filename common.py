@@ -1,9 +1,10 @@
 """Small shared helpers, torch-free (so the data tools' --help answers at once): user-facing errors, atomic
-writes, compressed files, the one JSONL reader. Devices, dtypes and torchrun: device.py."""
+writes, compressed files, the one JSONL reader and hub loader. Devices, dtypes and torchrun: device.py."""
 
 import bz2
 import contextlib
 import gzip
+import itertools
 import json
 import lzma
 import os
@@ -18,7 +19,6 @@ from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI e
 def atomic_path(path):
     """Yield a temp path beside `path`; on success rename it over `path` (atomic on POSIX: readers see the old
     file or the whole new one, even if the process is killed), on failure delete it."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -95,3 +95,22 @@ def iter_jsonl(path):
                 yield lineno, parse_json(line.rstrip(b"\r\n"), f"{path}:{lineno}")
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}:{lineno + 1}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def open_hub_rows(dataset, split="train", **options):
+    """The rows of datasets.load_dataset(dataset, split=split, **options), online. The first is fetched now, so
+    offline fails at once; every failure, then or later, is one UserError suggesting local files (--input)."""
+    def rows():
+        try:
+            import datasets  # online runs only
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+            yield from datasets.load_dataset(dataset, split=split, **options)
+        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
+            raise UserError(f"could not load {dataset} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); offline? pass local files with --input") from None
+
+    stream = rows()
+    first = list(itertools.islice(stream, 1))
+    return itertools.chain(first, stream)

@@ -1,9 +1,6 @@
-"""The whole pipeline on the bundled data, on a CPU: `make demo` (README "Quick start"). Each stage is the
-script's own main(argv), its command printed first. A finished stage leaves .demo-stage.json (its command)
-in its folder and a second run reuses it; a stage whose command changed, or that reads a stage that ran
-again, starts afresh in an emptied folder. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake (e.g.
-the port is taken), 130 interrupted.
-"""
+"""`make demo` (README "Quick start"). Each stage is the script's own main(argv), its command printed first; a
+finished stage leaves .demo-stage.json (its command) and is reused; one whose command changed, or that reads a
+stage that ran again, starts afresh. Exit codes: 0 done, 1 a stage failed, 2 a usage mistake, 130 interrupted."""
 
 import json
 import os
@@ -16,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from cli import CLIParser, DefaultsFormatter, help_requested
+from cli import CLIParser, DefaultsFormatter, bounded, help_requested
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +28,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
     p.add_argument("--no-serve", action="store_true", help="stop after fine-tuning (print how to serve)")
     p.add_argument("--host", default="127.0.0.1", help="address the server binds")
-    p.add_argument("--port", type=int, default=5000, help="port the server binds")
+    p.add_argument("--port", type=bounded(int, 1, below=65536), default=5000, help="port the server binds")
     p.add_argument("--data-root", default=os.path.join(ROOT, "data"), help="data goes to DATA_ROOT/demo "
                    "(or demo-smoke) (default: data beside demo.py)")
     p.add_argument("--out-root", default=os.path.join(ROOT, "out"), help="checkpoints go to OUT_ROOT/demo "
@@ -246,8 +243,6 @@ def serve(argv, base, smoke):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be in 1..65535, got {args.port}")
     if not args.no_serve:
         check_port_free(args.host, args.port)
     folder = "demo-smoke" if args.smoke else "demo"

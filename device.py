@@ -11,13 +11,9 @@ from cli import UserError
 
 def pick_device(device=None):
     """'auto'/None -> cuda if present, else mps, else cpu."""
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -53,8 +49,7 @@ class DistInfo:
 
 
 def setup_distributed(device=None):
-    """-> DistInfo: torch.distributed initialised when launched by torchrun (NCCL on GPU, gloo on CPU), else one
-    process."""
+    """-> DistInfo: torch.distributed initialised under torchrun (NCCL on GPU, gloo on CPU), else one process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(False, 0, 1, pick_device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -4,9 +4,8 @@
     python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
     python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
 
-The loop is train_gpt2's with instruction rows, keeping the best (ckpt.pt = the best val loss; last.pt resumes).
-A row is one whole example, padded, never packed (packed examples would attend to each other: no document
-masking); examples longer than the block (+1) are left out and counted.
+train_gpt2's loop on instruction rows, each one whole example, padded, never packed (packed examples would
+attend to each other: no document masking).
 """
 
 import functools
@@ -38,8 +37,7 @@ PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real t
 
 
 def load_instruction_data(data_dir):
-    """{train, val} splits (prepare_dolly.load_split) and meta.json of a prepare_dolly.py output folder."""
-    data_dir = os.fspath(data_dir)
+    """{train, val} splits (prepare_dolly.load_split) of a prepare_dolly.py output folder, its template checked."""
     meta_path = os.path.join(data_dir, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -49,14 +47,11 @@ def load_instruction_data(data_dir):
                         f"python prepare_dolly.py --out-dir {data_dir}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{meta_path}: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("template_version") != TEMPLATE_VERSION:
-        version = meta.get("template_version") if isinstance(meta, dict) else None
+    version = meta.get("template_version") if isinstance(meta, dict) else None
+    if version != TEMPLATE_VERSION:
         raise UserError(f"{data_dir} was prepared with prompt template version {version}, but this code uses "
                         f"version {TEMPLATE_VERSION}: run prepare_dolly.py again")
-    train, val = (load_split(os.path.join(data_dir, f"{name}.npz")) for name in ("train", "val"))
-    if len(train["offsets"]) < 2:
-        raise UserError(f"{data_dir}/train.npz holds no examples")
-    return {"train": train, "val": val, "meta": meta}
+    return {name: load_split(os.path.join(data_dir, f"{name}.npz")) for name in ("train", "val")}
 
 
 def example_rows(tokens, loss_mask):
@@ -102,8 +97,8 @@ class InstructionBatches:
     on the same examples as one process. The last n mod E of each shuffle sit that epoch out."""
 
     def __init__(self, split, seq_len, examples_per_step, rank=0, world_size=1, seed=0, pad_multiple=64):
-        self.examples = Examples(split, seq_len, pad_multiple)
-        self.rows, self.seq_len, self.rank, self.world_size, self.seed = examples_per_step, seq_len, rank, world_size, seed
+        self.examples, self.rows, self.seq_len = Examples(split, seq_len, pad_multiple), examples_per_step, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.steps_per_epoch = self.examples.n // examples_per_step
         if self.steps_per_epoch < 1:
             raise UserError(f"only {self.examples.n} training examples fit the block of {seq_len} tokens: "
@@ -134,8 +129,7 @@ def val_batches(split, seq_len, batch_size, rank=0, world_size=1, pad_multiple=6
 
 
 def held_out_prompts(split, count, max_prompt_len):
-    """Prompts (the exact template strings, decoded from the tokens) of `count` val examples spread over
-    the split, whose prompt has at most max_prompt_len tokens."""
+    """The prompts (decoded from the tokens) of `count` val examples spread over the split, of <= max_prompt_len."""
     bounds = split["offsets"].tolist()
     prompts = [(s, prompt_length(split["loss_mask"][s:e])) for s, e in zip(bounds, bounds[1:])]
     eligible = [(s, n) for s, n in prompts if 0 < n <= max_prompt_len]

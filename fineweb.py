@@ -1,16 +1,13 @@
-"""Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest, and the one shard reader.
+"""Text -> GPT-2 token shards (llm.c's .bin format) plus a manifest (docs/design.md), and the one shard reader.
 
     python fineweb.py --out-dir data/fineweb --workers 32          # FineWeb-Edu sample-10BT, streamed (online)
     python fineweb.py --input demo_data/books.jsonl.xz --out-dir data/books --shard-size 10000000
-
-docs/design.md (Token shards) has the format and the manifest's contract.
 """
 
 import collections
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -20,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import CLIParser, DefaultsFormatter, bounded, run_cli
-from common import UserError, atomic_path, clean_stale_temps, iter_jsonl
+from common import UserError, atomic_path, clean_stale_temps, iter_jsonl, open_hub_rows
 from tokenizer import EOT_ID, N_VOCAB, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -30,10 +27,6 @@ LOCK = ".fineweb.lock"  # held (flock) by the run writing the folder
 SHARD_RE = re.compile(r"^.+_(?P<split>train|val)_\d{6}\.bin$")
 DEFAULT_SHARD_SIZE = 100_000_000
 VAL_SHARE = 100  # default val: 1/100 of the tokens, capped at one shard, so a small corpus still trains
-
-
-def shard_name(prefix, split, index):
-    return f"{prefix}_{split}_{index:06d}.bin"
 
 
 def write_shard(path, tokens):
@@ -51,7 +44,6 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """Memory-map a shard's tokens: (n_tokens,) uint16. UserError on a bad format or ids >= N_VOCAB."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"token shard not found: {path} "
                         f"(fineweb.py --out-dir {os.path.dirname(path) or '.'} makes them)")
@@ -142,29 +134,12 @@ def iter_local_documents(paths, field="text"):
             raise UserError(f"unsupported input {path}: use .jsonl (optionally .gz/.xz/.bz2), .txt or .parquet")
 
 
-def open_hub_documents(dataset, name, split="train", field="text"):
-    """Open a streamed hub dataset now (offline fails at once, in one line); iterate its documents' text."""
-    def rows():
-        try:
-            import datasets  # online runs only
-            from huggingface_hub.utils import logging as hub_logging
-
-            hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
-            yield from datasets.load_dataset(dataset, name=name, split=split, streaming=True)
-        except Exception as e:  # offline, unknown dataset, a dropped connection: one line, no traceback
-            raise UserError(f"cannot stream {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}. Offline? Give local files with "
-                            f"--input") from None
-
-    def documents(stream):
-        for row in stream:
-            if not isinstance(row.get(field), str):
-                raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
-            yield row[field]
-
-    stream = rows()
-    first = list(itertools.islice(stream, 1))  # opens the stream now: offline fails before any work
-    return documents(itertools.chain(first, stream))
+def hub_documents(rows, dataset, field):
+    """The text of each row of a hub dataset (common.open_hub_rows)."""
+    for row in rows:
+        if not isinstance(row.get(field), str):
+            raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
+        yield row[field]
 
 
 def tokenize_documents(texts):
@@ -207,11 +182,10 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     """Tokenize `docs` (str iterable) into a set of shards and its manifest -> {"shards", "tokens", "documents"}.
     The first tokens wait until the total is known: val takes val_tokens of them, the rest are the last train shard."""
     assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
-    os.makedirs(out_dir, exist_ok=True)
     head_size, head, train, pieces, n, total, n_docs = val_tokens or shard_size, None, [], [], 0, 0, 0
 
     def add_train(tokens):
-        train.append(write_shard(os.path.join(out_dir, shard_name(prefix, "train", len(train) + 1)), tokens))
+        train.append(write_shard(os.path.join(out_dir, f"{prefix}_train_{len(train) + 1:06d}.bin"), tokens))
 
     with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
         for tokens in iter_token_chunks(docs, workers):
@@ -240,7 +214,7 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
     for part in (rest, head[n_val:]):
         if part.size:
             add_train(part)
-    shards = [write_shard(os.path.join(out_dir, shard_name(prefix, "val", 0)), head[:n_val])] + train
+    shards = [write_shard(os.path.join(out_dir, f"{prefix}_val_000000.bin"), head[:n_val])] + train
     write_manifest(out_dir, shards, fingerprint)
     return {"shards": shards, "tokens": total, "documents": n_docs}
 
@@ -334,8 +308,8 @@ def main(argv=None):
         if args.input:
             docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
         else:
-            docs = open_hub_documents(args.dataset, args.name, args.split, args.text_field)
-            source = f"{args.dataset} ({args.name})"
+            rows = open_hub_rows(args.dataset, args.split, name=args.name, streaming=True)  # opened now
+            docs, source = hub_documents(rows, args.dataset, args.text_field), f"{args.dataset} ({args.name})"
         result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
                                     args.max_tokens, args.workers, not args.no_progress, fingerprint)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "

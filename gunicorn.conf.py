@@ -10,8 +10,7 @@ import subprocess
 import sys
 import time
 
-import torch  # noqa: F401  imported once, here in the master: a (re)started worker forks with it loaded,
-#                              so only its engine process (a fresh interpreter) imports torch before the load
+import torch  # noqa: F401  here in the master: a (re)started worker forks with it loaded
 
 
 def _env_int(name, default):
@@ -25,27 +24,20 @@ def _env_int(name, default):
 NGINX_LISTEN = os.environ.get("GPT2I_NGINX_LISTEN", "").strip()
 RUN_DIR = os.path.abspath(os.environ.get("GPT2I_RUN_DIR", "out/prod"))
 
-if NGINX_LISTEN:
-    bind = [f"unix:{RUN_DIR}/gunicorn.sock"]
-else:
-    bind = [b.strip() for b in os.environ.get(
-        "GPT2I_BIND", f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
-    ).split(",") if b.strip()]
+LOCAL = f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
+bind = ([f"unix:{RUN_DIR}/gunicorn.sock"] if NGINX_LISTEN
+        else [b.strip() for b in os.environ.get("GPT2I_BIND", LOCAL).split(",") if b.strip()])
 workers = _env_int("GPT2I_WORKERS", 1)
-# gthread: a thread per connection, so a long SSE stream ties up one thread, not a whole worker;
-# the worker's main loop keeps heart-beating while requests stream, so `timeout` does not cut streams.
+# gthread: a long SSE stream ties up one thread, not a worker, and the worker's main loop keeps
+# heart-beating meanwhile, so `timeout` does not cut streams
 worker_class = "gthread"
 threads = _env_int("GPT2I_THREADS", 32)
-# each worker loads its own model: one loaded before fork would share a CUDA context, and a reload
-# would keep running the old code
-preload_app = False
+preload_app = False  # each worker loads its own model: a CUDA context does not survive fork; a reload runs new code
 loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
 control_socket_disable = True  # gunicorn's control socket (in ~/.gunicorn, shared by the user's instances)
 graceful_timeout = 30  # seconds streams get to finish on reload or stop; then an error event ends them
 STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
 BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers: set by one whose model failed
-
-# ---------------------------------------------------------------------------- worker hooks
 
 
 def post_worker_init(worker):
@@ -66,8 +58,7 @@ def post_worker_init(worker):
 
 
 def child_exit(server, worker):
-    """In the master: a worker that could not load its model stops the whole server, quietly, with
-    exit 2 (instead of respawning forever); its one line is said."""
+    """In the master: a worker that could not load its model (it said why) stops the server with exit 2."""
     if BOOT_FAILED.value:
         server.kill_workers(signal.SIGKILL)
         on_exit(server)
@@ -97,8 +88,6 @@ def worker_exit(server, worker):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-# ---------------------------------------------------------------------------- nginx in front
 
 
 def nginx_exe():

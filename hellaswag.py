@@ -17,7 +17,7 @@ def build_parser():
     p.add_argument("--model", required=True,
                    help="checkpoint file or folder, OpenAI GPT-2 name (gpt2, gpt2-medium, ...) or HF folder")
     p.add_argument("--file", required=True, help="HellaSwag rows (.jsonl, .jsonl.gz, .jsonl.xz)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples (default: all)")
+    p.add_argument("--limit", type=int, help="score only the first N examples (default: all)")
     p.add_argument("--batch-examples", type=int, default=8, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="cuda, cpu, mps, ... (auto: cuda when present)")
     p.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA), float32, bfloat16")
@@ -41,7 +41,6 @@ N_ENDINGS = 4
 
 def load_examples(path, limit=None):
     """Rows with `ctx` (HellaSwag's ctx_a + ctx_b), 4 `endings` and an int `label` in 0..3."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"HellaSwag file not found: {path}")
     examples = []
@@ -50,13 +49,9 @@ def load_examples(path, limit=None):
         if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != N_ENDINGS \
                 or not all(isinstance(e, str) for e in endings):
             raise UserError(f"{path}:{lineno}: expected `ctx` (text) and `endings` (a list of {N_ENDINGS} texts)")
-        try:
-            label = int(label)
-        except (TypeError, ValueError, OverflowError):
-            raise UserError(f"{path}:{lineno}: `label` must be an integer 0..3, got {label!r}") from None
-        if not 0 <= label < N_ENDINGS:
-            raise UserError(f"{path}:{lineno}: `label` must be 0..3, got {label}")
-        examples.append({"ctx": ctx, "endings": endings, "label": label})
+        if str(label) not in ("0", "1", "2", "3"):  # HellaSwag's files hold ints; "2" reads as 2 too
+            raise UserError(f"{path}:{lineno}: `label` must be an integer 0..3, got {label!r}")
+        examples.append({"ctx": ctx, "endings": endings, "label": int(label)})
     if not examples:
         raise UserError(f"HellaSwag file {path} holds no examples")
     return examples
@@ -77,19 +72,17 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
                 starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
         length = max(len(r) for r in rows)
         tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)  # True on ending tokens
+        targets = torch.full((len(rows), length), -1)  # the ending's tokens, -1 elsewhere
         for j, (r, s) in enumerate(zip(rows, starts)):
-            tokens[j, :len(r)] = torch.tensor(r)
-            mask[j, s:len(r)] = True
-        tokens, mask = tokens.to(device), mask.to(device)
+            tokens[j, :len(r)] = targets[j, :len(r)] = torch.tensor(r)
+            targets[j, :s] = -1
+        tokens, targets = tokens.to(device), targets[:, 1:].to(device)  # predict token t+1 from position t
         with autocast(device, autocast_dtype):
             logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it
-        logits = logits[:, :-1, :GPT2_VOCAB].float()  # predict token t+1 from position t
-        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                 reduction="none").view(len(rows), length - 1)  # (N, L-1)
-        target_mask = mask[:, 1:].float()
-        summed = (losses * target_mask).sum(1)  # (N,)
-        mean = summed / target_mask.sum(1).clamp_min(1)
+        logits = logits[:, :-1, :GPT2_VOCAB].float().flatten(0, 1)  # (N (L-1), V)
+        losses = F.cross_entropy(logits, targets.flatten(), ignore_index=-1, reduction="none")  # 0 where ignored
+        summed = losses.view(len(rows), -1).sum(1)  # (N,)
+        mean = summed / (targets != -1).sum(1).clamp_min(1)
         out += zip(mean.view(-1, N_ENDINGS).tolist(), summed.view(-1, N_ENDINGS).tolist())  # per example
     return out
 

@@ -4,15 +4,13 @@
     python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
 
 An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart: training
-sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary. docs/design.md
-(Instruction data) has the output format.
+sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
 """
 
 import contextlib
 import hashlib
 import itertools
 import json
-import logging
 import lzma
 import os
 import re
@@ -23,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import CLIParser, DefaultsFormatter, bounded, run_cli
-from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, parse_json
+from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, open_hub_rows, parse_json
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -75,15 +73,8 @@ def read_hub_rows(limit=None):
     """Rows of databricks-dolly-15k from the Hugging Face hub; UserError suggesting --input when unreachable."""
     name = HF_DATASET
     print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)", flush=True)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings would bury the error
-    try:
-        import datasets  # online runs only
-
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # no package, network, auth, missing dataset: all mean "use a local file"
-        raise UserError(f"could not load {name} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}); pass a local copy with --input FILE.jsonl") from None
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(itertools.islice(ds, limit), 1)]
+    records = itertools.islice(open_hub_rows(name), limit)
+    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(records, 1)]
     if not rows:
         raise UserError(f"{name}: no rows")
     return rows
@@ -130,8 +121,7 @@ def tokenize_rows(rows, progress=True, chunk=2048):
 
 
 def stratified_split(categories, val_fraction, seed):
-    """Sorted (train, val) indices; each category shuffled by its own generator, so its split
-    does not depend on the other categories."""
+    """Sorted (train, val) indices; each category shuffled by its own generator (independent of the others)."""
     by_cat = {}
     for i, cat in enumerate(categories):
         by_cat.setdefault(cat, []).append(i)
@@ -160,7 +150,6 @@ def build_split(examples):
 def load_split(path):
     """Load and validate a train.npz / val.npz (keys, dtypes, offsets, mask, closing EOT): {"tokens", "loss_mask",
     "offsets"}; UserError naming the file when malformed."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; make it with: python prepare_dolly.py "
                         f"--out-dir {os.path.dirname(path) or '.'} [--input FILE]")
@@ -268,7 +257,7 @@ def build_parser():
     p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2 "
                    f"(default: {HF_DATASET} from the Hugging Face hub, which needs network)")
     p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder")
-    p.add_argument("--val-fraction", metavar="F", type=float, default=DEFAULT_VAL_FRACTION,
+    p.add_argument("--val-fraction", metavar="F", type=bounded(float, 0, below=1), default=DEFAULT_VAL_FRACTION,
                    help="fraction of each category held out for validation, 0 <= F < 1")
     p.add_argument("--max-len", metavar="N", type=bounded(int, 2), default=DEFAULT_MAX_LEN,
                    help="drop examples longer than N tokens, prompt + response + <|endoftext|>")
@@ -280,8 +269,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.input:
         rows = read_file_rows(args.input, args.limit)
         with open(args.input, "rb") as f:

@@ -1,9 +1,8 @@
-"""Serve a gpt2-instruct model over HTTP: a native API, an OpenAI-compatible API and the chat page.
+"""Serve a gpt2-instruct model over HTTP: a native API, an OpenAI-compatible API and the chat page (server/).
 
     python serve.py --ckpt out/demo/sft                      # http://127.0.0.1:5000
     GPT2I_CKPT=out/demo/sft gunicorn -c gunicorn.conf.py "serve:create_app()"   # production
-
-The server lives in server/ (docs/design.md maps it)."""
+"""
 
 import errno
 import os
@@ -12,14 +11,13 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from common import UserError, run_cli
 from server.options import build_parser
 
 if __name__ == "__main__":
-    # torch takes about 2 s to import (below): the flags are read first, so that --help and a mistyped
-    # flag answer at once
+    # the flags first: --help and a mistyped flag answer before torch's 2 s import (below)
     run_cli(lambda argv: build_parser().parse_args(argv))
 
 from server.app import create_app, state  # noqa: E402
@@ -43,11 +41,9 @@ class _Handler(WSGIRequestHandler):
         log.debug(message % args if args else message)
 
 
-class PooledServer(BaseWSGIServer):
+class PooledServer(ThreadedWSGIServer):
     """The server `python serve.py` runs: werkzeug's, with a fixed pool of request threads (connections past
     it wait their turn) and a read timeout. gunicorn, with gunicorn.conf.py, is the production server."""
-
-    multithread = True
 
     def __init__(self, host, port, app, threads, read_timeout):
         self.read_timeout = read_timeout
@@ -65,15 +61,7 @@ class PooledServer(BaseWSGIServer):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpt2i-http")
 
     def process_request(self, request, client_address):
-        self.pool.submit(self._serve_one, request, client_address)
-
-    def _serve_one(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        self.pool.submit(self.process_request_thread, request, client_address)  # socketserver's thread body
 
 
 def main(argv=None):

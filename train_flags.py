@@ -20,7 +20,7 @@ def add_train_args(p):
                    "the run's) | our checkpoint (file or folder) | gpt2, gpt2-medium, ... | a local HF GPT-2 folder")
     a.add_argument("--overwrite", action="store_true", help="start afresh in an OUT_DIR holding a run (its files go)")
     a.add_argument("--block-size", type=bounded(int, 2), help="sequence length (tokens)")
-    a.add_argument("--dropout", type=float, default=None, help="dropout (default: 0, or the initial model's)")
+    a.add_argument("--dropout", type=float, help="dropout (default: 0, or the initial model's)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=bounded(int, 1), help="micro batch: sequences per GPU per micro-step")
     o.add_argument("--max-steps", type=bounded(int, 1), help="optimizer steps")
@@ -28,10 +28,10 @@ def add_train_args(p):
     o.add_argument("--optimizer", choices=("adamw", "muon"), help="adamw: AdamW for every weight | muon: Muon for the "
                    "blocks' matrices (with LoRA: the adapters), AdamW (--lr, --weight-decay) for the rest")
     o.add_argument("--lr", type=bounded(float, 0, inclusive=False), help="AdamW's peak learning rate")
-    o.add_argument("--min-lr", type=bounded(float, 0), default=None,
+    o.add_argument("--min-lr", type=bounded(float, 0),
                    help="AdamW's LR at the end of the cosine (Muon's ends at the same fraction of its peak)")
     o.add_argument("--weight-decay", type=bounded(float, 0), help="AdamW's weight decay (on >= 2-D weights)")
-    o.add_argument("--muon-lr", type=bounded(float, 0, inclusive=False), default=None,
+    o.add_argument("--muon-lr", type=bounded(float, 0, inclusive=False),
                    help=f"Muon's peak learning rate (default: --lr x {MUON_LR_RATIO:.4g}, 0.02 at lr 6e-4)")
     o.add_argument("--muon-weight-decay", type=bounded(float, 0), default=0.0, help="Muon's decoupled weight decay")
     o.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="gradient norm clip (0: none)")
@@ -40,23 +40,22 @@ def add_train_args(p):
     e.add_argument("--eval-interval", type=bounded(int, 0), help="steps between evaluations (0: none)")
     e.add_argument("--ckpt-interval", type=bounded(int, 0), help="steps between checkpoints (0: only at the end)")
     e.add_argument("--log-interval", type=bounded(int, 1), default=10, help="steps between log lines (host syncs)")
-    e.add_argument("--stop-at-step", type=bounded(int, 1), default=None,
+    e.add_argument("--stop-at-step", type=bounded(int, 1),
                    help="checkpoint and exit after this step, schedule unchanged (continue with --init-from resume)")
-    e.add_argument("--hellaswag", default=None, metavar="FILE", help="HellaSwag .jsonl[.xz] to score at evaluations")
-    e.add_argument("--hellaswag-limit", type=bounded(int, 1), default=None, help="score the first N examples only")
-    e.add_argument("--sample-prompt", action="append", default=None, help="prompt continued at evaluations (repeatable)")
+    e.add_argument("--hellaswag", metavar="FILE", help="HellaSwag .jsonl[.xz] to score at evaluations")
+    e.add_argument("--hellaswag-limit", type=bounded(int, 1), help="score the first N examples only")
+    e.add_argument("--sample-prompt", action="append", help="prompt continued at evaluations (repeatable)")
     e.add_argument("--sample-tokens", type=bounded(int, 0), help="tokens per sample (0: no samples)")
     e.add_argument("--sample-temperature", type=bounded(float, 0), help="sampling temperature (0: greedy)")
     e.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_DIR/loss.png")
     e.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     e.add_argument("--wandb-project", default="gpt2-instruct")
-    e.add_argument("--wandb-run", default=None, help="run name (default: wandb's)")
+    e.add_argument("--wandb-run", help="run name (default: wandb's)")
     s = p.add_argument_group("system")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK)")
     s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32"),
                    help="autocast dtype (auto: bf16 on CUDA, else float32; float16 would need loss scaling)")
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for CUDA)")
     s.add_argument("--prefetch", type=bounded(int, 0), default=4, help="steps loaded ahead in a thread (0: none)")
     s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
     return p
@@ -67,7 +66,7 @@ def pretrain_parser():
                               "resume).", formatter_class=DefaultsFormatter)
     add_train_args(p)
     m = p.add_argument_group("pretraining")
-    m.add_argument("--data-prefix", default=None, help="shard prefix, when the folder holds several")
+    m.add_argument("--data-prefix", help="shard prefix, when the folder holds several")
     m.add_argument("--n-layer", type=int, default=12, help="model shape (scratch)")
     m.add_argument("--n-head", type=int, default=12)
     m.add_argument("--n-embd", type=int, default=768)
@@ -90,16 +89,16 @@ def finetune_parser():
     f = p.add_argument_group("fine-tuning")
     f.add_argument("--examples-per-step", type=bounded(int, 1), default=32,
                    help="examples per optimizer step (all GPUs); gradient accumulation fills the gap")
-    f.add_argument("--epochs", type=bounded(float, 0, inclusive=False), default=None,
+    f.add_argument("--epochs", type=bounded(float, 0, inclusive=False),
                    help="passes over the training examples (default 3; or --max-steps)")
     f.add_argument("--pad-multiple", type=bounded(int, 1), default=64,
                    help="pad rows to a multiple of this many tokens (the block size: one fixed shape)")
-    f.add_argument("--eval-examples", type=bounded(int, 1), default=None, help="val examples per evaluation (default: all)")
-    f.add_argument("--sample-count", type=bounded(int, 0), default=4, help="held-out val instructions answered at evaluations")
+    f.add_argument("--eval-examples", type=bounded(int, 1), help="val examples per evaluation (default: all)")
+    f.add_argument("--sample-count", type=bounded(int, 0), default=4, help="val instructions answered at evaluations")
     lo = p.add_argument_group("LoRA (off unless --lora-rank is given)")
-    lo.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (e.g. 8); the base stays frozen")
-    lo.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale is alpha / r")
-    lo.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    lo.add_argument("--lora-rank", type=bounded(int, 1), help="adapter rank r (e.g. 8); the base stays frozen")
+    lo.add_argument("--lora-alpha", type=bounded(float, 0, inclusive=False), default=16.0, help="scale: alpha / r")
+    lo.add_argument("--lora-dropout", type=bounded(float, 0, below=1), default=0.05, help="adapter input dropout")
     lo.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated Linear layers: c_attn, attn.c_proj, mlp.c_fc (= c_fc), mlp.c_proj; "
                          "c_proj = both projections")

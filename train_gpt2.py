@@ -3,8 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
     python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
 
-fit() is the loop, read top to bottom. A step's rows are a pure function of the step number, so a resume
-continues exactly and a thread can load steps ahead. finetune_dolly.py runs the same loop.
+fit() is the loop, read top to bottom (finetune_dolly.py runs it too); a step's rows are a function of its number.
 """
 
 import contextlib
@@ -184,15 +183,13 @@ class Trainer:
         args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls left
-        if train_data.seq_len > model.config.block_size:
-            raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {model.config.block_size}")
+        if train_data.seq_len > (block := model.config.block_size):
+            raise UserError(f"--block-size {train_data.seq_len} exceeds the model's block size {block}")
         self.raw_model = model.to(self.device).train()  # HellaSwag and samples run it eagerly
         self.fwd_model = torch.compile(self.raw_model) if args.compile else self.raw_model  # train step, val loss
-        self.model = self.fwd_model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids,
-                                                                   gradient_as_bucket_view=True)
+        self.model = self.fwd_model if not self.dist.enabled else torch.nn.parallel.DistributedDataParallel(
+            self.fwd_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
         args.muon_lr = args.muon_lr or args.lr * MUON_LR_RATIO
         self.optimizer = Optimizer(self.raw_model, args, self.device.type)
         self.train_data, self.val_batches = train_data, val_batches
@@ -207,11 +204,10 @@ class Trainer:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = peak_flops_for_name(gpu)  # None for a device not in the table: no MFU
         self.flops_per_token = self.raw_model.flops_per_token(train_data.seq_len)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if args.prefetch > 0 else None
-        self.ahead = {}  # step -> Future of its rows
+        self.pool, self.ahead = ThreadPoolExecutor(1, thread_name_prefix="prefetch"), {}  # ahead: step -> Future
 
     def train_step(self):
-        """One optimizer step on this rank's rows of the step -> (loss, grad norm) device tensors, tokens (all ranks)."""
+        """One optimizer step on this rank's rows -> (loss, grad norm) device tensors, tokens (all ranks)."""
         x, y = self.fetch(self.step)
         while True:
             try:
@@ -252,17 +248,14 @@ class Trainer:
         if self.dist.enabled or self.args.no_auto_shrink or self.micro == 1:
             raise UserError(f"CUDA out of memory at micro batch {self.micro} x {self.train_data.seq_len} tokens: "
                             f"lower --batch-size" + (" or --block-size" if self.micro == 1 else ""))
-        old, self.micro = self.micro, max(1, self.micro // 2)
-        while self.per_rank % self.micro:
-            self.micro -= 1
-        self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro}, f"CUDA out of memory: micro batch "
-                 f"{old} -> {self.micro}, accumulation {self.per_rank // self.micro} (the same tokens per step)")
+        old, self.micro = self.micro, max(d for d in range(1, self.micro // 2 + 1) if self.per_rank % d == 0)
+        self.runlog.log({"step": self.step, "event": "oom", "micro_batch": self.micro},
+                        f"CUDA out of memory: micro batch {old} -> {self.micro}, accumulation "
+                        f"{self.per_rank // self.micro} (the same tokens per step)")
 
     def fetch(self, step):
         """This rank's rows of `step`, loaded --prefetch steps ahead in a thread (pinned on CUDA)."""
-        if self.pool is None:
-            return self.load(step)
-        for s in range(step, step + self.args.prefetch):
+        for s in range(step, step + max(1, self.args.prefetch)):  # --prefetch 0: this step only
             if s not in self.ahead:
                 self.ahead[s] = self.pool.submit(self.load, s)
         return self.ahead.pop(step).result()
@@ -326,7 +319,7 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit this model: {e}") from None
         self.step, self.metrics = int(ckpt["step"]), dict(ckpt.get("metrics") or {})
         self.runlog.elapsed_before = float(state.get("elapsed_s", 0.0))
-        restore_rng_state(ckpt.get("rng"))
+        restore_rng_state(ckpt["rng"])
 
     def begin(self):
         a = self.args
@@ -338,8 +331,7 @@ class Trainer:
         self.runlog.begin(self.step, header, wandb)
 
     def end(self, stopped):
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        self.pool.shutdown(cancel_futures=True)
         if self.dist.enabled:
             torch.distributed.barrier(group=self.stopper.group)
         self.metrics["stopped"] = stopped
@@ -357,7 +349,8 @@ class Trainer:
             raise UserError(f"training diverged: loss is {loss_v} at step {self.step}; lower --lr")
         peak = a.lr if self.optimizer.adamw else a.muon_lr  # AdamW's LR; Muon's where it trains alone (LoRA)
         rec = {"train_loss": loss_v, "lr": peak * lr_factor(a, self.step - 1), "grad_norm": float(norm.item()),
-               "tokens_per_sec": tokens / max(seconds, 1e-9), "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
+               "tokens_per_sec": tokens / max(seconds, 1e-9),
+               "epoch": round(self.step / self.train_data.steps_per_epoch, 3),
                "eta_s": round((a.max_steps - self.step) * seconds / max(steps, 1), 1)}
         if self.peak_flops:
             rec["mfu"] = rec["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
@@ -420,8 +413,9 @@ def parse_args(parser, argv, kind):
     path = os.path.join(args.out_dir, LAST_NAME if kind == "sft" else CKPT_NAME)
     if not os.path.isfile(path):
         script = "train_gpt2.py" if kind == "pretrain" else "finetune_dolly.py"
-        raise UserError(f"--init-from resume: no checkpoint at {path} (--out-dir, default {parser.get_default('out_dir')}"
-                        f"): start the run with python {script} --out-dir {args.out_dir}")
+        raise UserError(f"--init-from resume: no checkpoint at {path} (--out-dir, default "
+                        f"{parser.get_default('out_dir')}): start the run with python {script} --out-dir "
+                        f"{args.out_dir}")
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != kind:
         raise UserError(f"--init-from resume: {path} is a {ckpt['kind']!r} checkpoint, this run trains {kind!r}")
@@ -432,8 +426,7 @@ def parse_args(parser, argv, kind):
 
 
 def initial_model(args, ckpt):
-    """The model a run starts from (torch seeded first): the resumed checkpoint's, a new GPT of the model flags, or
-    loaded weights."""
+    """The model a run starts from (torch seeded first): the resumed one, a new GPT of the model flags, or weights."""
     torch.manual_seed(args.seed)
     if ckpt is not None:
         return model_from_checkpoint(ckpt, f"the checkpoint in {args.out_dir}")
@@ -466,7 +459,8 @@ def run(args, dist, ckpt, model, train_data, val_batches, kind, prompts=()):
 def main(argv=None):
     args, ckpt = parse_args(pretrain_parser(), argv, "pretrain")
     if args.total_batch_size % args.block_size:
-        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size {args.block_size}")
+        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of --block-size "
+                        f"{args.block_size}")
     dist = setup_distributed(args.device)
     try:
         train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,

@@ -3,10 +3,9 @@
     python bench/prod_stack.py --ckpt out/demo/sft                    # nginx + gunicorn (make serve-prod)
     python bench/prod_stack.py --ckpt out/demo/sft --stack gunicorn   # gunicorn alone on its port
 
-slowloris: --slow connections each hold half a request while GET /health and a small POST /generate are
-probed once a second for --hold seconds. reload: SIGHUP to gunicorn's master while --streams streams run,
-probing until the old worker has exited: 503s, connection errors, streams cut, workers ended by a signal.
-steady: the same for 10 s without a reload (the probes' baseline latency). A table, then one JSON line.
+slowloris: --slow half-requests held while GET /health and a small POST /generate are probed each second.
+reload: SIGHUP while --streams streams run, probing until the old worker has exited; steady: the same for
+10 s without a reload (the probes' baseline latency). A table, then one JSON line.
 """
 
 import http.client
@@ -28,8 +27,7 @@ PROBE_TIMEOUT = 2.0  # seconds a probe may take to count as answered
 
 
 class Stack:
-    """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1;
-    its log is folder/gunicorn.log, its run folder folder/run."""
+    """`gunicorn -c gunicorn.conf.py` as `make serve-prod` runs it (nginx=True) or alone, on 127.0.0.1."""
 
     def __init__(self, ckpt, folder, nginx=True, env=None, args=()):
         with socket.socket() as s:
@@ -112,8 +110,7 @@ def stream(port, body, timeout=120.0, on_event=None):
         conn.close()
 
 
-def terminal(events):
-    """The stream's last event is a terminal one: done or error."""
+def terminal(events):  # the stream's last event is done or an error
     return bool(events) and ("done" in events[-1][1] or "error" in events[-1][1])
 
 
@@ -160,10 +157,8 @@ def slowloris(port, n=200, hold=5.0):
 
 
 def reload(stack, streams=4, max_new_tokens=400, timeout=120.0, hup=True, steady_s=10.0):
-    """SIGHUP with `streams` streams running; probe until the old worker is gone -> result dict.
-    hup=False: the same streams and probes for steady_s seconds without a reload (the baseline).
-    Probes wait up to `timeout`: a request that arrives while a worker loads waits for it (the latencies
-    are reported); a 503 or a refused connection is a failure."""
+    """SIGHUP with `streams` streams running; probe (waiting up to `timeout`) until the old worker is gone
+    -> result dict. hup=False: the same for steady_s seconds without a reload (the baseline)."""
     results, started = [None] * streams, [threading.Event() for _ in range(streams)]
 
     def run(i):

@@ -1,8 +1,6 @@
-"""Time to a target val loss (default: the first AdamW run's final one): train_gpt2's own loop once per
-configuration (an optimizer, then `:flag=value` overrides of train_gpt2.py flags), same shards, data order
-and initial weights. One model object serves every run, so torch.compile compiles once, in an untimed
-2-step warm-up. Time to the target: training seconds (evaluations excluded) and wall time at the first
-evaluation at or below it. docs/design.md has the output.
+"""Time to a target val loss (default: the first AdamW run's final one; docs/design.md has the output):
+train_gpt2's own loop once per configuration, same shards, data order and initial weights. One model object
+serves every run, so torch.compile compiles once, in an untimed 2-step warm-up.
 
     python bench/time_to_loss.py --data-dir data/books --out-dir out/ttl --runs adamw:lr=6e-4,muon:muon_lr=0.02
 """

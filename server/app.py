@@ -1,5 +1,4 @@
-"""The Flask app around an engine client: request ids, Host and API-key checks, rate limits, security
-headers, the error model, logging, and the route blueprints."""
+"""The Flask app around an engine client: its hooks, error model and logging (docs/design.md "HTTP API")."""
 
 import hmac
 import json
@@ -193,8 +192,6 @@ def install_errors(app, cfg):
         rid = g.rq["request_id"] if g.get("rq") else "?"
         return error_response(ApiError(500, "server_error", f"internal server error (request id {rid})"))
 
-# ---------------------------------------------------------------------------- logging
-
 
 class _StderrHandler(logging.StreamHandler):
     """JSON or text lines to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
@@ -218,9 +215,7 @@ def setup_logging(level, fmt="auto"):
     """One handler on the 'gpt2i.serve' logger, however many apps are created."""
     log.setLevel(getattr(logging, level.upper()))
     log.propagate = False
-    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
-    if handler is None:
-        handler = _StderrHandler()
-        log.addHandler(handler)
-    handler.json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    if not log.handlers:
+        log.addHandler(_StderrHandler())
+    log.handlers[0].json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # our own line per request replaces its access log

@@ -119,7 +119,6 @@ def input_messages(value):
                                               f"function_call_output, got {short(kind)}")
     return messages
 
-# ---------------------------------------------------------------------------- tool calls
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 MAX_TOOLS = 128

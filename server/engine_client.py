@@ -1,11 +1,11 @@
-"""The engine client: the server's half of the pipe to the engine's process (server/engine_worker.py, spawned:
-CUDA and threads do not survive fork), admission, the one reader thread, and the Prometheus metrics. A dead
-engine process is replaced: what ran ends with an error, /health says "restarting" until the new one is ready."""
+"""The server's half of the pipe to the engine's process (server/engine_worker.py): admission, the one reader
+thread, a dead engine process replaced, and the Prometheus metrics."""
 
 import itertools
 import os
 import threading
 import time
+from concurrent import futures
 
 import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
 from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
-from server.reply import POLL_S, Embeddings, Handle, Reply
+from server.reply import POLL_S, Handle, Reply
 from server.respond import log
 
 PREFIX_CACHE = {"hits": (CounterMetricFamily, "Prompts that reused a cached prefix."),
@@ -22,6 +22,7 @@ PREFIX_CACHE = {"hits": (CounterMetricFamily, "Prompts that reused a cached pref
                 "evicted_blocks": (CounterMetricFamily, "Blocks recycled for newer prefixes."),
                 "blocks_used": (GaugeMetricFamily, "Pool blocks holding a prefix. (16 tokens a block)"),
                 "blocks_total": (GaugeMetricFamily, "Pool blocks. (16 tokens a block)")}
+EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 
 
 class Metrics:
@@ -37,23 +38,20 @@ class Metrics:
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.tokens = prom.Counter("gpt2i_tokens", "Tokens processed, by kind (prompt, completion).", ["kind"],
                                    registry=r)
-        self.cancelled = prom.Counter("gpt2i_cancelled", "Generations cancelled (client gone or shutdown).",
-                                      registry=r)
+        self.cancelled = prom.Counter("gpt2i_cancelled", "Generations cancelled (client gone or shutdown).", registry=r)
         self.ttft = prom.Histogram("gpt2i_time_to_first_token_seconds", "Admission to first output.", registry=r,
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = prom.Histogram("gpt2i_inter_token_latency_seconds", "Time between tokens of one choice.",
                                   registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.restarts = prom.Counter("gpt2i_engine_restarts", "Engine processes replaced after they died.",
-                                     registry=r)
-        for name, help_, key in (("gpt2i_requests_waiting", "Requests waiting for the engine.", "waiting"),
-                                 ("gpt2i_requests_running", "Requests being decoded.", "running"),
-                                 ("gpt2i_kv_slots_used", "KV-cache slots in use.", "slots_used"),
-                                 ("gpt2i_kv_slots_total", "KV-cache slots.", "slots_total")):
-            prom.Gauge(name, help_, registry=r).set_function(lambda key=key: client.stats[key])
-        prom.Gauge("gpt2i_requests_admitted", "Generations held against --max-queue.",
-                   registry=r).set_function(lambda: client.admitted())
-        prom.Gauge("gpt2i_model_loaded", "1 when the model is loaded.",
-                   registry=r).set_function(lambda: int(client.status == "ok"))
+        self.restarts = prom.Counter("gpt2i_engine_restarts", "Engine processes replaced after they died.", registry=r)
+        for name, help_, value in (
+                ("gpt2i_requests_waiting", "Requests waiting for the engine.", lambda: client.stats["waiting"]),
+                ("gpt2i_requests_running", "Requests being decoded.", lambda: client.stats["running"]),
+                ("gpt2i_kv_slots_used", "KV-cache slots in use.", lambda: client.stats["slots_used"]),
+                ("gpt2i_kv_slots_total", "KV-cache slots.", lambda: client.stats["slots_total"]),
+                ("gpt2i_requests_admitted", "Generations held against --max-queue.", client.admitted),
+                ("gpt2i_model_loaded", "1 when the model is loaded.", lambda: int(client.status == "ok"))):
+            prom.Gauge(name, help_, registry=r).set_function(value)
         self.client = client
         r.register(self)  # collect() below
 
@@ -63,9 +61,6 @@ class Metrics:
         for key, (family, help_) in PREFIX_CACHE.items():
             yield family(f"gpt2i_prefix_cache_{key}", help_, value=stats.get(key, 0))
 
-    def exposition(self):
-        return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
-
 
 class EngineClient:
     """create_app builds one; serve.state(app) is it."""
@@ -73,16 +68,15 @@ class EngineClient:
     def __init__(self, config):
         self.config, self.model_name = config, config.model_name
         self.status, self.error, self.restarts = "loading", None, 0
-        self.info, self.context_length, self.stats = {}, None, {"running": 0, "waiting": 0, "slots_used": 0,
-                                                               "slots_total": 0}  # as of the last step
+        self.info, self.context_length = {}, None  # info: what /health shows, from the engine process
+        self.stats = {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 0}  # as of the last step
         self.created, self.accepting = int(time.time()), True
         self._replies = set()  # admitted and not released
         self._handles = {}  # engine request id -> Handle, until every choice has finished
-        self.embeddings = Embeddings()  # jobs waiting for their vectors
+        self._embeds = {}  # embedding job id -> Future of its vectors (cancelled if the engine process dies)
         self._ids = itertools.count()
         self._lock, self._send_lock = threading.Lock(), threading.Lock()  # a pipe takes one sender at a time
-        self._ready, self._closed = threading.Event(), False
-        self._conn = self._proc = None
+        self._ready, self._closed, self._conn, self._proc = threading.Event(), False, None, None
         self._thread = threading.Thread(target=self._run, name="gpt2i-reader", daemon=True)
         self.metrics = Metrics(self)
 
@@ -93,7 +87,6 @@ class EngineClient:
         """Start the engine process (it loads the model) and the thread that reads it."""
         self._conn, self._proc = spawn_engine(self.config)
         self._thread.start()
-        return self
 
     def wait_ready(self, timeout=None):
         """True when the model is loaded, False on timeout; a failed load raises UserError."""
@@ -146,9 +139,8 @@ class EngineClient:
 
     def _fail_all(self, error):
         with self._lock:
-            for r in list(self._replies):
-                if r.ended is None:
-                    self._end(r, error)
+            for r in [r for r in self._replies if r.ended is None]:
+                self._end(r, error)
 
     def _run(self):
         """Per engine process: its load result, then its messages until it stops; a dead one is replaced."""
@@ -161,10 +153,10 @@ class EngineClient:
                 self.status, self.error = "error", first.error
                 self._ready.set()
                 return
-            self.info, self.context_length, self.stats = first.info, first.context_length, first.stats
+            self.info, self.context_length, self.stats = first.info, first.info["context_length"], first.stats
             self.status = "ok"
             self._ready.set()
-            log.info({"event": "model_loaded", "model": self.model_name, **self.describe(), "pid": os.getpid()})
+            log.info({"event": "model_loaded", "model": self.model_name, **self.info, "pid": os.getpid()})
             self._read()
             if self._closed:
                 return
@@ -186,7 +178,8 @@ class EngineClient:
                                 del self._handles[handle.id]
                     self.stats = stats
                     for job_id, vectors in embedded:
-                        self.embeddings.answer(job_id, vectors)
+                        if (call := self._embeds.get(job_id)) is not None:  # None: the caller gave up
+                            call.set_result(vectors)
                 case Failed(request_ids, error):
                     with self._lock:
                         for rid in request_ids:
@@ -205,7 +198,8 @@ class EngineClient:
         self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
         with self._lock:
             self._handles.clear()
-        self.embeddings.abort()
+        for call in list(self._embeds.values()):
+            call.cancel()
         self._conn, self._proc = spawn_engine(self.config)
 
     def require_ready(self):
@@ -224,9 +218,8 @@ class EngineClient:
         self.require_ready()
         size, cap = len(prompts) * n, self.config.max_queue
         if size > cap:
-            raise invalid("n" if len(prompts) == 1 else "prompt",
-                          f"this request asks for {size} generations (prompts x n); the server admits at most "
-                          f"{cap} at once (--max-queue)")
+            raise invalid("n" if len(prompts) == 1 else "prompt", f"this request asks for {size} generations "
+                          f"(prompts x n); the server admits at most {cap} at once (--max-queue)")
         reply = Reply(size, stream)
         with self._lock:
             if not self.accepting:
@@ -236,7 +229,7 @@ class EngineClient:
             self._replies.add(reply)
             group = next(self._ids)
             for i, (ids, _) in enumerate(prompts):
-                handle = Handle(next(self._ids), n, reply, i * n, ids)
+                handle = Handle(next(self._ids), n, reply, i * n)
                 self._handles[handle.id] = handle
                 reply.handles.append(handle)
                 reply.prompt_tokens += len(ids)
@@ -259,8 +252,13 @@ class EngineClient:
     def embed(self, inputs):
         """Embeddings of id lists (checked), computed by the engine a slice per step."""
         self.require_ready()
-        return self.embeddings.ask(next(self._ids), lambda job: self._send(Embed(job, inputs)))
-
-    def describe(self):
-        return {"device": self.info.get("device"), "dtype": self.info.get("dtype"), "quantize": self.info.get("quantize"),
-                "context_length": self.context_length, "graphs_captured": self.info.get("graphs_captured")}
+        job = next(self._ids)
+        call = self._embeds[job] = futures.Future()
+        try:
+            if self._send(Embed(job, inputs)):
+                return call.result(EMBED_TIMEOUT_S)
+        except (futures.TimeoutError, futures.CancelledError):
+            pass
+        finally:
+            del self._embeds[job]
+        raise ApiError(500, "server_error", "embedding failed: the engine did not answer")

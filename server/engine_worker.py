@@ -12,8 +12,6 @@ from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
 from grammar import ConstraintError, compile_constraint
 
-# ---------------------------------------------------------------- messages: server -> engine
-
 
 @dataclass
 class Add:
@@ -41,13 +39,10 @@ class Embed:
 class Stop:
     pass
 
-# ---------------------------------------------------------------- messages: engine -> server
-
 
 @dataclass
 class Ready:
-    info: dict
-    context_length: int
+    info: dict  # what /health shows: device, dtype, quantize, context_length, graphs_captured
     stats: dict
 
 
@@ -76,11 +71,12 @@ def engine_process(conn, cfg):
         model, info = load_model_from_checkpoint(cfg.ckpt, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
         engine = Engine(model, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk, compile=cfg.compile,
                         prefix_cache=cfg.prefix_cache, prefix_cache_mb=cfg.prefix_cache_mb)
-        info["graphs_captured"] = engine.warmup()  # CUDA: no request waits for a capture
+        graphs = engine.warmup()  # CUDA: no request waits for a capture
     except Exception as e:
         conn.send(LoadFailed((str(e).splitlines() or [type(e).__name__])[0]))
         return
-    conn.send(Ready(info, int(model.config.block_size), engine.stats()))
+    conn.send(Ready({"device": info["device"], "dtype": info["dtype"], "quantize": info["quantize"],
+                     "context_length": int(model.config.block_size), "graphs_captured": graphs}, engine.stats()))
     try:
         engine_loop(conn, engine)
     except (EOFError, OSError):

@@ -6,7 +6,6 @@ import os
 from cli import CLIParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV_PREFIX = "GPT2I_"
 
 # name: (default, type, help)
 OPTIONS = {
@@ -47,7 +46,7 @@ OPTIONS = {
 
 
 def env_name(name):
-    return ENV_PREFIX + name.upper()
+    return "GPT2I_" + name.upper()
 
 
 def build_parser():

@@ -2,7 +2,6 @@
 outputs on the reply's queue; an ApiError put there ends it early (shutdown, engine failure)."""
 
 import queue
-import threading
 import time
 from dataclasses import dataclass
 
@@ -10,7 +9,6 @@ from server.config import ApiError, ClientGone, client_gone
 
 KEEPALIVE_S = 15.0  # an SSE comment after this long without a token keeps proxies from closing the stream
 POLL_S = 0.05  # how often a request thread waiting for tokens checks that its client is still there
-EMBED_TIMEOUT_S = 120.0  # how long an embeddings call waits for the engine
 
 
 @dataclass(eq=False)
@@ -21,7 +19,6 @@ class Handle:
     n: int
     reply: "Reply"
     base: int
-    ids: list
     finished: int = 0  # choices
 
     @property
@@ -112,29 +109,3 @@ class Reply:
                 self.queue.put(self.pending)
                 self.pending = []
         return handle.done
-
-
-class Embeddings:
-    """Embedding calls waiting for their vectors: ask() from a request thread, answer() from the reader."""
-
-    def __init__(self):
-        self.calls = {}  # job id -> [threading.Event, vectors]
-
-    def ask(self, job, send):
-        call = self.calls[job] = [threading.Event(), None]
-        try:
-            if not send(job) or not call[0].wait(EMBED_TIMEOUT_S) or call[1] is None:
-                raise ApiError(500, "server_error", "embedding failed: the engine did not answer")
-        finally:
-            self.calls.pop(job, None)
-        return call[1]
-
-    def answer(self, job, vectors):
-        call = self.calls.get(job)
-        if call is not None:
-            call[1] = vectors
-            call[0].set()
-
-    def abort(self):
-        for call in list(self.calls.values()):
-            call[0].set()

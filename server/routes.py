@@ -1,14 +1,13 @@
-"""The routes, in two blueprints: native (/health, /params, /generate, /tokenize, /detokenize, /metrics,
-/openapi.json, the chat page and its static files) and OpenAI's (/v1/completions, /v1/chat/completions,
-/v1/responses (nothing is stored), /v1/embeddings, /v1/models)."""
+"""The routes (docs/design.md lists them), in two blueprints: native, and OpenAI's (/v1/*)."""
 
 import base64
 import itertools
 import os
 import time
 
+import prometheus_client as prom
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import MethodNotAllowed
 
 from engine.detokenizer import encode_prompt
 from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_prompt_text
@@ -24,8 +23,7 @@ from tokenizer import decode, encode
 
 native = Blueprint("native", __name__)
 openai = Blueprint("openai", __name__)
-# the request forms of a constraint (grammar.FORMS): the field holding the spec, the kind of spec, the type
-# field that selects it
+# /params: each request form of a constraint (grammar.FORMS): its field, its kind, the type field selecting it
 CONSTRAINTS = [{"field": f.field, "kind": f.kind, "when": dict([f.when]) if f.when else None} for f in FORMS]
 
 
@@ -34,7 +32,7 @@ def health():
     server = client()
     if server.status == "ok" and server.accepting:
         queue = {k: v for k, v in server.stats.items() if k != "prefix_cache"}
-        return jsonify({"status": "ok", "model": server.model_name, **server.describe(), "restarts": server.restarts,
+        return jsonify({"status": "ok", "model": server.model_name, **server.info, "restarts": server.restarts,
                         "queue": {**queue, "admitted": server.admitted(), "max_queue": server.config.max_queue},
                         "prefix_cache": server.stats.get("prefix_cache")})
     status = server.status if server.status != "ok" else "shutting_down"
@@ -112,8 +110,7 @@ def detokenize():
 
 @native.get("/metrics")
 def metrics():
-    data, content_type = client().metrics.exposition()
-    return Response(data, mimetype="text/plain", headers={"Content-Type": content_type})
+    return Response(prom.generate_latest(client().metrics.registry), content_type=prom.CONTENT_TYPE_LATEST)
 
 
 @native.get("/openapi.json")
@@ -132,18 +129,12 @@ def index():
 
 
 @native.get("/static/<path:filename>", endpoint="static_file")
-# every method, so that a POST to a path that is no file is a 404, not a 405 (werkzeug checks the
-# method before the converter)
+# every method: a POST to a path that is no file is a 404, not a 405 (werkzeug checks methods first)
 @native.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def static_files(filename):
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
-    try:
-        return send_from_directory(current_app.config["STATIC_DIR"], filename)
-    except NotFound:
-        raise ApiError(404, "not_found", f"no such route or file: /{filename}") from None
-
-# ---------------------------------------------------------------------------- OpenAI
+    return send_from_directory(current_app.config["STATIC_DIR"], filename)  # a missing file: the 404 of any path
 
 
 def openai_request(route, table, defaults=None):

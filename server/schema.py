@@ -9,7 +9,7 @@ from flask import request
 
 from engine.sampling_params import PARAM_RANGES, ParamError, SamplingParams, check_ids
 from grammar import FORMS, TYPES, compile_constraint, constraint_from_request
-from server.chat import MAX_TOOLS
+from server.chat import MAX_TOOLS, NAME, ROLES
 from server.config import HTTP_TYPES, ApiError, invalid, short
 
 MAX_N = 8  # choices per request (n): they share one prefill
@@ -52,7 +52,7 @@ STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type
 
 MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "name": {"type": "string"},
+        "role": {"enum": list(ROLES)}, "name": {"type": "string"},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
             "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
@@ -61,7 +61,7 @@ MESSAGES = {"type": "array", "minItems": 1, "items": {
             "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
         "tool_call_id": {"type": "string"}}}}
 FUNCTION = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "name": {"type": "string", "pattern": NAME.pattern}, "description": {"type": "string"},
     "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
 JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 

@@ -343,8 +343,10 @@ def _set_template_version(folder):
     ("no_dir", "meta.json: not found"),
     ("no_npz", "val.npz: not found"),
     ("template", "template version 999"),
-    ("rank0", "--lora-rank must be an integer >= 1"),
-    ("rank_neg", "--lora-rank must be an integer >= 1"),
+    ("rank0", "--lora-rank: must be >= 1"),
+    ("rank_neg", "--lora-rank: must be >= 1"),
+    ("alpha", "--lora-alpha: must be > 0"),
+    ("dropout", "--lora-dropout: must be >= 0 and < 1"),
     ("target", "'q_proj' matches no Linear layer"),
     ("lm_head", "tied to the token embedding"),
     ("no_targets", "--lora-targets is empty"),
@@ -363,6 +365,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(data80, tiny_ckpt, tmp_pa
         data = _broken_copy(data80, tmp_path / "d", _set_template_version)
     elif case in ("rank0", "rank_neg"):
         extra = ["--lora-rank", "0" if case == "rank0" else "-2"]
+    elif case in ("alpha", "dropout"):
+        extra = ["--lora-rank", "4", f"--lora-{case}", "0" if case == "alpha" else "1"]
     elif case in ("target", "lm_head", "no_targets"):
         extra = ["--lora-rank", "4", "--lora-targets", {"target": "c_attn,q_proj", "lm_head": "lm_head",
                                                         "no_targets": " , "}[case]]
