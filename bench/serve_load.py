@@ -32,6 +32,8 @@ import http.client
 import json
 import os
 import random
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,7 +48,6 @@ sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from bench.prefill import MODELS, random_ids, timed  # noqa: E402
-from bench.prod_stack import Stack, request  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -162,6 +163,71 @@ def prefill_chunk_ms(engine, n, rng):
 
 
 # ---------------------------------------------------------------------- the server's phases
+
+
+class Stack:
+    """`gunicorn -c gunicorn.conf.py` on 127.0.0.1, alone on its port or (nginx=True) behind nginx as
+    `make serve-prod` runs it."""
+
+    def __init__(self, ckpt, folder, nginx=False, env=None, args=()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log_path, self.run_dir = os.path.join(folder, "gunicorn.log"), os.path.join(folder, "run")
+        env = {**os.environ, "GPT2I_CKPT": ckpt, "GPT2I_RATE_LIMIT": "none", **(env or {})}
+        if nginx:
+            env.update(GPT2I_NGINX_LISTEN=f"127.0.0.1:{self.port}", GPT2I_RUN_DIR=self.run_dir)
+        else:
+            env["GPT2I_BIND"] = f"127.0.0.1:{self.port}"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *args, "serve:create_app()"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_healthy(self, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the stack exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            try:
+                if request(self.port, "GET", "/health", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"not healthy after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def request(port, method, path, body=None, headers=None, timeout=30.0):
+    """One request on a fresh connection -> (status, headers, body text). OSError when unanswered."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body) if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode()
+    finally:
+        conn.close()
 
 
 def post(conn, path, body):
@@ -412,7 +478,7 @@ def server(args, ckpt, folder, **env):
            "GPT2I_COMPILE": "1" if args.compile else "0", "GPT2I_LOG_LEVEL": "warning", **env}
     if args.prefill_chunk:
         env["GPT2I_PREFILL_CHUNK"] = str(args.prefill_chunk)
-    return Stack(ckpt, folder, nginx=False, env=env)
+    return Stack(ckpt, folder, env=env)
 
 
 def main(argv=None):
@@ -431,7 +497,7 @@ def main(argv=None):
                     r = phase(stack.port, args)
                     results[name] = {**r, "errors": len(r["errors"]), "first_errors": r["errors"][:3]}
             results["cache_on"], lls = prompt_phases(stack.port, args, skip)
-            results["prefix_cache"] = json.loads(request(stack.port, "GET", "/health", timeout=30)[2])["prefix_cache"]
+            results["prefix_cache"] = json.loads(request(stack.port, "GET", "/health")[2])["prefix_cache"]
         if "cacheoff" not in skip and not {"chat", "loglik"} <= skip:
             with server(args, ckpt, folder, GPT2I_PREFIX_CACHE="0") as stack:
                 stack.wait_healthy(600)

@@ -5,23 +5,22 @@ nginx is a Debian package (`apt-get install nginx`; .ci/run installs it). Withou
 skipped, unless CI_REQUIRE_ALL is set (CI), where they fail instead.
 """
 
+import http.client
 import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from bench.prod_stack import Stack, request, reload, slowloris, stream, terminal
+from bench.serve_load import Stack, request
 from server.app import SECURITY_HEADERS
 from test_serve_config import make_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_TIMEOUT = 2.0  # seconds a probe may take to count as answered
 
 GRACEFUL = 12  # gunicorn --graceful-timeout: requests get 7 s of it on a reload (gunicorn.conf.py keeps 5)
 
@@ -36,9 +35,109 @@ def stack(tmp_path_factory):
     need_nginx()
     folder = tmp_path_factory.mktemp("prod")
     ckpt = make_checkpoint(str(folder), block_size=1024)
-    with Stack(ckpt, str(folder), args=["--graceful-timeout", str(GRACEFUL)]) as s:
+    with Stack(ckpt, str(folder), nginx=True, args=["--graceful-timeout", str(GRACEFUL)]) as s:
         s.wait_healthy()
         yield s
+
+
+def stream(port, body, timeout=120.0, on_event=None):
+    """POST /generate with stream: true -> (status, [(monotonic arrival, event dict), ...])."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    events = []
+    try:
+        conn.request("POST", "/generate", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, [(time.monotonic(), json.loads(resp.read() or b"{}"))]
+        for line in resp:
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), json.loads(line[6:])))
+                if on_event:
+                    on_event(events[-1][1])
+        return resp.status, events
+    finally:
+        conn.close()
+
+
+def terminal(events):  # the stream's last event is done or an error
+    return bool(events) and ("done" in events[-1][1] or "error" in events[-1][1])
+
+
+def probe_once(port, timeout=PROBE_TIMEOUT):
+    """[status of GET /health, of a small POST /generate]: each a number, or "timeout", "ConnectionRefusedError"..."""
+    out = []
+    for method, path, body in (("GET", "/health", None), ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 2})):
+        try:
+            out.append(request(port, method, path, body, timeout=timeout)[0])
+        except OSError as e:
+            out.append("timeout" if isinstance(e, socket.timeout) else type(e).__name__)
+    return out
+
+
+def slowloris(port, n, hold):
+    """n half-requests held for `hold` s while probing once a second -> result dict."""
+    socks = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if i % 2:  # a header that never ends
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        else:  # a whole header, half the body
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 200\r\n\r\n{\"prompt\": ")
+        socks.append(s)
+    probes, end = [], time.monotonic() + hold
+    while time.monotonic() < end:
+        started = time.monotonic()
+        probes.append(probe_once(port))
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    replied = 0  # slow connections that got any bytes back (an answer to half a request)
+    for s in socks:
+        s.setblocking(False)
+        try:
+            replied += bool(s.recv(1))
+        except (BlockingIOError, ConnectionError):
+            pass
+        s.close()
+    return {"probes": len(probes), "health_ok": sum(p[0] == 200 for p in probes),
+            "generate_ok": sum(p[1] == 200 for p in probes), "slow_replied": replied,
+            "failures": sorted({str(x) for p in probes for x in p if x != 200})}
+
+
+def reload(stack, streams, max_new_tokens, timeout=120.0):
+    """SIGHUP with `streams` streams running; probe (waiting up to `timeout`) until the old worker is gone
+    -> result dict."""
+    results, started = [None] * streams, [threading.Event() for _ in range(streams)]
+
+    def run(i):
+        body = {"prompt": f"Story {i}:", "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        try:
+            results[i] = stream(stack.port, body, on_event=lambda _: started[i].set())
+        except OSError as e:
+            results[i] = (type(e).__name__, [])
+        started[i].set()  # one that failed before its first event
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for event in started:
+        event.wait()
+    before = stack.log().count("Worker exiting")
+    os.kill(stack.proc.pid, signal.SIGHUP)
+    probes, t0 = [], time.monotonic()
+    while time.monotonic() < t0 + timeout:  # until the new worker answered and the old one exited
+        done = stack.log().count("Worker exiting") > before
+        probes.append(probe_once(stack.port, timeout))
+        if done and probes[-1] == [200, 200]:
+            break
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout)
+    log, flat = stack.log(), [s for p in probes for s in p]
+    return {"streams_ended": sum(r is not None and r[0] == 200 and terminal(r[1]) for r in results),
+            "probes": len(flat), "probes_503": flat.count(503), "probes_unanswered": sum(type(x) is str for x in flat),
+            "worker_signalled": sum(s in log for s in ("was sent SIG", "terminate called", "WORKER TIMEOUT")),
+            "failures": sorted({str(x) for x in flat if x != 200})}
 
 
 def app_security_headers(headers):
@@ -149,7 +248,7 @@ def test_a_model_that_fails_to_load_stops_the_stack(tmp_path):
     need_nginx()
     with open(make_checkpoint(str(tmp_path), block_size=64), "r+b") as f:
         f.truncate(1000)  # a checkpoint cut short
-    with Stack(str(tmp_path / "ckpt.pt"), str(tmp_path)) as s:
+    with Stack(str(tmp_path / "ckpt.pt"), str(tmp_path), nginx=True) as s:
         assert s.proc.wait(120) == 2  # the master stopped instead of respawning it
         log = s.log()
     errors = [line for line in log.splitlines() if "error" in line.lower()]
@@ -158,9 +257,3 @@ def test_a_model_that_fails_to_load_stops_the_stack(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=5).close()  # nginx went with it
 
-
-@pytest.mark.parametrize("args", [["--ckpt", "/no/such/ckpt"], ["--ckpt", ".", "--slow", "-1"], ["--hold", "5"]])
-def test_bad_flags_are_one_line_and_exit_2(args):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prod_stack.py"), *args], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
