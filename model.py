@@ -76,7 +76,8 @@ class CausalSelfAttention(nn.Module):
                 k_cache[:, :T].index_copy_(0, rows, k.to(k_cache.dtype))
                 v_cache[:, :T].index_copy_(0, rows, v.to(v_cache.dtype))
             else:
-                k_cache.index_put_((rows, positions), k.to(k_cache.dtype))  # in place: row b, token t -> slot rows[b], position positions[b, t]
+                # in place: token t of row b -> slot rows[b], position positions[b, t]
+                k_cache.index_put_((rows, positions), k.to(k_cache.dtype))
                 v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
                 k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
         y = F.scaled_dot_product_attention(
