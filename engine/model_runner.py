@@ -3,6 +3,7 @@ the forwards and samples on the device; results come back through one Fetch per 
 Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab, L cache positions read.
 """
 
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,9 +249,19 @@ class ModelRunner:
 
     def fill_masks(self, work, earlier):
         """Start the masks of a constrained step -> a Future of the bitmask: each matcher takes its last token
-        from the earlier works, then a thread fills the masks while the host makes the text."""
+        from the earlier works, then a thread fills the masks while the host makes the text. The host waits
+        until that thread runs: it needs the GIL to start, and the text making that follows is pure Python,
+        which holds the GIL until it blocks, so the masks would be computed after the text, not beside it."""
         advance_matchers(earlier)
-        return self.filler.submit(grammar_masks, work.rows, self.host_mask[:len(work.rows)])
+        started, bitmask = threading.Event(), self.host_mask[:len(work.rows)]
+
+        def fill():
+            started.set()
+            return grammar_masks(work.rows, bitmask)  # llguidance's part runs without the GIL
+
+        masks = self.filler.submit(fill)
+        started.wait()
+        return masks
 
     def sample_masked(self, work, bitmask):
         """Sample a constrained step under its masks -> work.fetch."""
