@@ -93,8 +93,15 @@ class PrefixCache:
 
     def match(self, ids, logprobs=False):
         """The longest cached prefix of ids (full blocks, never the last token's block, whose logits give the
-        first new token); logprobs: only blocks holding echo entries. Counted in the stats."""
+        first new token) if it is at least half of ids, else none; logprobs: only blocks holding echo entries.
+        Counted in the stats."""
         rows = self._lookup(ids, logprobs)
+        if 2 * len(rows) * BLOCK_TOKENS < len(ids):
+            # a shorter one does not pay: the rest runs on the masked attention path (not FlashAttention)
+            # and pads its step's batch of continuing rows to its length. HellaSwag's 10-shot prompts
+            # (~30 blocks) share a first example now and then (1-5 blocks): taken, those padded a step's
+            # continuing rows from ~30 tokens to ~450
+            rows = []
         self._touch(rows)
         s = self.stats
         s.hits, s.misses = s.hits + bool(rows), s.misses + (not rows)
