@@ -131,9 +131,10 @@ class ModelRunner:
         self.u = torch.zeros(S, self.kmax, device=dev)  # this chunk's uniforms
         self.j = torch.zeros(1, dtype=torch.long, device=dev)  # step within the chunk
         self.out = torch.zeros(S, self.kmax, dtype=torch.long, device=dev)  # sampled ids
-        self.out_lp = torch.zeros(S, self.kmax, device=dev)  # their raw log-probabilities
+        lp_dtype = torch.promote_types(self.dtype, torch.float32)  # logprobs as sample's logits: float64 stays
+        self.out_lp = torch.zeros(S, self.kmax, device=dev, dtype=lp_dtype)  # their raw log-probabilities
         self.top_ids = torch.zeros(S, self.kmax, MAX_LOGPROBS, dtype=torch.long, device=dev)
-        self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev)
+        self.top_lp = torch.zeros(S, self.kmax, MAX_LOGPROBS, device=dev, dtype=lp_dtype)
         # constrained batches: the forward's logits, sampled under the grammars' bitmask (all ones: no grammar)
         self.logits = torch.zeros(S, self.config.vocab_size, dtype=self.dtype, device=dev)
         self.mask = new_bitmask(S).fill_(-1).to(dev)
@@ -323,12 +324,18 @@ def prefill_forward(runner, rows):
         h = runner.model.hidden(idx, cache=runner.cache, pos=pos, slots=slots, kv_len=max(starts) + width)
     # idle slots decode at the prefilled length, so their garbage lands past it
     runner.pos.index_copy_(0, slots, runner.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
+    echo = []  # (request, its row, m, the m prompt tokens its first m positions predict)
     for b, (r, s, n) in enumerate(rows):
         r.filled = s + n
-        m = min(n, len(r.prompt) - s - 1)  # positions predicting a prompt token
+        m = min(n, len(r.prompt) - s - 1)
         if r.echo and m > 0:
-            targets = runner.upload(r.prompt[s + 1:s + 1 + m], torch.long)
-            r.prompt_lp.append(logprobs(runner.model.lm_head(h[b, :m]), targets))
+            echo.append((r, b, m, r.prompt[s + 1:s + 1 + m]))
+    if echo:  # one lm_head and one log_softmax over the echo rows' positions, not a few ops per row
+        at = runner.upload([b * width + t for _, b, m, _ in echo for t in range(m)], torch.long)
+        targets = runner.upload([t for *_, ids in echo for t in ids], torch.long)
+        entries = logprobs(runner.model.lm_head(h.flatten(0, 1).index_select(0, at)), targets)
+        for (r, *_), *parts in zip(echo, *(t.split([m for _, _, m, _ in echo]) for t in entries)):
+            r.prompt_lp.append(tuple(parts))
     return h
 
 

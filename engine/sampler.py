@@ -83,7 +83,7 @@ def sample(logits, p, u, n_cand, penalties=None):
 def logprobs(logits, ids):
     """Raw log-probabilities (before any sampling parameter) of ids (R,) under logits (R, V') ->
     (logprob (R,), top ids (R, MAX_LOGPROBS), their logprobs)."""
-    raw = torch.log_softmax(logits[:, :N_VOCAB].float(), dim=-1)
+    raw = torch.log_softmax(logits[:, :N_VOCAB].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     top = raw.topk(MAX_LOGPROBS, dim=-1)
     return raw.gather(1, ids.view(-1, 1)).view(-1), top.indices, top.values
 
