@@ -28,7 +28,7 @@ from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, inval
 from server.engine_client import EngineClient
 from server.respond import finish_request, log
 
-QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
+QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_root")}  # debug level
 OPEN_ENDPOINTS = QUIET_ENDPOINTS | {"native.params", "native.openapi"}  # no API key needed
 GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings",
               "openai.responses")

@@ -128,7 +128,6 @@ def index():
                     "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
 
 
-@native.get("/static/<path:filename>", endpoint="static_file")
 # every method: a POST to a path that is no file is a 404, not a 405 (werkzeug checks methods first)
 @native.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def static_files(filename):
