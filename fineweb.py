@@ -85,12 +85,12 @@ def read_manifest(data_dir, split="train"):
     raise UserError(f"{path} is not a shard manifest written by fineweb.py")
 
 
-def list_shards(data_dir, split, prefix=None):
+def list_shards(data_dir, split):
     """Paths of one split ('train' | 'val') as the manifest lists them, each checked against its size."""
     paths = []
     for s in read_manifest(data_dir, split)["shards"]:
         path = os.path.join(data_dir, s["file"])
-        if s["split"] != split or (prefix is not None and not s["file"].startswith(prefix + "_")):
+        if s["split"] != split:
             continue
         if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
             raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match "
@@ -289,12 +289,10 @@ def main(argv=None):
     with locked_out_dir(args.out_dir):
         clean_stale_temps(args.out_dir)
         ours = [n for n in os.listdir(args.out_dir) if SHARD_RE.match(n) or n == MANIFEST]
-        if MANIFEST in ours and not args.overwrite:
-            raise UserError(f"{args.out_dir} holds a finished set of shards: pass --overwrite to replace it, "
-                            f"or choose another --out-dir")
         if ours and not args.overwrite:
-            raise UserError(f"{args.out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
-                            f"or choose another --out-dir")
+            held = "a finished set of shards" if MANIFEST in ours else "shards of an unfinished run"
+            raise UserError(f"{args.out_dir} holds {held}: pass --overwrite to replace them, or choose another "
+                            f"--out-dir")
         for name in sorted(ours, key=lambda n: n != MANIFEST):  # the manifest first: no moment leaves a readable mix
             os.remove(os.path.join(args.out_dir, name))
         if args.input:

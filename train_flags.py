@@ -66,7 +66,6 @@ def pretrain_parser():
                               "resume).", formatter_class=DefaultsFormatter)
     add_train_args(p)
     m = p.add_argument_group("pretraining")
-    m.add_argument("--data-prefix", help="shard prefix, when the folder holds several")
     m.add_argument("--n-layer", type=int, default=12, help="model shape (scratch)")
     m.add_argument("--n-head", type=int, default=12)
     m.add_argument("--n-embd", type=int, default=768)

@@ -463,11 +463,11 @@ def main(argv=None):
                         f"{args.block_size}")
     dist = setup_distributed(args.device)
     try:
-        train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
+        train = TokenWindows(list_shards(args.data_dir, "train"), args.block_size,
                              args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt)
         n_val = args.eval_steps * args.batch_size if args.eval_interval else 0
-        val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
+        val = val_windows(list_shards(args.data_dir, "val"), args.block_size, args.batch_size,
                           n_val, dist.rank, dist.world_size) if n_val else []
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:
