@@ -58,17 +58,6 @@ def read_file_rows(path, limit=None):
     return rows
 
 
-def read_hub_rows(limit=None):
-    """Rows of databricks-dolly-15k from the Hugging Face hub; UserError suggesting --input when unreachable."""
-    name = HF_DATASET
-    print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)", flush=True)
-    records = itertools.islice(open_hub_rows(name), limit)
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(records, 1)]
-    if not rows:
-        raise UserError(f"{name}: no rows")
-    return rows
-
-
 _NEWLINES = re.compile(r"\r\n|[\r\u2028\u2029\x85]")
 _INNER_SPACE = re.compile(r"(?<=\S)[^\S\n]+")  # whitespace runs after a non-space: indentation is kept
 _TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.M)
@@ -264,7 +253,10 @@ def main(argv=None):
             digest = hashlib.sha256(f.read()).hexdigest()  # instruction files are small
         source = {"type": "file", "name": args.input, "path": os.path.abspath(args.input), "sha256": digest}
     else:
-        rows = read_hub_rows(args.limit)
+        print(f"loading {HF_DATASET} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)",
+              flush=True)
+        records = enumerate(itertools.islice(open_hub_rows(HF_DATASET), args.limit), 1)
+        rows = [validate_row(obj, f"{HF_DATASET} row {i}") for i, obj in records]
         source = {"type": "huggingface", "name": HF_DATASET, "split": "train"}
     meta = prepare(rows, args.out_dir, {**source, "limit": args.limit}, args.val_fraction, args.max_len, args.seed,
                    progress=not args.no_progress)
