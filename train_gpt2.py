@@ -31,8 +31,7 @@ from checkpoint import (CKPT_NAME, SHAPE_KEYS, CheckpointError, build_model, cap
 from common import UserError, clean_stale_temps  # noqa: E402
 from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
 from fineweb import list_shards, read_shard  # noqa: E402
-from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
-from hellaswag import load_examples  # noqa: E402
+from hellaswag import evaluate as hellaswag_accuracy, load_examples  # noqa: E402
 from inference import Engine, generate_text  # noqa: E402
 from lora import merged_state_dict  # noqa: E402
 from optim import Optimizer  # noqa: E402

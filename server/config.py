@@ -141,8 +141,7 @@ def invalid(param, message, code=None):
     return ApiError(400, "invalid_request_error", message, param, code)
 
 
-def short(value):
-    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
+short = reprlib.repr  # a value as a message shows it: bounded in length and depth, whatever a client nests
 
 
 def unavailable(code, message, retry_after):
