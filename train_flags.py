@@ -57,7 +57,6 @@ def add_train_args(p):
                    help="autocast dtype (auto: bf16 on CUDA, else float32; float16 would need loss scaling)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for CUDA)")
     s.add_argument("--prefetch", type=bounded(int, 0), default=4, help="steps loaded ahead in a thread (0: none)")
-    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
     return p
 
 

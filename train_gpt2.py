@@ -244,7 +244,7 @@ class Trainer:
     def shrink_micro_batch(self):
         """CUDA OOM: halve the micro-batch (to a divisor of this rank's rows), so the same step can run again."""
         torch.cuda.empty_cache()
-        if self.dist.enabled or self.args.no_auto_shrink or self.micro == 1:
+        if self.dist.enabled or self.micro == 1:
             raise UserError(f"CUDA out of memory at micro batch {self.micro} x {self.train_data.seq_len} tokens: "
                             f"lower --batch-size" + (" or --block-size" if self.micro == 1 else ""))
         old, self.micro = self.micro, max(d for d in range(1, self.micro // 2 + 1) if self.per_rank % d == 0)
