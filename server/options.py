@@ -38,7 +38,6 @@ OPTIONS = {
     "quantize": ("none", str, "none, or int8 (CPU, float32)"),
     "compile": (False, bool, "torch.compile the decode step (CUDA; slower start, faster decoding) (1/0)"),
     "threads": (32, int, "python serve.py: most connections served at once (the rest wait their turn)"),
-    "read_timeout": (30.0, float, "python serve.py: seconds a connection may stay silent while sending its request"),
     "graceful_timeout": (30.0, float, "python serve.py: seconds running streams get to finish on SIGTERM"),
     "static_dir": (os.path.join(ROOT, "static"), str, "folder with the chat page, served at /"),
     "log_level": ("info", str, "debug, info, warning, error (requests to /health and static files: debug)"),
