@@ -7,7 +7,6 @@
 import collections
 import contextlib
 import fcntl
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -62,12 +61,12 @@ def read_shard(path):
     return tokens
 
 
-def write_manifest(out_dir, paths, fingerprint=None):
+def write_manifest(out_dir, paths):
     """Declare `paths` (shards in out_dir) a finished set: written last, the only list training reads."""
     shards = [{"file": os.path.basename(p), "split": SHARD_RE.match(os.path.basename(p))["split"],
                "tokens": (os.path.getsize(p) - HEADER_BYTES) // 2} for p in paths]
     with atomic_path(os.path.join(out_dir, MANIFEST)) as tmp, open(tmp, "w") as f:
-        json.dump({"version": VERSION, "fingerprint": fingerprint, "shards": shards}, f, indent=1)
+        json.dump({"version": VERSION, "shards": shards}, f, indent=1)
 
 
 def read_manifest(data_dir, split="train"):
@@ -86,12 +85,12 @@ def read_manifest(data_dir, split="train"):
     raise UserError(f"{path} is not a shard manifest written by fineweb.py")
 
 
-def list_shards(data_dir, split, prefix=None):
+def list_shards(data_dir, split):
     """Paths of one split ('train' | 'val') as the manifest lists them, each checked against its size."""
     paths = []
     for s in read_manifest(data_dir, split)["shards"]:
         path = os.path.join(data_dir, s["file"])
-        if s["split"] != split or (prefix is not None and not s["file"].startswith(prefix + "_")):
+        if s["split"] != split:
             continue
         if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
             raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match "
@@ -178,7 +177,7 @@ def iter_token_chunks(docs, workers):
 
 
 def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD_SIZE, val_tokens=None,
-                       max_tokens=None, workers=1, progress=True, fingerprint=None):
+                       max_tokens=None, workers=1, progress=True):
     """Tokenize `docs` (str iterable) into a set of shards and its manifest -> {"shards", "tokens", "documents"}.
     The first tokens wait until the total is known: val takes val_tokens of them, the rest are the last train shard."""
     assert shard_size >= 1 and (val_tokens is None or val_tokens >= 1), "checked by the CLI"
@@ -215,7 +214,7 @@ def write_token_shards(docs, out_dir, prefix="fineweb", shard_size=DEFAULT_SHARD
         if part.size:
             add_train(part)
     shards = [write_shard(os.path.join(out_dir, f"{prefix}_val_000000.bin"), head[:n_val])] + train
-    write_manifest(out_dir, shards, fingerprint)
+    write_manifest(out_dir, shards)
     return {"shards": shards, "tokens": total, "documents": n_docs}
 
 
@@ -287,22 +286,13 @@ def main(argv=None):
     for path in args.input or []:
         if not os.path.isfile(path):
             raise UserError(f"input file not found: {path}")
-    inputs = ([(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in args.input]
-              if args.input else [args.dataset, args.name, args.split])
-    options = [args.text_field, args.prefix, args.shard_size, args.val_tokens, args.max_tokens]
-    fingerprint = hashlib.sha256(json.dumps([inputs, options]).encode()).hexdigest()
     with locked_out_dir(args.out_dir):
         clean_stale_temps(args.out_dir)
         ours = [n for n in os.listdir(args.out_dir) if SHARD_RE.match(n) or n == MANIFEST]
-        if MANIFEST in ours and not args.overwrite:
-            if read_manifest(args.out_dir).get("fingerprint") == fingerprint:
-                print(f"{args.out_dir} already holds the shards of these inputs and options: nothing to do")
-                return {"shards": list_shards(args.out_dir, "val") + list_shards(args.out_dir, "train")}
-            raise UserError(f"{args.out_dir} holds a finished set of shards made from other inputs or options: pass "
-                            f"--overwrite to replace it, or choose another --out-dir")
         if ours and not args.overwrite:
-            raise UserError(f"{args.out_dir} holds shards of an unfinished run: pass --overwrite to replace them, "
-                            f"or choose another --out-dir")
+            held = "a finished set of shards" if MANIFEST in ours else "shards of an unfinished run"
+            raise UserError(f"{args.out_dir} holds {held}: pass --overwrite to replace them, or choose another "
+                            f"--out-dir")
         for name in sorted(ours, key=lambda n: n != MANIFEST):  # the manifest first: no moment leaves a readable mix
             os.remove(os.path.join(args.out_dir, name))
         if args.input:
@@ -311,7 +301,7 @@ def main(argv=None):
             rows = open_hub_rows(args.dataset, args.split, name=args.name, streaming=True)  # opened now
             docs, source = hub_documents(rows, args.dataset, args.text_field), f"{args.dataset} ({args.name})"
         result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
-                                    args.max_tokens, args.workers, not args.no_progress, fingerprint)
+                                    args.max_tokens, args.workers, not args.no_progress)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "
           f"shard(s) in {args.out_dir} (1 val of {len(read_shard(result['shards'][0])):,} tokens, "
           f"{len(result['shards']) - 1} train)")

@@ -23,6 +23,7 @@ def _env_int(name, default):
 
 NGINX_LISTEN = os.environ.get("GPT2I_NGINX_LISTEN", "").strip()
 RUN_DIR = os.path.abspath(os.environ.get("GPT2I_RUN_DIR", "out/prod"))
+NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
 
 LOCAL = f"{os.environ.get('GPT2I_HOST', '127.0.0.1')}:{os.environ.get('GPT2I_PORT', '5000')}"
 bind = ([f"unix:{RUN_DIR}/gunicorn.sock"] if NGINX_LISTEN
@@ -90,15 +91,11 @@ def worker_exit(server, worker):
         os._exit(0)
 
 
-def nginx_exe():
-    return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
-
-
 def on_starting(server):
     """Before gunicorn binds: nginx is installed, and the run folder holds nginx.conf filled in for this run."""
     if not NGINX_LISTEN:
         return
-    if nginx_exe() is None:
+    if NGINX is None:
         print("error: nginx is not installed (apt-get install nginx)", file=sys.stderr)
         raise SystemExit(2)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -129,7 +126,7 @@ def when_ready(server):
         os.remove(pid_file)  # left by a run that was killed; nginx writes it once it listens
     # -e: errors before the config is read go to stderr too, not to a system log file it may not open;
     # as root, nginx would hand its workers to "nobody", who cannot write the temp folders.
-    cmd = [nginx_exe(), "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
+    cmd = [NGINX, "-e", "stderr", "-p", RUN_DIR, "-c", conf] + (["-g", "user root;"] if os.geteuid() == 0 else [])
     # its own process group: a Ctrl+C reaches gunicorn, which ends its streams before it stops nginx;
     # and nginx ends with gunicorn's master, even one killed by SIGKILL
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)

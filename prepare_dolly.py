@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import lzma
 import os
 import re
 import unicodedata
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import CLIParser, DefaultsFormatter, bounded, run_cli
-from common import UserError, atomic_path, iter_jsonl, json_type, open_compressed, open_hub_rows, parse_json
+from common import UserError, atomic_path, iter_jsonl, json_type, open_hub_rows
 from prompt import TEMPLATE_VERSION, format_prompt
 from tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_tokenizer
 
@@ -47,36 +46,15 @@ def validate_row(obj, where):
 
 
 def read_file_rows(path, limit=None):
-    """Rows of a local .jsonl or .json (one array) file, optionally .xz/.gz/.bz2; UserError on any problem."""
-    kind = re.search(r"\.(jsonl|json)(\.(xz|gz|bz2))?$", path)
-    if not kind:
-        raise UserError(f"{path}: unsupported file type; use .jsonl or .json (a JSON array), "
-                        "optionally compressed as .xz, .gz or .bz2")
+    """Rows of a local .jsonl file, optionally .xz/.gz/.bz2; UserError on any problem."""
+    if not re.search(r"\.jsonl(\.(xz|gz|bz2))?$", path):
+        raise UserError(f"{path}: unsupported file type; use .jsonl, optionally compressed as .xz, .gz or .bz2")
     if not os.path.isfile(path):
         raise UserError(f"input file not found: {path}")
-    if kind[1] == "jsonl":
-        records = ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
-    else:
-        try:
-            with open_compressed(path) as f:
-                data = f.read()
-        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a truncated or corrupt archive
-            raise UserError(f"{path}: cannot read: {type(e).__name__}: {e}".splitlines()[0]) from None
-        records = ((f"{path}: item {i}", obj) for i, obj in enumerate(parse_json(data, path, list), 1))
-    rows = [validate_row(obj, where) for where, obj in itertools.islice(records, limit)]
+    records = itertools.islice(iter_jsonl(path), limit)
+    rows = [validate_row(obj, f"{path}:{lineno}") for lineno, obj in records]
     if not rows:
         raise UserError(f"{path}: no rows (the file is empty)")
-    return rows
-
-
-def read_hub_rows(limit=None):
-    """Rows of databricks-dolly-15k from the Hugging Face hub; UserError suggesting --input when unreachable."""
-    name = HF_DATASET
-    print(f"loading {name} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)", flush=True)
-    records = itertools.islice(open_hub_rows(name), limit)
-    rows = [validate_row(obj, f"{name} row {i}") for i, obj in enumerate(records, 1)]
-    if not rows:
-        raise UserError(f"{name}: no rows")
     return rows
 
 
@@ -254,7 +232,7 @@ def build_parser():
                     "context, response, category) into OUT_DIR/train.npz, val.npz and meta.json for "
                     "finetune_dolly.py. Loss mask: 1 on the response and its closing <|endoftext|>.",
         formatter_class=DefaultsFormatter)
-    p.add_argument("--input", metavar="FILE", help="local .jsonl or .json (array) file, optionally .xz/.gz/.bz2 "
+    p.add_argument("--input", metavar="FILE", help="local .jsonl file, optionally .xz/.gz/.bz2 "
                    f"(default: {HF_DATASET} from the Hugging Face hub, which needs network)")
     p.add_argument("--out-dir", metavar="DIR", default="data/dolly", help="output folder")
     p.add_argument("--val-fraction", metavar="F", type=bounded(float, 0, below=1), default=DEFAULT_VAL_FRACTION,
@@ -275,7 +253,10 @@ def main(argv=None):
             digest = hashlib.sha256(f.read()).hexdigest()  # instruction files are small
         source = {"type": "file", "name": args.input, "path": os.path.abspath(args.input), "sha256": digest}
     else:
-        rows = read_hub_rows(args.limit)
+        print(f"loading {HF_DATASET} from the Hugging Face hub (offline? pass a local copy with --input FILE.jsonl)",
+              flush=True)
+        records = enumerate(itertools.islice(open_hub_rows(HF_DATASET), args.limit), 1)
+        rows = [validate_row(obj, f"{HF_DATASET} row {i}") for i, obj in records]
         source = {"type": "huggingface", "name": HF_DATASET, "split": "train"}
     meta = prepare(rows, args.out_dir, {**source, "limit": args.limit}, args.val_fraction, args.max_len, args.seed,
                    progress=not args.no_progress)

@@ -29,10 +29,7 @@ class _Handler(WSGIRequestHandler):
     """HTTP/1.0 (one request per connection), a read timeout, no access log of its own."""
 
     protocol_version = "HTTP/1.0"
-
-    def setup(self):
-        self.timeout = self.server.read_timeout
-        super().setup()
+    timeout = 30  # seconds a connection may stay silent while sending its request (socketserver applies it)
 
     def log_request(self, *args):
         pass
@@ -45,8 +42,7 @@ class PooledServer(ThreadedWSGIServer):
     """The server `python serve.py` runs: werkzeug's, with a fixed pool of request threads (connections past
     it wait their turn) and a read timeout. gunicorn, with gunicorn.conf.py, is the production server."""
 
-    def __init__(self, host, port, app, threads, read_timeout):
-        self.read_timeout = read_timeout
+    def __init__(self, host, port, app, threads):
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:  # bound here: werkzeug would print its own message and exit 1
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,7 +63,7 @@ class PooledServer(ThreadedWSGIServer):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = make_config({k: v for k, v in vars(args).items() if v is not None}, environ=os.environ)
-    httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads, cfg.read_timeout)
+    httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads)
     httpd.app = create_app(cfg)
     server, failed = state(httpd.app), []
 

@@ -57,7 +57,6 @@ def add_train_args(p):
                    help="autocast dtype (auto: bf16 on CUDA, else float32; float16 would need loss scaling)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on for CUDA)")
     s.add_argument("--prefetch", type=bounded(int, 0), default=4, help="steps loaded ahead in a thread (0: none)")
-    s.add_argument("--no-auto-shrink", action="store_true", help="on CUDA OOM fail instead of halving the micro batch")
     return p
 
 
@@ -66,7 +65,6 @@ def pretrain_parser():
                               "resume).", formatter_class=DefaultsFormatter)
     add_train_args(p)
     m = p.add_argument_group("pretraining")
-    m.add_argument("--data-prefix", help="shard prefix, when the folder holds several")
     m.add_argument("--n-layer", type=int, default=12, help="model shape (scratch)")
     m.add_argument("--n-head", type=int, default=12)
     m.add_argument("--n-embd", type=int, default=768)

@@ -31,8 +31,7 @@ from checkpoint import (CKPT_NAME, SHAPE_KEYS, CheckpointError, build_model, cap
 from common import UserError, clean_stale_temps  # noqa: E402
 from device import autocast, pick_dtype, setup_distributed, teardown_distributed  # noqa: E402
 from fineweb import list_shards, read_shard  # noqa: E402
-from hellaswag import evaluate as hellaswag_accuracy  # noqa: E402
-from hellaswag import load_examples  # noqa: E402
+from hellaswag import evaluate as hellaswag_accuracy, load_examples  # noqa: E402
 from inference import Engine, generate_text  # noqa: E402
 from lora import merged_state_dict  # noqa: E402
 from optim import Optimizer  # noqa: E402
@@ -245,7 +244,7 @@ class Trainer:
     def shrink_micro_batch(self):
         """CUDA OOM: halve the micro-batch (to a divisor of this rank's rows), so the same step can run again."""
         torch.cuda.empty_cache()
-        if self.dist.enabled or self.args.no_auto_shrink or self.micro == 1:
+        if self.dist.enabled or self.micro == 1:
             raise UserError(f"CUDA out of memory at micro batch {self.micro} x {self.train_data.seq_len} tokens: "
                             f"lower --batch-size" + (" or --block-size" if self.micro == 1 else ""))
         old, self.micro = self.micro, max(d for d in range(1, self.micro // 2 + 1) if self.per_rank % d == 0)
@@ -463,11 +462,11 @@ def main(argv=None):
                         f"{args.block_size}")
     dist = setup_distributed(args.device)
     try:
-        train = TokenWindows(list_shards(args.data_dir, "train", args.data_prefix), args.block_size,
+        train = TokenWindows(list_shards(args.data_dir, "train"), args.block_size,
                              args.total_batch_size // args.block_size, dist.rank, dist.world_size, args.seed)
         model = initial_model(args, ckpt)
         n_val = args.eval_steps * args.batch_size if args.eval_interval else 0
-        val = val_windows(list_shards(args.data_dir, "val", args.data_prefix), args.block_size, args.batch_size,
+        val = val_windows(list_shards(args.data_dir, "val"), args.block_size, args.batch_size,
                           n_val, dist.rank, dist.world_size) if n_val else []
         return run(args, dist, ckpt, model, train, val, "pretrain", prompts=args.sample_prompt or DEFAULT_PROMPTS)
     finally:

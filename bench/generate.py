@@ -48,9 +48,7 @@ NESTED = {"type": "object", "required": ["rows"], "properties": {"rows": {"type"
         "tag": {"enum": ["new", "sale", "old"]}, "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
         "geo": {"type": "object", "required": ["lat", "lon"], "properties": {
             "lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number"}}}}}}}}
-MODES = {  # "static": the graph path's bucketed shapes, uncaptured
-    "eager": dict(graphs=False), "static": dict(graphs=False, static=True), "graphs": dict(graphs=True),
-    "graphs+compile": dict(graphs=True, compile=True)}
+MODES = {"eager": dict(graphs=False), "graphs": dict(graphs=True), "graphs+compile": dict(graphs=True, compile=True)}
 
 
 def sizes(text):

@@ -134,12 +134,12 @@ def main(argv=None):
         warmup = [("warmup", warm)]
     model = initial_model(first, None)  # one model object for every run (compiled graphs are reused), same weights
     init = copy.deepcopy(model.state_dict())
-    val = val_windows(list_shards(first.data_dir, "val", first.data_prefix), first.block_size, first.batch_size,
+    val = val_windows(list_shards(first.data_dir, "val"), first.block_size, first.batch_size,
                       first.eval_steps * first.batch_size)
     for _, a in warmup + runs:
         model.load_state_dict(init)  # in place: the same parameters, so the compiled graphs still fit
         torch.manual_seed(a.seed)
-        train = TokenWindows(list_shards(a.data_dir, "train", a.data_prefix), a.block_size,
+        train = TokenWindows(list_shards(a.data_dir, "train"), a.block_size,
                              a.total_batch_size // a.block_size, seed=a.seed)
         run(a, dist, None, model, train, val, "pretrain")
         if os.path.exists(os.path.join(a.out_dir, "ckpt.pt")):

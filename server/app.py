@@ -28,7 +28,7 @@ from server.config import (HTTP_TYPES, ApiError, allowed_hosts, host_name, inval
 from server.engine_client import EngineClient
 from server.respond import finish_request, log
 
-QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_file", "static_root")}  # debug level
+QUIET_ENDPOINTS = {"native." + name for name in ("health", "index", "static_root")}  # debug level
 OPEN_ENDPOINTS = QUIET_ENDPOINTS | {"native.params", "native.openapi"}  # no API key needed
 GENERATION = ("native.generate", "openai.completions", "openai.chat_completions", "openai.embeddings",
               "openai.responses")
@@ -48,7 +48,7 @@ def create_app(config=None):
     make_config result. The model starts loading in the background; serve.state(app) is its EngineClient."""
     if not isinstance(config, types.SimpleNamespace):
         config = make_config(config, environ=os.environ if config is None else None)
-    setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level)
     client = EngineClient(config)
     app = build_app(client)
     client.start()
@@ -194,16 +194,15 @@ def install_errors(app, cfg):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """JSON or text lines to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
+    """JSON lines (text lines on a terminal) to whatever sys.stderr is at the time (gunicorn and pytest swap it)."""
 
-    json_lines = True
     stream = property(lambda self: sys.stderr, lambda self, _: None)  # StreamHandler writes and flushes it
 
     def format(self, record):
         msg = record.msg if isinstance(record.msg, dict) else record.getMessage()
         if record.exc_info:  # unexpected errors keep their traceback
             msg = f"{msg}\n{logging.Formatter().formatException(record.exc_info)}" if isinstance(msg, str) else msg
-        if self.json_lines:
+        if not sys.stderr.isatty():
             return json.dumps(msg if isinstance(msg, dict) else {"event": "log", "level": record.levelname.lower(),
                                                                   "message": msg})
         if isinstance(msg, dict):
@@ -211,11 +210,10 @@ class _StderrHandler(logging.StreamHandler):
         return f"{time.strftime('%H:%M:%S')} {record.levelname.lower()} {msg}"
 
 
-def setup_logging(level, fmt="auto"):
+def setup_logging(level):
     """One handler on the 'gpt2i.serve' logger, however many apps are created."""
     log.setLevel(getattr(logging, level.upper()))
     log.propagate = False
     if not log.handlers:
         log.addHandler(_StderrHandler())
-    log.handlers[0].json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # our own line per request replaces its access log

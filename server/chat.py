@@ -37,7 +37,8 @@ def call_text(calls, param):
             isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
             and isinstance(c["function"].get("arguments"), str) for c in calls):
         raise invalid(param, f"{param} must be a list of {{\"function\": {{\"name\", \"arguments\"}}}} objects")
-    return [f'{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}' for c in calls]
+    return [f'{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}'
+            for c in calls]
 
 
 def split_chat(messages, name="messages", instructions=None):
@@ -207,20 +208,15 @@ def tool_plan(body):
         functions = [f for f in functions if f["name"] == wanted]
     if len(functions) == 1:
         i = next(i for i, t in enumerate(tools) if t["function"] is functions[0])
-        return ToolPlan((functions[0]["name"],), compiled("json_schema", parameters(functions[0]),
-                                                          f"tools[{i}].function.parameters"))
-    rules = [f'call{i}: {json.dumps(head(f["name"]))} args{i} "}}"\n'
-             f'args{i}: %json {json.dumps({**parameters(f), "x-guidance": JSON_OPTIONS})}'
-             for i, f in enumerate(functions)]
-    start = "start: " + " | ".join(f"call{i}" for i in range(len(functions)))
-    return ToolPlan(tuple(f["name"] for f in functions), compiled("grammar", "\n".join([start, *rules]), "tools"))
-
-
-def compiled(kind, spec, field):
-    """A grammar.Constraint, compiled now: a schema llguidance refuses is a 400 naming its field."""
-    constraint = make_constraint(kind, spec, field)
-    compile_constraint(constraint)
-    return constraint
+        constraint = make_constraint("json_schema", parameters(functions[0]), f"tools[{i}].function.parameters")
+    else:
+        rules = [f'call{i}: {json.dumps(head(f["name"]))} args{i} "}}"\n'
+                 f'args{i}: %json {json.dumps({**parameters(f), "x-guidance": JSON_OPTIONS})}'
+                 for i, f in enumerate(functions)]
+        start = "start: " + " | ".join(f"call{i}" for i in range(len(functions)))
+        constraint = make_constraint("grammar", "\n".join([start, *rules]), "tools")
+    compile_constraint(constraint)  # now: a schema llguidance refuses is a 400 naming its field
+    return ToolPlan(tuple(f["name"] for f in functions), constraint)
 
 
 def parameters(function):

@@ -17,8 +17,7 @@ from device import DTYPES, pick_device
 from model import PRETRAINED_CONFIGS
 from server.options import OPTIONS, env_name
 
-CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_format": ("auto", "json", "text"),
-           "log_level": ("debug", "info", "warning", "error")}
+CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_level": ("debug", "info", "warning", "error")}
 
 
 def _convert(name, kind, value):
@@ -64,10 +63,11 @@ def validate_config(cfg):
                         f"or one of {', '.join(PRETRAINED_CONFIGS)}); make one with make demo (out/demo/sft) or "
                         f"python finetune_dolly.py (out/dolly)")
     for name, allowed in CHOICES.items():
-        if str(getattr(cfg, name)).lower() not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "read_timeout": 0.1, "prefix_cache_mb": 0, **{
-        name: 1 for name in ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")}}
+        if str(value := getattr(cfg, name)).lower() not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+    ones = ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")
+    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "prefix_cache_mb": 0,
+              **dict.fromkeys(ones, 1)}
     for name, lo in lowest.items():
         value = getattr(cfg, name)
         if value is not None and not lo <= value <= (65535 if name == "port" else math.inf):
@@ -141,8 +141,7 @@ def invalid(param, message, code=None):
     return ApiError(400, "invalid_request_error", message, param, code)
 
 
-def short(value):
-    return reprlib.repr(value)  # bounded in length and depth, whatever a client nests
+short = reprlib.repr  # a value as a message shows it: bounded in length and depth, whatever a client nests
 
 
 def unavailable(code, message, retry_after):

@@ -20,7 +20,8 @@ OPTIONS = {
     "rate_limit": ("30/minute;5/second", str, "per-client limit on generation routes, flask-limiter syntax; "
                                               'loopback clients are exempt; "none" = off'),
     "auth_rate_limit": ("10/minute", str, "failed API-key attempts allowed per client (every client)"),
-    "rate_limit_storage": ("memory://", str, "memory:// (one process) or redis://host:port (shared by gunicorn workers)"),
+    "rate_limit_storage": ("memory://", str, "memory:// (one process) or redis://host:port (shared by gunicorn "
+                                             "workers)"),
     "trust_proxy": (0, int, "number of reverse proxies in front whose X-Forwarded-For is trusted (0: ignore it)"),
     "cors_origins": ([], list, "comma-separated origins allowed cross-origin (or *); none by default"),
     "max_queue": (64, int, "generations admitted at once (each prompt x n counts; running + waiting); more get "
@@ -37,11 +38,9 @@ OPTIONS = {
     "quantize": ("none", str, "none, or int8 (CPU, float32)"),
     "compile": (False, bool, "torch.compile the decode step (CUDA; slower start, faster decoding) (1/0)"),
     "threads": (32, int, "python serve.py: most connections served at once (the rest wait their turn)"),
-    "read_timeout": (30.0, float, "python serve.py: seconds a connection may stay silent while sending its request"),
     "graceful_timeout": (30.0, float, "python serve.py: seconds running streams get to finish on SIGTERM"),
     "static_dir": (os.path.join(ROOT, "static"), str, "folder with the chat page, served at /"),
     "log_level": ("info", str, "debug, info, warning, error (requests to /health and static files: debug)"),
-    "log_format": ("auto", str, "auto (JSON unless stderr is a terminal), json, text"),
 }
 
 

@@ -2,7 +2,6 @@
 
 import base64
 import itertools
-import os
 import time
 
 import prometheus_client as prom
@@ -119,16 +118,10 @@ def openapi():
 
 
 @native.get("/")
-def index():
-    folder = current_app.config["STATIC_DIR"]
-    if os.path.isfile(os.path.join(folder, "index.html")):
-        return send_from_directory(folder, "index.html")
-    return Response("<!doctype html><meta charset=utf-8><title>gpt2-instruct</title><p>gpt2-instruct server "
-                    "(no chat page installed). API: <code>POST /generate</code>, <code>POST /v1/chat/completions"
-                    "</code>, <code>GET /openapi.json</code>.</p>", mimetype="text/html")
+def index():  # no page in --static-dir: the JSON 404, which names GET /openapi.json
+    return send_from_directory(current_app.config["STATIC_DIR"], "index.html")
 
 
-@native.get("/static/<path:filename>", endpoint="static_file")
 # every method: a POST to a path that is no file is a 404, not a 405 (werkzeug checks methods first)
 @native.route("/<staticfile:filename>", endpoint="static_root", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def static_files(filename):

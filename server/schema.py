@@ -131,7 +131,8 @@ CHAT_FIELDS = {
                 "properties": {"type": {"enum": ["function"]}, "function": FUNCTION}}}),
     "tool_choice": F({"oneOf": [{"enum": ["none", "auto", "required"]}, {
         "type": "object", "required": ["type", "function"], "properties": {
-            "type": {"enum": ["function"]}, "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
+            "type": {"enum": ["function"]},
+            "function": {"type": "object", "properties": {"name": {"type": "string"}}}}}],
         "description": "auto (the default with tools) is refused: the model has no tool parser"}),
     "functions": F({"type": "array", "maxItems": 0}, only=lambda v: not v, why="functions are not supported"),
     "function_call": F({"enum": ["none"]}, only=lambda v: v == "none", why="function_call must be 'none'"),
@@ -320,7 +321,8 @@ def openapi_document():
         "openapi": "3.1.0",
         "info": {"title": "gpt2-instruct", "version": "1", "description": (
             "Native and OpenAI-compatible generation. Logprobs are the model's raw log-probabilities (before "
-            "temperature, top-k, top-p and penalties). With n > 1, choice i samples with seed + i when seed is given.")},
+            "temperature, top-k, top-p and penalties). With n > 1, choice i samples with seed + i when seed is "
+            "given.")},
         "paths": {
             "/health": get("Readiness: 200 when the model is loaded, 503 while loading or shutting down"),
             "/params": get("Generation parameters: type, range, default; context length"),

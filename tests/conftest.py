@@ -1,8 +1,13 @@
 import os
 import sys
 
-import pytest
-import torch
+# One CPU thread for this process and every process a test starts (servers, engine processes, torchrun workers):
+# the tiny models here gain nothing from a second thread, and on a busy 2-core machine two threads stall each
+# other (three test_inference tests: 28 s on one thread, 131 s on two, back to back).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,5 +40,5 @@ def tiny_model():
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+def _one_thread():
+    torch.set_num_threads(1)

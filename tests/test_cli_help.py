@@ -1,6 +1,7 @@
 """README.md and the command lines stay in step: every script (the README's and every other with a main())
 answers --help, and every flag, make target and GPT2I_* variable the README names exists."""
 
+import functools
 import glob
 import os
 import re
@@ -52,6 +53,7 @@ for _path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT
         SCRIPTS.setdefault(os.path.relpath(_path, ROOT), set())
 
 
+@functools.cache  # each script's --help runs once: three tests read it
 def help_text(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"{script} --help exited {out.returncode}: {out.stderr[-500:]}"

@@ -33,7 +33,7 @@ def free_port():
 
 
 def run_demo(*args, timeout=300):
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--smoke", *map(str, args)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     return proc, proc.stdout + proc.stderr
@@ -102,7 +102,7 @@ def test_ctrl_c_during_pretraining_is_continued_by_the_next_run(first_run, roots
     """Ctrl+C once pretraining has logged a step: it checkpoints and stops (exit 130); the next run resumes it."""
     assert first_run[0].returncode == 0
     pretrain, sft = stages_in(roots, tmp_path)[1::2]
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen([sys.executable, "demo.py", "--smoke", "--no-serve", "--data-root", roots["data"],
                              "--out-root", str(tmp_path)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,8 +1,11 @@
 """lm-evaluation-harness scores 50 local HellaSwag rows against a live serve.py through its `local-completions`
 model (echo + logprobs), with our HF export as its tokenizer, fully offline. Every log-likelihood it reports
-must equal the one from the model's own fp32 forward pass on the same tokens."""
+must equal the one from the model's own fp32 forward pass on the same tokens.
 
-import glob
+lm-eval runs in its own process (its HF cache and offline switches in tmp_path) through its Python entry point,
+simple_evaluate, with a TaskManager that indexes only our task: the `lm_eval` command also indexes the thousands of
+built-in task files first, ~10 s that test nothing here."""
+
 import json
 import os
 import subprocess
@@ -16,6 +19,17 @@ from conftest import ROOT
 from test_openai_client import MODEL, make_checkpoint, reference_logprobs, serve_py
 
 TASK_DIR = os.path.join("tests", "data", "lm_eval")  # relative: the task YAML names its data file from the root
+# argv: model_args; prints the results with the per-request samples as one JSON object
+# (batch size 8: a list of 8 token-id prompts per request)
+RUN_LM_EVAL = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+tasks = TaskManager(include_path=%r, include_defaults=False)
+results = lm_eval.simple_evaluate(model="local-completions", model_args=sys.argv[1], tasks=["hellaswag_local"],
+                                  task_manager=tasks, limit=50, batch_size=8, log_samples=True)
+print(json.dumps(results, default=str))
+""" % TASK_DIR
 
 
 def encode_pair(context, continuation):
@@ -39,27 +53,20 @@ def test_lm_eval_local_completions_matches_the_forward_pass(tmp_path):
             f"base_url={url}/v1/completions", f"model={MODEL}", "tokenizer_backend=huggingface",
             f"tokenizer={tmp_path / 'hf'}", "max_retries=1",
         ])
-        proc = subprocess.run(
-            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-             "--include_path", TASK_DIR, "--tasks", "hellaswag_local",
-             "--limit", "50", "--batch_size", "8", "--output_path", str(tmp_path / "out"),
-             "--log_samples"],  # batch size 8: a list of 8 token-id prompts per request
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-        )
+        proc = subprocess.run([sys.executable, "-c", RUN_LM_EVAL, model_args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [results_file] = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
-    [samples_file] = glob.glob(str(tmp_path / "out" / "*" / "samples_hellaswag_local_*.jsonl"))
-    results = json.load(open(results_file))["results"]["hellaswag_local"]
-    samples = [json.loads(line) for line in open(samples_file)]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    results, samples = out["results"]["hellaswag_local"], out["samples"]["hellaswag_local"]
     assert len(samples) == results["sample_len"] == 50
 
     correct = []
     for sample in samples:
         mine, theirs = [], []
         for i, ((ll, _greedy),) in enumerate(sample["resps"]):
-            args = sample["arguments"][f"gen_args_{i}"]
-            assert args["arg_1"] == " " + sample["doc"]["endings"][i]
-            ctx, cont = encode_pair(args["arg_0"], args["arg_1"])
+            context, continuation = sample["arguments"][i]
+            assert continuation == " " + sample["doc"]["endings"][i]
+            ctx, cont = encode_pair(context, continuation)
             mine.append(sum(reference_logprobs(model, ctx + cont)[len(ctx) - 1:]))
             theirs.append(float(ll))
         assert len(mine) == 4 and np.allclose(theirs, mine, rtol=0, atol=1e-3), (sample["doc_id"], theirs, mine)

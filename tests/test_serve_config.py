@@ -55,7 +55,7 @@ class LiveServer:
 
     def __init__(self, app, threads=8):
         self.app, self.state = app, serve.state(app)
-        self.httpd = serve.PooledServer("127.0.0.1", 0, app, threads, read_timeout=30)
+        self.httpd = serve.PooledServer("127.0.0.1", 0, app, threads)
         self.port = self.httpd.port
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
