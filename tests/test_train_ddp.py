@@ -8,6 +8,7 @@ tokens in every micro-batch), as finetune_dolly.py will.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -58,6 +59,21 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def torchrun(args, timeout, env):
+    """Two ranks of args under torchrun -> the CompletedProcess. Its own process group: past the timeout the
+    launcher and its workers are killed together (killing the launcher alone leaves the workers running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     before = torch.get_num_threads()
@@ -76,10 +92,7 @@ def test_two_ranks_equal_one_process(tmp_path):
                        workers=1, progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for kind in ("pretrain", "sft", "muon"):  # one launch each: re-initialising a process group in one process is fragile
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-             kind, str(data), str(tmp_path / "ddp" / kind)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+        proc = torchrun([__file__, kind, str(data), str(tmp_path / "ddp" / kind)], 240, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     pretrain(str(data), str(tmp_path / "one" / "pretrain"))
     pretrain(str(data), str(tmp_path / "one" / "muon"), "muon")
@@ -115,9 +128,8 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def test_a_user_error_is_printed_once_under_torchrun(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train_gpt2.py"), "--data-dir", str(tmp_path / "none"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+    proc = torchrun([os.path.join(ROOT, "train_gpt2.py"), "--data-dir", str(tmp_path / "none"), "--device", "cpu"],
+                    120, dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode != 0 and "Traceback" not in proc.stdout
     assert (proc.stdout + proc.stderr).count("error: no train shards in") == 1, proc.stderr[-2000:]
     assert f"python fineweb.py --out-dir {tmp_path / 'none'}" in proc.stderr
