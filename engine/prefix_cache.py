@@ -97,7 +97,7 @@ class PrefixCache:
             rows.append(row)
         return rows
 
-    def cached_blocks(self, ids, logprobs=False):  # what match() would find now, in blocks
+    def cached_blocks(self, ids, logprobs=False):  # the longest cached prefix, in blocks (before worth_using)
         return len(self._lookup(ids, logprobs))
 
     def match(self, ids, logprobs=False):
