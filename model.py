@@ -4,6 +4,7 @@ hf_to_ours and ours_to_hf). Shapes in comments: B batch, T query length, S cache
 C n_embd, H n_head, D head size (C // H), V vocab.
 """
 
+import itertools
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -51,6 +52,54 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass
+class Packed:
+    """Prompt chunks of several cache slots as one sequence of N tokens, without padding (a prefill step):
+    row b is n_b tokens at positions s_b .. s_b + n_b - 1 of its slot, and attends to positions
+    0 .. s_b + n_b - 1 there, causally. Indices are into a layer's cache seen as (S * block_size, H, D)."""
+    positions: torch.Tensor  # (N,) each token's position
+    write: torch.Tensor  # (N,) where each token's key and value go
+    read: torch.Tensor  # (K,) the keys of each row, one row after another
+    cu_q: torch.Tensor  # (B + 1,) int32: where each row starts among the N tokens, then N
+    cu_k: torch.Tensor  # (B + 1,) int32: where each row's keys start among the K, then K
+    lengths: list  # (n_b, s_b + n_b) of each row, on the host
+
+    @property
+    def starts(self):  # where each row starts among the N tokens, on the host
+        return list(itertools.accumulate((n for n, _ in self.lengths), initial=0))[:-1]
+
+
+def pack(chunks, block_size, upload):
+    """Prompt chunks [(ids, slot, start)] -> (idx (1, N), their Packed); upload(values, dtype) makes a tensor
+    on the model's device."""
+    lists, cu_q, cu_k, lengths = ([], [], [], []), [0], [0], []
+    for ids, slot, s in chunks:
+        n, base = len(ids), slot * block_size  # base: the slot's first position in a layer's cache seen flat
+        for out, values in zip(lists, (ids, range(s, s + n), range(base + s, base + s + n), range(base, base + s + n))):
+            out += values
+        cu_q.append(cu_q[-1] + n)
+        cu_k.append(cu_k[-1] + s + n)
+        lengths.append((n, s + n))
+    idx, positions, write, read = upload(list(itertools.chain(*lists)), torch.long).split(list(map(len, lists)))
+    cu = upload(cu_q + cu_k, torch.int32)
+    return idx.view(1, -1), Packed(positions, write, read, cu[:len(cu_q)], cu[len(cu_q):], lengths)
+
+
+def varlen_causal(q, k, v, p):
+    """Attention of the rows of a Packed p: q (N, H, D), k and v (K, H, D) -> (N, H, D). A row's queries
+    are the last of its keys: causal from the bottom right."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's variable-length kernel,
+        max_q, max_k = (max(x) for x in zip(*p.lengths))  # whose causal mask is aligned bottom right
+        return torch.ops.aten._flash_attention_forward(q, k, v, p.cu_q, p.cu_k, max_q, max_k, 0.0, True, False)[0]
+    out, i, j = [], 0, 0
+    for n, L in p.lengths:  # no such kernel here: a row at a time
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n)  # (n, L)
+        rq, rk, rv = (t.transpose(0, 1) for t in (q[i:i + n], k[j:j + L], v[j:j + L]))  # (H, n or L, D)
+        out.append(F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask).transpose(0, 1))
+        i, j = i + n, j + L
+    return torch.cat(out)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -64,22 +113,26 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv=None, where=None):
         """x: (B, T, C). kv: this layer's (k, v) cache, each (S, L_max, H, D), or None for plain
-        causal attention; where: (rows, positions, read, mask), see GPT.hidden."""
+        causal attention; where: (rows, positions, read, mask) of a decode step, or a Packed prefill, see
+        GPT.hidden."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, H, D)
         mask = None
+        if isinstance(where, Packed):  # B = 1: the rows of a prefill, one after another
+            flat = [t.view(-1, *t.shape[2:]) for t in kv]  # the cache as (S * block_size, H, D)
+            for cache, new in zip(flat, (k, v)):
+                cache.index_copy_(0, where.write, new[0].to(cache.dtype))
+            k, v = (cache.index_select(0, where.read).to(q.dtype) for cache in flat)  # (K, H, D)
+            y = varlen_causal(q[0], k, v, where).reshape(1, T, C)
+            return self.resid_dropout(self.c_proj(y))
         if kv is not None:
             rows, positions, read, mask = where
             k_cache, v_cache = kv
-            if positions is None:  # rows from position 0: written as whole rows; they attend to themselves
-                k_cache[:, :T].index_copy_(0, rows, k.to(k_cache.dtype))
-                v_cache[:, :T].index_copy_(0, rows, v.to(v_cache.dtype))
-            else:
-                # in place: token t of row b -> slot rows[b], position positions[b, t]
-                k_cache.index_put_((rows, positions), k.to(k_cache.dtype))
-                v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
-                k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
+            # in place: token t of row b -> slot rows[b], position positions[b, t]
+            k_cache.index_put_((rows, positions), k.to(k_cache.dtype))
+            v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
+            k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or L, D)
             attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
@@ -177,25 +230,24 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss
 
-    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
-        """Final hidden states (B, T, C), after ln_f. Without a cache: plain causal attention over idx. With a
-        KVCache: row b's tokens sit at positions pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot
-        slots[b] (slots: (B,) tensor; None = slots 0..B-1, read as views); their keys and values are written
-        there, then each query attends to the first kv_len positions of its slot, those after its own
-        masked. pos None: every row starts at position 0 (a batch of new prompts), so attention needs only
-        the rows' own keys: plain causal attention, FlashAttention's fast path on CUDA (with an explicit mask
-        SDPA falls back to a slower kernel that also computes the masked half: 43% of an H100's prefill of
-        32 x 1,000 tokens). Shapes depend on B, T and kv_len only (CUDA graphs, compile); positions are
-        never checked here (that would sync)."""
+    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None, packed=None):
+        """Final hidden states (B, T, C), after ln_f. Without a cache: plain causal attention over idx.
+        With a KVCache and pos (a decode step, or any chunk of prompts): row b's tokens sit at positions
+        pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot slots[b] (slots: (B,) tensor; None = slots
+        0..B-1, read as views); their keys and values are written there, then each query attends to the
+        first kv_len positions of its slot, those after its own masked. Shapes depend on B, T and kv_len
+        only (CUDA graphs, compile); positions are never checked here (that would sync). With a KVCache
+        and packed (a Packed; idx (1, N)): the rows of a prefill step, without padding; on CUDA in half
+        precision, FlashAttention's variable-length kernel (an explicit mask, as above, falls back to a
+        kernel that also computes the masked half: 43% of an H100's prefill of 32 x 1,000 tokens)."""
         B, T = idx.size()
         steps = torch.arange(T, device=idx.device)  # (T,)
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             positions, where, kvs = steps.unsqueeze(0), None, [None] * self.config.n_layer  # (1, T)
-        elif pos is None:
-            rows = torch.arange(B, device=idx.device) if slots is None else slots  # (B,)
-            positions, where, kvs = steps.unsqueeze(0), (rows, None, None, None), list(zip(cache.k, cache.v))
+        elif packed is not None:
+            positions, where, kvs = packed.positions.view(1, T), packed, list(zip(cache.k, cache.v))
         else:
             positions = pos.view(B, 1) + steps  # (B, T)
             rows = (torch.arange(B, device=idx.device) if slots is None else slots).view(B, 1)

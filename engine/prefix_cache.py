@@ -121,7 +121,7 @@ class PrefixCache:
             return None
         n = self._span(len(match.rows), cache)
         # past the prefix, up to the span: copies of its last block, which the prefill and decoding overwrite
-        # before anything reads them (as they do the right padding of a prefill)
+        # before anything reads them
         rows = self._index(match.rows + match.rows[-1:] * (n - len(match.rows)))
         blocks = self.kv.index_select(1, rows).flatten(1, 2)  # (2L, n * T, H, D)
         torch._foreach_copy_(cache.views(slot, n * BLOCK_TOKENS), blocks.unbind(0))

@@ -4,6 +4,8 @@ the uncaptured static path and the eager path; requests joining mid-way change n
 Skipped without CUDA. On the GPU machine: python -m pytest tests/test_inference_gpu.py -v
 """
 
+import itertools
+
 import pytest
 import torch
 from conftest import embed_all
@@ -11,7 +13,7 @@ from conftest import embed_all
 import inference as inf
 from engine.model_runner import _call_model
 from grammar import make_constraint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Packed, varlen_causal
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -243,3 +245,17 @@ def test_steps_never_wait_for_the_device_but_to_read_results():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert engine.stats()["prefix_cache"]["hits"] > 0 and not engine.runner.graphs.notes
+
+
+def test_packed_prefill_flash_aligns_each_row_bottom_right():
+    """FlashAttention's variable-length kernel (half precision on CUDA) attends as the row-by-row masked path:
+    new rows and rows continuing a cached prefix (fewer queries than keys), packed without padding."""
+    torch.manual_seed(0)
+    H, D, lengths = 4, 64, [(5, 5), (7, 40), (1, 17), (33, 33), (16, 100)]  # (queries, keys) per row
+    q = torch.randn(sum(n for n, _ in lengths), H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(L for _, L in lengths), H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = [torch.tensor(list(itertools.accumulate(x, initial=0)), dtype=torch.int32, device="cuda")
+          for x in zip(*lengths)]
+    p = Packed(None, None, None, *cu, lengths)
+    flash, rows = varlen_causal(q, k, v, p), varlen_causal(q.float(), k.float(), v.float(), p)  # float32: by rows
+    assert (flash.float() - rows).abs().max() < 3e-2
