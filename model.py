@@ -123,7 +123,10 @@ class CausalSelfAttention(nn.Module):
             flat = [t.view(-1, *t.shape[2:]) for t in kv]  # the cache as (S * block_size, H, D)
             for cache, new in zip(flat, (k, v)):
                 cache.index_copy_(0, where.write, new[0].to(cache.dtype))
-            k, v = (cache.index_select(0, where.read).to(q.dtype) for cache in flat)  # (K, H, D)
+            if all(n == L for n, L in where.lengths):  # every row from position 0: its keys are its own tokens
+                k, v = k[0], v[0]
+            else:
+                k, v = (cache.index_select(0, where.read).to(q.dtype) for cache in flat)  # (K, H, D)
             y = varlen_causal(q[0], k, v, where).reshape(1, T, C)
             return self.resid_dropout(self.c_proj(y))
         if kv is not None:
