@@ -6,7 +6,7 @@ import heapq
 import threading
 from collections import Counter, deque
 
-from engine.prefix_cache import BLOCK_TOKENS, shared_blocks, worth_using
+from engine.prefix_cache import BLOCK_TOKENS, shared_blocks
 
 # A request waits a step for a shared prefix another prompt is prefilling only when that prefix is at least
 # prefill_chunk / WAIT_SHARE tokens: a shorter one costs less to prefill again than a step's wait. Waiting
@@ -75,14 +75,12 @@ class Scheduler:
         return r
 
     def _waits_for_prefix(self, r):
-        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens the cache lacks,
-        and a prefix the cache would use for it (requests admitted together would each prefill their common
-        prefix)."""
+        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens the cache lacks
+        (requests admitted together would each prefill their common prefix)."""
         n = (len(r.prompt) - 1) // BLOCK_TOKENS if self.prefix.max_blocks else 0
         shared = max((shared_blocks(r.prompt, p.prompt, n) for p in self.running if p.filled < len(p.prompt)),
                      default=0)
-        return worth_using(shared, r.prompt) and \
-            (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= self.prefill_chunk // WAIT_SHARE
+        return (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= self.prefill_chunk // WAIT_SHARE
 
     def schedule(self):
         """This step's prefill, at most prefill_chunk prompt tokens (the runner packs them without padding):
