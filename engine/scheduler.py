@@ -80,7 +80,8 @@ class Scheduler:
         n = (len(r.prompt) - 1) // BLOCK_TOKENS if self.prefix.max_blocks else 0
         shared = max((shared_blocks(r.prompt, p.prompt, n) for p in self.running if p.filled < len(p.prompt)),
                      default=0)
-        return (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= self.prefill_chunk // WAIT_SHARE
+        return shared > 0 and (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= \
+            self.prefill_chunk // WAIT_SHARE
 
     def schedule(self):
         """This step's prefill, at most prefill_chunk prompt tokens (the runner packs them without padding):
