@@ -3,6 +3,7 @@ the forwards and samples on the device; results come back through one Fetch per 
 Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab, L cache positions read.
 """
 
+import itertools
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -121,7 +122,8 @@ class ModelRunner:
         self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
         self.max_batch, self.kmax = max_batch, decode_chunk or (8 if cuda else 1)
         S, V, dev = max_batch, N_VOCAB, self.device
-        self.cache = KVCache(self.config, S, device=dev, dtype=self.dtype)
+        captured = (cuda if graphs is None else bool(graphs)) and self.dtype in (torch.float16, torch.bfloat16)
+        self.cache = KVCache(self.config, S + captured, device=dev, dtype=self.dtype)  # + the prefill graphs' spare
         self.params = torch.tensor([param_row(SamplingParams())] * S, device=dev)  # per-slot sampling parameters
         self.bias = torch.zeros(S, V, device=dev)
         self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
@@ -141,6 +143,7 @@ class ModelRunner:
         self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
+        self.prefill_graphs = PrefillGraphs(self, spare=S) if captured else None  # FlashAttention: half precision
         self.static = self.graphs.enabled or bool(static)
         self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
@@ -309,18 +312,22 @@ class ModelRunner:
 
 
 def prefill_forward(runner, rows):
-    """Queue one forward over rows [(request, start, n)], packed into one sequence (model.Packed) -> (hidden
-    states (N, C), the index of each row's last token among the N); echo rows keep their prompt's logprob
-    entries."""
+    """Queue one forward over rows [(request, start, n)], packed into one sequence (model.Packed; replayed from
+    a CUDA graph where one applies) -> (hidden states (N, C), the index of each row's last token among the N);
+    echo rows keep their prompt's logprob entries."""
     block = runner.config.block_size
-    idx, packed = pack([(r.prompt[s:s + n], r.choices[0].slot, s) for r, s, n in rows], block, runner.upload)
-    with sdpa_kernel(ATTENTION):
-        h = runner.model.hidden(idx, cache=runner.cache, packed=packed)[0]  # (N, C)
+    chunks = [(r.prompt[s:s + n], r.choices[0].slot, s) for r, s, n in rows]
+    h = runner.prefill_graphs.run(chunks) if runner.prefill_graphs else None
+    if h is None:
+        idx, packed = pack(chunks, block, runner.upload)
+        with sdpa_kernel(ATTENTION):
+            h = runner.model.hidden(idx, cache=runner.cache, packed=packed)[0]  # (N, C)
+    starts = list(itertools.accumulate((n for *_, n in rows), initial=0))  # each row's first token among the N
     # idle slots decode at the prefilled length, so their garbage lands past it
     slots = runner.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
     runner.pos.index_copy_(0, slots, runner.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
     echo = []  # (request, its first token among the N, m, the m prompt tokens its first m positions predict)
-    for (r, s, n), start in zip(rows, packed.starts):
+    for (r, s, n), start in zip(rows, starts):
         r.filled = s + n
         m = min(n, len(r.prompt) - s - 1)
         if r.echo and m > 0:
@@ -331,7 +338,7 @@ def prefill_forward(runner, rows):
         entries = logprobs(runner.model.lm_head(h.index_select(0, at)), targets)
         for (r, *_), *parts in zip(echo, *(t.split([m for _, _, m, _ in echo]) for t in entries)):
             r.prompt_lp.append(tuple(parts))
-    return h, [start + n - 1 for (_, _, n), start in zip(rows, packed.starts)]
+    return h, [end - 1 for end in starts[1:]]
 
 
 def embed_forward(runner, inputs):
