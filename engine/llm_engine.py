@@ -80,19 +80,21 @@ class Engine:
     def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
         kinds (default: greedy, and top-k / top-p without penalties), with the two halves of a constrained
-        step, so no request waits for a capture -> graphs held (0 without graphs)."""
+        step, and the packed prefill of every bucket, so no request waits for a capture -> graphs held (0
+        without graphs)."""
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
-        graphs = self.runner.graphs
+        graphs, prefill = self.runner.graphs, self.runner.prefill_graphs
         with self._lock:
+            captured = prefill.warmup() if prefill and graphs.enabled else 0
             for B in batches:
                 for kind in kinds:
                     graphs.get(B, 0, kind[:3] + (True,))  # the masked sampler reads no cache
                 for L in lengths:
                     for kind in (*kinds, FORWARD):
                         graphs.get(B, L, kind)
-            return len(graphs.graphs)
+            return len(graphs.graphs) + captured
 
     @torch.no_grad()
     def step(self):
