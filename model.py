@@ -4,8 +4,10 @@ hf_to_ours and ours_to_hf). Shapes in comments: B batch, T query length, S cache
 C n_embd, H n_head, D head size (C // H), V vocab.
 """
 
+import itertools
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -51,6 +53,70 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass
+class Packed:
+    """Prompt chunks of several cache slots as one sequence of N tokens (a prefill step): row b is n_b tokens
+    at positions s_b .. s_b + n_b - 1 of slot k_b and attends to positions 0 .. s_b + n_b - 1 there, causally.
+    A layer's cache is seen flat, (S * block_size, H, D). Padding to a CUDA graph's fixed shapes: tokens
+    after the rows' (written to a spare slot that no row reads), and rows of no tokens."""
+    positions: torch.Tensor  # (N,) each token's position
+    write: torch.Tensor  # (N,) where each token's key and value go in the flat cache
+    cu_q: torch.Tensor  # (R + 1,) int32: where each row starts among the N tokens, then where the rows end
+    key_start: torch.Tensor  # (R + 1,) int32: where each row's slot starts in the flat cache (the last: unused)
+    used: torch.Tensor  # (R,) int32: the keys each row attends to, s_b + n_b
+    max_q: int  # at least every n_b (FlashAttention's grid)
+    rows: list  # (k_b, s_b, n_b) of each row, on the host
+
+
+def pack_host(chunks, block_size, pad=None):
+    """Prompt chunks [(ids, slot, start)] -> the host arrays of their Packed: longs (3, N) (ids, positions,
+    write), ints (3R + 2,) (cu_q, key_start, used), max_q, rows. pad: (N, R, max_q, spare slot), the shapes
+    to pad to. numpy: a step of 8,192 tokens as Python lists took ~1 ms to build and convert."""
+    rows = [(slot, s, len(ids)) for ids, slot, s in chunks]
+    slot, start, n = (np.array(x, dtype=np.int64) for x in zip(*rows))
+    total, R = int(n.sum()), len(rows)
+    N, R_pad, max_q, spare = pad or (total, R, int(n.max()), 0)
+    cu = np.concatenate([[0], np.cumsum(n)])
+    longs = np.zeros((3, N), dtype=np.int64)
+    longs[0, :total] = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in chunks), np.int64, total)
+    longs[1, :total] = np.arange(total) + np.repeat(start - cu[:-1], n)
+    longs[2] = spare * block_size  # padding tokens write to the spare slot's first position
+    longs[2, :total] = longs[1, :total] + np.repeat(slot * block_size, n)
+    ints = np.zeros(3 * R_pad + 2, dtype=np.int32)  # padding rows: no tokens, no keys
+    ints[:R_pad + 1] = total
+    ints[:R + 1] = cu
+    ints[R_pad + 1:R_pad + 1 + R] = slot * block_size
+    ints[2 * R_pad + 2:2 * R_pad + 2 + R] = start + n
+    return longs, ints, max_q, rows
+
+
+def pack(chunks, block_size, upload, pad=None):
+    """Prompt chunks [(ids, slot, start)] -> (idx (1, N), their Packed); upload(values, dtype) makes a tensor
+    on the model's device. pad: as pack_host's."""
+    longs, ints, max_q, rows = pack_host(chunks, block_size, pad)
+    R = (len(ints) - 2) // 3
+    longs, ints = upload(longs, torch.long), upload(ints, torch.int32).split([R + 1, R + 1, R])
+    return longs[0].view(1, -1), Packed(longs[1], longs[2], *ints, max_q, rows)
+
+
+def varlen_causal(q, k_cache, v_cache, p):
+    """Attention of the rows of a Packed p: q (N, H, D), the layer's cache (S, block_size, H, D) -> (N, H, D).
+    A row's queries are the last of its keys: causal from the bottom right."""
+    block = k_cache.size(1)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's variable-length kernel reads
+        k, v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # each row's keys in place, bottom-right causal
+        return torch.ops.aten._flash_attention_forward(q, k, v, p.cu_q, p.key_start, p.max_q, block, 0.0, True,
+                                                       False, seqused_k=p.used)[0]
+    assert q.size(0) == sum(n for *_, n in p.rows), "padding needs FlashAttention"
+    out, i = [], 0
+    for slot, s, n in p.rows:  # no such kernel here: a row at a time
+        mask = torch.ones(n, s + n, dtype=torch.bool, device=q.device).tril(s)  # (n, L)
+        rk, rv = (t[slot, :s + n].to(q.dtype).transpose(0, 1) for t in (k_cache, v_cache))  # (H, L, D)
+        out.append(F.scaled_dot_product_attention(q[i:i + n].transpose(0, 1), rk, rv, attn_mask=mask).transpose(0, 1))
+        i += n
+    return torch.cat(out)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -64,22 +130,24 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv=None, where=None):
         """x: (B, T, C). kv: this layer's (k, v) cache, each (S, L_max, H, D), or None for plain
-        causal attention; where: (rows, positions, read, mask), see GPT.hidden."""
+        causal attention; where: (rows, positions, read, mask) of a decode step, or a Packed prefill, see
+        GPT.hidden."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, H, D)
         mask = None
+        if isinstance(where, Packed):  # B = 1: the rows of a prefill, one after another
+            for cache, new in zip(kv, (k, v)):
+                cache.view(-1, *cache.shape[2:]).index_copy_(0, where.write, new[0].to(cache.dtype))
+            y = varlen_causal(q[0], *kv, where).reshape(1, T, C)
+            return self.resid_dropout(self.c_proj(y))
         if kv is not None:
             rows, positions, read, mask = where
             k_cache, v_cache = kv
-            if positions is None:  # rows from position 0: written as whole rows; they attend to themselves
-                k_cache[:, :T].index_copy_(0, rows, k.to(k_cache.dtype))
-                v_cache[:, :T].index_copy_(0, rows, v.to(v_cache.dtype))
-            else:
-                # in place: token t of row b -> slot rows[b], position positions[b, t]
-                k_cache.index_put_((rows, positions), k.to(k_cache.dtype))
-                v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
-                k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
+            # in place: token t of row b -> slot rows[b], position positions[b, t]
+            k_cache.index_put_((rows, positions), k.to(k_cache.dtype))
+            v_cache.index_put_((rows, positions), v.to(v_cache.dtype))
+            k, v = k_cache[read].to(q.dtype), v_cache[read].to(q.dtype)  # (B, L, H, D)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or L, D)
             attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
@@ -177,25 +245,24 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss
 
-    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
-        """Final hidden states (B, T, C), after ln_f. Without a cache: plain causal attention over idx. With a
-        KVCache: row b's tokens sit at positions pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot
-        slots[b] (slots: (B,) tensor; None = slots 0..B-1, read as views); their keys and values are written
-        there, then each query attends to the first kv_len positions of its slot, those after its own
-        masked. pos None: every row starts at position 0 (a batch of new prompts), so attention needs only
-        the rows' own keys: plain causal attention, FlashAttention's fast path on CUDA (with an explicit mask
-        SDPA falls back to a slower kernel that also computes the masked half: 43% of an H100's prefill of
-        32 x 1,000 tokens). Shapes depend on B, T and kv_len only (CUDA graphs, compile); positions are
-        never checked here (that would sync)."""
+    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None, packed=None):
+        """Final hidden states (B, T, C), after ln_f. Without a cache: plain causal attention over idx.
+        With a KVCache and pos (a decode step, or any chunk of prompts): row b's tokens sit at positions
+        pos[b], pos[b] + 1, ... (pos: (B,) tensor) of cache slot slots[b] (slots: (B,) tensor; None = slots
+        0..B-1, read as views); their keys and values are written there, then each query attends to the
+        first kv_len positions of its slot, those after its own masked. Shapes depend on B, T and kv_len
+        only (CUDA graphs, compile); positions are never checked here (that would sync). With a KVCache
+        and packed (a Packed; idx (1, N)): the rows of a prefill step, without padding; on CUDA in half
+        precision, FlashAttention's variable-length kernel (an explicit mask, as above, falls back to a
+        kernel that also computes the masked half: 43% of an H100's prefill of 32 x 1,000 tokens)."""
         B, T = idx.size()
         steps = torch.arange(T, device=idx.device)  # (T,)
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             positions, where, kvs = steps.unsqueeze(0), None, [None] * self.config.n_layer  # (1, T)
-        elif pos is None:
-            rows = torch.arange(B, device=idx.device) if slots is None else slots  # (B,)
-            positions, where, kvs = steps.unsqueeze(0), (rows, None, None, None), list(zip(cache.k, cache.v))
+        elif packed is not None:
+            positions, where, kvs = packed.positions.view(1, T), packed, list(zip(cache.k, cache.v))
         else:
             positions = pos.view(B, 1) + steps  # (B, T)
             rows = (torch.arange(B, device=idx.device) if slots is None else slots).view(B, 1)

@@ -31,7 +31,7 @@ import inference  # noqa: E402
 from common import run_cli  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
 from engine.model_runner import ATTENTION  # noqa: E402
-from model import GPT, PRETRAINED_CONFIGS, GPTConfig, KVCache  # noqa: E402
+from model import GPT, PRETRAINED_CONFIGS, GPTConfig, KVCache, pack  # noqa: E402
 
 # random weights (the speed does not depend on them): GPT-2's four sizes, and a CPU smoke size
 MODELS = {**PRETRAINED_CONFIGS, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}
@@ -93,8 +93,8 @@ def engine_budget(model, device, budget, args):
             "lone_first_token_ms": round(lone * 1e3, 2)}
 
 
-def prefill_forward(model, cache, idx, slots):
-    return model.lm_head(model.hidden(idx, cache=cache, pos=None, slots=slots)[:, -1])  # new prompts, as the engine
+def prefill_forward(model, cache, idx, packed, last):
+    return model.lm_head(model.hidden(idx, cache=cache, packed=packed)[0, last])  # new prompts, as the engine
 
 
 def replayer(fn, device):
@@ -115,12 +115,13 @@ def replayer(fn, device):
 def forward_modes(model, device, dtype, B, T, modes, repeats):
     """Prompt tokens/s of one prefill forward of B prompts x T tokens in each mode (None: failed, noted)."""
     cache = KVCache(model.config, B, device=device, dtype=dtype)
-    idx = torch.tensor([random_ids(T, random.Random(b)) for b in range(B)], device=device)
-    slots = torch.arange(B, device=device)
+    upload = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    idx, packed = pack([(random_ids(T, random.Random(b)), b, 0) for b in range(B)], model.config.block_size, upload)
+    last = torch.arange(T - 1, B * T, T, device=device)  # each prompt's last token
     out = {"prompts": B, "width": T}
     for mode in modes:
         fn = torch.compile(prefill_forward, dynamic=False) if mode == "compile" else prefill_forward
-        step = lambda fn=fn: fn(model, cache, idx, slots)  # noqa: E731
+        step = lambda fn=fn: fn(model, cache, idx, packed, last)  # noqa: E731
         try:
             with sdpa_kernel(ATTENTION):
                 step = replayer(step, device) if mode == "graph" else step

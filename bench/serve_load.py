@@ -20,7 +20,7 @@ Phases, each a steady state of --duration seconds after --warmup seconds:
    chat: --turns turns (the transcript as raw text), each a ~35-token message and a 48-token reply;
    median first-token time per turn over 3 conversations. loglik: the committed HellaSwag rows as
    lm-evaluation-harness sends them (ids of context + ending, echo, logprobs 1, max_tokens 1, longest
-   first; --shots solved examples before each context) by 8 clients: requests/s, and the largest
+   first; --shots solved examples before each context) by --clients clients: requests/s, and the largest
    loglikelihood difference between cache on and off.
 Throughput: completion tokens made inside the window, divided by it (over HTTP, each request's tokens
 spread evenly over its lifetime). Prompts are token ids and end-of-text is ignored, so every request
@@ -431,7 +431,7 @@ def hellaswag_pairs(rows, shots=0):
     return sorted(pairs, key=lambda p: (-len(p[0] + p[1]), p[0] + p[1]))
 
 
-def loglik(port, pairs, clients=8):
+def loglik(port, pairs, clients):
     """Every (context, ending) as one echo request, by `clients` threads with a connection each -> requests/s
     and the loglikelihoods (None: failed)."""
     local = threading.local()
@@ -460,8 +460,8 @@ def prompt_phases(port, args, skip):
         out["chat"] = chat(port, args)
     if "loglik" not in skip:
         say(f"loglik: {args.rows} HellaSwag rows ...")
-        loglik(port, hellaswag_pairs(2, args.shots))  # untimed: first shapes
-        out["loglik"], lls = loglik(port, hellaswag_pairs(args.rows, args.shots))
+        loglik(port, hellaswag_pairs(2, args.shots), args.clients)  # untimed: first shapes
+        out["loglik"], lls = loglik(port, hellaswag_pairs(args.rows, args.shots), args.clients)
     return out, lls
 
 

@@ -1,9 +1,12 @@
 """CUDA graphs of the decode step: one per (batch bucket, cache-length bucket, sampler kind), captured
-on first use or up front by Engine.warmup(), so a decode step costs one replay instead of hundreds of launches."""
+on first use or up front by Engine.warmup(), so a decode step costs one replay instead of hundreds of launches.
+And of the packed prefill forward, per (tokens, rows, longest row) bucket, captured on first use."""
 
 import warnings
 
 import torch
+
+from model import Packed, pack_host
 
 
 class DecodeGraphs:
@@ -51,4 +54,93 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             r.decode_step(B, L, kind)
+        return graph
+
+
+# Packed prefill steps are padded to one of these token counts (powers of two and the midpoints between:
+# at most a third of a step is padding); a larger step runs uncaptured. 8,192: the CUDA step budget.
+PREFILL_TOKENS = sorted({b << k for b in (64, 96) for k in range(8)} - {96 << 7})
+# FlashAttention's grid has a block of queries per 128 tokens of the longest row, for every row: a graph
+# sized for rows of up to 128 tokens keeps a step of short rests (a cached prefix's) from paying for idle
+# blocks of 1,024.
+QUERY_BUCKETS = (128, 1024)
+
+
+class PrefillGraphs:
+    """CUDA graphs of the packed prefill forward (model.hidden over a Packed; FlashAttention, half precision),
+    one per (tokens, rows, longest row) bucket, captured on first use. A step of short chunks then costs one
+    replay instead of a dozen launches a layer, which an H100's host queues slower than the device runs them
+    (GPT-2 1.5B, 8 rows of ~30 tokens: ~25 ms to queue). Padding tokens write to cache slot `spare`, which
+    no row reads; padding rows have no tokens."""
+
+    def __init__(self, runner, spare):
+        self.runner, self.spare = runner, spare
+        self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()  # (N, R, max_q) -> (graph, inputs)
+        N, R, dev = PREFILL_TOKENS[-1], runner.max_batch, runner.device
+        self.longs = torch.zeros(3 * N, dtype=torch.long, device=dev)  # ids, positions, write of the Packed
+        self.ints = torch.zeros(3 * R + 2, dtype=torch.int32, device=dev)  # cu_q, key_start, used
+        self.out = torch.zeros(N, runner.config.n_embd, dtype=runner.dtype, device=dev)  # hidden states
+
+    def warmup(self):
+        """Capture a graph for every bucket a step can fill -> how many. Each is recorded from dummy rows
+        from position 0 of slots 0, 1, ... (free at warm-up; what they write is rewritten before it is read)."""
+        block, S = self.runner.config.block_size, self.runner.max_batch
+        rows = sorted({min(S, 1 << i) for i in range(S.bit_length() + 1)})
+        for N in PREFILL_TOKENS:
+            for R in rows:
+                for Q in sorted({min(q, block) for q in QUERY_BUCKETS}):
+                    first = min(Q, N - (R - 1))  # one row as long as Q allows, the rest shares what is left
+                    rest = [(N - first) // (R - 1) + (i < (N - first) % (R - 1)) for i in range(R - 1)] if R > 1 else []
+                    lengths = [first] + rest
+                    if sum(lengths) != N or min(lengths) < 1 or max(rest, default=1) > first or \
+                            (Q > QUERY_BUCKETS[0] and first <= QUERY_BUCKETS[0]):
+                        continue  # no step makes this bucket
+                    self.run([([0] * n, slot, 0) for slot, n in enumerate(lengths)])
+        return len(self.graphs)
+
+    def run(self, chunks):
+        """Queue the packed prefill of chunks [(ids, slot, start)] by a graph -> hidden states (N, C), or None
+        when no graph applies (too many tokens, or a capture failed: then loudly, and never again)."""
+        n, longest = sum(len(c) for c, _, _ in chunks), max(len(c) for c, _, _ in chunks)
+        N = next((b for b in PREFILL_TOKENS if b >= n), None)
+        if N is None or self.runner.graphs.notes:
+            return None
+        R = min(self.runner.max_batch, 1 << (len(chunks) - 1).bit_length())
+        Q = min(next(q for q in QUERY_BUCKETS if q >= longest), self.runner.config.block_size)
+        host = pack_host(chunks, self.runner.config.block_size, (N, R, Q, self.spare))
+        longs, ints = self.longs[:3 * N], self.ints[:3 * R + 2]
+        longs.copy_(self.runner.upload(host[0].reshape(-1), torch.long))
+        ints.copy_(self.runner.upload(host[1], torch.int32))
+        graph = self.graphs.get((N, R, Q))
+        if graph is None:
+            try:
+                graph = self.graphs[N, R, Q] = self._capture(N, R, Q, longs, ints)
+            except Exception as e:  # keep serving: prefill uncaptured, loudly
+                self.runner.graphs.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
+                                                "running without graphs")
+                warnings.warn(self.runner.graphs.notes[-1], RuntimeWarning, stacklevel=3)
+                self.runner.graphs.enabled = False
+                return None
+        graph.replay()
+        return self.out[:n]
+
+    def _capture(self, N, R, Q, longs, ints):
+        """Warm up on a side stream (it really runs: the same keys and values are written again by the
+        replay), then record the forward into self.out, reading the Packed from longs and ints."""
+        r = self.runner
+        ids, positions, write = longs.view(3, N)
+        cu_q, key_start, used = ints.split([R + 1, R + 1, R])
+        packed = Packed(positions, write, cu_q, key_start, used, Q, None)
+
+        def forward():
+            self.out[:N].copy_(r.model.hidden(ids.view(1, N), cache=r.cache, packed=packed)[0])
+
+        side = torch.cuda.Stream(device=r.device)
+        side.wait_stream(torch.cuda.current_stream(r.device))
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream(r.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            forward()
         return graph

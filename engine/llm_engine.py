@@ -19,8 +19,8 @@ from engine.sampler import TOPK_CANDIDATES, entry
 from engine.scheduler import Scheduler
 from engine.sequence import PromptLogprobs, Request
 
-# Prompt (and embedding) tokens a step computes at most, padding included, per device kind. A running
-# stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
+# Prompt (and embedding) tokens a step computes at most (embeddings' padding counted), per device kind. A
+# running stream waits for the step's prefill, so this trades prompt throughput against inter-token time.
 # CUDA (GPT-2 124M, bf16, H100, bench/prefill.py and serve_load.py, BENCHMARKS.md): 32 prompts of 1,000 tokens
 # prefill at 103k tokens/s with 512, 1.08M with 8,192 and 1.15M with 16,384 (the forward alone: 1.46M-1.57M);
 # at 8,192 running streams' inter-token p95 rose 2.2x-3.1x while such a burst arrived (after a first burst).
@@ -80,19 +80,21 @@ class Engine:
     def warmup(self, kinds=((0, False, False, False), (TOPK_CANDIDATES, False, False, False))):
         """Capture (and compile) the decode steps of every batch and cache-length bucket for these sampler
         kinds (default: greedy, and top-k / top-p without penalties), with the two halves of a constrained
-        step, so no request waits for a capture -> graphs held (0 without graphs)."""
+        step, and the packed prefill of every bucket, so no request waits for a capture -> graphs held (0
+        without graphs)."""
         block = self.config.block_size
         batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
         lengths = sorted({min(block, L) for L in range(CACHE_BUCKET, block + CACHE_BUCKET, CACHE_BUCKET)})
-        graphs = self.runner.graphs
+        graphs, prefill = self.runner.graphs, self.runner.prefill_graphs
         with self._lock:
+            captured = prefill.warmup() if prefill and graphs.enabled else 0
             for B in batches:
                 for kind in kinds:
                     graphs.get(B, 0, kind[:3] + (True,))  # the masked sampler reads no cache
                 for L in lengths:
                     for kind in (*kinds, FORWARD):
                         graphs.get(B, L, kind)
-            return len(graphs.graphs)
+            return len(graphs.graphs) + captured
 
     @torch.no_grad()
     def step(self):
@@ -111,7 +113,7 @@ class Engine:
             for r in admitted:
                 self.runner.load(r)
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
-            embeds = self._embed_batch(self.scheduler.prefill_chunk - len(rows) * max((n for *_, n in rows), default=0))
+            embeds = self._embed_batch(self.scheduler.prefill_chunk - sum(n for *_, n in rows))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
             # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
             earlier = [w for w in self._inflight + [prefill] if w is not None]

@@ -3,6 +3,7 @@ the forwards and samples on the device; results come back through one Fetch per 
 Shapes: S slots, B rows of a decode batch (slots 0..B-1), K steps per chunk, V vocab, L cache positions read.
 """
 
+import itertools
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,12 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from grammar import apply_bitmask, fill_bitmask, new_bitmask
-from model import KVCache
+from model import KVCache, pack
 from tokenizer import EOT_ID, N_VOCAB
 
 CACHE_BUCKET = 128  # static / graph decode reads a multiple of this many cache positions
@@ -121,7 +122,8 @@ class ModelRunner:
         self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
         self.max_batch, self.kmax = max_batch, decode_chunk or (8 if cuda else 1)
         S, V, dev = max_batch, N_VOCAB, self.device
-        self.cache = KVCache(self.config, S, device=dev, dtype=self.dtype)
+        captured = (cuda if graphs is None else bool(graphs)) and self.dtype in (torch.float16, torch.bfloat16)
+        self.cache = KVCache(self.config, S + captured, device=dev, dtype=self.dtype)  # + the prefill graphs' spare
         self.params = torch.tensor([param_row(SamplingParams())] * S, device=dev)  # per-slot sampling parameters
         self.bias = torch.zeros(S, V, device=dev)
         self.seen = torch.zeros(S, V, dtype=torch.bool, device=dev)
@@ -141,6 +143,7 @@ class ModelRunner:
         self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
+        self.prefill_graphs = PrefillGraphs(self, spare=S) if captured else None  # FlashAttention: half precision
         self.static = self.graphs.enabled or bool(static)
         self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
@@ -164,19 +167,16 @@ class ModelRunner:
                 self.bias[s, toks] = vals
 
     def prefill(self, rows):
-        """Queue the forwards over the prompt chunks [(request, start, n)]: rows from position 0 (new prompts:
-        FlashAttention) and rows continuing a prompt as two batches, each padded to its own width; prompts
+        """Queue one forward over the prompt chunks [(request, start, n)], packed without padding; prompts
         completed sample their first tokens -> PrefillWork, or None."""
-        finals, last = [], []  # the completed requests, their last positions' hidden states
-        for batch in ([x for x in rows if x[1] == 0], [x for x in rows if x[1] > 0]):
-            if batch:
-                h = prefill_forward(self, batch)  # (B, T, C)
-                done = [(b, r, n - 1) for b, (r, _, n) in enumerate(batch) if r.filled == len(r.prompt)]
-                if done:
-                    b_idx = self.upload([b for b, _, _ in done], torch.long)
-                    last.append(h[b_idx, self.upload([t for _, _, t in done], torch.long)])
-                    finals += [r for _, r, _ in done]
-        return self._first_tokens(torch.cat(last), finals) if finals else None
+        if not rows:
+            return None
+        h, ends = prefill_forward(self, rows)  # (N, C), each row's last token among the N
+        done = [(end, r) for end, (r, _, _) in zip(ends, rows) if r.filled == len(r.prompt)]
+        if not done:
+            return None
+        return self._first_tokens(h.index_select(0, self.upload([end for end, _ in done], torch.long)),
+                                  [r for _, r in done])
 
     def _first_tokens(self, last, finals):
         """Fork each completed prompt (last: its final hidden state, (len(finals), C)) into its choices' slots
@@ -312,31 +312,33 @@ class ModelRunner:
 
 
 def prefill_forward(runner, rows):
-    """Queue one padded prefill forward over rows that all start at 0 or all continue -> hidden states
-    (B, T, C); echo rows keep their prompt's logprob entries."""
-    block, width = runner.config.block_size, max(n for _, _, n in rows)
-    # right padding writes past each prompt's end, where nothing is read before it is overwritten
-    idx = runner.upload([r.prompt[s:s + n] + [EOT_ID] * (width - n) for r, s, n in rows], torch.long)  # (B, T)
-    starts = [s for _, s, _ in rows]
-    pos = runner.upload(starts, torch.long) if starts[0] else None  # None: new prompts
-    slots = runner.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
-    with sdpa_kernel(ATTENTION):
-        h = runner.model.hidden(idx, cache=runner.cache, pos=pos, slots=slots, kv_len=max(starts) + width)
+    """Queue one forward over rows [(request, start, n)], packed into one sequence (model.Packed; replayed from
+    a CUDA graph where one applies) -> (hidden states (N, C), the index of each row's last token among the N);
+    echo rows keep their prompt's logprob entries."""
+    block = runner.config.block_size
+    chunks = [(r.prompt[s:s + n], r.choices[0].slot, s) for r, s, n in rows]
+    h = runner.prefill_graphs.run(chunks) if runner.prefill_graphs else None
+    if h is None:
+        idx, packed = pack(chunks, block, runner.upload)
+        with sdpa_kernel(ATTENTION):
+            h = runner.model.hidden(idx, cache=runner.cache, packed=packed)[0]  # (N, C)
+    starts = list(itertools.accumulate((n for *_, n in rows), initial=0))  # each row's first token among the N
     # idle slots decode at the prefilled length, so their garbage lands past it
+    slots = runner.upload([r.choices[0].slot for r, _, _ in rows], torch.long)
     runner.pos.index_copy_(0, slots, runner.upload([min(s + n, block - 1) for _, s, n in rows], torch.long))
-    echo = []  # (request, its row, m, the m prompt tokens its first m positions predict)
-    for b, (r, s, n) in enumerate(rows):
+    echo = []  # (request, its first token among the N, m, the m prompt tokens its first m positions predict)
+    for (r, s, n), start in zip(rows, starts):
         r.filled = s + n
         m = min(n, len(r.prompt) - s - 1)
         if r.echo and m > 0:
-            echo.append((r, b, m, r.prompt[s + 1:s + 1 + m]))
+            echo.append((r, start, m, r.prompt[s + 1:s + 1 + m]))
     if echo:  # one lm_head and one log_softmax over the echo rows' positions, not a few ops per row
-        at = runner.upload([b * width + t for _, b, m, _ in echo for t in range(m)], torch.long)
+        at = runner.upload([start + t for _, start, m, _ in echo for t in range(m)], torch.long)
         targets = runner.upload([t for *_, ids in echo for t in ids], torch.long)
-        entries = logprobs(runner.model.lm_head(h.flatten(0, 1).index_select(0, at)), targets)
+        entries = logprobs(runner.model.lm_head(h.index_select(0, at)), targets)
         for (r, *_), *parts in zip(echo, *(t.split([m for _, _, m, _ in echo]) for t in entries)):
             r.prompt_lp.append(tuple(parts))
-    return h
+    return h, [end - 1 for end in starts[1:]]
 
 
 def embed_forward(runner, inputs):

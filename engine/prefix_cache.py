@@ -35,15 +35,6 @@ def shared_blocks(a, b, n):
     return k
 
 
-def worth_using(blocks, ids):
-    """Whether a cached prefix of this many blocks is used for the prompt ids: only when it is at least half
-    of it. A shorter one does not pay: the rest runs on the masked attention path (not FlashAttention) and
-    pads its step's batch of continuing rows to its length. HellaSwag's 10-shot prompts (~30 blocks) share
-    a first example now and then (1-5 blocks): taken, those padded a step's continuing rows from ~30 tokens
-    to ~450."""
-    return 2 * blocks * BLOCK_TOKENS >= len(ids)
-
-
 @dataclass
 class Match:
     """A cached prefix: its length in tokens and the pool rows holding it, in order."""
@@ -97,15 +88,13 @@ class PrefixCache:
             rows.append(row)
         return rows
 
-    def cached_blocks(self, ids, logprobs=False):  # the longest cached prefix, in blocks (before worth_using)
+    def cached_blocks(self, ids, logprobs=False):  # the longest cached prefix, in blocks
         return len(self._lookup(ids, logprobs))
 
     def match(self, ids, logprobs=False):
         """The longest cached prefix of ids (full blocks, never the last token's block, whose logits give the
-        first new token) if it is at least half of ids, else none; logprobs: only blocks holding echo entries.
-        Counted in the stats."""
+        first new token); logprobs: only blocks holding echo entries. Counted in the stats."""
         rows = self._lookup(ids, logprobs)
-        rows = rows if worth_using(len(rows), ids) else []
         self._touch(rows)
         s = self.stats
         s.hits, s.misses = s.hits + bool(rows), s.misses + (not rows)
@@ -121,7 +110,7 @@ class PrefixCache:
             return None
         n = self._span(len(match.rows), cache)
         # past the prefix, up to the span: copies of its last block, which the prefill and decoding overwrite
-        # before anything reads them (as they do the right padding of a prefill)
+        # before anything reads them
         rows = self._index(match.rows + match.rows[-1:] * (n - len(match.rows)))
         blocks = self.kv.index_select(1, rows).flatten(1, 2)  # (2L, n * T, H, D)
         torch._foreach_copy_(cache.views(slot, n * BLOCK_TOKENS), blocks.unbind(0))

@@ -6,7 +6,7 @@ import heapq
 import threading
 from collections import Counter, deque
 
-from engine.prefix_cache import BLOCK_TOKENS, shared_blocks, worth_using
+from engine.prefix_cache import BLOCK_TOKENS, shared_blocks
 
 # A request waits a step for a shared prefix another prompt is prefilling only when that prefix is at least
 # prefill_chunk / WAIT_SHARE tokens: a shorter one costs less to prefill again than a step's wait. Waiting
@@ -75,24 +75,21 @@ class Scheduler:
         return r
 
     def _waits_for_prefix(self, r):
-        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens the cache lacks,
-        and a prefix the cache would use for it (requests admitted together would each prefill their common
-        prefix)."""
+        """r shares with a prompt still prefilling at least prefill_chunk / WAIT_SHARE tokens the cache lacks
+        (requests admitted together would each prefill their common prefix)."""
         n = (len(r.prompt) - 1) // BLOCK_TOKENS if self.prefix.max_blocks else 0
         shared = max((shared_blocks(r.prompt, p.prompt, n) for p in self.running if p.filled < len(p.prompt)),
                      default=0)
-        return worth_using(shared, r.prompt) and \
-            (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= self.prefill_chunk // WAIT_SHARE
+        return shared > 0 and (shared - self.prefix.cached_blocks(r.prompt, r.echo)) * BLOCK_TOKENS >= \
+            self.prefill_chunk // WAIT_SHARE
 
     def schedule(self):
-        """This step's prefill, at most prefill_chunk tokens, padding included: prompts already prefilling,
-        then newly admitted ones -> (rows [(request, start, n tokens)], requests admitted, slots set). Rows
-        from position 0 and rows continuing a prompt are two batches (the runner's), each padded to its
-        own width: a short rest of a prompt is not padded to a new prompt's width, nor the other way."""
+        """This step's prefill, at most prefill_chunk prompt tokens (the runner packs them without padding):
+        prompts already prefilling, then newly admitted ones -> (rows [(request, start, n)], requests
+        admitted)."""
         rows, admitted, budget = [], [], self.prefill_chunk
-        batches = {True: [0, 0, 0], False: [0, 0, 0]}  # from position 0?: [rows, width, largest start]
         pending = [r for r in self.running if r.filled < len(r.prompt) and not r.done]
-        while not rows or sum(k * w for k, w, _ in batches.values()) < budget:
+        while budget > 0:
             if pending:
                 r = pending.pop(0)
             else:
@@ -100,14 +97,9 @@ class Scheduler:
                 if r is None:
                     break
                 admitted.append(r)
-            start = r.filled
-            n = min(len(r.prompt) - start, budget // (len(rows) + 1))
-            mine, other = batches[start == 0], batches[start != 0]
-            k, w, top = mine[0] + 1, max(mine[1], n), max(mine[2], start)
-            if n == 0 or top + w > self.block_size or (rows and k * w + other[0] * other[1] > budget):
-                break  # it prefills next step (an admitted one stays running)
-            rows.append((r, start, n))
-            mine[:] = k, w, top
+            n = min(len(r.prompt) - r.filled, budget)
+            rows.append((r, r.filled, n))
+            budget -= n
         return rows, admitted
 
     def decoding(self):

@@ -1,5 +1,6 @@
 """The Engine on CUDA: CUDA-graph decode steps (with and without torch.compile) give the same tokens as
-the uncaptured static path and the eager path; requests joining mid-way change nothing.
+the uncaptured static path and the eager path; requests joining mid-way change nothing; packed prefill
+steps replayed from CUDA graphs equal the uncaptured forward.
 
 Skipped without CUDA. On the GPU machine: python -m pytest tests/test_inference_gpu.py -v
 """
@@ -11,7 +12,7 @@ from conftest import embed_all
 import inference as inf
 from engine.model_runner import _call_model
 from grammar import make_constraint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pack, varlen_causal
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -185,11 +186,13 @@ def test_warmup_captures_up_front():
     engine = inf.Engine(model, max_batch=4)
     n = engine.warmup()
     # batch buckets 1, 2, 4 x cache lengths 128 .. 1024 x (2 kinds + the constrained forward), and the masked
-    # sampler of the 2 kinds per batch bucket
-    assert n == 3 * 8 * 3 + 3 * 2 and not engine.notes
+    # sampler of the 2 kinds per batch bucket; the prefill buckets (tokens, rows 1, 2, 4, longest row) a step
+    # can make: 39
+    prefill = engine.runner.prefill_graphs.graphs
+    assert n == 3 * 8 * 3 + 3 * 2 + 39 and len(prefill) == 39 and not engine.notes
     inf.generate_batch(engine, PROMPTS[:3], max_new_tokens=100, temperature=0.8, seed=1, raw=True, ignore_eos=True)
     inf.generate_batch(engine, PROMPTS[:2], max_new_tokens=100, temperature=0, raw=True, ignore_eos=True)
-    assert len(engine.runner.graphs.graphs) == n  # nothing new to capture
+    assert len(engine.runner.graphs.graphs) + len(prefill) == n  # nothing new to capture
 
 
 def test_constrained_graphs_equal_eager_fp32():
@@ -236,10 +239,48 @@ def test_steps_never_wait_for_the_device_but_to_read_results():
                 break
         assert all(r.done for r in reqs)
 
-    run_round(" ".join(["word"] * 40))  # captures the graphs these kinds use (a capture synchronizes)
+    for _ in range(2):  # captures the graphs these kinds use, without and with cache hits (a capture synchronizes)
+        run_round(" ".join(["word"] * 40))
     torch.cuda.set_sync_debug_mode("error")
     try:
         run_round(" ".join(["word"] * 40))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert engine.stats()["prefix_cache"]["hits"] > 0 and not engine.runner.graphs.notes
+
+
+def upload(values, dtype):
+    return torch.tensor(values, dtype=dtype, device="cuda")
+
+
+def test_packed_prefill_flash_aligns_each_row_bottom_right():
+    """FlashAttention's variable-length kernel (half precision on CUDA) attends as the row-by-row masked path:
+    new rows and rows continuing a cached prefix (fewer queries than keys), each reading its own cache slot."""
+    torch.manual_seed(0)
+    H, D, block, rows = 4, 64, 128, [(0, 0, 5), (2, 33, 7), (3, 16, 1), (1, 0, 33), (5, 84, 16)]  # (slot, start, n)
+    q = torch.randn(sum(n for *_, n in rows), H, D, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(6, block, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    _, p = pack([([0] * n, slot, s) for slot, s, n in rows], block, upload)
+    flash, by_rows = varlen_causal(q, kc, vc, p), varlen_causal(q.float(), kc.float(), vc.float(), p)  # float32: by rows
+    assert (flash.float() - by_rows).abs().max() < 3e-2
+
+
+def test_prefill_graphs_equal_the_uncaptured_forward():
+    """A packed prefill replayed from a CUDA graph (padded to its bucket: extra tokens write to the spare slot,
+    extra rows are empty) gives the uncaptured forward's hidden states and cache, to bf16's rounding, for new
+    rows and rows continuing a prefix; the capture and a replay alike. The slots no chunk names stay as they were."""
+    model = gpt2_124m(torch.bfloat16)
+    runner = inf.Engine(model, max_batch=8).runner
+    ids = lambda n, seed: torch.randint(1000, 50000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # noqa: E731
+    idx, packed = pack([(ids(40, 1), 1, 0), (ids(100, 2), 3, 0)], 1024, upload)
+    model.hidden(idx, cache=runner.cache, packed=packed)  # the prefixes rows 1 and 3 continue
+    chunks = [(ids(5, 3), 0, 0), (ids(7, 4), 1, 40), (ids(1, 5), 3, 100), (ids(33, 6), 5, 0)]
+    before = [t.clone() for t in runner.cache.k]
+    idx, packed = pack(chunks, 1024, upload)
+    want = model.hidden(idx, cache=runner.cache, packed=packed)[0]
+    for _ in range(2):
+        got = runner.prefill_graphs.run(chunks)
+        assert got.shape == want.shape and (got.float() - want.float()).abs().max() < 5e-2
+    assert len(runner.prefill_graphs.graphs) == 1 and not runner.graphs.notes
+    for layer, old in zip(runner.cache.k, before):
+        assert torch.equal(layer[[2, 4, 6, 7]], old[[2, 4, 6, 7]])

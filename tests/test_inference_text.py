@@ -26,8 +26,10 @@ class ScriptedLM(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # device / dtype for the engine
         self.prompt_len, self.table = prompt_len, torch.tensor(list(script) + [EOT_ID])
 
-    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None):
+    def hidden(self, idx, cache=None, pos=None, slots=None, kv_len=None, packed=None):
         B, T = idx.shape
+        if packed is not None:
+            return packed.positions.view(1, T, 1)
         start = torch.zeros(B, dtype=torch.long) if pos is None else pos
         return (start.view(B, 1) + torch.arange(T)).unsqueeze(-1)  # (B, T, 1)
 
