@@ -99,11 +99,18 @@ def pack(chunks, block_size, upload, pad=None):
     return longs[0].view(1, -1), Packed(longs[1], longs[2], *ints, max_q, rows)
 
 
+def flash_varlen(device, dtype):
+    """Whether FlashAttention's variable-length kernel runs here: CUDA, half precision, Ampere or newer (a T4
+    or V100 has none, and gets attention a row at a time)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and \
+        torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def varlen_causal(q, k_cache, v_cache, p):
     """Attention of the rows of a Packed p: q (N, H, D), the layer's cache (S, block_size, H, D) -> (N, H, D).
     A row's queries are the last of its keys: causal from the bottom right."""
     block = k_cache.size(1)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's variable-length kernel reads
+    if flash_varlen(q.device, q.dtype):  # FlashAttention's variable-length kernel reads
         k, v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # each row's keys in place, bottom-right causal
         return torch.ops.aten._flash_attention_forward(q, k, v, p.cu_q, p.key_start, p.max_q, block, 0.0, True,
                                                        False, seqused_k=p.used)[0]

@@ -18,7 +18,7 @@ from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from grammar import apply_bitmask, fill_bitmask, new_bitmask
-from model import KVCache, pack
+from model import KVCache, flash_varlen, pack
 from tokenizer import EOT_ID, N_VOCAB
 
 CACHE_BUCKET = 128  # static / graph decode reads a multiple of this many cache positions
@@ -122,7 +122,7 @@ class ModelRunner:
         self.forward = torch.compile(_own_copy(_call_model)) if compile else _call_model
         self.max_batch, self.kmax = max_batch, decode_chunk or (8 if cuda else 1)
         S, V, dev = max_batch, N_VOCAB, self.device
-        captured = (cuda if graphs is None else bool(graphs)) and self.dtype in (torch.float16, torch.bfloat16)
+        captured = (cuda if graphs is None else bool(graphs)) and flash_varlen(dev, self.dtype)
         self.cache = KVCache(self.config, S + captured, device=dev, dtype=self.dtype)  # + the prefill graphs' spare
         self.params = torch.tensor([param_row(SamplingParams())] * S, device=dev)  # per-slot sampling parameters
         self.bias = torch.zeros(S, V, device=dev)
@@ -143,7 +143,7 @@ class ModelRunner:
         self.host_mask = new_bitmask(S, pin=cuda)  # filled on the CPU while the forward runs
         self.filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self.graphs = DecodeGraphs(self, cuda if graphs is None else bool(graphs))
-        self.prefill_graphs = PrefillGraphs(self, spare=S) if captured else None  # FlashAttention: half precision
+        self.prefill_graphs = PrefillGraphs(self, spare=S) if captured else None  # padding needs FlashAttention
         self.static = self.graphs.enabled or bool(static)
         self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
