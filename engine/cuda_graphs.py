@@ -66,6 +66,33 @@ PREFILL_TOKENS = sorted({b << k for b in (64, 96) for k in range(8)} - {96 << 7}
 QUERY_BUCKETS = (128, 1024)
 
 
+def query_buckets(block_size):
+    return sorted({min(q, block_size) for q in QUERY_BUCKETS} | {block_size})
+
+
+def prefill_bucket(lengths, max_batch, block_size):
+    """The graph of a step whose rows have these lengths: (N tokens, R rows, longest row Q), padded up; None
+    when the step has more tokens than any graph."""
+    N = next((b for b in PREFILL_TOKENS if b >= sum(lengths)), None)
+    R = min(max_batch, 1 << (len(lengths) - 1).bit_length())
+    Q = next(q for q in query_buckets(block_size) if q >= max(lengths))
+    return None if N is None else (N, R, Q)
+
+
+def bucket_steps(max_batch, block_size):
+    """Row lengths of a step for every bucket a step can fill (warm-up): one row as long as the bucket's Q
+    allows, the others sharing what is left."""
+    qs = query_buckets(block_size)
+    for N in PREFILL_TOKENS:
+        for R in sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)}):
+            for below, Q in zip([0] + qs, qs):
+                first = min(Q, N - (R - 1))
+                rest = [(N - first) // (R - 1) + (i < (N - first) % (R - 1)) for i in range(R - 1)] if R > 1 else []
+                fits = 1 <= min(rest, default=1) <= max(rest, default=1) <= first
+                if first > below and first + sum(rest) == N and fits:
+                    yield [first] + rest
+
+
 class PrefillGraphs:
     """CUDA graphs of the packed prefill forward (model.hidden over a Packed; FlashAttention, half precision),
     one per (tokens, rows, longest row) bucket, captured on first use. A step of short chunks then costs one
@@ -84,29 +111,17 @@ class PrefillGraphs:
     def warmup(self):
         """Capture a graph for every bucket a step can fill -> how many. Each is recorded from dummy rows
         from position 0 of slots 0, 1, ... (free at warm-up; what they write is rewritten before it is read)."""
-        block, S = self.runner.config.block_size, self.runner.max_batch
-        rows = sorted({min(S, 1 << i) for i in range(S.bit_length() + 1)})
-        for N in PREFILL_TOKENS:
-            for R in rows:
-                for Q in sorted({min(q, block) for q in QUERY_BUCKETS}):
-                    first = min(Q, N - (R - 1))  # one row as long as Q allows, the rest shares what is left
-                    rest = [(N - first) // (R - 1) + (i < (N - first) % (R - 1)) for i in range(R - 1)] if R > 1 else []
-                    lengths = [first] + rest
-                    if sum(lengths) != N or min(lengths) < 1 or max(rest, default=1) > first or \
-                            (Q > QUERY_BUCKETS[0] and first <= QUERY_BUCKETS[0]):
-                        continue  # no step makes this bucket
-                    self.run([([0] * n, slot, 0) for slot, n in enumerate(lengths)])
+        for lengths in bucket_steps(self.runner.max_batch, self.runner.config.block_size):
+            self.run([([0] * n, slot, 0) for slot, n in enumerate(lengths)])
         return len(self.graphs)
 
     def run(self, chunks):
         """Queue the packed prefill of chunks [(ids, slot, start)] by a graph -> hidden states (N, C), or None
         when no graph applies (too many tokens, or a capture failed: then loudly, and never again)."""
-        n, longest = sum(len(c) for c, _, _ in chunks), max(len(c) for c, _, _ in chunks)
-        N = next((b for b in PREFILL_TOKENS if b >= n), None)
-        if N is None or self.runner.graphs.notes:
+        bucket = prefill_bucket([len(c) for c, _, _ in chunks], self.runner.max_batch, self.runner.config.block_size)
+        if bucket is None or self.runner.graphs.notes:
             return None
-        R = min(self.runner.max_batch, 1 << (len(chunks) - 1).bit_length())
-        Q = min(next(q for q in QUERY_BUCKETS if q >= longest), self.runner.config.block_size)
+        (N, R, Q), n = bucket, sum(len(c) for c, _, _ in chunks)
         host = pack_host(chunks, self.runner.config.block_size, (N, R, Q, self.spare))
         longs, ints = self.longs[:3 * N], self.ints[:3 * R + 2]
         longs.copy_(self.runner.upload(host[0].reshape(-1), torch.long))

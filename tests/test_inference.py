@@ -15,6 +15,7 @@ import export_hf
 import inference as inf
 from checkpoint import save_checkpoint
 from common import UserError, run_cli
+from engine.cuda_graphs import bucket_steps, prefill_bucket
 from model import GPT
 from tokenizer import EOT_ID, N_VOCAB, decode
 
@@ -655,3 +656,15 @@ def test_echo_of_a_prompt_filling_the_whole_context(model):
     got, _ = run_all(engine)
     assert got[full.id] == ([], "length") and got[running.id][1] == "length"
     assert first + len(got[running.id][0]) == 40
+
+
+@pytest.mark.parametrize("max_batch,block", [(64, 1024), (33, 1024), (8, 2048), (4, 64)])
+def test_prefill_warmup_covers_every_step_shape(max_batch, block):
+    """Every step the scheduler can make (up to max_batch rows of 1..block_size tokens) either has more tokens
+    than a graph holds or falls in a bucket that warm-up captures: no request waits for a capture."""
+    rng, warmed = random.Random(0), {prefill_bucket(x, max_batch, block) for x in bucket_steps(max_batch, block)}
+    for _ in range(2000):
+        cap = rng.choice([8, 128, 129, block])  # short rests, a row just past a query bucket, anything
+        lengths = [rng.randint(1, min(cap, block)) for _ in range(rng.randint(1, max_batch))]
+        key = prefill_bucket(lengths, max_batch, block)
+        assert key in warmed if key is not None else sum(lengths) > 8192

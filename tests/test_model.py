@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from checkpoint import load_model
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, pack_host
 from optim import Optimizer
 
 transformers = pytest.importorskip("transformers")
@@ -152,3 +152,14 @@ def test_config_validation():
         GPTConfig(n_embd=100, n_head=3)
 
 
+
+
+def test_pack_pads_to_a_graphs_shapes():
+    """Prompt chunks (ids, slot, start) packed for a CUDA graph of 8 tokens and 4 rows: each token's position
+    and flat cache index (slot * block_size + position); padding tokens write to the spare slot (5), padding
+    rows have no tokens and no keys."""
+    longs, ints, max_q, rows = pack_host([([5, 6, 7], 2, 0), ([8, 9], 0, 10), ([1], 3, 4)], 16, (8, 4, 128, 5))
+    assert longs.tolist() == [[5, 6, 7, 8, 9, 1, 0, 0], [0, 1, 2, 10, 11, 4, 0, 0], [32, 33, 34, 10, 11, 52, 80, 80]]
+    cu_q, key_start, used = ints[:5].tolist(), ints[5:10].tolist(), ints[10:].tolist()
+    assert cu_q == [0, 3, 5, 6, 6] and key_start[:4] == [32, 0, 48, 0] and used == [3, 12, 5, 0]
+    assert max_q == 128 and rows == [(2, 0, 3), (0, 10, 2), (3, 4, 1)]
