@@ -4,6 +4,7 @@ hf_to_ours and ours_to_hf). Shapes in comments: B batch, T query length, S cache
 C n_embd, H n_head, D head size (C // H), V vocab.
 """
 
+import functools
 import itertools
 from dataclasses import asdict, dataclass, fields
 
@@ -99,6 +100,7 @@ def pack(chunks, block_size, upload, pad=None):
     return longs[0].view(1, -1), Packed(longs[1], longs[2], *ints, max_q, rows)
 
 
+@functools.cache  # asked in every layer of an uncaptured forward
 def flash_varlen(device, dtype):
     """Whether FlashAttention's variable-length kernel runs here: CUDA, half precision, Ampere or newer (a T4
     or V100 has none, and gets attention a row at a time)."""

@@ -30,10 +30,14 @@ class DecodeGraphs:
             try:
                 graph = self.graphs[(B, L, kind)] = self._capture(B, L, kind)
             except Exception as e:  # keep serving: decode uncaptured, loudly
-                self.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding without graphs")
-                warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=3)
-                self.enabled = False
+                self.failed(e, "decoding")
         return graph
+
+    def failed(self, error, what):
+        """A capture failed: graphs go off (decode and prefill alike), loudly, and `what` runs uncaptured."""
+        self.notes.append(f"CUDA graph capture failed ({type(error).__name__}: {error}); {what} without graphs")
+        warnings.warn(self.notes[-1], RuntimeWarning, stacklevel=4)
+        self.enabled = False
 
     def _capture(self, B, L, kind):
         """Warm up (compiles if asked) on a side stream, then record one decode step in a graph. The warm-up
@@ -102,7 +106,7 @@ class PrefillGraphs:
 
     def __init__(self, runner, spare):
         self.runner, self.spare = runner, spare
-        self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()  # (N, R, max_q) -> (graph, inputs)
+        self.graphs, self.pool = {}, torch.cuda.graph_pool_handle()  # (N, R, Q) -> torch.cuda.CUDAGraph
         N, R, dev = PREFILL_TOKENS[-1], runner.max_batch, runner.device
         self.longs = torch.zeros(3 * N, dtype=torch.long, device=dev)  # ids, positions, write of the Packed
         self.ints = torch.zeros(3 * R + 2, dtype=torch.int32, device=dev)  # cu_q, key_start, used
@@ -118,10 +122,11 @@ class PrefillGraphs:
     def run(self, chunks):
         """Queue the packed prefill of chunks [(ids, slot, start)] by a graph -> hidden states (N, C), or None
         when no graph applies (too many tokens, or a capture failed: then loudly, and never again)."""
-        bucket = prefill_bucket([len(c) for c, _, _ in chunks], self.runner.max_batch, self.runner.config.block_size)
-        if bucket is None or self.runner.graphs.notes:
+        lengths = [len(c) for c, _, _ in chunks]
+        bucket = prefill_bucket(lengths, self.runner.max_batch, self.runner.config.block_size)
+        if bucket is None or not self.runner.graphs.enabled:
             return None
-        (N, R, Q), n = bucket, sum(len(c) for c, _, _ in chunks)
+        N, R, Q = bucket
         host = pack_host(chunks, self.runner.config.block_size, (N, R, Q, self.spare))
         longs, ints = self.longs[:3 * N], self.ints[:3 * R + 2]
         longs.copy_(self.runner.upload(host[0].reshape(-1), torch.long))
@@ -131,13 +136,10 @@ class PrefillGraphs:
             try:
                 graph = self.graphs[N, R, Q] = self._capture(N, R, Q, longs, ints)
             except Exception as e:  # keep serving: prefill uncaptured, loudly
-                self.runner.graphs.notes.append(f"CUDA graph capture failed ({type(e).__name__}: {e}); "
-                                                "running without graphs")
-                warnings.warn(self.runner.graphs.notes[-1], RuntimeWarning, stacklevel=3)
-                self.runner.graphs.enabled = False
+                self.runner.graphs.failed(e, "prefilling")
                 return None
         graph.replay()
-        return self.out[:n]
+        return self.out[:sum(lengths)]
 
     def _capture(self, N, R, Q, longs, ints):
         """Warm up on a side stream (it really runs: the same keys and values are written again by the
