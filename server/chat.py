@@ -191,7 +191,7 @@ def tool_plan(body):
     tools, choice = body.get("tools") or [], body.get("tool_choice", "auto" if body.get("tools") else "none")
     if len(tools) > MAX_TOOLS:
         raise invalid("tools", f"tools holds {len(tools)} functions; at most {MAX_TOOLS} are allowed")
-    functions = [check_tool(t, i) for i, t in enumerate(tools)]
+    functions = {i: check_tool(t, i) for i, t in enumerate(tools)}  # index in tools -> function
     if not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
         raise invalid("tool_choice", f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
                                      f"\"function\": {{\"name\": ...}}}}, got {choice!r:.80}")
@@ -203,24 +203,22 @@ def tool_plan(body):
         raise invalid("tool_choice", "tool_choice asks for a call but no tools are given")
     if isinstance(choice, dict):
         wanted = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
-        if wanted not in [f["name"] for f in functions]:
+        functions = {i: f for i, f in functions.items() if f["name"] == wanted}
+        if not functions:
             raise invalid("tool_choice", f"tool_choice names function {wanted!r}, which is not in tools")
-        functions = [f for f in functions if f["name"] == wanted]
+    schemas = {i: f.get("parameters") or {"type": "object"} for i, f in functions.items()}
+    names = tuple(f["name"] for f in functions.values())
     if len(functions) == 1:
-        i = next(i for i, t in enumerate(tools) if t["function"] is functions[0])
-        constraint = make_constraint("json_schema", parameters(functions[0]), f"tools[{i}].function.parameters")
+        i, schema = next(iter(schemas.items()))
+        constraint = make_constraint("json_schema", schema, f"tools[{i}].function.parameters")
     else:
-        rules = [f'call{i}: {json.dumps(head(f["name"]))} args{i} "}}"\n'
-                 f'args{i}: %json {json.dumps({**parameters(f), "x-guidance": JSON_OPTIONS})}'
-                 for i, f in enumerate(functions)]
+        rules = [f'call{i}: {json.dumps(head(name))} args{i} "}}"\n'
+                 f'args{i}: %json {json.dumps({**schema, "x-guidance": JSON_OPTIONS})}'
+                 for i, (name, schema) in enumerate(zip(names, schemas.values()))]
         start = "start: " + " | ".join(f"call{i}" for i in range(len(functions)))
         constraint = make_constraint("grammar", "\n".join([start, *rules]), "tools")
     compile_constraint(constraint)  # now: a schema llguidance refuses is a 400 naming its field
-    return ToolPlan(tuple(f["name"] for f in functions), constraint)
-
-
-def parameters(function):
-    return function.get("parameters") or {"type": "object"}
+    return ToolPlan(names, constraint)
 
 
 def check_tool(tool, i):

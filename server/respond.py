@@ -57,24 +57,18 @@ def completion_logprobs(entries, offset, echo=None):
     PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob). Each
     top_logprobs entry starts with the token itself, then its alternatives: up to logprobs + 1 (as OpenAI
     and vLLM)."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    tokens, logprobs, tops = [], [], []
     if echo is not None:
         ids, plp = echo
-        toks = [token_str(t) for t in ids]
-        tops = [{tok: lp, **{token_str(t): x for t, x in zip(top, xs)}}
-                for tok, lp, top, xs in zip(toks[1:], plp.logprob, plp.top_ids, plp.top_logprobs)]
-        starts = list(itertools.accumulate(map(len, toks), initial=offset))
-        out = {"tokens": toks, "token_logprobs": [None, *plp.logprob], "top_logprobs": [None, *tops],
-               "text_offset": starts[:-1]}
-        offset = starts[-1]
+        tokens, logprobs = [token_str(t) for t in ids], [None, *plp.logprob]
+        tops = [None, *({tok: lp, **{token_str(t): x for t, x in zip(top, xs)}}
+                        for tok, lp, top, xs in zip(tokens[1:], plp.logprob, plp.top_ids, plp.top_logprobs))]
     for e in entries:
-        tok = token_str(e["token_id"])
-        out["tokens"].append(tok)
-        out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append({tok: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
-        out["text_offset"].append(offset)
-        offset += len(tok)
-    return out
+        tokens.append(token_str(e["token_id"]))
+        logprobs.append(e["logprob"])
+        tops.append({tokens[-1]: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
+    starts = itertools.accumulate(map(len, tokens), initial=offset)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": list(starts)[:-1]}
 
 
 def openai_envelope(route, request_id, model_name, include_usage):
@@ -167,17 +161,14 @@ def finish_request(rq, info, server):
     log.log(logging.DEBUG if info["quiet"] else logging.INFO, line)
 
 
-def fit_prompt(ids, params, given, names, prompt_name="prompt", echo=False):
-    """The prompt against --max-prompt-tokens and the context: an unspecified max_new_tokens is lowered
-    to fit, an explicit one that does not fit is a 400 naming it as the client did."""
+def admit(prompts, p, given, names, stream, field="prompt", n=1, logprobs=None, echo=False):
+    """client().admit of prompt ids, each fitted to --max-prompt-tokens and the context (an unspecified
+    max_new_tokens is lowered to fit, an explicit one that does not fit is a 400 in the client's words);
+    the reply is noted for the request's log line and release."""
     server = client()
-    return fit(len(ids), params, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
-               prompt_name, names)
-
-
-def admit(prompts, stream, n=1, logprobs=None, echo=False):
-    """client().admit, the reply noted for the request's log line and release."""
-    if n > client().config.max_batch:
-        raise invalid("n", f"n must be at most {client().config.max_batch} here (--max-batch)")
-    g.rq["reply"] = client().admit(prompts, stream, n, logprobs, echo)
+    fitted = [(ids, fit(len(ids), p, server.context_length, "max_new_tokens" in given, echo, server.prompt_limit(),
+                        field if len(prompts) == 1 else f"{field}[{i}]", names)) for i, ids in enumerate(prompts)]
+    if n > server.config.max_batch:
+        raise invalid("n", f"n must be at most {server.config.max_batch} here (--max-batch)")
+    g.rq["reply"] = server.admit(fitted, stream, n, logprobs, echo)
     return g.rq["reply"]

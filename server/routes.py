@@ -14,7 +14,7 @@ from grammar import FORMS
 from prompt import format_prompt
 from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
 from server.config import ApiError, invalid
-from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, fit_prompt, native_logprobs,
+from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, native_logprobs,
                             openai_envelope, openai_finish, respond, sse, token_str)
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
                            RESPONSE_FIELDS, TOKENIZE_FIELDS, openapi_document, prompt_list, read_body, sampling_params)
@@ -63,7 +63,7 @@ def generate():
     server.require_ready()
     ids = encode_prompt(body["prompt"] if p.raw else format_prompt(body["prompt"], body.get("context", "")), raw=True)
     k, stream = body.get("logprobs"), bool(body.get("stream"))
-    reply = admit([(ids, fit_prompt(ids, p, given, names))], stream, logprobs=k)
+    reply = admit([ids], p, given, names, stream, logprobs=k)
 
     def logprobs(entries):
         return {"logprobs": native_logprobs(entries)} if k is not None else {}
@@ -155,8 +155,7 @@ def completions():
     echo, n, k = bool(body.get("echo")), body.get("n", 1), body.get("logprobs")
     client().require_ready()
     ids_list = [encode_prompt(q, p.raw) if isinstance(q, str) else q for q in prompts]
-    reply = admit([(ids, fit_prompt(ids, p, given, names, "prompt" if len(prompts) == 1 else f"prompt[{i}]", echo))
-                   for i, ids in enumerate(ids_list)], stream, n=n, logprobs=k, echo=echo)
+    reply = admit(ids_list, p, given, names, stream, n=n, logprobs=k, echo=echo)
     echoed = {i * n + j: decode(ids) for i, ids in enumerate(ids_list) for j in range(n)} if echo else {}
 
     def echo_of(index, plp):  # the prompt ids with their logprobs, for completion_logprobs
@@ -204,7 +203,7 @@ def chat_completions():
         p = p.replace(constraint=plan.constraint)
     ids = chat_prompt(body["messages"], p, given)
     n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
-    reply = admit([(ids, fit_prompt(ids, p, given, names, "messages"))], stream, n=n, logprobs=k)
+    reply = admit([ids], p, given, names, stream, "messages", n=n, logprobs=k)
 
     def message(c):
         if plan is not None:
@@ -245,7 +244,7 @@ def responses():
     p = sampling_params(given, names, body=body)  # text.format: a constraint (grammar.FORMS)
     ids = chat_prompt(input_messages(body["input"]), p, given, name="input", instructions=body.get("instructions"))
     stream = bool(body.get("stream"))
-    reply = admit([(ids, fit_prompt(ids, p, given, names, "input"))], stream)
+    reply = admit([ids], p, given, names, stream, "input")
     rid, server = g.rq["request_id"], client()
     where = {"item_id": "msg_" + rid, "output_index": 0, "content_index": 0}
     head = {"id": "resp_" + rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
@@ -317,20 +316,15 @@ def embeddings():
                     "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
-def model_card(server):
-    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
-            "context_length": server.context_length}
-
-
 @openai.get("/v1/models")
-def models():
-    return jsonify({"object": "list", "data": [model_card(client())]})
-
-
 @openai.get("/v1/models/<path:model_id>")
-def model(model_id):
+def models(model_id=None):
     server = client()
+    card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "gpt2-instruct",
+            "context_length": server.context_length}
+    if model_id is None:
+        return jsonify({"object": "list", "data": [card]})
     if model_id != server.model_name:
         raise ApiError(404, "not_found", f"model {model_id!r} not found; this server has {server.model_name!r}",
                        "model", "model_not_found")
-    return jsonify(model_card(server))
+    return jsonify(card)
