@@ -1,6 +1,6 @@
-"""What every generation route shares: the app's engine client, the response shapes (logprobs in the
-native, chat and legacy-completion forms, OpenAI's envelopes, Server-Sent Events), the reply written out
-(JSON, or SSE with keep-alives and a final error event), and the one log line and metrics of a request."""
+"""What every generation route shares: the app's engine client, logprobs in the native, chat and
+legacy-completion shapes, SSE, the reply written out (JSON, or SSE with keep-alives and a final error
+event), admission of fitted prompts, and the one log line and metrics of a request."""
 
 import itertools
 import json
@@ -69,23 +69,6 @@ def completion_logprobs(entries, offset, echo=None):
         tops.append({tokens[-1]: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
     starts = itertools.accumulate(map(len, tokens), initial=offset)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": list(starts)[:-1]}
-
-
-def openai_envelope(route, request_id, model_name, include_usage):
-    """make(choices, usage, chunk) for one OpenAI reply: its id, object, created and model on every chunk."""
-    obj = "text_completion" if route == "/v1/completions" else "chat.completion"
-    head = {"id": ("cmpl-" if route == "/v1/completions" else "chatcmpl-") + request_id,
-            "object": obj, "created": int(time.time()), "model": model_name, "system_fingerprint": None}
-
-    def make(choices=None, usage=None, chunk=False):
-        out = {**head, "choices": choices, "usage": usage}
-        if chunk:
-            out["object"] = obj if obj == "text_completion" else obj + ".chunk"
-            if not include_usage:
-                del out["usage"]
-        return out
-
-    return make
 
 
 def respond(reply, stream, render, chunks, head=(), tail=lambda: (), failed=None):

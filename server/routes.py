@@ -15,7 +15,7 @@ from prompt import format_prompt
 from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
 from server.config import ApiError, invalid
 from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, native_logprobs,
-                            openai_envelope, openai_finish, respond, sse, token_str)
+                            openai_finish, respond, sse, token_str)
 from server.schema import (CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, EMBEDDING_FIELDS, NATIVE_FIELDS,
                            RESPONSE_FIELDS, TOKENIZE_FIELDS, openapi_document, prompt_list, read_body, sampling_params)
 from tokenizer import decode, encode
@@ -131,16 +131,28 @@ def static_files(filename):
 
 
 def openai_request(route, table, defaults=None):
-    """An OpenAI route's body -> (fields, params given, client names, SamplingParams, stream, make, tail)."""
+    """An OpenAI route's body -> (fields, params given, client names, SamplingParams, stream, make, tail);
+    make(choices, usage, chunk) puts the reply's id, object, created and model on every chunk."""
     body, given, names = read_body(table, route)
     names.setdefault("max_new_tokens", "max_tokens")
-    stream, usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
+    stream, include_usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
     if "stream_options" in body and not stream:
         raise invalid("stream_options", "stream_options is only allowed with stream: true")
-    make = openai_envelope(route, g.rq["request_id"], client().model_name, usage)
+    text = route == "/v1/completions"
+    head = {"id": ("cmpl-" if text else "chatcmpl-") + g.rq["request_id"],
+            "object": "text_completion" if text else "chat.completion", "created": int(time.time()),
+            "model": client().model_name, "system_fingerprint": None}
+
+    def make(choices, usage=None, chunk=False):
+        out = {**head, "choices": choices, "usage": usage}
+        if chunk and not text:
+            out["object"] += ".chunk"
+        if chunk and not include_usage:
+            del out["usage"]
+        return out
 
     def tail(reply):
-        if usage:
+        if include_usage:
             yield sse(make([], reply.usage(), chunk=True))
         yield SSE_DONE
 
