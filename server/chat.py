@@ -15,6 +15,12 @@ from server.config import invalid, short
 ROLES = ("system", "developer", "user", "assistant", "tool")
 FIELDS = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}  # beyond role, content and name
 LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
+TEXT_PARTS = ("input_text", "output_text", "text")
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+MAX_TOOLS = 128
+NO_PARSER = ("this model has no tool parser, so it cannot choose whether to call a tool (tool_choice 'auto', the "
+             "default with tools): send tool_choice 'required' or {\"type\": \"function\", \"function\": {\"name\": "
+             "...}} to force a call, or 'none'")
 
 
 def message_text(message, param):
@@ -91,9 +97,6 @@ def fold_chat(messages, fits, **split):
     return build(1 + bisect.bisect_left(range(1, len(history)), True, key=lambda drop: fits(len(build(drop)))))
 
 
-TEXT_PARTS = ("input_text", "output_text", "text")
-
-
 def input_messages(value):
     """Responses input (a string, or message / function_call / function_call_output items) -> chat messages,
     one per item so that errors name input[i]."""
@@ -119,13 +122,6 @@ def input_messages(value):
             raise invalid(f"input[{i}].type", f"input[{i}].type must be message, function_call or "
                                               f"function_call_output, got {short(kind)}")
     return messages
-
-
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-MAX_TOOLS = 128
-NO_PARSER = ("this model has no tool parser, so it cannot choose whether to call a tool (tool_choice 'auto', the "
-             "default with tools): send tool_choice 'required' or {\"type\": \"function\", \"function\": {\"name\": "
-             "...}} to force a call, or 'none'")
 
 
 def head(name):

@@ -18,6 +18,11 @@ from model import PRETRAINED_CONFIGS
 from server.options import OPTIONS, env_name
 
 CHOICES = {"dtype": ("auto", *DTYPES), "quantize": ("none", "int8"), "log_level": ("debug", "info", "warning", "error")}
+short = reprlib.repr  # a value as a message shows it: bounded in length and depth, whatever a client nests
+SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
+HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
+              405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
+              415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}
 
 
 def _convert(name, kind, value):
@@ -141,17 +146,8 @@ def invalid(param, message, code=None):
     return ApiError(400, "invalid_request_error", message, param, code)
 
 
-short = reprlib.repr  # a value as a message shows it: bounded in length and depth, whatever a client nests
-
-
 def unavailable(code, message, retry_after):
     return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
-
-
-SHUTTING_DOWN = "the server is shutting down; retry on another instance or shortly"
-HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found",
-              405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
-              415: "unsupported_media_type", 429: "rate_limit_exceeded", 503: "overloaded"}
 
 
 class ClientGone(Exception):

@@ -160,7 +160,19 @@ class EngineClient:
             self._read()
             if self._closed:
                 return
-            self._replace_engine()
+            # the engine process died: end what ran with an error, start a new one (this loop reads it)
+            self._proc.join(1.0)
+            code = self._proc.exitcode
+            self.status, self.restarts = "restarting", self.restarts + 1
+            self.error = f"the engine process exited (exit code {code}); a new one is loading"
+            self.metrics.restarts.inc()
+            log.error({"event": "engine_exited", "exitcode": code, "restarts": self.restarts})
+            self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
+            with self._lock:
+                self._handles.clear()
+            for call in list(self._embeds.values()):
+                call.cancel()
+            self._conn, self._proc = spawn_engine(self.config)
 
     def _read(self):
         while True:
@@ -186,21 +198,6 @@ class EngineClient:
                             handle = self._handles.pop(rid, None)
                             if handle is not None and handle.reply.ended is None:
                                 self._end(handle.reply, ApiError(500, "server_error", f"generation failed: {error}"))
-
-    def _replace_engine(self):
-        """The engine process died: end what ran with an error, start a new one (the loop reads it)."""
-        self._proc.join(1.0)
-        code = self._proc.exitcode
-        self.status, self.restarts = "restarting", self.restarts + 1
-        self.error = f"the engine process exited (exit code {code}); a new one is loading"
-        self.metrics.restarts.inc()
-        log.error({"event": "engine_exited", "exitcode": code, "restarts": self.restarts})
-        self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
-        with self._lock:
-            self._handles.clear()
-        for call in list(self._embeds.values()):
-            call.cancel()
-        self._conn, self._proc = spawn_engine(self.config)
 
     def require_ready(self):
         if self.status != "ok" or not self.accepting:

@@ -15,15 +15,13 @@ from engine.sampling_params import fit
 from server.config import ApiError, ClientGone, invalid
 
 log = logging.getLogger("gpt2i.serve")
+SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 def client():
     """The EngineClient of the app handling this request."""
     return current_app.extensions["gpt2i"]
-
-
-SSE_DONE = "data: [DONE]\n\n"
-SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 def sse(obj, event=None):

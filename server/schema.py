@@ -14,6 +14,26 @@ from server.config import HTTP_TYPES, ApiError, invalid, short
 
 MAX_N = 8  # choices per request (n): they share one prefill
 MAX_PROMPTS = 512  # prompts in one /v1/completions request (each prompt x n also counts against --max-queue)
+JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                           {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                           {"type": "array", "minItems": 1,
+                            "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}}]}
+
+MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role"], "properties": {
+        "role": {"enum": list(ROLES)}, "name": {"type": "string"},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"function": {
+            "type": "object", "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
+        "tool_call_id": {"type": "string"}}}}
+FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": NAME.pattern}, "description": {"type": "string"},
+    "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
+JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 
 
 def param_schema(name):
@@ -43,27 +63,6 @@ def F(schema=None, param=None, only=None, why=None, **extra):
 
 def T(kind, description="", **bounds):
     return F({"type": kind, "description": description, **bounds})
-
-
-STRING_OR_IDS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                           {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-                           {"type": "array", "minItems": 1,
-                            "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}}]}
-
-MESSAGES = {"type": "array", "minItems": 1, "items": {
-    "type": "object", "required": ["role"], "properties": {
-        "role": {"enum": list(ROLES)}, "name": {"type": "string"},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
-            "type": "object", "required": ["type", "text"],
-            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
-        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"function": {
-            "type": "object", "required": ["name", "arguments"],
-            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
-        "tool_call_id": {"type": "string"}}}}
-FUNCTION = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string", "pattern": NAME.pattern}, "description": {"type": "string"},
-    "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
-JSON_NAMES = {dict: "object", str: "string", list: "array", bool: "boolean"}
 
 
 def constraint_fields():
@@ -182,9 +181,6 @@ EMBEDDING_FIELDS = {
     "user": T("string", "ignored"),
     "dimensions": F({"type": "integer"}, only=lambda v: False, why="dimensions is not supported"),
 }
-
-JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
-
 
 def check_type(name, value, schema):
     """The top-level checks of a field's schema (type, enum, bounds, lengths); nested shapes are checked where used."""
