@@ -145,15 +145,16 @@ class ToolPlan:
         args = text[len(head(name)):] if name else ""
         return name, args[:-1] if (not final or complete) and args else args
 
-    def message(self, text, finish_reason):
-        """A finished choice -> (its message, finish_reason)."""
-        complete = finish_reason in ("eos", "stop")
-        name, args = self.split(text, True, complete)
-        if name is None:  # cut off before the function was chosen
-            return {"role": "assistant", "content": text, "refusal": None}, finish_reason
-        call = {"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}}
-        return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},
-                "tool_calls" if complete else finish_reason)
+
+def chat_message(plan, text, finish_reason):
+    """A finished choice -> (its message, finish_reason): its text, or the call a ToolPlan forced."""
+    complete = finish_reason in ("eos", "stop")
+    name, args = plan.split(text, True, complete) if plan is not None else (None, text)
+    if name is None:  # no plan, or cut off before the function was chosen
+        return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+    call = {"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}}
+    return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},
+            "tool_calls" if complete else finish_reason)
 
 
 def call_id():

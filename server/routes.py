@@ -12,7 +12,7 @@ from engine.detokenizer import encode_prompt
 from engine.sampling_params import PARAM_RANGES, check_ids, check_inputs, check_prompt_text
 from grammar import FORMS
 from prompt import format_prompt
-from server.chat import CallStream, fold_chat, input_messages, split_chat, tool_plan
+from server.chat import CallStream, chat_message, fold_chat, input_messages, split_chat, tool_plan
 from server.config import ApiError, invalid
 from server.respond import (SSE_DONE, admit, chat_logprobs, client, completion_logprobs, native_logprobs,
                             openai_finish, respond, sse, token_str)
@@ -217,15 +217,11 @@ def chat_completions():
     n, k = body.get("n", 1), (body.get("top_logprobs", 0) if body.get("logprobs") else None)
     reply = admit([ids], p, given, names, stream, "messages", n=n, logprobs=k)
 
-    def message(c):
-        if plan is not None:
-            return plan.message(c["text"], c["finish_reason"])
-        return {"role": "assistant", "content": c["text"], "refusal": None}, c["finish_reason"]
-
     def render(choices):
         return jsonify(make([{"index": i, "message": m, "finish_reason": openai_finish(finish),
                               "logprobs": chat_logprobs(c["entries"]) if k is not None else None}
-                             for i, c in sorted(choices.items()) for m, finish in [message(c)]], reply.usage()))
+                             for i, c in sorted(choices.items())
+                             for m, finish in [chat_message(plan, c["text"], c["finish_reason"])]], reply.usage()))
 
     def chunk(index, delta, finish=None, lp=None):
         return sse(make([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], chunk=True))
