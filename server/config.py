@@ -71,8 +71,7 @@ def validate_config(cfg):
         if str(value := getattr(cfg, name)).lower() not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
     ones = ("max_queue", "max_batch", "prefill_chunk", "max_body_bytes", "threads", "max_prompt_tokens")
-    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "prefix_cache_mb": 0,
-              **dict.fromkeys(ones, 1)}
+    lowest = {"port": 0, "trust_proxy": 0, "graceful_timeout": 0, "prefix_cache_mb": 0, **dict.fromkeys(ones, 1)}
     for name, lo in lowest.items():
         value = getattr(cfg, name)
         if value is not None and not lo <= value <= (65535 if name == "port" else math.inf):
