@@ -55,7 +55,7 @@ def params():
 @native.post("/generate")
 def generate():
     body, given, names = read_body(NATIVE_FIELDS, "/generate")
-    p = sampling_params(given, names, body=body)
+    p = sampling_params(given, names, body)
     check_prompt_text(body["prompt"], p.raw)
     if body.get("context") and p.raw:
         raise invalid("context", "context fills the template's Input block; it cannot be used with raw: true")
@@ -156,7 +156,7 @@ def openai_request(route, table, defaults=None):
             yield sse(make([], reply.usage(), chunk=True))
         yield SSE_DONE
 
-    return body, given, names, sampling_params(given, names, defaults, body), stream, make, tail
+    return body, given, names, sampling_params(given, names, body, defaults), stream, make, tail
 
 
 @openai.post("/v1/completions")
@@ -249,7 +249,7 @@ def part(text):
 def responses():
     body, given, names = read_body(RESPONSE_FIELDS, "/v1/responses")
     names.setdefault("max_new_tokens", "max_output_tokens")
-    p = sampling_params(given, names, body=body)  # text.format: a constraint (grammar.FORMS)
+    p = sampling_params(given, names, body)  # text.format: a constraint (grammar.FORMS)
     ids = chat_prompt(input_messages(body["input"]), p, given, name="input", instructions=body.get("instructions"))
     stream = bool(body.get("stream"))
     reply = admit([ids], p, given, names, stream, "input")

@@ -256,10 +256,10 @@ def _sane_int(text):
     return int(text)
 
 
-def sampling_params(given, names, defaults=None, body=None):
+def sampling_params(given, names, body, defaults=None):
     """SamplingParams from defaults + the given fields + the body's constraint (grammar.FORMS, compiled now so
     that a bad one is a 400 naming its field); a ParamError is a 400 in the client's words."""
-    constraint = constraint_from_request(body or {})
+    constraint = constraint_from_request(body)
     if constraint is not None:
         compile_constraint(constraint)  # cached; the engine's process compiles its own copy
     try:
