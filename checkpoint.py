@@ -80,7 +80,6 @@ def load_checkpoint(path):
                               f"this code reads version {FORMAT_VERSION}")
     if ckpt["kind"] not in KINDS:
         raise CheckpointError(f"{path} has unknown kind {ckpt['kind']!r} (expected one of {', '.join(KINDS)})")
-    ckpt["model"] = clean_state_dict(ckpt["model"])
     return ckpt
 
 

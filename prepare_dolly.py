@@ -1,10 +1,6 @@
-"""Clean, tokenize and split instruction data (databricks-dolly-15k's schema) for finetune_dolly.py.
-
-    python prepare_dolly.py --out-dir data/dolly                         # databricks-dolly-15k (online)
-    python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
-
-An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart: training
-sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
+"""Clean, tokenize and split instruction data (databricks-dolly-15k's schema) for finetune_dolly.py (README,
+step 3). An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart:
+training sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
 """
 
 import contextlib
