@@ -80,7 +80,6 @@ def load_checkpoint(path):
                               f"this code reads version {FORMAT_VERSION}")
     if ckpt["kind"] not in KINDS:
         raise CheckpointError(f"{path} has unknown kind {ckpt['kind']!r} (expected one of {', '.join(KINDS)})")
-    ckpt["model"] = clean_state_dict(ckpt["model"])
     return ckpt
 
 
@@ -179,10 +178,9 @@ def load_model(spec, device="cpu", dtype=None, dropout=None):
         folder = full if os.path.isdir(full) else os.path.dirname(full)
         info = {"kind": ckpt["kind"], "step": ckpt["step"], "metrics": ckpt.get("metrics") or {}, "path": full,
                 "name": os.path.basename(folder) or full}
-    elif os.path.isdir(spec) or spec in PRETRAINED_CONFIGS:
-        if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+    elif (local := os.path.isdir(spec)) or spec in PRETRAINED_CONFIGS:
+        if local and not os.path.isfile(os.path.join(spec, "config.json")):
             raise UserError(f"{spec} holds neither {CKPT_NAME} nor an HF GPT-2 model (config.json + model.safetensors)")
-        local = os.path.isdir(spec)
         model = _load_hf(spec, dropout)
         info = {"kind": "hf" if local else "openai", "step": None, "metrics": {}, "path": full if local else spec,
                 "name": os.path.basename(full.rstrip("/")) if local else spec}

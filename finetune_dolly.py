@@ -1,15 +1,8 @@
-"""Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA): one process or DDP.
-
-    python finetune_dolly.py --data-dir data/dolly --init-from out/pretrain --out-dir out/dolly
-    python finetune_dolly.py --data-dir data/dolly --init-from gpt2 --out-dir out/dolly-lora --lora-rank 8
-    python finetune_dolly.py --out-dir out/dolly --init-from resume      # continue exactly (flags from the run)
-
-train_gpt2's loop on instruction rows, each one whole example, padded, never packed (packed examples would
-attend to each other: no document masking).
+"""Instruction-tune GPT-2 on prepare_dolly.py output (full fine-tuning, or LoRA; README, step 4): train_gpt2's
+loop on rows of one whole example each, padded, never packed (packed examples would attend to each other).
 """
 
 import functools
-import json
 import os
 import zlib
 
@@ -22,7 +15,7 @@ if __name__ == "__main__" and help_requested():
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import UserError  # noqa: E402
+from common import UserError, parse_json  # noqa: E402
 from device import setup_distributed, teardown_distributed  # noqa: E402
 from lora import LoRAConfig, apply_lora, describe_memory, parse_targets  # noqa: E402
 from model import PRETRAINED_CONFIGS  # noqa: E402
@@ -39,15 +32,11 @@ PAD_ID = EOT_ID  # what padding positions hold in x (never attended to by real t
 def load_instruction_data(data_dir):
     """{train, val} splits (prepare_dolly.load_split) of a prepare_dolly.py output folder, its template checked."""
     meta_path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
+    if not os.path.isfile(meta_path):
         raise UserError(f"{meta_path}: not found (--data-dir, default data/dolly): make the folder with "
-                        f"python prepare_dolly.py --out-dir {data_dir}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: not readable JSON ({type(e).__name__})") from None
-    version = meta.get("template_version") if isinstance(meta, dict) else None
+                        f"python prepare_dolly.py --out-dir {data_dir}")
+    with open(meta_path, "rb") as f:
+        version = parse_json(f.read(), meta_path).get("template_version")
     if version != TEMPLATE_VERSION:
         raise UserError(f"{data_dir} was prepared with prompt template version {version}, but this code uses "
                         f"version {TEMPLATE_VERSION}: run prepare_dolly.py again")

@@ -69,46 +69,42 @@ def write_manifest(out_dir, paths):
         json.dump({"version": VERSION, "shards": shards}, f, indent=1)
 
 
-def read_manifest(data_dir, split="train"):
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
+def list_shards(data_dir, split):
+    """Paths of one split ('train' | 'val') as the manifest lists them, each checked against its size."""
+    manifest = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(manifest):
         raise UserError(f"no {split} shards in {data_dir} (--data-dir): it holds no finished set of token shards (no "
                         f"{MANIFEST}, which fineweb.py writes last); make them with: python fineweb.py --out-dir "
                         f"{data_dir} [--input FILE...]")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if all({"file", "split", "tokens"} <= set(s) for s in manifest["shards"]):
-            return manifest
+        with open(manifest) as f:
+            listed = [(os.path.join(data_dir, s["file"]), HEADER_BYTES + 2 * s["tokens"])
+                      for s in json.load(f)["shards"] if s["split"] == split]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    raise UserError(f"{path} is not a shard manifest written by fineweb.py")
-
-
-def list_shards(data_dir, split):
-    """Paths of one split ('train' | 'val') as the manifest lists them, each checked against its size."""
-    paths = []
-    for s in read_manifest(data_dir, split)["shards"]:
-        path = os.path.join(data_dir, s["file"])
-        if s["split"] != split:
-            continue
-        if not os.path.isfile(path) or os.path.getsize(path) != HEADER_BYTES + 2 * s["tokens"]:
+        raise UserError(f"{manifest} is not a shard manifest written by fineweb.py") from None
+    for path, size in listed:
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
             raise UserError(f"token shard {path} is missing, truncated or corrupt: it does not match "
                             f"{MANIFEST}; make the set again (fineweb.py --overwrite)")
-        paths.append(path)
+    paths = [path for path, _ in listed]
     if not paths:
         raise UserError(f"no {split} shards in {os.path.join(data_dir, MANIFEST)}")
     return paths
+
+
+def row_texts(rows, field):
+    """The `field` text of each (where, row); a row without one is a UserError naming where."""
+    for where, row in rows:
+        if not isinstance(row.get(field), str):
+            raise UserError(f"{where}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
+        yield row[field]
 
 
 def iter_local_documents(paths, field="text"):
     """Yield the text of every document in the given files, in order."""
     for path in paths:  # main() has checked that they exist
         if re.search(r"\.(jsonl|ndjson)(\.(gz|xz|bz2))?$", path.lower()):
-            for lineno, row in iter_jsonl(path):
-                if not isinstance(row.get(field), str):
-                    raise UserError(f"{path}:{lineno}: expected a string {field!r} field, got keys {sorted(row)[:8]}")
-                yield row[field]
+            yield from row_texts(((f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path)), field)
         elif path.lower().endswith(".txt"):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -131,14 +127,6 @@ def iter_local_documents(paths, field="text"):
                 raise UserError(f"{path}: cannot read as parquet: {str(e).splitlines()[0]}") from None
         else:
             raise UserError(f"unsupported input {path}: use .jsonl (optionally .gz/.xz/.bz2), .txt or .parquet")
-
-
-def hub_documents(rows, dataset, field):
-    """The text of each row of a hub dataset (common.open_hub_rows)."""
-    for row in rows:
-        if not isinstance(row.get(field), str):
-            raise UserError(f"{dataset} rows have no string {field!r} field (keys: {sorted(row)[:8]})")
-        yield row[field]
 
 
 def tokenize_documents(texts):
@@ -299,7 +287,8 @@ def main(argv=None):
             docs, source = iter_local_documents(args.input, args.text_field), ", ".join(args.input)
         else:
             rows = open_hub_rows(args.dataset, args.split, name=args.name, streaming=True)  # opened now
-            docs, source = hub_documents(rows, args.dataset, args.text_field), f"{args.dataset} ({args.name})"
+            docs = row_texts(((f"{args.dataset} row {i}", row) for i, row in enumerate(rows, 1)), args.text_field)
+            source = f"{args.dataset} ({args.name})"
         result = write_token_shards(docs, args.out_dir, args.prefix, args.shard_size, args.val_tokens,
                                     args.max_tokens, args.workers, not args.no_progress)
     print(f"{source}: {result['documents']:,} documents, {result['tokens']:,} tokens -> {len(result['shards'])} "

@@ -29,6 +29,7 @@ if __name__ == "__main__" and help_requested():
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from common import UserError, iter_jsonl  # noqa: E402
@@ -70,12 +71,9 @@ def score_examples(model, examples, device, batch_examples=8, autocast_dtype=Non
                 cut = max(0, len(row) - model.config.block_size)  # longer than the block: cut from the left
                 rows.append(row[cut:])
                 starts.append(max(1, len(ctx) - cut))  # position 0 is never a target
-        length = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), length, dtype=torch.long)  # (N, L), right-padded
-        targets = torch.full((len(rows), length), -1)  # the ending's tokens, -1 elsewhere
-        for j, (r, s) in enumerate(zip(rows, starts)):
-            tokens[j, :len(r)] = targets[j, :len(r)] = torch.tensor(r)
-            targets[j, :s] = -1
+        tokens = pad_sequence([torch.tensor(r) for r in rows], batch_first=True)  # (N, L), right-padded
+        targets = pad_sequence([torch.tensor([-1] * s + r[s:]) for r, s in zip(rows, starts)], batch_first=True,
+                               padding_value=-1)  # the ending's tokens, -1 elsewhere
         tokens, targets = tokens.to(device), targets[:, 1:].to(device)  # predict token t+1 from position t
         with autocast(device, autocast_dtype):
             logits, _ = model(tokens)  # (N, L, V); causal, so right padding changes nothing before it

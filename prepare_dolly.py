@@ -1,10 +1,6 @@
-"""Clean, tokenize and split instruction data (databricks-dolly-15k's schema) for finetune_dolly.py.
-
-    python prepare_dolly.py --out-dir data/dolly                         # databricks-dolly-15k (online)
-    python prepare_dolly.py --input demo_data/instructions.jsonl.xz --out-dir data/dolly
-
-An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart: training
-sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
+"""Clean, tokenize and split instruction data (databricks-dolly-15k's schema) for finetune_dolly.py (README,
+step 3). An example is encode(format_prompt(instruction, context)) + encode(response) + [EOT], encoded apart:
+training sees exactly the prompt tokens inference feeds, and no BPE merge straddles the boundary.
 """
 
 import contextlib
@@ -103,14 +99,12 @@ def stratified_split(categories, val_fraction, seed):
     by_cat = {}
     for i, cat in enumerate(categories):
         by_cat.setdefault(cat, []).append(i)
-    train, val = [], []
+    val = []
     for cat, idx in by_cat.items():
-        perm = np.random.default_rng([seed, zlib.crc32(cat.encode("utf-8"))]).permutation(len(idx))
         # round(n F) val rows, at least 1 and at most n - 1: a category of 2+ rows is in both splits
         k = min(max(int(len(idx) * val_fraction + 0.5), 1), len(idx) - 1) if val_fraction > 0 else 0
-        val.extend(idx[j] for j in perm[:k])
-        train.extend(idx[j] for j in perm[k:])
-    return sorted(train), sorted(val)
+        val += np.random.default_rng([seed, zlib.crc32(cat.encode("utf-8"))]).permutation(idx)[:k].tolist()
+    return sorted(set(range(len(categories))) - set(val)), sorted(val)
 
 
 def build_split(examples):

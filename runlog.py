@@ -72,10 +72,7 @@ class RunLog:
 
 def plot_log(log_path, png_path):
     """Loss (train, val) against steps and against wall time, and HellaSwag, from log.jsonl; a PNG (atomic)."""
-    import matplotlib  # only for the plot: a run with --no-plot never imports it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # only for the plot (no pyplot, no GUI backend); --no-plot never imports it
 
     with open(log_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -83,7 +80,8 @@ def plot_log(log_path, png_path):
     if not {"train_loss", "val_loss"} & set(keys):
         return
     panels = [("step", "step", 1), ("elapsed_s", "wall time (min)", 60)]
-    fig, axes = plt.subplots(1, 3 if "hellaswag_acc" in keys else 2, figsize=(14, 4), squeeze=False)
+    fig = Figure(figsize=(14, 4), layout="tight")
+    axes = fig.subplots(1, 3 if "hellaswag_acc" in keys else 2, squeeze=False)
     for key in keys:
         for i, (xkey, xlabel, per) in enumerate(panels[:1] if key == "hellaswag_acc" else panels):
             ax = axes[0][2 if key == "hellaswag_acc" else i]
@@ -92,7 +90,5 @@ def plot_log(log_path, png_path):
             ax.set_xlabel(xlabel)
             ax.legend()
             ax.grid(alpha=0.3)
-    fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

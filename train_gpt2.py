@@ -1,8 +1,4 @@
-"""Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun.
-
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py --data-dir data/fineweb --out-dir out/pretrain
-    python train_gpt2.py --data-dir data/books --out-dir out/books --init-from resume   # continue exactly
-
+"""Pretrain GPT-2 on token shards (fineweb.py output): one process, or DDP under torchrun (README, step 2).
 fit() is the loop, read top to bottom (finetune_dolly.py runs it too); a step's rows are a function of its number.
 """
 
@@ -58,8 +54,7 @@ def peak_flops_for_name(name):
 
 
 def lr_factor(a, step):
-    """The schedule: every group's LR is its peak times this (AdamW's --lr and Muon's --muon-lr alike). Linear
-    warmup over --warmup-steps, then cosine decay to --min-lr / --lr at --max-steps (step is 0-based)."""
+    """Every group's peak LR times this: linear warmup, then cosine decay to --min-lr / --lr at --max-steps."""
     if step < a.warmup_steps:
         return (step + 1) / a.warmup_steps
     ratio, floor = min(1.0, (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)), a.min_lr / a.lr
@@ -166,11 +161,9 @@ def fit(t):
 
 
 class Trainer:
-    """The state of a run of either script (args: train_flags' flags). train_data.batch(step) -> this rank's
-    (x, y) of a step, CPU int64, y = -1 where no loss is wanted; also .rows (per step, all ranks), .seq_len,
-    .steps_per_epoch, .signature (checked at resume). val_batches: this rank's (x, y) batches. prompts: texts
-    continued at evaluations (rank 0), where --hellaswag is scored too. kind "sft" keeps the best: ckpt.pt holds
-    the weights of the best val loss, last.pt the resumable state."""
+    """A run of either script. train_data: .batch(step) -> this rank's CPU int64 (x, y), y = -1 where no loss is
+    wanted; .rows (per step, all ranks), .seq_len, .steps_per_epoch, .signature (checked at resume). kind "sft"
+    keeps the best: ckpt.pt holds the weights of the best val loss, last.pt the resumable state."""
 
     def __init__(self, model, args, train_data, val_batches=(), dist=None, kind="pretrain", prompts=()):
         self.args, self.kind, self.keep_best = args, kind, kind == "sft"

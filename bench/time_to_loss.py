@@ -53,12 +53,10 @@ def curve(log_path, tokens_per_step):
 
 
 def plot(results, target, png):
-    import matplotlib  # only here: the plot
+    from matplotlib.figure import Figure  # only here: the plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4), layout="tight")
+    axes = fig.subplots(1, 2)
     for r in results:
         steps, seconds, _, losses = zip(*r["curve"])
         axes[0].plot(steps, losses, "o-", markersize=3, label=r["label"])
@@ -68,10 +66,8 @@ def plot(results, target, png):
         ax.set(xlabel=xlabel, ylabel="val loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def parse_runs(argv):
