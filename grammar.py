@@ -35,9 +35,6 @@ MAX_LITERAL = 5_000
 LITERALS = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)*/')  # a grammar's "..." and /regex/ terminals
 # Compact JSON, no free whitespace: a small model cannot wander into endless indentation.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# llguidance's fuel (its defaults, the documented bound): ~20 ms of lexer building, ~15 ms a mask at worst
-LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
-              max_lexer_states=250_000, max_grammar_size=500_000)
 
 
 class ConstraintError(UserError):
@@ -195,9 +192,10 @@ def _grammar(c):
 
 
 def _build(c, result):
+    # llguidance's default fuel bounds a hostile spec: ~20 ms of lexer building, ~15 ms a mask at worst
+    limits = llguidance.LLParserLimits(verbose_errors=False)
     try:  # holds one of _SLOTS until done, even past COMPILE_TIMEOUT
-        result.append(llguidance.LLMatcher(tokenizer_info(), _grammar(c), log_level=0,
-                                           limits=llguidance.LLParserLimits(**LIMITS, verbose_errors=False)))
+        result.append(llguidance.LLMatcher(tokenizer_info(), _grammar(c), log_level=0, limits=limits))
     except (ConstraintError, ValueError, RuntimeError, RecursionError) as e:  # the front ends raise on bad specs
         result.append(e if isinstance(e, ConstraintError) else ConstraintError(c.field, _first_line(str(e))))
     finally:
