@@ -48,11 +48,6 @@ def clean_stale_temps(folder):
                 os.remove(os.path.join(folder, name))
 
 
-def open_compressed(path):
-    """Open a file to read bytes, decompressing .xz / .gz / .bz2 by suffix."""
-    return {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)(path, "rb")
-
-
 MAX_LINE_BYTES = 64 << 20  # one record a line: a longer "line" is a file without newlines, not a record
 
 
@@ -83,8 +78,9 @@ def iter_jsonl(path):
     """The one JSONL reader: (line number, object) for each line of a .jsonl[.xz|.gz|.bz2] file; every problem
     is a UserError `path:line: message` (docs/design.md, Instruction data, lists them)."""
     lineno = 0
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)  # by suffix
     try:
-        with open_compressed(path) as f:
+        with opener(path, "rb") as f:
             while line := f.readline(MAX_LINE_BYTES + 1):
                 lineno += 1
                 if len(line) > MAX_LINE_BYTES:
