@@ -29,7 +29,6 @@ sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from bench.prefill import MODELS, random_ids, sync  # noqa: E402
-from checkpoint import load_model  # noqa: E402
 import grammar  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
@@ -54,7 +53,6 @@ def sizes(text):
 
 def parse_args(argv):
     p = CLIParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("--ckpt", default=None, help="weights to load (default: random GPT-2 124M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
@@ -68,7 +66,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--json-schema", default=None, help='also time ours under this schema: a file, or "nested"')
-    p.add_argument("--tiny", action="store_true", help="random weights, 2 layers of width 64 (a smoke test)")
+    p.add_argument("--tiny", action="store_true", help="2 layers of width 64 (a smoke test), not GPT-2 124M")
     args = p.parse_args(argv)
     if args.modes and not set(args.modes.split(",")) <= set(MODES):
         raise UserError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
@@ -77,13 +75,9 @@ def parse_args(argv):
 
 def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
-    if args.ckpt:
-        ours, info = load_model(args.ckpt)  # fp32 on CPU, not yet prepared
-        name = info["name"]
-    else:
-        torch.manual_seed(0)
-        ours = GPT(GPTConfig(**MODELS["tiny" if args.tiny else "gpt2"])).eval().requires_grad_(False)
-        name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
+    torch.manual_seed(0)  # the speed depends on the shape, not the weights
+    ours = GPT(GPTConfig(**MODELS["tiny" if args.tiny else "gpt2"])).eval().requires_grad_(False)
+    name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
     hf = None if args.no_hf else build_hf(ours, device, dtype)
     if args.quantize != "none" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError("--quantize int8 needs --device cpu and float32")
