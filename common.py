@@ -12,7 +12,7 @@ import re
 import secrets
 import zlib
 
-from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI edge, re-exported)
+from cli import UserError, run_cli  # noqa: F401  (the CLI edge, re-exported)
 
 
 @contextlib.contextmanager

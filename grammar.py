@@ -54,14 +54,13 @@ class Constraint:
         assert self.kind in KINDS, self.kind
 
 
-# Every request form of a constraint. field: where the spec sits ("a.b" = body["a"]["b"]); when: the
-# discriminator that selects the row; value: the JSON type the spec must have.
 @dataclass(frozen=True)
 class Form:
-    field: str
+    """One request form of a constraint (FORMS lists them all)."""
+    field: str  # where the spec sits: "a.b" is body["a"]["b"]
     kind: str
-    value: tuple
-    when: tuple = ()  # (field, required value)
+    value: tuple  # the JSON types the spec may have
+    when: tuple = ()  # the discriminator that selects this form: (its field, its value)
 
 
 FORMS = (
