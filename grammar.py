@@ -174,13 +174,10 @@ def tokenizer_info():
 
 
 def _grammar(c):
-    M = llguidance.LLMatcher
     if c.kind in ("json_schema", "json_object"):
-        return M.grammar_from_json_schema(c.spec, overrides=JSON_OPTIONS)
-    if c.kind == "regex":
-        return M.grammar_from_regex(c.spec)
-    if c.kind == "choice":
-        return llguidance.grammar_from("choice", c.spec)
+        return llguidance.LLMatcher.grammar_from_json_schema(c.spec, overrides=JSON_OPTIONS)
+    if c.kind != "grammar":
+        return llguidance.grammar_from(c.kind, c.spec)  # regex, choice
     if not is_lark_syntax(c.spec) and len(c.spec) > MAX_GBNF_CHARS:
         raise ConstraintError(c.field, f"a GBNF grammar is limited to {MAX_GBNF_CHARS} characters; "
                                        f"in Lark syntax to {MAX_SPEC_CHARS}")
