@@ -9,10 +9,10 @@ import json
 import lzma
 import os
 import re
-import tempfile
+import secrets
 import zlib
 
-from cli import CLIParser, UserError, bounded, run_cli  # noqa: F401  (the CLI edge, re-exported)
+from cli import UserError, run_cli  # noqa: F401  (the CLI edge, re-exported)
 
 
 @contextlib.contextmanager
@@ -21,11 +21,8 @@ def atomic_path(path):
     file or the whole new one, even if the process is killed), on failure delete it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp makes 0600 files: give the result the usual mode (0666 minus umask)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    # a fresh name the writer creates (so it gets the usual mode, 0666 minus umask)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
@@ -37,7 +34,7 @@ def atomic_path(path):
         raise
 
 
-STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what atomic_path's mkstemp names look like
+STALE_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what atomic_path's temp names look like
 
 
 def clean_stale_temps(folder):
@@ -46,11 +43,6 @@ def clean_stale_temps(folder):
         if STALE_TEMP.fullmatch(name):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
-
-
-def open_compressed(path):
-    """Open a file to read bytes, decompressing .xz / .gz / .bz2 by suffix."""
-    return {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)(path, "rb")
 
 
 MAX_LINE_BYTES = 64 << 20  # one record a line: a longer "line" is a file without newlines, not a record
@@ -83,8 +75,9 @@ def iter_jsonl(path):
     """The one JSONL reader: (line number, object) for each line of a .jsonl[.xz|.gz|.bz2] file; every problem
     is a UserError `path:line: message` (docs/design.md, Instruction data, lists them)."""
     lineno = 0
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(os.path.splitext(path)[1], open)  # by suffix
     try:
-        with open_compressed(path) as f:
+        with opener(path, "rb") as f:
             while line := f.readline(MAX_LINE_BYTES + 1):
                 lineno += 1
                 if len(line) > MAX_LINE_BYTES:

@@ -102,10 +102,8 @@ class Stage:
             return "new"
         if marker == {"argv": self.argv, "state": "done"}:
             return "done"
-        if marker == {"argv": self.argv, "state": "running"} and self.ckpt and \
-                os.path.isfile(os.path.join(self.out_dir, self.ckpt)):
-            return "interrupted"
-        return "new"
+        resumable = self.ckpt and os.path.isfile(os.path.join(self.out_dir, self.ckpt))
+        return "interrupted" if resumable and marker == {"argv": self.argv, "state": "running"} else "new"
 
 
 def build_stages(smoke, data_dir, out_dir, device):
@@ -147,27 +145,22 @@ class StageFailed(Exception):
     """A stage (or the server) failed; the message says which and how."""
 
 
-def say(msg=""):
-    print(msg, flush=True)
-
-
 def run_stage(index, stage, fresh):
     """Run one stage unless its finished output can be reused; True when it ran."""
-    head = f"\n[{index}/4] {stage.title}"
+    print(f"\n[{index}/4] {stage.title}")
     status = "new" if fresh else stage.status()
     if status == "done":
-        say(f"{head}\n      reusing {shown(stage.out_dir)} (finished earlier; --force redoes it)")
+        print(f"      reusing {shown(stage.out_dir)} (finished earlier; --force redoes it)")
         return False
     argv = stage.argv
     if status == "interrupted":
         at = argv.index("--init-from") + 1
         argv = argv[:at] + ["resume"] + argv[at + 1:]
-        say(f"{head}\n      (continuing the interrupted run from its checkpoint)")
+        print("      (continuing the interrupted run from its checkpoint)")
     else:
         shutil.rmtree(stage.out_dir, ignore_errors=True)  # the demo's own folder: a fresh run starts empty
-        say(head)
     command = shlex.join(["python", stage.script, *argv])
-    say(f"$ {command}")
+    print(f"$ {command}")
     stage.write_marker("running")
     t0 = time.time()
     try:
@@ -178,7 +171,7 @@ def run_stage(index, stage, fresh):
     if isinstance(result, dict) and result.get("stopped"):  # Ctrl+C / SIGTERM: the trainer saved a checkpoint
         raise KeyboardInterrupt
     stage.write_marker("done")
-    say(f"[{index}/4] done in {time.time() - t0:.0f} s")
+    print(f"[{index}/4] done in {time.time() - t0:.0f} s")
     return True
 
 # ---------------------------------------------------------------- serving
@@ -197,7 +190,7 @@ def check_port_free(host, port):
 
 def serve(argv, base, smoke):
     """Start serve.py; print the URL and a curl example (smoke: one POST /generate), then stop it."""
-    say(f"\n[serve] the chat page and the HTTP API\n$ {shlex.join(['python', *argv])}")
+    print(f"\n[serve] the chat page and the HTTP API\n$ {shlex.join(['python', *argv])}")
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, start_new_session=True)  # Ctrl+C reaches it once
     try:
         while True:  # the model loads in the background: /health says 503 until it is ready
@@ -210,7 +203,7 @@ def serve(argv, base, smoke):
                 time.sleep(0.5)
         if smoke:
             body = {"prompt": EXAMPLE, "max_new_tokens": 16, "temperature": 0.8, "seed": 0}
-            say(f"[smoke] POST {base}/generate {json.dumps(body)}")
+            print(f"[smoke] POST {base}/generate {json.dumps(body)}")
             request = urllib.request.Request(base + "/generate", json.dumps(body).encode(),
                                              {"Content-Type": "application/json"})
             try:
@@ -218,13 +211,13 @@ def serve(argv, base, smoke):
                     reply = json.load(resp)
             except OSError as e:
                 raise StageFailed(f"POST /generate failed: {e}") from None
-            say(f"[smoke] reply: {json.dumps(reply, ensure_ascii=False)}")
+            print(f"[smoke] reply: {json.dumps(reply, ensure_ascii=False)}")
             if not reply.get("text"):
                 raise StageFailed("POST /generate answered without text")
             return 0
         body = json.dumps({"prompt": EXAMPLE, "max_new_tokens": 64})
-        say(f"\n  The chat page is ready: {base}/\n  Or from another terminal:\n    curl -s {base}/generate "
-            f"-H 'Content-Type: application/json' -d '{body}'\n  Ctrl+C stops the server.\n")
+        print(f"\n  The chat page is ready: {base}/\n  Or from another terminal:\n    curl -s {base}/generate "
+              f"-H 'Content-Type: application/json' -d '{body}'\n  Ctrl+C stops the server.\n")
         proc.wait()
         raise StageFailed(f"serve.py exited with code {proc.returncode}")
     except KeyboardInterrupt:
@@ -236,7 +229,7 @@ def serve(argv, base, smoke):
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        say(f"{'[smoke] ' if smoke else ''}server stopped (exit code {proc.wait()})")
+        print(f"{'[smoke] ' if smoke else ''}server stopped (exit code {proc.wait()})")
 
 # ---------------------------------------------------------------- the run
 
@@ -253,17 +246,17 @@ def main(argv=None):
                   "--model-name", MODEL_NAME]
     cwd, old_term = os.getcwd(), signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.chdir(ROOT)  # the commands are written for the repository root
-    say(f"gpt2-instruct demo{' (smoke run)' if args.smoke else ''}: data in {shown(data_dir)}, checkpoints in "
-        f"{shown(out_dir)}; finished stages are reused (--force redoes them); Ctrl+C stops.")
+    print(f"gpt2-instruct demo{' (smoke run)' if args.smoke else ''}: data in {shown(data_dir)}, checkpoints in "
+          f"{shown(out_dir)}; finished stages are reused (--force redoes them); Ctrl+C stops.")
     try:
         ran = set()
         for i, stage in enumerate(stages, 1):
             if run_stage(i, stage, fresh=args.force or bool(ran & set(stage.needs))):
                 ran.add(stage.key)
-        say(f"\nmodel: {sft}/ckpt.pt\n  try it: "
-            + shlex.join(["python", "inference.py", "--ckpt", sft, "--prompt", EXAMPLE]))
+        print(f"\nmodel: {sft}/ckpt.pt\n  try it: "
+              + shlex.join(["python", "inference.py", "--ckpt", sft, "--prompt", EXAMPLE]))
         if args.no_serve:
-            say(f"  serve it: {shlex.join(['python', *serve_argv])}")
+            print(f"  serve it: {shlex.join(['python', *serve_argv])}")
             return 0
         check_port_free(args.host, args.port)
         return serve(serve_argv, f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}",
@@ -280,4 +273,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also through a pipe
     sys.exit(run_cli(main))

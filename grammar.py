@@ -35,9 +35,6 @@ MAX_LITERAL = 5_000
 LITERALS = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)*/')  # a grammar's "..." and /regex/ terminals
 # Compact JSON, no free whitespace: a small model cannot wander into endless indentation.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# llguidance's fuel (its defaults, the documented bound): ~20 ms of lexer building, ~15 ms a mask at worst
-LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
-              max_lexer_states=250_000, max_grammar_size=500_000)
 
 
 class ConstraintError(UserError):
@@ -57,14 +54,13 @@ class Constraint:
         assert self.kind in KINDS, self.kind
 
 
-# Every request form of a constraint. field: where the spec sits ("a.b" = body["a"]["b"]); when: the
-# discriminator that selects the row; value: the JSON type the spec must have.
 @dataclass(frozen=True)
 class Form:
-    field: str
+    """One request form of a constraint (FORMS lists them all)."""
+    field: str  # where the spec sits: "a.b" is body["a"]["b"]
     kind: str
-    value: tuple
-    when: tuple = ()  # (field, required value)
+    value: tuple  # the JSON types the spec may have
+    when: tuple = ()  # the discriminator that selects this form: (its field, its value)
 
 
 FORMS = (
@@ -178,13 +174,10 @@ def tokenizer_info():
 
 
 def _grammar(c):
-    M = llguidance.LLMatcher
     if c.kind in ("json_schema", "json_object"):
-        return M.grammar_from_json_schema(c.spec, overrides=JSON_OPTIONS)
-    if c.kind == "regex":
-        return M.grammar_from_regex(c.spec)
-    if c.kind == "choice":
-        return llguidance.grammar_from("choice", c.spec)
+        return llguidance.LLMatcher.grammar_from_json_schema(c.spec, overrides=JSON_OPTIONS)
+    if c.kind != "grammar":
+        return llguidance.grammar_from(c.kind, c.spec)  # regex, choice
     if not is_lark_syntax(c.spec) and len(c.spec) > MAX_GBNF_CHARS:
         raise ConstraintError(c.field, f"a GBNF grammar is limited to {MAX_GBNF_CHARS} characters; "
                                        f"in Lark syntax to {MAX_SPEC_CHARS}")
@@ -195,9 +188,10 @@ def _grammar(c):
 
 
 def _build(c, result):
+    # llguidance's default fuel bounds a hostile spec: ~20 ms of lexer building, ~15 ms a mask at worst
+    limits = llguidance.LLParserLimits(verbose_errors=False)
     try:  # holds one of _SLOTS until done, even past COMPILE_TIMEOUT
-        result.append(llguidance.LLMatcher(tokenizer_info(), _grammar(c), log_level=0,
-                                           limits=llguidance.LLParserLimits(**LIMITS, verbose_errors=False)))
+        result.append(llguidance.LLMatcher(tokenizer_info(), _grammar(c), log_level=0, limits=limits))
     except (ConstraintError, ValueError, RuntimeError, RecursionError) as e:  # the front ends raise on bad specs
         result.append(e if isinstance(e, ConstraintError) else ConstraintError(c.field, _first_line(str(e))))
     finally:

@@ -6,22 +6,19 @@ import os
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern
 
 BPE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2.tiktoken")
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256  # <|endoftext|>: separates documents, ends every instruction response
 N_VOCAB = 50257
-# tiktoken's r50k_base / gpt2 pre-tokenizer pattern
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """The GPT-2 encoding (cached). encode_ordinary(text) -> ids; decode(ids) -> text."""
-    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(BPE_FILE),
-                            special_tokens={EOT_TOKEN: EOT_ID})
-    assert enc.n_vocab == N_VOCAB, enc.n_vocab
-    return enc
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=load_tiktoken_bpe(BPE_FILE),
+                             special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=N_VOCAB)
 
 
 def encode(text):

@@ -4,9 +4,7 @@ same weights, device and prompts (--prompt-len random token ids a row), greedy, 
 (end-of-text ignored), in one run. A table, then a JSON line.
 
     python bench/generate.py                                   # GPU: GPT-2 124M random weights, B=1/8/32/64
-    python bench/generate.py --ckpt out/dolly/ckpt.pt          # real weights
     python bench/generate.py --device cpu --batch-sizes 1,8 --n-new 32             # CPU, a few minutes
-    python bench/generate.py --device cpu --quantize int8 --batch-sizes 1 --no-hf  # int8 alone
     python bench/generate.py --json-schema nested --batch-sizes 32 --no-hf      # constrained against free
 
 Ours: one Engine per mode (MODES), each batch added at once and stepped until idle after a warm-up run of the
@@ -31,10 +29,8 @@ sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from bench.prefill import MODELS, random_ids, sync  # noqa: E402
-from checkpoint import load_model  # noqa: E402
 import grammar  # noqa: E402
 from cli import CLIParser, DefaultsFormatter, UserError, bounded, run_cli  # noqa: E402
-from common import parse_json  # noqa: E402
 from device import pick_device, pick_dtype  # noqa: E402
 from export_hf import hf_config  # noqa: E402
 from model import GPT, GPT2_VOCAB, GPTConfig, ours_to_hf  # noqa: E402
@@ -57,7 +53,6 @@ def sizes(text):
 
 def parse_args(argv):
     p = CLIParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("--ckpt", default=None, help="weights to load (default: random GPT-2 124M)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="ours and transformers (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only (CPU)")
@@ -68,11 +63,10 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=bounded(int, 1), default=32)
     p.add_argument("--modes", default=None, help=f"ours' modes, comma-separated: {', '.join(MODES)} "
                                                  "(default: graphs,graphs+compile on CUDA, else eager)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="Engine prefill_chunk")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--json-schema", default=None, help='also time ours under this schema: a file, or "nested"')
-    p.add_argument("--tiny", action="store_true", help="random weights, 2 layers of width 64 (a smoke test)")
+    p.add_argument("--tiny", action="store_true", help="2 layers of width 64 (a smoke test), not GPT-2 124M")
     args = p.parse_args(argv)
     if args.modes and not set(args.modes.split(",")) <= set(MODES):
         raise UserError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
@@ -81,13 +75,9 @@ def parse_args(argv):
 
 def build_models(args, device, dtype):
     """(ours, hf or None, description). Both hold the same weights; ours may then be quantized."""
-    if args.ckpt:
-        ours, info = load_model(args.ckpt)  # fp32 on CPU, not yet prepared
-        name = info["name"]
-    else:
-        torch.manual_seed(0)
-        ours = GPT(GPTConfig(**MODELS["tiny" if args.tiny else "gpt2"])).eval().requires_grad_(False)
-        name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
+    torch.manual_seed(0)  # the speed depends on the shape, not the weights
+    ours = GPT(GPTConfig(**MODELS["tiny" if args.tiny else "gpt2"])).eval().requires_grad_(False)
+    name = "random tiny GPT" if args.tiny else "random GPT-2 124M"
     hf = None if args.no_hf else build_hf(ours, device, dtype)
     if args.quantize != "none" and (device.type != "cpu" or dtype != torch.float32):
         raise UserError("--quantize int8 needs --device cpu and float32")
@@ -107,12 +97,11 @@ def build_hf(ours, device, dtype):
 
 def load_schema(arg):
     """--json-schema -> (grammar.Constraint, compile ms of the new schema, first the tokenizer's table)."""
-    value = NESTED if arg == "nested" else parse_json(open(arg, "rb").read(), arg) if os.path.isfile(arg) else None
-    if value is None:
-        raise UserError(f"--json-schema: no such file: {arg}")
     grammar.tokenizer_info()  # once per process, not per schema
     t = time.perf_counter()
-    c = grammar.make_constraint("json_schema", value, "--json-schema")
+    if arg != "nested":
+        return inference.schema_constraint(arg), (time.perf_counter() - t) * 1e3  # as inference.py reads it
+    c = grammar.make_constraint("json_schema", NESTED, "--json-schema")
     grammar.compile_constraint(c)
     return c, (time.perf_counter() - t) * 1e3
 
@@ -221,7 +210,7 @@ def main(argv=None):
     constraint, compile_ms = load_schema(args.json_schema) if args.json_schema else (None, None)
     rows, agree = [], {}
     # no prefix cache: the timed runs repeat the warm-up's prompts, and prefill is part of what is timed
-    engines = {mode: inference.Engine(ours, max_batch=max(batch_sizes), prefill_chunk=args.prefill_chunk,
+    engines = {mode: inference.Engine(ours, max_batch=max(batch_sizes), prefill_chunk=512,
                                       prefix_cache=False, **MODES[mode]) for mode in modes}
     for B in batch_sizes:
         rng = random.Random(0)
