@@ -115,12 +115,15 @@ class Engine:
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
             embeds = self._embed_batch(self.scheduler.prefill_chunk - sum(n for *_, n in rows))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
-            # pipelined: this decode chunk is read next step (the device works meanwhile); first tokens now
-            earlier = [w for w in self._inflight + [prefill] if w is not None]
+            # pipelined: this step's decode chunk is read next step (the device works meanwhile), and so is a
+            # prefill no decode follows (prompts alone, as loglikelihoods: the next step's host work overlaps
+            # it); a prefill a decode follows gives its first tokens now
+            defer = self.pipeline and decode is None
+            earlier = [w for w in self._inflight + [None if defer else prefill] if w is not None]
             masks = self.runner.fill_masks(decode, earlier) if decode and decode.fetch is None else None
             for work in earlier:  # emit
                 (self._emit_prefill if isinstance(work, PrefillWork) else self._emit_decode)(work, emitted)
-            self._inflight = [decode] if self.pipeline and decode else []
+            self._inflight = [w for w in (prefill if defer else None, decode) if w is not None] if self.pipeline else []
             if masks is not None and self.pipeline:  # sampled next step: the host work between overlaps the forward
                 self._masks = masks
             elif masks is not None:  # constrained: sampled under the masks of every token so far

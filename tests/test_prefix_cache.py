@@ -63,8 +63,8 @@ def run(engine, jobs, together):
     return [[got[(r.id, i)] for i in range(r.n)] for r in reqs]
 
 
-def engines(model, prefill_chunk=48):
-    return [inf.Engine(model, max_batch=4, prefill_chunk=prefill_chunk, prefix_cache=on) for on in (True, False)]
+def engines(model, prefill_chunk=48, **kw):
+    return [inf.Engine(model, max_batch=4, prefill_chunk=prefill_chunk, prefix_cache=on, **kw) for on in (True, False)]
 
 
 def test_cache_on_gives_what_cache_off_gives(model):
@@ -81,13 +81,15 @@ def test_cache_on_gives_what_cache_off_gives(model):
 
 
 def test_only_a_long_shared_prefix_is_waited_for(model):
-    """Two prompts sharing 3 blocks, added together: under a 512-token step budget both start at once (48 shared
-    tokens cost less to prefill twice than a step's wait); under 128, the second waits a step and reuses them."""
+    """Two prompts sharing 3 blocks and an unrelated third, added together: under a 2,048-token step budget all
+    start at once (48 shared tokens cost less to prefill twice than a step's wait); under 512, the second waits
+    a step and reuses them, and the third, behind it in the queue, starts meanwhile."""
     ctx = ids_of(3 * T + 5, 50)
-    for budget, waiting, hits in ((512, 0, 0), (128, 1, 1)):
+    for budget, waiting, hits in ((2048, 0, 0), (512, 1, 1)):
         engine = inf.Engine(model, max_batch=4, prefill_chunk=budget)
         for i in range(2):
             engine.add(ctx + ids_of(4, 51 + i), inf.validate_params(max_new_tokens=1, ignore_eos=True))
+        engine.add(ids_of(20, 60), inf.validate_params(max_new_tokens=1, ignore_eos=True))
         engine.step()
         assert engine.stats()["waiting"] == waiting
         while engine.has_work():
@@ -107,13 +109,15 @@ def test_cached_greedy_equals_full_recompute(model):
     assert got[0][0][0] == seq[0, -8:].tolist()
 
 
-def test_echo_logprobs_reuse_stored_entries(model):
-    """lm-eval's loglikelihood shape: one context with several endings, echo + logprobs, 1 new token."""
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_echo_logprobs_reuse_stored_entries(model, pipelined):
+    """lm-eval's loglikelihood shape: one context with several endings, echo + logprobs, 1 new token (and
+    pipelined: a step without a decode chunk reads its prefill's results at the next step)."""
     ctx = ids_of(4 * T + 5, 8)
     jobs = [(ctx + ids_of(3 + i, 9 + i), dict(temperature=0, max_new_tokens=1), dict(logprobs=1, echo=True))
             for i in range(3)]
     jobs += [(ctx + ids_of(6, 20), dict(temperature=0, max_new_tokens=0), dict(logprobs=1, echo=True))]
-    on, off = engines(model)
+    on, off = engines(model, **(dict(static=True, pipeline=True) if pipelined else {}))
     for together in (False, True):
         got, want = run(on, jobs, together), run(off, jobs, together)
         assert got == want and len(got[0][0][2]) == len(jobs[0][0]) - 1
