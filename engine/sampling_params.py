@@ -158,8 +158,8 @@ def validate_params(**params):  # the Python API's spelling
 
 def check_ids(ids, name="prompt"):
     """A non-empty list of token ids of the tokenizer -> list of int; else ParamError(name)."""
-    ok = isinstance(ids, (list, tuple)) and len(ids) > 0 and all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < N_VOCAB for t in ids)
+    ok = isinstance(ids, (list, tuple)) and len(ids) > 0 and all(type(t) is int for t in ids) and (  # not bool
+        0 <= min(ids) and max(ids) < N_VOCAB)
     if not ok:
         raise ParamError(name, f"{name} must be a non-empty list of token ids between 0 and {N_VOCAB - 1}, "
                                f"got {short(ids)}")

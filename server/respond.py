@@ -2,6 +2,7 @@
 legacy-completion shapes, SSE, the reply written out (JSON, or SSE with keep-alives and a final error
 event), admission of fitted prompts, and the one log line and metrics of a request."""
 
+import functools
 import itertools
 import json
 import logging
@@ -13,6 +14,7 @@ from flask import Response, current_app, g, request
 from engine.detokenizer import token_bytes
 from engine.sampling_params import fit
 from server.config import ApiError, ClientGone, invalid
+from tokenizer import N_VOCAB
 
 log = logging.getLogger("gpt2i.serve")
 SSE_DONE = "data: [DONE]\n\n"
@@ -32,8 +34,15 @@ def openai_finish(reason):
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
 
+@functools.cache
+def token_strs():
+    """Every token's text (invalid UTF-8 replaced), made once, 0.1 s: an echoed prompt renders each of its
+    tokens twice, and decoding them one by one was a sixth of the server's work on a loglikelihood request."""
+    return [token_bytes(t).decode("utf-8", errors="replace") for t in range(N_VOCAB)]
+
+
 def token_str(token_id):
-    return token_bytes(token_id).decode("utf-8", errors="replace")
+    return token_strs()[token_id]
 
 
 def native_logprobs(entries):
@@ -55,16 +64,18 @@ def completion_logprobs(entries, offset, echo=None):
     PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob). Each
     top_logprobs entry starts with the token itself, then its alternatives: up to logprobs + 1 (as OpenAI
     and vLLM)."""
-    tokens, logprobs, tops = [], [], []
+    strs, tokens, logprobs, tops = token_strs(), [], [], []
     if echo is not None:
         ids, plp = echo
-        tokens, logprobs = [token_str(t) for t in ids], [None, *plp.logprob]
-        tops = [None, *({tok: lp, **{token_str(t): x for t, x in zip(top, xs)}}
-                        for tok, lp, top, xs in zip(tokens[1:], plp.logprob, plp.top_ids, plp.top_logprobs))]
+        tokens, logprobs, tops = [strs[t] for t in ids], [None, *plp.logprob], [None]
+        for tok, lp, top, xs in zip(tokens[1:], plp.logprob, plp.top_ids, plp.top_logprobs):
+            tops.append({tok: lp})  # a plain loop: half the time of nested comprehensions, per prompt token
+            for t, x in zip(top, xs):
+                tops[-1][strs[t]] = x
     for e in entries:
-        tokens.append(token_str(e["token_id"]))
+        tokens.append(strs[e["token_id"]])
         logprobs.append(e["logprob"])
-        tops.append({tokens[-1]: e["logprob"], **{token_str(t): lp for t, lp in e["top"]}})
+        tops.append({tokens[-1]: e["logprob"], **{strs[t]: lp for t, lp in e["top"]}})
     starts = itertools.accumulate(map(len, tokens), initial=offset)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": list(starts)[:-1]}
 
