@@ -2,6 +2,7 @@
 GPT2I_WORKERS, GPT2I_THREADS, GPT2I_NGINX_LISTEN, GPT2I_RUN_DIR) and how the stack runs: README "Production"."""
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import shutil
@@ -54,6 +55,8 @@ def post_worker_init(worker):
         print(f"error: {e}", file=sys.stderr, flush=True)
         BOOT_FAILED.value = 1
         os._exit(0)  # a silent exit: gunicorn would log a nonzero one, then its own reason, in three lines
+    gc.collect()  # server.app.freeze_heap, which the master must not import: out of the collector's full passes
+    gc.freeze()
     if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
         os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
 

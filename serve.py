@@ -20,7 +20,7 @@ if __name__ == "__main__":
     # the flags first: --help and a mistyped flag answer before torch's 2 s import (below)
     run_cli(lambda argv: build_parser().parse_args(argv))
 
-from server.app import create_app, state  # noqa: E402
+from server.app import create_app, freeze_heap, state  # noqa: E402
 from server.config import make_config  # noqa: E402
 from server.respond import log  # noqa: E402
 
@@ -65,6 +65,7 @@ def main(argv=None):
     cfg = make_config({k: v for k, v in vars(args).items() if v is not None}, environ=os.environ)
     httpd = PooledServer(cfg.host, cfg.port, None, cfg.threads)
     httpd.app = create_app(cfg)
+    freeze_heap()
     server, failed = state(httpd.app), []
 
     def stop(signum=None, frame=None):
