@@ -55,7 +55,7 @@ def post_worker_init(worker):
         print(f"error: {e}", file=sys.stderr, flush=True)
         BOOT_FAILED.value = 1
         os._exit(0)  # a silent exit: gunicorn would log a nonzero one, then its own reason, in three lines
-    gc.collect()  # server.app.freeze_heap, which the master must not import: out of the collector's full passes
+    gc.collect()  # common.freeze_heap (the master imports no project module): out of the collector's full passes
     gc.freeze()
     if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
         os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker

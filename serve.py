@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from common import UserError, run_cli
+from common import UserError, freeze_heap, run_cli
 from server.options import build_parser
 
 if __name__ == "__main__":
     # the flags first: --help and a mistyped flag answer before torch's 2 s import (below)
     run_cli(lambda argv: build_parser().parse_args(argv))
 
-from server.app import create_app, freeze_heap, state  # noqa: E402
+from server.app import create_app, state  # noqa: E402
 from server.config import make_config  # noqa: E402
 from server.respond import log  # noqa: E402
 

@@ -1,6 +1,5 @@
 """The Flask app around an engine client: its hooks, error model and logging (docs/design.md "HTTP API")."""
 
-import gc
 import hmac
 import json
 import logging
@@ -54,15 +53,6 @@ def create_app(config=None):
     app = build_app(client)
     client.start()
     return app
-
-
-def freeze_heap():
-    """A serving process, once built (serve.py, gunicorn's worker): what is alive now lives as long as the
-    process, so it leaves the garbage collector's full passes. The thousands of small lists a loglikelihood
-    reply unpickles and renders kept triggering them over the whole heap (flask, torch): 30% of the HTTP
-    worker's GIL time went to the collector (py-spy --gil --native), 0-8% once frozen."""
-    gc.collect()
-    gc.freeze()
 
 
 def state(app):

@@ -1,13 +1,13 @@
 """The engine's process and the typed messages of its pipe: the server sends Add / Cancel / Embed / Stop; the
 engine answers Ready or LoadFailed once, then a Step per engine step (or Failed when a step raised)."""
 
-import gc
 import multiprocessing
 import signal
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from common import freeze_heap
 from engine.llm_engine import Engine
 from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
@@ -78,8 +78,7 @@ def engine_process(conn, cfg):
         return
     conn.send(Ready({"device": info["device"], "dtype": info["dtype"], "quantize": info["quantize"],
                      "context_length": int(model.config.block_size), "graphs_captured": graphs}, engine.stats()))
-    gc.collect()
-    gc.freeze()  # the model, torch and the captures live as long as the process: out of the collector's full passes
+    freeze_heap()  # the model, torch and the captures live as long as the process
     try:
         engine_loop(conn, engine)
     except (EOFError, OSError):

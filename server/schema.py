@@ -251,7 +251,8 @@ def _finite_float(text):
 
 
 def _sane_int(text):
-    if len(text) > 300 and len(text.lstrip("-")) > 300:  # one test per prompt id: it is called for each  # past float range: no field takes it (and math on it overflows)
+    # past float range: no field takes it (and math on it overflows); len(text) first: this runs per prompt id
+    if len(text) > 300 and len(text.lstrip("-")) > 300:
         raise ValueError(f"integer {text[:20]}... is out of range")
     return int(text)
 
