@@ -51,10 +51,11 @@ class Scheduler:
                 self.waiting = {g: queue for g, queue in queues.items() if queue}
         return gone + [r for r in self.running if r.cancelled]
 
-    def _admit(self):
+    def _admit(self, passed):
         """The next waiting request, given slots for its choices, or None. Groups take turns: the fewest
         running choices first, the oldest among equals. A head waiting for a shared prefix is passed over this
-        step; one lacking slots stops admission (none overtakes it)."""
+        step (its group joins `passed`: admissions only add prefills to wait for, so it is not asked again);
+        one lacking slots stops admission (none overtakes it)."""
         with self.lock:
             busy = Counter()
             for r in self.running:
@@ -63,8 +64,11 @@ class Scheduler:
                 r = self.waiting[group][0]
                 if len(self.free) < r.n:
                     return None
+                if group in passed:
+                    continue
                 if not self._waits_for_prefix(r):
                     break
+                passed.add(group)
             else:
                 return None
             self.waiting[group].popleft()
@@ -92,13 +96,13 @@ class Scheduler:
         """This step's prefill, at most prefill_chunk prompt tokens (the runner packs them without padding):
         prompts already prefilling, then newly admitted ones -> (rows [(request, start, n)], requests
         admitted)."""
-        rows, admitted, budget = [], [], self.prefill_chunk
+        rows, admitted, budget, passed = [], [], self.prefill_chunk, set()
         pending = [r for r in self.running if r.filled < len(r.prompt) and not r.done]
         while budget > 0:
             if pending:
                 r = pending.pop(0)
             else:
-                r = self._admit()
+                r = self._admit(passed)
                 if r is None:
                     break
                 admitted.append(r)
