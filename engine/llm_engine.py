@@ -110,8 +110,8 @@ class Engine:
                     if c.finish_reason is None:
                         c.finish("cancelled", emitted)
             rows, admitted = self.scheduler.schedule()  # schedule
-            for r in admitted:
-                self.runner.load(r)
+            if admitted:
+                self.runner.load(admitted)
             prefill = self.runner.prefill(rows)  # run: queued on the device, sampled there
             embeds = self._embed_batch(self.scheduler.prefill_chunk - sum(n for *_, n in rows))
             decode = self.runner.decode(self.scheduler.rows, self.scheduler.decoding())
@@ -137,17 +137,21 @@ class Engine:
 
     def _emit_prefill(self, work, emitted):
         values = work.fetch.get()
-        for r in work.finals:  # echo: the prompt's logprobs; max_new_tokens 0 (echo only) ends here
+        for r, span in zip(work.finals, work.spans):  # echo: the prompt's logprobs; max_new_tokens 0 ends here
             echo = PromptLogprobs([], [], [])
-            if r.echo and r.prompt_lp:
-                echo, values = PromptLogprobs(*values[:3]), values[3:]
+            if span:
+                lp, ids, top = (v[span[0]:span[1]] for v in values[:3])
+                k = r.logprobs or 0
+                if ids and len(ids[0]) > k:  # another echo request of the step asked for more alternatives
+                    ids, top = [x[:k] for x in ids], [x[:k] for x in top]
+                echo = PromptLogprobs(lp, ids, top)
             for c in r.choices:
                 if r.echo and c.finish_reason is None:
                     c.output(emitted).prompt_logprobs = echo
                 if r.params.max_new_tokens == 0 and c.finish_reason is None:
                     c.finish("length", emitted)
         if work.choices:
-            nxt, *lps = values
+            nxt, *lps = values[work.first:]
             for i, c in enumerate(work.choices):
                 if c.finish_reason is None:
                     c.feed(nxt[i], entry(nxt[i], *(x[i] for x in lps), c.request.logprobs) if lps else None, emitted)

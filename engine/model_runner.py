@@ -63,8 +63,9 @@ class Fetch:
 class PrefillWork:
     finals: list  # the requests whose prompts this prefill completed
     choices: list  # the choices whose first token was sampled
-    fetch: Fetch  # echo logprobs of the finals, then the first ids (and their logprobs)
+    fetch: Fetch  # the finals' echo logprobs (three tensors, one after another), then the first ids (and logprobs)
     first: int  # where the first ids sit in the fetch
+    spans: list  # per final: its echo rows (start, end) in the fetch, or None
 
 
 @dataclass
@@ -151,20 +152,23 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def load(self, r):
-        """An admitted request's cached prefix (r.match) into its first slot, its parameters into its slots."""
-        slots = [c.slot for c in r.choices]
-        entries = self.prefix.load(r.match, self.cache, slots[0])
-        r.prompt_lp = [entries] if entries is not None else []
-        self.pos[slots[0]].fill_(r.filled)  # idle decode rows write past the prefix (pos[s] = x: a host copy, a sync)
-        idx = self.upload(slots, torch.long)
-        self.params.index_copy_(0, idx, self.upload([param_row(r.params)] * r.n, torch.float32))
+    def load(self, admitted):
+        """Admitted requests' cached prefixes (r.match) into their first slots, their parameters into their
+        slots: a few copies for all of them, not a few per request."""
+        firsts = [r.choices[0].slot for r in admitted]
+        for r, entries in zip(admitted, self.prefix.load([r.match for r in admitted], self.cache, firsts)):
+            r.prompt_lp = [entries] if entries is not None else []
+        choices = [c for r in admitted for c in r.choices]
+        idx, first, filled = self.upload([c.slot for c in choices] + firsts + [r.filled for r in admitted],
+                                         torch.long).split([len(choices), len(firsts), len(firsts)])
+        self.pos.index_copy_(0, first, filled)  # idle decode rows write past the prefix
+        self.params.index_copy_(0, idx, self.upload([param_row(c.p) for c in choices], torch.float32))
         self.bias.index_fill_(0, idx, 0)
-        if r.params.logit_bias:
-            toks = self.upload(list(r.params.logit_bias), torch.long)
-            vals = self.upload(list(r.params.logit_bias.values()), torch.float32)
-            for s in slots:
-                self.bias[s, toks] = vals
+        biased = [(c.slot, t, v) for c in choices for t, v in (c.p.logit_bias or {}).items()]
+        if biased:
+            slots, toks, vals = zip(*biased)
+            self.bias.index_put_((self.upload(slots, torch.long), self.upload(toks, torch.long)),
+                                 self.upload(vals, torch.float32))
 
     def prefill(self, rows):
         """Queue one forward over the prompt chunks [(request, start, n)], packed without padding; prompts
@@ -181,7 +185,7 @@ class ModelRunner:
     def _first_tokens(self, last, finals):
         """Fork each completed prompt (last: its final hidden state, (len(finals), C)) into its choices' slots
         and sample their first tokens."""
-        choices, at, fetch = [], [], []
+        choices, at = [], []
         for i, r in enumerate(finals):
             for c in r.choices[1:]:
                 self.cache.copy_slot(r.choices[0].slot, c.slot)
@@ -197,9 +201,7 @@ class ModelRunner:
                 self.counts.index_fill_(0, slots, 0)
                 seen = (slots.view(-1, 1), self.upload(r.prompt, torch.long))
                 self.seen.index_put_(seen, self.upload(True, torch.bool))  # not seen[...] = True: that waits (a sync)
-            entries = [torch.cat(parts) for parts in zip(*r.prompt_lp)] if r.echo and r.prompt_lp else None
-            fetch += [entries[0]] + [t[:, :r.logprobs or 0] for t in entries[1:]] if entries else []  # those asked for
-            self.prefix.store(r.prompt, self.cache, r.choices[0].slot, entries)
+        fetch, spans = keep_prompts(self, finals)
         first = len(fetch)
         if choices:
             logits = self.model.lm_head(last[self.upload(at, torch.long)])  # (R, V')
@@ -216,7 +218,7 @@ class ModelRunner:
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
             fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
-        return PrefillWork(finals, choices, Fetch(fetch), first)
+        return PrefillWork(finals, choices, Fetch(fetch), first, spans)
 
     def decode(self, rows_by_slot, live):
         """Queue K decode steps for every live choice (no sync) -> DecodeWork or None. A constrained batch
@@ -339,6 +341,23 @@ def prefill_forward(runner, rows):
         for (r, *_), *parts in zip(echo, *(t.split([m for _, _, m, _ in echo]) for t in entries)):
             r.prompt_lp.append(tuple(parts))
     return h, [end - 1 for end in starts[1:]]
+
+
+def keep_prompts(runner, finals):
+    """Completed prompts' full blocks into the prefix cache, and the echo requests' entries into one fetch
+    (as many top columns as the most any asks for) -> (tensors to fetch, per final its rows among them,
+    (start, end), or None)."""
+    echo = [r for r in finals if r.echo and r.prompt_lp]
+    entries = [torch.cat(parts) for parts in zip(*(chunk for r in echo for chunk in r.prompt_lp))] if echo else None
+    prompts, spans, at = [], [], 0
+    for r in finals:
+        span = (at, at + len(r.prompt) - 1) if r.echo and r.prompt_lp else None  # a row per token after the first
+        at = span[1] if span else at
+        prompts.append((r.prompt, r.choices[0].slot, span and span[0]))
+        spans.append(span)
+    runner.prefix.store(prompts, runner.cache, entries)
+    k = max((r.logprobs or 0 for r in echo), default=0)
+    return ([entries[0]] + [t[:, :k] for t in entries[1:]] if echo else []), spans
 
 
 def embed_forward(runner, inputs):

@@ -9,6 +9,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # 16 tokens a block, as vLLM: a prompt reuses its cached prefix to within 15 tokens (HellaSwag's endings
@@ -101,52 +102,75 @@ class PrefixCache:
         s.hit_tokens += len(rows) * BLOCK_TOKENS
         return Match(len(rows) * BLOCK_TOKENS, rows, bool(logprobs))
 
-    def load(self, match, cache, slot):
-        """Queue copies of a match's KV into positions 0 .. match.tokens - 1 of cache slot `slot` -> for a
-        logprobs match, the echo entries predicting tokens 1 .. match.tokens - 1 (logprob (P,), top ids
-        (P, K), top logprobs (P, K)); else None. Copies queue on the current stream, in order: a later
-        store into a row cannot overtake this load."""
-        if not match.rows:
-            return None
-        n = self._span(len(match.rows), cache)
-        # past the prefix, up to the span: copies of its last block, which the prefill and decoding overwrite
+    def load(self, matches, cache, slots):
+        """Queue copies of each match's KV into positions 0 .. match.tokens - 1 of its cache slot -> per match,
+        for a logprobs one, the echo entries predicting tokens 1 .. match.tokens - 1 (logprob (P,), top ids
+        (P, K), top logprobs (P, K)); else None. One gather and one multi-tensor copy for all of a step's
+        matches. Copies queue on the current stream, in order: a later store into a row cannot overtake them."""
+        todo = [(i, m, self._span(len(m.rows), cache)) for i, m in enumerate(matches) if m.rows]
+        out = [None] * len(matches)
+        if not todo:
+            return out
+        # past a prefix, up to its span: copies of its last block, which the prefill and decoding overwrite
         # before anything reads them
-        rows = self._index(match.rows + match.rows[-1:] * (n - len(match.rows)))
-        blocks = self.kv.index_select(1, rows).flatten(1, 2)  # (2L, n * T, H, D)
-        torch._foreach_copy_(cache.views(slot, n * BLOCK_TOKENS), blocks.unbind(0))
-        if match.logprobs:
-            rows = rows[:len(match.rows)]
-            return tuple(t.index_select(0, rows).flatten(0, 1)[1:] for t in self.lp)  # token 0 has no entry
-        return None
+        rows = [row for _, m, n in todo for row in m.rows + m.rows[-1:] * (n - len(m.rows))]
+        echo = [m for _, m, _ in todo if m.logprobs]
+        index = self._index(rows + [row for m in echo for row in m.rows])
+        blocks, dst, src, at = self.kv.index_select(1, index[:len(rows)]), [], [], 0  # (2L, M, T, H, D)
+        for i, m, n in todo:
+            dst += cache.views(slots[i], n * BLOCK_TOKENS)
+            src += blocks[:, at:at + n].flatten(1, 2).unbind(0)
+            at += n
+        torch._foreach_copy_(dst, src)
+        if echo:
+            parts = zip(*(t.index_select(0, index[len(rows):]).split([len(m.rows) for m in echo]) for t in self.lp))
+            for (i, m, _), entries in zip((x for x in todo if x[1].logprobs), parts):
+                out[i] = tuple(t.flatten(0, 1)[1:] for t in entries)  # token 0 has no entry
+        return out
 
-    def store(self, ids, cache, slot, logprobs=None):
-        """Keep the full blocks of ids whose KV cache slot `slot` holds, with the prompt's echo entries
-        (logprobs: as load returns them, P = len(ids) - 1). Under pressure only a head of the prefix is
-        kept (its own rows are never recycled for it)."""
-        rows, new = [], []  # new: (block index, row) of blocks not cached before
+    def store(self, prompts, cache, entries=None):
+        """Keep the full blocks of each prompt [(ids, slot, at)] whose KV cache slot `slot` holds, with its echo
+        entries where at is not None: rows at .. at + len(ids) - 2 of entries (logprob (E,), top ids (E, K), top
+        logprobs (E, K), as load returns them, a step's prompts one after another). Under pressure only a head
+        of a prefix is kept (its own rows are never recycled for it). One copy into the pool for all."""
+        blocks, rows_new, echo, keep = [], [], [], set()  # echo: (at, the prompt's rows); keep: rows claimed
+        for ids, slot, at in prompts:
+            rows, new = self._claim(ids, keep)
+            if new:
+                js = [j for j, _ in new]
+                n = self._span(js[-1] + 1, cache)
+                span = torch.stack(cache.views(slot, n * BLOCK_TOKENS))  # (2L, n * T, H, D)
+                span = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:])  # (2L, n, T, H, D)
+                # the new blocks are a run (those after the cached head) but for a head evicted meanwhile
+                run = js == list(range(js[0], js[-1] + 1))
+                blocks.append(span[:, js[0]:js[-1] + 1] if run else span.index_select(1, self._index(js)))
+                rows_new += [row for _, row in new]
+            if at is not None:
+                echo.append((at, rows))
+        if blocks:
+            self.kv.index_copy_(1, self._index(rows_new), torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0])
+        if echo:
+            self._store_logprobs(echo, entries)
+        self.stats.blocks_used = len(self._row)
+
+    def _claim(self, ids, keep):
+        """Pool rows for the full blocks of ids, most recently used, none taken from keep (rows claimed so far
+        in this store: one copy writes them all), which gains them -> (rows, [(block index, row) of those not
+        cached before]); fewer under pressure."""
+        rows, new = [], []
         for j, key in enumerate(block_keys(ids, len(ids) // BLOCK_TOKENS if self.max_blocks else 0)):
             row = self._row.get(key)
             if row is None:
-                row = self._take(set(rows))
+                row = self._take(keep)
                 if row is None:
                     break
                 self._key[row], self._row[key] = key, row
                 new.append((j, row))
             rows.append(row)
+            keep.add(row)
             self._lru[key] = None
         self._touch(rows)
-        if new:
-            js = [j for j, _ in new]
-            n = self._span(js[-1] + 1, cache)
-            span = torch.stack(cache.views(slot, n * BLOCK_TOKENS))  # (2L, n * T, H, D)
-            span = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:])  # (2L, n, T, H, D)
-            # the new blocks are a run (those after the cached head) but for a head evicted meanwhile
-            run = js == list(range(js[0], js[-1] + 1))
-            blocks = span[:, js[0]:js[-1] + 1] if run else span.index_select(1, self._index(js))
-            self.kv.index_copy_(1, self._index([row for _, row in new]), blocks)
-        if logprobs is not None:
-            self._store_logprobs(rows, logprobs)
-        self.stats.blocks_used = len(self._row)
+        return rows, new
 
     @staticmethod
     def _span(n, cache):
@@ -154,20 +178,22 @@ class PrefixCache:
         exist), within the cache."""
         return min(1 << (n - 1).bit_length(), cache.k[0].size(1) // BLOCK_TOKENS)
 
-    def _store_logprobs(self, rows, logprobs):
-        """Echo entries for the blocks that lack them: block j keeps those predicting its tokens (positions
-        j*T - 1 .. j*T + T - 2; the prompt's first token has none: zeros)."""
-        missing = [(j, row) for j, row in enumerate(rows) if not self._has_lp[row]]
+    def _store_logprobs(self, echo, entries):
+        """Echo entries for the blocks that lack them, of prompts [(at, rows)]: block j keeps those predicting
+        its tokens, rows at + j*T - 1 .. at + j*T + T - 2 of entries (the first token has none: its place
+        holds another row, which load drops)."""
+        T = BLOCK_TOKENS
+        missing = [(at + j * T - 1, row) for at, rows in echo for j, row in enumerate(rows) if not self._has_lp[row]]
         if not missing:
             return
-        T, n = BLOCK_TOKENS, len(rows) * BLOCK_TOKENS
         if self.lp is None:
             self.lp = tuple(torch.zeros((self.max_blocks, T, *t.shape[1:]), device=self.device, dtype=t.dtype)
-                            for t in logprobs)
-        pick, dst = self._index([j for j, _ in missing]), self._index([row for _, row in missing])
-        for pool, t in zip(self.lp, logprobs):
-            padded = torch.cat([torch.zeros_like(t[:1]), t[:n - 1]]).view(len(rows), T, *t.shape[1:])
-            pool.index_copy_(0, dst, padded.index_select(0, pick))
+                            for t in entries)
+        first = np.array([start for start, _ in missing]).reshape(-1, 1)
+        pick = self._index(np.maximum(first + np.arange(T), 0).ravel())
+        dst = self._index([row for _, row in missing])
+        for pool, t in zip(self.lp, entries):
+            pool.index_copy_(0, dst, t.index_select(0, pick).view(len(missing), T, *t.shape[1:]))
         for _, row in missing:
             self._has_lp[row] = True
 
@@ -190,5 +216,5 @@ class PrefixCache:
             self._lru.move_to_end(self._key[row])
 
     def _index(self, values):
-        t = torch.tensor(values, dtype=torch.long)
+        t = torch.as_tensor(values, dtype=torch.long)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
