@@ -114,8 +114,8 @@ class PrefixCache:
         # past a prefix, up to its span: copies of its last block, which the prefill and decoding overwrite
         # before anything reads them
         rows = [row for _, m, n in todo for row in m.rows + m.rows[-1:] * (n - len(m.rows))]
-        echo = [m for _, m, _ in todo if m.logprobs]
-        index = self._index(rows + [row for m in echo for row in m.rows])
+        echo = [(i, m) for i, m, _ in todo if m.logprobs]
+        index = self._index(rows + [row for _, m in echo for row in m.rows])
         blocks, dst, src, at = self.kv.index_select(1, index[:len(rows)]), [], [], 0  # (2L, M, T, H, D)
         for i, m, n in todo:
             dst += cache.views(slots[i], n * BLOCK_TOKENS)
@@ -123,8 +123,8 @@ class PrefixCache:
             at += n
         torch._foreach_copy_(dst, src)
         if echo:
-            parts = zip(*(t.index_select(0, index[len(rows):]).split([len(m.rows) for m in echo]) for t in self.lp))
-            for (i, m, _), entries in zip((x for x in todo if x[1].logprobs), parts):
+            parts = zip(*(t.index_select(0, index[len(rows):]).split([len(m.rows) for _, m in echo]) for t in self.lp))
+            for (i, _), entries in zip(echo, parts):
                 out[i] = tuple(t.flatten(0, 1)[1:] for t in entries)  # token 0 has no entry
         return out
 
