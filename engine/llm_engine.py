@@ -29,6 +29,7 @@ from engine.sequence import PromptLogprobs, Request
 # tokens: 273 tokens/s, 1 x 512: 159), but a 512-token step already stalls every running stream for seconds
 # there; 512 keeps that stall bounded, and a long prompt still prefills a chunk per step.
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
+NO_ROWS = PromptLogprobs(np.zeros(0, np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))  # one-token prompts
 
 
 class Engine:
@@ -138,13 +139,10 @@ class Engine:
     def _emit_prefill(self, work, emitted):
         values = work.fetch.get()
         for r, span in zip(work.finals, work.spans):  # echo: the prompt's logprobs; max_new_tokens 0 ends here
-            echo = PromptLogprobs([], [], [])
-            if span:
-                lp, ids, top = (v[span[0]:span[1]] for v in values[:3])
-                k = r.logprobs or 0
-                if ids and len(ids[0]) > k:  # another echo request of the step asked for more alternatives
-                    ids, top = [x[:k] for x in ids], [x[:k] for x in top]
-                echo = PromptLogprobs(lp, ids, top)
+            echo = NO_ROWS
+            if span:  # numpy slices, as many top columns as it asked for (another request may ask for more)
+                a, b, k = *span, r.logprobs or 0
+                echo = PromptLogprobs(values[0][a:b], values[1][a:b, :k], values[2][a:b, :k])
             for c in r.choices:
                 if r.echo and c.finish_reason is None:
                     c.output(emitted).prompt_logprobs = echo
@@ -177,7 +175,7 @@ class Engine:
         return [job for job, _ in pending[:k]], embed_forward(self.runner, [ids for _, ids in pending[:k]])
 
     def _embedded(self, jobs, fetch):
-        for job, vector in zip(jobs, fetch.arrays()[0]):  # numpy: no Python floats in the loop or the pipe
+        for job, vector in zip(jobs, fetch.get()[0]):  # numpy: no Python floats in the loop or the pipe
             job[2].append(vector)
         while self._embeds and len(self._embeds[0][2]) == len(self._embeds[0][1]):
             self.embedded.append((self._embeds[0][0], np.stack(self._embeds.popleft()[2])))

@@ -32,9 +32,11 @@ FORWARD = "forward"  # the decode-step kind of a constrained batch's forward alo
 
 class Fetch:
     """Device tensors on their way to the host; get() waits for them (the one sync of a chunk). On CUDA the
-    copies to pinned memory queue behind the work that makes them, so the host can queue more meanwhile."""
+    copies to pinned memory queue behind the work that makes them, so the host can queue more meanwhile.
+    The first `bulk` come back as numpy arrays (bulk values, echo columns and embeddings: no Python object
+    per value), the rest as lists."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, bulk=0):
         if tensors and tensors[0].is_cuda:
             self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(self.host, tensors):
@@ -43,20 +45,14 @@ class Fetch:
             self.event.record()
         else:
             self.host, self.event = [t.clone() for t in tensors], None
-        self.values = None
+        self.bulk, self.values = bulk, None
 
     def get(self):
         if self.values is None:
             if self.event is not None:
                 self.event.synchronize()
-            self.values = [t.tolist() for t in self.host]
+            self.values = [t.numpy() if i < self.bulk else t.tolist() for i, t in enumerate(self.host)]
         return self.values
-
-    def arrays(self):
-        """As numpy arrays, without Python lists (bulk values: embeddings)."""
-        if self.event is not None:
-            self.event.synchronize()
-        return [t.numpy() for t in self.host]
 
 
 @dataclass
@@ -218,7 +214,7 @@ class ModelRunner:
             self.tok.index_copy_(0, slots, nxt.view(-1, 1))
             self.pos.index_copy_(0, slots, self.upload([c.pos for c in choices], torch.long))
             fetch += [nxt] + (list(logprobs(logits, nxt)) if kind[2] else [])
-        return PrefillWork(finals, choices, Fetch(fetch), first, spans)
+        return PrefillWork(finals, choices, Fetch(fetch, bulk=first), first, spans)
 
     def decode(self, rows_by_slot, live):
         """Queue K decode steps for every live choice (no sync) -> DecodeWork or None. A constrained batch
@@ -367,4 +363,4 @@ def embed_forward(runner, inputs):
     idx = runner.upload([ids + [EOT_ID] * (width - len(ids)) for ids in inputs], torch.long)  # (B, W)
     with sdpa_kernel(ATTENTION):
         h = runner.model.hidden(idx).float()  # (B, W, C)
-    return Fetch([F.normalize(torch.stack([h[b, :len(ids)].mean(dim=0) for b, ids in enumerate(inputs)]), dim=-1)])
+    return Fetch([F.normalize(torch.stack([h[b, :len(ids)].mean(dim=0) for b, ids in enumerate(inputs)]), dim=-1)], 1)

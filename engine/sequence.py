@@ -26,11 +26,11 @@ class Output:
 
 @dataclass
 class PromptLogprobs:
-    """Echo: the prompt's logprobs as columns (a long prompt costs no per-token objects), a row per prompt
-    token after the first, which has none."""
-    logprob: list  # (n - 1,) raw log-probability of each prompt token
-    top_ids: list  # (n - 1, k) the k best alternatives at its position, k = the request's logprobs
-    top_logprobs: list  # (n - 1, k)
+    """Echo: the prompt's logprobs as numpy columns (a long prompt costs no per-token objects, in the engine
+    or the server's pipe), a row per prompt token after the first, which has none."""
+    logprob: "np.ndarray"  # (n - 1,) float32: raw log-probability of each prompt token
+    top_ids: "np.ndarray"  # (n - 1, k) int64: the k best alternatives at its position, k = the request's logprobs
+    top_logprobs: "np.ndarray"  # (n - 1, k) float32
 
 
 class Request:

@@ -1,12 +1,9 @@
 """The engine's process and the typed messages of its pipe: the server sends Add / Cancel / Embed / Stop; the
 engine answers Ready or LoadFailed once, then a Step per engine step (or Failed when a step raised)."""
 
-import dataclasses
-import itertools
 import multiprocessing
 import signal
 import traceback
-from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,7 +11,6 @@ from common import freeze_heap
 from engine.llm_engine import Engine
 from engine.loader import load_model_from_checkpoint
 from engine.sampling_params import SamplingParams
-from engine.sequence import PromptLogprobs
 from grammar import ConstraintError, compile_constraint
 
 
@@ -58,7 +54,7 @@ class LoadFailed:
 
 @dataclass
 class Step:
-    outputs: list  # engine Outputs, their prompt_logprobs flat (flat_echo)
+    outputs: list  # engine Outputs
     embedded: list  # (job id, float32 array (inputs, C))
     stats: dict
 
@@ -131,17 +127,7 @@ def engine_loop(conn, engine):
             if o.finish_reason is not None and o.request_id in requests and requests[o.request_id].done:
                 del requests[o.request_id]
         embedded, engine.embedded = engine.embedded, []
-        conn.send(Step([flat_echo(o) for o in outputs], embedded, engine.stats()))
-
-
-def flat_echo(out):
-    """An Output with its echoed prompt logprobs as flat arrays (top columns row after row): unpickling a
-    500-token prompt's thousand small lists took the HTTP worker 0.15 ms, these arrays 0.007 ms."""
-    if out.prompt_logprobs is None:
-        return out
-    p, flat = out.prompt_logprobs, itertools.chain.from_iterable
-    return dataclasses.replace(out, prompt_logprobs=PromptLogprobs(
-        array("d", p.logprob), array("q", flat(p.top_ids)), array("d", flat(p.top_logprobs))))
+        conn.send(Step(outputs, embedded, engine.stats()))
 
 
 def admit(engine, m):

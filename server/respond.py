@@ -60,21 +60,21 @@ def chat_logprobs(entries):
 
 
 def rows(flat, k):
-    """A flat column (engine_worker.flat_echo) as rows of k; k 0: empty rows."""
+    """A flat list as tuples of k (k 0: empty ones): a third of the time of a 2-D array's tolist() rows."""
     return zip(*[iter(flat)] * k) if k else itertools.repeat(())
 
 
 def completion_logprobs(entries, offset, echo=None):
-    """OpenAI's legacy shape; offset: characters of text before these tokens. echo: (prompt ids, flat
+    """OpenAI's legacy shape; offset: characters of text before these tokens. echo: (prompt ids,
     PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob). Each
     top_logprobs entry starts with the token itself, then its alternatives: up to logprobs + 1 (as OpenAI
     and vLLM)."""
     strs, tokens, logprobs, tops = token_strs(), [], [], []
     if echo is not None:
         ids, plp = echo
-        k = len(plp.top_ids) // max(len(plp.logprob), 1)
-        tokens, logprobs, tops = [strs[t] for t in ids], [None, *plp.logprob], [None]
-        for tok, lp, top, xs in zip(tokens[1:], plp.logprob, rows(plp.top_ids, k), rows(plp.top_logprobs, k)):
+        tokens, logprobs, tops = [strs[t] for t in ids], [None, *plp.logprob.tolist()], [None]
+        top_ids, top_lps = (rows(x.ravel().tolist(), x.shape[1]) for x in (plp.top_ids, plp.top_logprobs))
+        for tok, lp, top, xs in zip(tokens[1:], logprobs[1:], top_ids, top_lps):
             tops.append({tok: lp})  # a plain loop: half the time of nested comprehensions, per prompt token
             for t, x in zip(top, xs):
                 tops[-1][strs[t]] = x

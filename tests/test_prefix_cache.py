@@ -53,7 +53,7 @@ def run(engine, jobs, together):
                 ids += o.token_ids
                 lps += [(e["token_id"], round(e["logprob"], 6), [t for t, _ in e["top"]]) for e in o.logprobs or []]
                 plp = o.prompt_logprobs
-                echo += list(zip([round(x, 6) for x in plp.logprob], plp.top_ids)) if plp else []
+                echo += list(zip([round(x, 6) for x in plp.logprob.tolist()], plp.top_ids.tolist())) if plp else []
 
     for ids, p, kw in jobs:
         reqs.append(engine.add(ids, inf.validate_params(**dict(p, ignore_eos=True)), **kw))
