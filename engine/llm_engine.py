@@ -29,7 +29,7 @@ from engine.sequence import PromptLogprobs, Request
 # tokens: 273 tokens/s, 1 x 512: 159), but a 512-token step already stalls every running stream for seconds
 # there; 512 keeps that stall bounded, and a long prompt still prefills a chunk per step.
 PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
-NO_ROWS = PromptLogprobs(np.zeros(0, np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))  # one-token prompts
+NO_ROWS = PromptLogprobs(np.zeros(0, np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))  # 1 token
 
 
 class Engine:
