@@ -210,6 +210,14 @@ class KVCache:
             self._views[slot, n] = [t[slot, :n] for t in self.k + self.v]
         return self._views[slot, n]
 
+    def blocks(self, size):
+        """Every layer's keys, then values, cut into blocks of `size` positions: 2 * n_layer (S, block_size //
+        size, size, H, D) views, made once (a prefix cache copies whole blocks of many slots in one op a layer)."""
+        if size not in self._views:
+            n = self.k[0].size(1) // size
+            self._views[size] = [t[:, :n * size].unflatten(1, (n, size)) for t in self.k + self.v]
+        return self._views[size]
+
     def copy_slot(self, src, dst):
         """Slot dst becomes a copy of slot src (a forked sequence)."""
         n = self.k[0].size(1)

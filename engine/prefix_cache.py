@@ -105,25 +105,23 @@ class PrefixCache:
     def load(self, matches, cache, slots):
         """Queue copies of each match's KV into positions 0 .. match.tokens - 1 of its cache slot -> per match,
         for a logprobs one, the echo entries predicting tokens 1 .. match.tokens - 1 (logprob (P,), top ids
-        (P, K), top logprobs (P, K)); else None. One gather and one multi-tensor copy for all of a step's
-        matches. Copies queue on the current stream, in order: a later store into a row cannot overtake them."""
-        todo = [(i, m, self._span(len(m.rows), cache)) for i, m in enumerate(matches) if m.rows]
+        (P, K), top logprobs (P, K)); else None. A gather and a scatter a layer for all of a step's matches,
+        whatever their number. Copies queue on the current stream, in order: a later store into a row cannot
+        overtake them."""
+        todo = [(i, m) for i, m in enumerate(matches) if m.rows]
         out = [None] * len(matches)
         if not todo:
             return out
-        # past a prefix, up to its span: copies of its last block, which the prefill and decoding overwrite
-        # before anything reads them
-        rows = [row for _, m, n in todo for row in m.rows + m.rows[-1:] * (n - len(m.rows))]
-        echo = [(i, m) for i, m, _ in todo if m.logprobs]
-        index = self._index(rows + [row for _, m in echo for row in m.rows])
-        blocks, dst, src, at = self.kv.index_select(1, index[:len(rows)]), [], [], 0  # (2L, M, T, H, D)
-        for i, m, n in todo:
-            dst += cache.views(slots[i], n * BLOCK_TOKENS)
-            src += blocks[:, at:at + n].flatten(1, 2).unbind(0)
-            at += n
-        torch._foreach_copy_(dst, src)
+        echo = [(i, m) for i, m in todo if m.logprobs]
+        rows = [row for _, m in todo for row in m.rows]
+        dst = [slots[i] for i, m in todo for _ in m.rows] + [j for _, m in todo for j in range(len(m.rows))]
+        index = self._index(rows + dst + [row for _, m in echo for row in m.rows])
+        src, slot, block = index[:3 * len(rows)].view(3, -1)
+        for pool, blocks in zip(self.kv, cache.blocks(BLOCK_TOKENS)):
+            blocks.index_put_((slot, block), pool.index_select(0, src))
         if echo:
-            parts = zip(*(t.index_select(0, index[len(rows):]).split([len(m.rows) for _, m in echo]) for t in self.lp))
+            picked = index[3 * len(rows):]
+            parts = zip(*(t.index_select(0, picked).split([len(m.rows) for _, m in echo]) for t in self.lp))
             for (i, _), entries in zip(echo, parts):
                 out[i] = tuple(t.flatten(0, 1)[1:] for t in entries)  # token 0 has no entry
         return out
@@ -132,23 +130,19 @@ class PrefixCache:
         """Keep the full blocks of each prompt [(ids, slot, at)] whose KV cache slot `slot` holds, with its echo
         entries where at is not None: rows at .. at + len(ids) - 2 of entries (logprob (E,), top ids (E, K), top
         logprobs (E, K), as load returns them, a step's prompts one after another). Under pressure only a head
-        of a prefix is kept (its own rows are never recycled for it). One copy into the pool for all."""
-        blocks, rows_new, echo, keep = [], [], [], set()  # echo: (at, the prompt's rows); keep: rows claimed
+        of a prefix is kept (its own rows are never recycled for it). A gather and a copy a layer for all."""
+        slots, blocks, rows_new, echo, keep = [], [], [], [], set()  # echo: (at, the prompt's rows); keep: claimed
         for ids, slot, at in prompts:
             rows, new = self._claim(ids, keep)
-            if new:
-                js = [j for j, _ in new]
-                n = self._span(js[-1] + 1, cache)
-                span = torch.stack(cache.views(slot, n * BLOCK_TOKENS))  # (2L, n * T, H, D)
-                span = span.view(span.size(0), n, BLOCK_TOKENS, *span.shape[2:])  # (2L, n, T, H, D)
-                # the new blocks are a run (those after the cached head) but for a head evicted meanwhile
-                run = js == list(range(js[0], js[-1] + 1))
-                blocks.append(span[:, js[0]:js[-1] + 1] if run else span.index_select(1, self._index(js)))
-                rows_new += [row for _, row in new]
+            slots += [slot] * len(new)
+            blocks += [j for j, _ in new]
+            rows_new += [row for _, row in new]
             if at is not None:
                 echo.append((at, rows))
-        if blocks:
-            self.kv.index_copy_(1, self._index(rows_new), torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0])
+        if rows_new:
+            slot, block, dst = self._index(slots + blocks + rows_new).view(3, -1)
+            for pool, kv in zip(self.kv, cache.blocks(BLOCK_TOKENS)):
+                pool.index_copy_(0, dst, kv[slot, block])
         if echo:
             self._store_logprobs(echo, entries)
         self.stats.blocks_used = len(self._row)
@@ -171,12 +165,6 @@ class PrefixCache:
             self._lru[key] = None
         self._touch(rows)
         return rows, new
-
-    @staticmethod
-    def _span(n, cache):
-        """Blocks a copy of n blocks spans: n rounded up to a power of two (so few shapes of per-slot views
-        exist), within the cache."""
-        return min(1 << (n - 1).bit_length(), cache.k[0].size(1) // BLOCK_TOKENS)
 
     def _store_logprobs(self, echo, entries):
         """Echo entries for the blocks that lack them, of prompts [(at, rows)]: block j keeps those predicting
