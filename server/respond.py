@@ -59,11 +59,6 @@ def chat_logprobs(entries):
                         for e in entries], "refusal": None}
 
 
-def rows(flat, k):
-    """A flat list as tuples of k (k 0: empty ones): a third of the time of a 2-D array's tolist() rows."""
-    return zip(*[iter(flat)] * k) if k else itertools.repeat(())
-
-
 def completion_logprobs(entries, offset, echo=None):
     """OpenAI's legacy shape; offset: characters of text before these tokens. echo: (prompt ids,
     PromptLogprobs) comes first, rendered from its columns (the first prompt token has no logprob). Each
@@ -72,12 +67,10 @@ def completion_logprobs(entries, offset, echo=None):
     strs, tokens, logprobs, tops = token_strs(), [], [], []
     if echo is not None:
         ids, plp = echo
-        tokens, logprobs, tops = [strs[t] for t in ids], [None, *plp.logprob.tolist()], [None]
-        top_ids, top_lps = (rows(x.ravel().tolist(), x.shape[1]) for x in (plp.top_ids, plp.top_logprobs))
-        for tok, lp, top, xs in zip(tokens[1:], logprobs[1:], top_ids, top_lps):
-            tops.append({tok: lp})  # a plain loop: half the time of nested comprehensions, per prompt token
-            for t, x in zip(top, xs):
-                tops[-1][strs[t]] = x
+        tokens, logprobs = [strs[t] for t in ids], [None, *plp.logprob.tolist()]
+        # a row's keys: its token, then each alternative (column by column); dict(zip()) per row, in C
+        keys = zip(tokens[1:], *([strs[t] for t in column] for column in plp.top_ids.T.tolist()))
+        tops = [None, *map(dict, map(zip, keys, zip(logprobs[1:], *plp.top_logprobs.T.tolist())))]
     for e in entries:
         tokens.append(strs[e["token_id"]])
         logprobs.append(e["logprob"])
