@@ -8,7 +8,8 @@ clients, against the engine's own offline throughput at the same batch, in one r
 
 Phases, each a steady state of --duration seconds after --warmup seconds:
 1. engine: inference.Engine in this process, --clients rows kept full (a finished request is replaced at
-   once); also one step of prompts on the idle engine (one prefill chunk: the newcomer allowance).
+   once); also one step of prompts on the idle engine (one prefill chunk: the newcomer allowance), and,
+   unless "loglik" is skipped, the loglik phase's requests on the engine alone, prefix cache on and off.
 2. nonstream, stream: --clients threads sending /v1/completions back to back, each on one keep-alive
    loopback connection, to `gunicorn -c gunicorn.conf.py "serve:create_app()"` set by GPT2I_* variables.
 3. newcomer: a 16-token request (16-token prompt) every 0.25 s beside --newcomer-streams streams of
@@ -145,6 +146,30 @@ def engine_offline(args, ckpt):
                 engine.add(random_ids(args.prompt_tokens, rng), params)
     return {"tokens_per_s": round(tokens / args.duration, 1), "prefill_chunk_ms": chunk_ms, "device": info["device"],
             "dtype": info["dtype"]}
+
+
+def engine_loglik(args, ckpt, skip):
+    """requests/s of inference.Engine alone on the loglik phase's requests, --clients in flight (a finished one
+    replaced at once), prefix cache on and off: what the server's loglik phase could reach."""
+    model, _ = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
+    params, out = inference.validate_params(max_new_tokens=1, temperature=0), {}
+    for label in ("cache_on", "cache_off")[:1 if "cacheoff" in skip else 2]:
+        say(f"loglik, the engine alone, prefix {label} ...")
+        engine = inference.Engine(model, max_batch=args.clients, prefill_chunk=args.prefill_chunk,
+                                  prefix_cache=label == "cache_on")
+        engine.warmup()
+        for pairs in (hellaswag_pairs(2, args.shots), hellaswag_pairs(args.rows, args.shots)):  # the first untimed
+            queue, running, t0 = pairs[::-1], 0, time.perf_counter()  # pop(): longest first, as sent
+            while queue or running:
+                while queue and running < args.clients:
+                    ctx, end = queue.pop()
+                    engine.add(ctx + end, params, logprobs=1, echo=True)
+                    running += 1
+                running -= sum(o.finish_reason is not None for o in engine.step())
+        out[label] = round(len(pairs) / (time.perf_counter() - t0), 2)
+        del engine
+        torch.cuda.empty_cache()
+    return out
 
 
 def prefill_chunk_ms(engine, n, rng):
@@ -489,6 +514,8 @@ def main(argv=None):
         ckpt = args.ckpt or make_random_checkpoint(args.model, folder)
         if "engine" not in skip:
             results["engine"] = engine_offline(args, ckpt)
+            if "loglik" not in skip:
+                results["loglik_engine"] = engine_loglik(args, ckpt, skip)
             torch.cuda.empty_cache()  # the engine's model and cache are gone: the server gets the memory
         with server(args, ckpt, folder) as stack:
             stack.wait_healthy(600)
@@ -542,6 +569,9 @@ def report(results, args):
     for label in ("cache_on", "cache_off"):
         for name, r in results.get(label, {}).items():
             print(LINES[name].format_map({**vars(args), **r, "label": label}))
+    if "loglik_engine" in results:
+        print("loglik, the engine alone: " + ", ".join(f"prefix {k} {v} requests/s" for k, v in
+                                                       results["loglik_engine"].items()))
     if "loglik" in results.get("cache_off", {}):
         on, off = results["cache_on"]["loglik"], results["cache_off"]["loglik"]
         print(f"loglik cache on / off: {on['requests_per_s'] / off['requests_per_s']:.2f}x (target >= 2.5); largest "

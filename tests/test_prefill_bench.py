@@ -22,10 +22,11 @@ def test_prefill_bench_smoke(capsys):
 
 def test_serve_load_prompt_phases_smoke():
     out = subprocess.run([sys.executable, "bench/serve_load.py", "--model", "tiny", "--device", "cpu", "--turns", "2",
-                          "--new-tokens", "2", "--rows", "1", "--shots", "2",
-                          "--skip", "engine,nonstream,stream,newcomer,embeddings,burst,cacheoff"],
+                          "--new-tokens", "2", "--rows", "1", "--shots", "2", "--duration", "0.5", "--warmup", "0",
+                          "--skip", "nonstream,stream,newcomer,embeddings,burst,cacheoff"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(res["cache_on"]["chat"]["ttft_ms_per_turn"]) == 2 and res["cache_on"]["loglik"]["errors"] == 0
-    assert res["prefix_cache"]["hits"] > 0
+    assert res["prefix_cache"]["hits"] > 0 and list(res["loglik_engine"]) == ["cache_on"]
+    assert res["loglik_engine"]["cache_on"] > 0 and res["engine"]["tokens_per_s"] > 0
