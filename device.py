@@ -1,4 +1,4 @@
-"""The torch side of the shared helpers: device and dtype choice, torchrun's process group."""
+"""The torch side of the shared helpers: device and dtype choice, uploads to a device, torchrun's process group."""
 
 import contextlib
 import os
@@ -14,6 +14,13 @@ def pick_device(device=None):
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return torch.device(device)
+
+
+def upload(values, dtype, device):
+    """Host values (a list or a numpy array) as a tensor on device; to CUDA through pinned memory, without
+    waiting (the copy queues on the current stream)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

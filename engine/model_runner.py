@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from device import upload
 from engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from engine.prefix_cache import PrefixCache, pool_blocks
 from engine.sampler import logprobs, param_row, sample, sampler_kind
@@ -145,8 +146,7 @@ class ModelRunner:
         self.prefix = PrefixCache(self.config, pool_blocks(self.config, S, self.dtype, prefix_mb), dev, self.dtype)
 
     def upload(self, values, dtype):
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return upload(values, dtype, self.device)
 
     def load(self, admitted):
         """Admitted requests' cached prefixes (r.match) into their first slots, their parameters into their

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from device import upload
+
 # 16 tokens a block, as vLLM: a prompt reuses its cached prefix to within 15 tokens (HellaSwag's endings
 # share contexts of 60-100 tokens; 32-token blocks would re-prefill up to 31 of them), and a 1,024-token
 # context is 64 keys to hash per lookup.
@@ -115,7 +117,7 @@ class PrefixCache:
         echo = [(i, m) for i, m in todo if m.logprobs]
         rows = [row for _, m in todo for row in m.rows]
         dst = [slots[i] for i, m in todo for _ in m.rows] + [j for _, m in todo for j in range(len(m.rows))]
-        index = self._index(rows + dst + [row for _, m in echo for row in m.rows])
+        index = upload(rows + dst + [row for _, m in echo for row in m.rows], torch.long, self.device)
         src, slot, block = index[:3 * len(rows)].view(3, -1)
         for pool, blocks in zip(self.kv, cache.blocks(BLOCK_TOKENS)):
             blocks.index_put_((slot, block), pool.index_select(0, src))
@@ -140,7 +142,7 @@ class PrefixCache:
             if at is not None:
                 echo.append((at, rows))
         if rows_new:
-            slot, block, dst = self._index(slots + blocks + rows_new).view(3, -1)
+            slot, block, dst = upload(slots + blocks + rows_new, torch.long, self.device).view(3, -1)
             for pool, kv in zip(self.kv, cache.blocks(BLOCK_TOKENS)):
                 pool.index_copy_(0, dst, kv[slot, block])
         if echo:
@@ -178,8 +180,8 @@ class PrefixCache:
             self.lp = tuple(torch.zeros((self.max_blocks, T, *t.shape[1:]), device=self.device, dtype=t.dtype)
                             for t in entries)
         first = np.array([start for start, _ in missing]).reshape(-1, 1)
-        pick = self._index(np.maximum(first + np.arange(T), 0).ravel())
-        dst = self._index([row for _, row in missing])
+        pick = upload(np.maximum(first + np.arange(T), 0).ravel(), torch.long, self.device)
+        dst = upload([row for _, row in missing], torch.long, self.device)
         for pool, t in zip(self.lp, entries):
             pool.index_copy_(0, dst, t.index_select(0, pick).view(len(missing), T, *t.shape[1:]))
         for _, row in missing:
@@ -202,7 +204,3 @@ class PrefixCache:
         """Most recently used: the chain back to front, so its head is the last to go."""
         for row in reversed(rows):
             self._lru.move_to_end(self._key[row])
-
-    def _index(self, values):
-        t = torch.as_tensor(values, dtype=torch.long)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
