@@ -121,10 +121,9 @@ def say(message):
 # ---------------------------------------------------------------------- phase 1: the engine alone
 
 
-def engine_offline(args, ckpt):
+def engine_offline(args, model, info):
     """tokens/s of inference.Engine with --clients rows kept full, in this process."""
     say(f"engine: {args.clients} rows, {args.new_tokens} new tokens ...")
-    model, info = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
     engine = inference.Engine(model, max_batch=args.clients, prefill_chunk=args.prefill_chunk, compile=args.compile)
     engine.warmup()  # CUDA graphs captured up front, as the server does before it is healthy
     rng = random.Random(0)
@@ -148,10 +147,9 @@ def engine_offline(args, ckpt):
             "dtype": info["dtype"]}
 
 
-def engine_loglik(args, ckpt, skip):
+def engine_loglik(args, model, skip):
     """requests/s of inference.Engine alone on the loglik phase's requests, --clients in flight (a finished one
     replaced at once), prefix cache on and off: what the server's loglik phase could reach."""
-    model, _ = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
     params, out = inference.validate_params(max_new_tokens=1, temperature=0), {}
     for label in ("cache_on", "cache_off")[:1 if "cacheoff" in skip else 2]:
         say(f"loglik, the engine alone, prefix {label} ...")
@@ -513,9 +511,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="serve_load_") as folder:
         ckpt = args.ckpt or make_random_checkpoint(args.model, folder)
         if "engine" not in skip:
-            results["engine"] = engine_offline(args, ckpt)
+            model, info = inference.load_model_from_checkpoint(ckpt, device=args.device, dtype=args.dtype)
+            results["engine"] = engine_offline(args, model, info)
             if "loglik" not in skip:
-                results["loglik_engine"] = engine_loglik(args, ckpt, skip)
+                results["loglik_engine"] = engine_loglik(args, model, skip)
+            del model
             torch.cuda.empty_cache()  # the engine's model and cache are gone: the server gets the memory
         with server(args, ckpt, folder) as stack:
             stack.wait_healthy(600)
