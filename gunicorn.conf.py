@@ -3,12 +3,13 @@ GPT2I_WORKERS, GPT2I_THREADS, GPT2I_NGINX_LISTEN, GPT2I_RUN_DIR) and how the sta
 
 import ctypes
 import gc
-import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import torch  # noqa: F401  here in the master: a (re)started worker forks with it loaded
@@ -39,41 +40,62 @@ loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
 control_socket_disable = True  # gunicorn's control socket (in ~/.gunicorn, shared by the user's instances)
 graceful_timeout = 30  # seconds streams get to finish on reload or stop; then an error event ends them
 STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
-BOOT_FAILED = multiprocessing.RawValue("b", 0)  # shared with the forked workers: set by one whose model failed
+# the engine process (server/engine_worker.py main): one model for every worker, configured by the same
+# GPT2I_* variables; it listens on GPT2I_ENGINE_SOCKET
+ENGINE = [sys.executable, "-c", "import cli, server.engine_worker as e; cli.run_cli(e.main)"]
 
 
 def post_worker_init(worker):
-    """Accept connections only once this worker's model is loaded (requests meanwhile wait in the
+    """Accept connections only once this worker is connected to the engine (requests meanwhile wait in the
     listen backlog, not on a 503 loading); on a reload the old workers serve until then."""
     state = worker.wsgi.extensions["gpt2i"]  # serve.state(app): the master never imports serve (a reload runs new code)
     # the worker's graceful window ends before the master's SIGKILL, leaving time to close() its streams
     worker.cfg.set("graceful_timeout", max(worker.cfg.graceful_timeout - STOP_MARGIN, 0))
-    try:
-        while not state.wait_ready(timeout=1.0):
-            worker.notify()  # a long load is not a hung worker
-    except Exception as e:  # the load failed: its one line, then the master stops with exit 2 (child_exit)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        BOOT_FAILED.value = 1
-        os._exit(0)  # a silent exit: gunicorn would log a nonzero one, then its own reason, in three lines
+    while not state.wait_ready(timeout=1.0):
+        worker.notify()  # a long load is not a hung worker
     gc.collect()  # common.freeze_heap (the master imports no project module): out of the collector's full passes
     gc.freeze()
-    if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, loaded (on_reload)
+    if worker.age in getattr(worker.cfg, "reload_ages", ()):  # a reload's new worker, connected (on_reload)
         os.kill(worker.ppid, signal.SIGTTOU)  # the master stops the oldest worker
 
 
-def child_exit(server, worker):
-    """In the master: a worker that could not load its model (it said why) stops the server with exit 2."""
-    if BOOT_FAILED.value:
-        server.kill_workers(signal.SIGKILL)
-        on_exit(server)
-        os._exit(2)
-
-
 def on_reload(server):
-    """SIGHUP: new workers start beside the old ones, which serve until each new worker has loaded its
-    model and asked the master (SIGTTOU) to stop the oldest: no request waits on a load."""
+    """SIGHUP: a new engine loads the model (and new code) beside the old one, and new workers start beside
+    the old ones, which serve until each new worker has connected to the new engine and asked the master
+    (SIGTTOU) to stop the oldest: no request waits on a load. The old engine exits after its workers."""
     server.cfg.reload_ages = range(server.worker_age + 1, server.worker_age + server.cfg.workers + 1)
     server.num_workers = server.cfg.workers + len(server.WORKERS)  # so the spawn kills no old worker
+    old = server.engines[os.environ["GPT2I_ENGINE_SOCKET"]]
+    start_engine(server)
+    old.send_signal(signal.SIGUSR1)
+
+
+def start_engine(server):
+    """A new engine generation, listening on its own socket: the workers forked from now on connect to it
+    (GPT2I_ENGINE_SOCKET). Started here, in the master's main thread, not between two of its forks."""
+    if not hasattr(server, "engines"):
+        server.engine_dir, server.engines = tempfile.mkdtemp(prefix="gpt2i-"), {}
+    path = os.path.join(server.engine_dir, f"engine{len(server.engines)}.sock")
+    os.environ["GPT2I_ENGINE_SOCKET"] = path
+    server.engines[path] = subprocess.Popen(ENGINE, preexec_fn=_die_with_parent)
+    threading.Thread(target=_keep_engine, args=(server, path), name="gpt2i-engine", daemon=True).start()
+
+
+def _keep_engine(server, path):
+    """In the master, a thread per engine generation: a new process each time it dies while it is the newest
+    generation. One that exits before it listens said why on stderr, in one line: gunicorn stops, exit 2."""
+    while True:
+        while server.engines[path].poll() is None:  # 0 when the arbiter reaped it first
+            time.sleep(0.1)
+        if getattr(server, "stopping", False) or os.environ["GPT2I_ENGINE_SOCKET"] != path:
+            return  # stopped, or retired by a reload once its workers had gone
+        if not os.path.exists(path):
+            server.kill_workers(signal.SIGKILL)
+            on_exit(server)
+            os._exit(2)
+        server.log.error("the engine process (pid %s) exited; starting a new one", server.engines[path].pid)
+        os.unlink(path)
+        server.engines[path] = subprocess.Popen(ENGINE, preexec_fn=_die_with_parent)
 
 
 def worker_int(worker):
@@ -115,13 +137,15 @@ def on_starting(server):
 
 
 def _die_with_parent():
-    """In nginx's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
+    """In nginx's or the engine's process before it starts: SIGTERM when gunicorn's master dies (Linux)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def when_ready(server):
-    """gunicorn's socket is bound: start nginx in front of it, as a child of this master."""
+    """gunicorn's socket is bound: start the engine process, and nginx in front of gunicorn; both are children
+    of this master."""
+    start_engine(server)
     if not NGINX_LISTEN:
         return
     conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")  # conf: on_starting
@@ -145,7 +169,12 @@ def when_ready(server):
 
 
 def on_exit(server):
-    """Stop nginx with gunicorn; its own in-flight requests are done by now."""
+    """Stop the engine and nginx with gunicorn: the workers have gone, and nginx's own in-flight requests are
+    done by now."""
+    server.stopping = True  # _keep_engine replaces none
+    for engine in getattr(server, "engines", {}).values():
+        engine.terminate()
+    shutil.rmtree(getattr(server, "engine_dir", ""), ignore_errors=True)
     proc = getattr(server, "nginx", None)
     if proc is None or proc.poll() is not None:
         return

@@ -68,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step (engine and server alike)")
     p.add_argument("--clients", type=count, default=64, help="concurrent HTTP clients = the engine's batch")
+    p.add_argument("--workers", type=count, default=1, help="gunicorn workers (GPT2I_WORKERS) in front of the engine")
     p.add_argument("--new-tokens", type=count, default=256, help="completion tokens per request")
     p.add_argument("--prompt-tokens", type=count, default=16, help="prompt tokens per request")
     p.add_argument("--duration", type=bounded(float, 0, inclusive=False), default=30.0,
@@ -494,9 +495,9 @@ SERVER_PHASES = {"nonstream": lambda port, args: clients(port, args, False),
 
 
 def server(args, ckpt, folder, **env):
-    """gunicorn as the README starts it, one worker with a row per client."""
+    """gunicorn as the README starts it, with an engine row per client."""
     rows = max(args.clients, args.newcomer_streams + 1)
-    env = {"GPT2I_WORKERS": "1", "GPT2I_THREADS": str(rows + 8), "GPT2I_MAX_BATCH": str(rows),
+    env = {"GPT2I_WORKERS": str(args.workers), "GPT2I_THREADS": str(rows + 8), "GPT2I_MAX_BATCH": str(rows),
            "GPT2I_MAX_QUEUE": str(rows + 8), "GPT2I_DEVICE": args.device, "GPT2I_DTYPE": args.dtype,
            "GPT2I_COMPILE": "1" if args.compile else "0", "GPT2I_LOG_LEVEL": "warning", **env}
     if args.prefill_chunk:

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
-from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, spawn_engine
+from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, exit_note, open_engine, stop_engine
 from server.reply import POLL_S, Handle, Reply
 from server.respond import log
 
@@ -84,8 +84,7 @@ class EngineClient:
         return sum(r.size for r in self._replies)
 
     def start(self):
-        """Start the engine process (it loads the model) and the thread that reads it."""
-        self._conn, self._proc = spawn_engine(self.config)
+        """Start the thread that opens the engine (engine_worker.open_engine) and reads it."""
         self._thread.start()
 
     def wait_ready(self, timeout=None):
@@ -112,12 +111,8 @@ class EngineClient:
                 time.sleep(POLL_S / 2)
             self._fail_all(unavailable("shutting_down", "the server shut down before this generation finished", 5))
         self._closed = True
-        if self._proc is not None:
-            self._send(Stop())
-            self._proc.join(10.0)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(5.0)
+        with self._send_lock:
+            stop_engine(self._conn, self._proc)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10.0)
 
@@ -144,35 +139,38 @@ class EngineClient:
 
     def _run(self):
         """Per engine process: its load result, then its messages until it stops; a dead one is replaced."""
-        while True:
+        while not self._closed:
+            self._conn, self._proc = open_engine(self.config, lambda: self._closed)
+            if self._closed:
+                return
             try:
                 first = self._conn.recv()
             except (EOFError, OSError):
-                first = LoadFailed(f"the engine process exited while loading (exit code {self._proc.exitcode})")
+                if self._proc is None:
+                    continue  # the master's engine died as this worker connected: the next one
+                first = LoadFailed(f"the engine process exited while loading ({exit_note(self._proc)})")
             if isinstance(first, LoadFailed):  # reported by /health and wait_ready, never a crash
                 self.status, self.error = "error", first.error
                 self._ready.set()
                 return
             self.info, self.context_length, self.stats = first.info, first.info["context_length"], first.stats
+            self._ids = itertools.count(first.id_base)
             self.status = "ok"
             self._ready.set()
             log.info({"event": "model_loaded", "model": self.model_name, **self.info, "pid": os.getpid()})
             self._read()
             if self._closed:
                 return
-            # the engine process died: end what ran with an error, start a new one (this loop reads it)
-            self._proc.join(1.0)
-            code = self._proc.exitcode
+            # the engine process died: end what ran with an error; the next turn starts or finds a new one
             self.status, self.restarts = "restarting", self.restarts + 1
-            self.error = f"the engine process exited (exit code {code}); a new one is loading"
+            self.error = f"the engine process exited ({exit_note(self._proc)}); a new one is loading"
             self.metrics.restarts.inc()
-            log.error({"event": "engine_exited", "exitcode": code, "restarts": self.restarts})
+            log.error({"event": "engine_exited", "error": self.error, "restarts": self.restarts})
             self._fail_all(ApiError(500, "server_error", "generation failed: the engine process exited"))
             with self._lock:
                 self._handles.clear()
             for call in list(self._embeds.values()):
                 call.cancel()
-            self._conn, self._proc = spawn_engine(self.config)
 
     def _read(self):
         while True:

@@ -7,6 +7,7 @@ redis-server is a Debian package (`apt-get install redis-server`; .ci/run instal
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def gunicorn(tmp_path_factory, redis_port):
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "serve:create_app()"],
                                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        # each worker loads its own model (until then it answers 503 model_loading): wait for both
+        # each worker connects to the engine once it has loaded the model: wait for both
         def loaded_pids():
             return {json.loads(line)["pid"] for line in log_path.read_text().splitlines()
                     if line.startswith('{"event": "model_loaded"')}
@@ -169,3 +170,27 @@ def test_a_checkpoint_that_cannot_load_is_one_line_and_exit_2(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: model load failed:") and str(bad) in errors[0], proc.stderr
+
+
+def test_the_workers_share_one_engine_process_and_a_killed_one_is_replaced(gunicorn):
+    port, log_path = gunicorn
+    client = {"X-Forwarded-For": "198.51.100.7"}  # its own rate-limit budget
+
+    def health():
+        return json.loads(fetch(port, "GET", "/health")[2])
+
+    engines = {health()["engine_pid"] for _ in range(8)}  # whichever worker answers
+    assert len(engines) == 1
+    waiting = {}
+    long = {"prompt": "Once", "max_new_tokens": 900, "ignore_eos": True}
+    thread = threading.Thread(target=lambda: waiting.update(r=fetch(port, "POST", "/generate", long, client)))
+    thread.start()
+    assert wait_until(lambda: any(health()["queue"]["running"] for _ in range(4)), 60)
+    os.kill(engines.pop(), signal.SIGKILL)  # what an out-of-memory kill or a driver crash would do
+    thread.join(60)
+    assert waiting["r"][0] == 500 and json.loads(waiting["r"][2])["error"]["type"] == "server_error", waiting
+    probes = (f"198.51.101.{i}" for i in range(1, 255))  # one address per probe: none meets the rate limit
+    ok = lambda: fetch(port, "POST", "/generate", {"prompt": "hi", "max_new_tokens": 1},  # noqa: E731
+                       {"X-Forwarded-For": next(probes)})[0] == 200
+    assert wait_until(ok, timeout=10.0), "no new engine process served within 10 s\n" + log_path.read_text()[-3000:]
+    assert "the engine process" in log_path.read_text() and "Traceback" not in log_path.read_text()
