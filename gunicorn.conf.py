@@ -77,7 +77,7 @@ def start_engine(server):
         server.engine_dir, server.engines = tempfile.mkdtemp(prefix="gpt2i-"), {}
     path = os.path.join(server.engine_dir, f"engine{len(server.engines)}.sock")
     os.environ["GPT2I_ENGINE_SOCKET"] = path
-    server.engines[path] = subprocess.Popen(ENGINE, preexec_fn=_die_with_parent)
+    server.engines[path] = _engine_process()
     threading.Thread(target=_keep_engine, args=(server, path), name="gpt2i-engine", daemon=True).start()
 
 
@@ -95,7 +95,11 @@ def _keep_engine(server, path):
             os._exit(2)
         server.log.error("the engine process (pid %s) exited; starting a new one", server.engines[path].pid)
         os.unlink(path)
-        server.engines[path] = subprocess.Popen(ENGINE, preexec_fn=_die_with_parent)
+        server.engines[path] = _engine_process()
+
+
+def _engine_process():  # in gunicorn's working folder, as the workers: the project, a relative GPT2I_CKPT
+    return subprocess.Popen(ENGINE, preexec_fn=_die_with_parent)
 
 
 def worker_int(worker):
