@@ -83,19 +83,24 @@ def start_engine(server):
 
 def _keep_engine(server, path):
     """In the master, a thread per engine generation: a new process each time it dies while it is the newest
-    generation. One that exits before it listens said why on stderr, in one line: gunicorn stops, exit 2."""
+    generation; or gunicorn's exit when it never listened."""
     while True:
         while server.engines[path].poll() is None:  # 0 when the arbiter reaped it first
             time.sleep(0.1)
         if getattr(server, "stopping", False) or os.environ["GPT2I_ENGINE_SOCKET"] != path:
             return  # stopped, or retired by a reload once its workers had gone
         if not os.path.exists(path):
-            server.kill_workers(signal.SIGKILL)
-            on_exit(server)
-            os._exit(2)
+            _failed(server)
         server.log.error("the engine process (pid %s) exited; starting a new one", server.engines[path].pid)
         os.unlink(path)
         server.engines[path] = _engine_process()
+
+
+def _failed(server):
+    """An engine process exited before it listened, having printed why in one line: gunicorn stops, exit 2."""
+    server.kill_workers(signal.SIGKILL)
+    on_exit(server)
+    os._exit(2)
 
 
 def _engine_process():  # in gunicorn's working folder, as the workers: the project, a relative GPT2I_CKPT
@@ -150,6 +155,13 @@ def when_ready(server):
     """gunicorn's socket is bound: start the engine process, and nginx in front of gunicorn; both are children
     of this master."""
     start_engine(server)
+    engine = server.engines[path := os.environ["GPT2I_ENGINE_SOCKET"]]
+    while not os.path.exists(path):  # the workers fork once it listens
+        if engine.poll() is not None:  # it said why (its configuration, its model): before any worker boots
+            _failed(server)
+        if not server.SIG_QUEUE.empty() and engine.poll() is None:
+            break  # Ctrl+C, SIGTERM: handled at once, not after the load
+        time.sleep(0.05)
     if not NGINX_LISTEN:
         return
     conf, pid_file = os.path.join(RUN_DIR, "nginx.conf"), os.path.join(RUN_DIR, "nginx.pid")  # conf: on_starting

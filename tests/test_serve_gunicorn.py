@@ -160,16 +160,22 @@ def test_a_non_streaming_client_that_hangs_up_is_cancelled_under_gunicorn(gunico
     assert entry["completion_tokens"] < max_new // 2, entry
 
 
-def test_a_checkpoint_that_cannot_load_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("problem", ["corrupt", "missing", "bad option"])
+def test_a_checkpoint_that_cannot_load_is_one_line_and_exit_2(tmp_path, problem):
     bad = tmp_path / "ckpt.pt"
-    bad.write_bytes(b"not a checkpoint" * 64)
+    if problem != "missing":
+        bad.write_bytes(b"not a checkpoint" * 64)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("GPT2I_")}, "GPT2I_CKPT": str(bad),
-           "GPT2I_BIND": f"127.0.0.1:{free_port()}"}
+           "GPT2I_BIND": f"127.0.0.1:{free_port()}", **({"GPT2I_MAX_BATCH": "0"} if problem == "bad option" else {})}
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py",
                            "serve:create_app()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(errors) == 1 and errors[0].startswith("error: model load failed:") and str(bad) in errors[0], proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith({"corrupt": "error: model load failed:", "missing": "error: checkpoint not found: ",
+                                 "bad option": "error: --max-batch must be >= 1"}[problem]), proc.stderr
+    assert problem == "bad option" or str(bad) in errors[0], proc.stderr
+    assert "Booting worker" not in proc.stderr  # the engine checked the configuration before any worker started
 
 
 def test_the_workers_share_one_engine_process_and_a_killed_one_is_replaced(gunicorn):
