@@ -39,7 +39,7 @@ preload_app = False  # each worker loads its own model: a CUDA context does not 
 loglevel = os.environ.get("GPT2I_LOG_LEVEL", "info").lower()
 control_socket_disable = True  # gunicorn's control socket (in ~/.gunicorn, shared by the user's instances)
 graceful_timeout = 30  # seconds streams get to finish on reload or stop; then an error event ends them
-STOP_MARGIN = 5  # of those, seconds kept for ending streams and stopping the engine process before SIGKILL
+STOP_MARGIN = 5  # of those, seconds kept for ending streams and leaving the engine before SIGKILL
 # the engine process (server/engine_worker.py main): one model for every worker, configured by the same
 # GPT2I_* variables; it listens on GPT2I_ENGINE_SOCKET
 ENGINE = [sys.executable, "-c", "import cli, server.engine_worker as e; cli.run_cli(e.main)"]
@@ -109,7 +109,7 @@ def _engine_process():  # in gunicorn's working folder, as the workers: the proj
 
 def worker_int(worker):
     """Ctrl+C or a quick stop (SIGINT, SIGQUIT), and every exit (worker_exit): stop admission, end running
-    streams with an error event, stop the engine process."""
+    streams with an error event, close the connection to the engine (which cancels what is left)."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
         app.extensions["gpt2i"].close(0)  # the graceful time is up, or this is a quick stop
