@@ -23,6 +23,7 @@ def test_prefill_bench_smoke(capsys):
 def test_serve_load_prompt_phases_smoke():
     out = subprocess.run([sys.executable, "bench/serve_load.py", "--model", "tiny", "--device", "cpu", "--turns", "2",
                           "--new-tokens", "2", "--rows", "1", "--shots", "2", "--duration", "0.5", "--warmup", "0",
+                          "--workers", "2",  # two gunicorn workers, one engine: its prefix cache serves both
                           "--skip", "nonstream,stream,newcomer,embeddings,burst,cacheoff"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
