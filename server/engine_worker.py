@@ -242,10 +242,8 @@ def step(engine, conns, owner, requests):
 
 
 def send(conn, message):
-    try:
+    with contextlib.suppress(OSError):  # closed: the loop's next receive sees it
         conn.send(message)
-    except OSError:
-        pass  # closed: the loop's next receive sees it
 
 
 def admit(engine, m):
