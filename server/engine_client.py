@@ -12,7 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common import UserError
 from server.config import SHUTTING_DOWN, ApiError, invalid, unavailable
-from server.engine_worker import Add, Cancel, Embed, Failed, LoadFailed, Step, exit_note, open_engine, stop_engine
+from server.engine_worker import (Add, Cancel, Embed, Failed, LoadFailed, Step, Stop, exit_note, open_engine,
+                                  stop_engine)
 from server.reply import POLL_S, Handle, Reply
 from server.respond import log
 
@@ -111,8 +112,9 @@ class EngineClient:
                 time.sleep(POLL_S / 2)
             self._fail_all(unavailable("shutting_down", "the server shut down before this generation finished", 5))
         self._closed = True
-        with self._send_lock:
-            stop_engine(self._conn, self._proc)
+        if self._proc is not None:
+            self._send(Stop())
+        stop_engine(self._conn, self._proc)  # no lock held: request threads still send their Cancels
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(10.0)
 

@@ -1,5 +1,7 @@
 """The engine's process and the typed messages of its pipe: the server sends Add / Cancel / Embed / Stop; the
-engine answers Ready or LoadFailed once, then a Step per engine step (or Failed when a step raised)."""
+engine answers Ready or LoadFailed once, then a Step per engine step (or Failed when a step raised). Either a
+server's own process (python serve.py: engine_process) or, under gunicorn, one the master starts (main) and
+every worker connects to over a unix socket, with the same messages."""
 
 import contextlib
 import itertools
@@ -274,14 +276,12 @@ def exit_note(proc):
 
 
 def stop_engine(conn, proc):
-    """The server is done with its engine: its own process stops (Stop; killed after 10 s), or the master's
-    sees this connection close and cancels what it left."""
+    """The server is done with its engine (its own was sent Stop): that process stops (killed after 10 s), or
+    the master's sees this connection close and cancels what it left."""
     if proc is None and conn is not None:
         with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
             sock.shutdown(socket.SHUT_RDWR)  # the server's reader thread wakes to EOF
     elif proc is not None:
-        with contextlib.suppress(OSError):
-            conn.send(Stop())
         proc.join(10.0)
         if proc.is_alive():
             proc.kill()
